@@ -1,0 +1,278 @@
+"""Typed config schema, registered in Hydra's ConfigStore, plus cross-field validation.
+
+Every YAML group under ``conf/`` is merged over the dataclass of the same name below, so an
+unknown key or a value of the wrong type fails when the config is composed, before any
+process starts. ``validate(cfg)`` then checks the rules that span fields (choices,
+ranges, hardware support) and raises ``ConfigError`` naming the field and the valid choices.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Dict, List, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+# The option names of the three groups that key the dispatch table (recipe/state_dict.py).
+FSDP_CHOICES = ("fsdp1", "fsdp2")
+OFFLOAD_CHOICES = ("none", "manual", "cpu")
+LORA_CHOICES = ("none", "merged", "adapter")
+DEVICE_CHOICES = ("auto", "cpu", "cuda")
+DTYPE_CHOICES = ("float32", "bfloat16", "float16")
+ROLLOUT_CHOICES = ("vllm", "hf")
+LOGGER_CHOICES = ("wandb", "none")
+LOGGER_MODES = ("offline", "online", "disabled")
+LOSS_AGG_CHOICES = ("token_mean", "seq_mean")
+# Reference strategies the benchmark may name; "auto" means the dispatch-table entry.
+SYNC_STRATEGY_CHOICES = ("auto", "naive", "dcp_full_cpu", "dtensor_stream")
+
+
+class ConfigError(ValueError):
+    """A config value is invalid; the message names the field and the valid choices."""
+
+
+class UnsupportedError(ConfigError):
+    """The combination is valid but this machine cannot run it (e.g. needs an accelerator)."""
+
+
+@dataclass
+class ModelConfig:
+    name: str = "tiny"
+    # Local HF checkpoint directory. For `tiny` and `smollm2` it is created on first use.
+    path: str = MISSING
+    # How the directory is made when missing: "tiny", "smollm2" or "none" (must exist).
+    builder: str = "none"
+    # dtype of the trainer's parameters and of the rollout engine's weights.
+    dtype: str = "float32"
+
+
+@dataclass
+class FsdpConfig:
+    name: str = "fsdp2"
+    # FSDP2 `reshard_after_forward` / FSDP1 FULL_SHARD vs SHARD_GRAD_OP.
+    reshard_after_forward: bool = True
+
+
+@dataclass
+class OffloadConfig:
+    name: str = "none"
+    # Pin host memory for offloaded parameters; "auto" pins only when CUDA is in use.
+    pin_memory: str = "auto"
+
+
+@dataclass
+class LoraConfig:
+    name: str = "none"
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    target_modules: List[str] = field(
+        default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+    )
+
+
+@dataclass
+class RolloutConfig:
+    backend: str = "vllm"
+    # Samples per prompt: the GRPO group size.
+    n: int = 8
+    max_new_tokens: int = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    # vLLM: KV cache size on CPU in GiB, fraction of GPU memory on CUDA.
+    kv_cache_gb: int = 1
+    gpu_memory_utilization: float = 0.3
+    # Release engine memory around training (vLLM sleep / wake_up).
+    sleep: bool = False
+    max_model_len: int = 256
+
+
+@dataclass
+class TaskConfig:
+    name: str = "arith"
+    # Dotted path of the task class (recipe/tasks.py); users add tasks by pointing here.
+    target: str = "recipe.tasks.Arithmetic"
+    seed: int = 0
+    num_prompts: int = 512
+    params: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class AlgoConfig:
+    # PPO-style clip range of the importance ratio.
+    clip_eps: float = 0.2
+    # KL penalty to a frozen reference; 0 disables it (and the reference model).
+    kl_coef: float = 0.0
+    # Divide group-centred rewards by the group std (GRPO paper) or not (Dr. GRPO).
+    scale_by_std: bool = True
+    loss_agg: str = "token_mean"
+
+
+@dataclass
+class SyncConfig:
+    # "auto" = the dispatch-table entry for (fsdp, offload, lora); others are references.
+    strategy: str = "auto"
+    # Parity probe: "every", "first", "off", or an integer N (every N-th sync).
+    verify: str = "every"
+    # Max abs difference of probe logprobs tolerated; null = dtype-aware default.
+    tolerance: Optional[float] = None
+    # Tensors are grouped into buckets of at most this many MiB before loading.
+    bucket_mb: int = 64
+    num_probe_prompts: int = 4
+
+
+@dataclass
+class LoggerConfig:
+    backend: str = "wandb"
+    project: str = "grpo-recipe"
+    mode: str = "offline"
+
+
+@dataclass
+class TrainerConfig:
+    steps: int = 40
+    prompts_per_step: int = 8
+    world_size: int = 2
+    seed: int = 0
+    device: str = "auto"
+    lr: float = 1e-3
+    weight_decay: float = 0.0
+    warmup_steps: int = 2
+    grad_clip: float = 1.0
+    # Optimizer steps per rollout batch.
+    updates_per_batch: int = 2
+    micro_batch_size: int = 16
+    checkpoint_every: int = 0
+    resume: bool = False
+    # Seconds a collective may wait before the process group gives up.
+    timeout_s: int = 300
+
+
+@dataclass
+class TrainConfig:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    fsdp: FsdpConfig = field(default_factory=FsdpConfig)
+    offload: OffloadConfig = field(default_factory=OffloadConfig)
+    lora: LoraConfig = field(default_factory=LoraConfig)
+    rollout: RolloutConfig = field(default_factory=RolloutConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    algo: AlgoConfig = field(default_factory=AlgoConfig)
+    sync: SyncConfig = field(default_factory=SyncConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    cache_dir: str = ".cache"
+    run_dir: str = "."
+
+
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="train_schema", node=TrainConfig)
+    for group, node in [
+        ("model", ModelConfig),
+        ("fsdp", FsdpConfig),
+        ("offload", OffloadConfig),
+        ("lora", LoraConfig),
+        ("rollout", RolloutConfig),
+        ("task", TaskConfig),
+        ("algo", AlgoConfig),
+        ("sync", SyncConfig),
+        ("logger", LoggerConfig),
+        ("trainer", TrainerConfig),
+    ]:
+        cs.store(group=group, name=f"{group}_schema", node=node)
+
+
+register_configs()
+
+
+def _choice(cfg: DictConfig, key: str, choices) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value not in choices:
+        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
+
+
+def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
+    value = OmegaConf.select(cfg, key)
+    if value < 0 or (value == 0 and not allow_zero):
+        bound = ">= 0" if allow_zero else "> 0"
+        raise ConfigError(f"{key} must be {bound}, got {value}")
+
+
+def resolve_device(cfg: DictConfig) -> str:
+    """`trainer.device` resolved against the hardware: "cpu" or "cuda"."""
+    import torch
+
+    if cfg.trainer.device == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return cfg.trainer.device
+
+
+def validate(cfg: DictConfig) -> None:
+    """Cross-field rules. Raises ConfigError naming the field(s) and the valid choices."""
+    _choice(cfg, "fsdp.name", FSDP_CHOICES)
+    _choice(cfg, "offload.name", OFFLOAD_CHOICES)
+    _choice(cfg, "offload.pin_memory", ("auto", "true", "false"))
+    _choice(cfg, "lora.name", LORA_CHOICES)
+    _choice(cfg, "trainer.device", DEVICE_CHOICES)
+    _choice(cfg, "model.dtype", DTYPE_CHOICES)
+    _choice(cfg, "model.builder", ("tiny", "smollm2", "none"))
+    _choice(cfg, "rollout.backend", ROLLOUT_CHOICES)
+    _choice(cfg, "logger.backend", LOGGER_CHOICES)
+    _choice(cfg, "logger.mode", LOGGER_MODES)
+    _choice(cfg, "algo.loss_agg", LOSS_AGG_CHOICES)
+    _choice(cfg, "sync.strategy", SYNC_STRATEGY_CHOICES)
+    verify = str(cfg.sync.verify)
+    if verify not in ("every", "first", "off") and not (verify.isdigit() and int(verify) > 0):
+        raise ConfigError(f"sync.verify={verify!r} is not valid; choose one of: every, first, off, or a positive integer N")
+    for key in ("trainer.lr", "trainer.steps", "trainer.prompts_per_step", "trainer.world_size",
+                "trainer.updates_per_batch", "trainer.micro_batch_size", "trainer.timeout_s",
+                "rollout.n", "rollout.max_new_tokens", "rollout.max_model_len", "sync.bucket_mb",
+                "sync.num_probe_prompts", "task.num_prompts"):
+        _positive(cfg, key)
+    for key in ("trainer.weight_decay", "trainer.warmup_steps", "trainer.grad_clip",
+                "trainer.checkpoint_every", "algo.clip_eps", "algo.kl_coef", "rollout.temperature"):
+        _positive(cfg, key, allow_zero=True)
+    if not 0 < cfg.rollout.top_p <= 1:
+        raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
+    if cfg.lora.name != "none":
+        _positive(cfg, "lora.rank")
+        _positive(cfg, "lora.alpha")
+        if not cfg.lora.target_modules:
+            raise ConfigError("lora.target_modules must name at least one module when lora is merged or adapter")
+    if cfg.rollout.n < 2:
+        raise ConfigError(f"rollout.n must be >= 2 (GRPO compares samples within a group), got {cfg.rollout.n}")
+    if OmegaConf.is_missing(cfg.model, "path"):
+        raise ConfigError("model.path is missing; set model.path=/path/to/hf_checkpoint (a local HF directory)")
+    if cfg.model.builder == "none" and not Path(cfg.model.path).expanduser().is_dir():
+        raise ConfigError(f"model.path={cfg.model.path!r} does not exist; give a local HF checkpoint directory "
+                          "or use model=tiny / model=smollm2, which are created on first use")
+    if cfg.sync.strategy != "auto" and cfg.lora.name != "none":
+        raise ConfigError(f"sync.strategy={cfg.sync.strategy!r} is a full-weight reference strategy; "
+                          f"it requires lora=none (got lora.name={cfg.lora.name!r}); use sync.strategy=auto")
+    device = resolve_device(cfg)
+    if device == "cuda":
+        import torch
+
+        if not torch.cuda.is_available():
+            raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
+    if device == "cpu" and cfg.fsdp.name == "fsdp1" and cfg.offload.name == "cpu":
+        raise UnsupportedError(
+            "fsdp=fsdp1 with offload=cpu needs an accelerator: FSDP1's CPUOffload(offload_params=True) pins host "
+            "memory unconditionally ('Cannot access accelerator device when none is available'). On a CPU-only "
+            "machine use fsdp=fsdp2 +offload=cpu (CPUOffloadPolicy with pin_memory=False) or fsdp=fsdp1 +offload=manual."
+        )
+    if device == "cpu" and cfg.offload.pin_memory == "true":
+        raise ConfigError("offload.pin_memory=true needs CUDA; on CPU use offload.pin_memory=auto or false")
+
+
+def pin_memory(cfg: DictConfig) -> bool:
+    if cfg.offload.pin_memory == "auto":
+        return resolve_device(cfg) == "cuda"
+    return cfg.offload.pin_memory == "true"
+
+
+def combo_key(cfg: DictConfig) -> tuple:
+    """The dispatch-table key: the Hydra option names of fsdp, offload and lora."""
+    return (cfg.fsdp.name, cfg.offload.name, cfg.lora.name)

@@ -1,0 +1,122 @@
+"""Process launch and process groups.
+
+`launch(fn, cfg)` runs `fn(cfg, ctx)` on every rank:
+- under torchrun (RANK/WORLD_SIZE set) it joins the existing world;
+- otherwise it starts `trainer.world_size` processes itself (spawn), gloo on CPU and one
+  process per GPU with NCCL on CUDA.
+Process groups have a timeout (`trainer.timeout_s`). If any rank raises, the others are
+terminated and the failing rank's traceback is re-raised in the parent as `RankError`:
+a crash on one rank never hangs the rest.
+"""
+
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from omegaconf import DictConfig, OmegaConf
+
+from recipe.config import resolve_device
+
+
+class RankError(RuntimeError):
+    """A rank failed; the message holds that rank's traceback."""
+
+
+@dataclass(frozen=True)
+class DistContext:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def print0(*args, **kwargs) -> None:
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(*args, **kwargs, flush=True)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_process_group(device_type: str, timeout_s: int) -> DistContext:
+    """Join the world described by RANK/WORLD_SIZE/MASTER_* in the environment."""
+    rank, world = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", rank))
+    if device_type == "cuda":
+        torch.cuda.set_device(local_rank)
+        device = torch.device("cuda", local_rank)
+        backend = "cpu:gloo,cuda:nccl"
+    else:
+        device = torch.device("cpu")
+        backend = "gloo"
+    if not dist.is_initialized():
+        dist.init_process_group(
+            backend=backend,
+            rank=rank,
+            world_size=world,
+            timeout=datetime.timedelta(seconds=timeout_s),
+            device_id=device if device_type == "cuda" else None,
+        )
+    return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
+
+
+def _worker(local_rank: int, fn: Callable, cfg_yaml: str, world: int, port: int) -> None:
+    os.environ.update(
+        RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+    )
+    cfg = OmegaConf.create(cfg_yaml)
+    _run_rank(fn, cfg)
+
+
+def _run_rank(fn: Callable, cfg: DictConfig) -> Any:
+    ctx = init_process_group(resolve_device(cfg), cfg.trainer.timeout_s)
+    try:
+        return fn(cfg, ctx)
+    except BaseException:
+        # Print here too: the parent shows it, but under torchrun this is the only copy.
+        print(f"[rank {ctx.rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+        raise
+    finally:
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def world_size_for(cfg: DictConfig) -> int:
+    if resolve_device(cfg) == "cuda":
+        available = torch.cuda.device_count()
+        if cfg.trainer.world_size > available:
+            raise RankError(f"trainer.world_size={cfg.trainer.world_size} but only {available} CUDA devices are visible")
+    return cfg.trainer.world_size
+
+
+def launch(fn: Callable[[DictConfig, DistContext], Any], cfg: DictConfig) -> None:
+    """Run `fn(cfg, ctx)` on every rank; see the module docstring."""
+    if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
+        _run_rank(fn, cfg)
+        return
+    world = world_size_for(cfg)
+    cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
+    try:
+        mp.start_processes(_worker, args=(fn, cfg_yaml, world, _free_port()), nprocs=world,
+                           join=True, start_method="spawn")
+    except mp.ProcessRaisedException as exc:
+        raise RankError(f"rank {exc.error_index} failed:\n{exc}") from None
+    except mp.ProcessExitedException as exc:
+        raise RankError(f"rank {exc.error_index} exited with code {exc.exit_code} (signal {exc.signal_name})") from None

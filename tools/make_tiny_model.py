@@ -1,0 +1,86 @@
+"""Build the tiny default model: Qwen2-shaped (head dim 64, tied embeddings) with a
+character-level tokenizer, made locally with a fixed seed. No download.
+
+    python -m tools.make_tiny_model .cache/models/tiny
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import tempfile
+from pathlib import Path
+
+SPECIALS = ["<pad>", "<eos>"]
+CHARS = list("0123456789+-*=?., ") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+VOCAB_SIZE = 64  # tokenizer vocab is padded with unused tokens to exactly the model's vocab
+
+
+def build_tokenizer():
+    from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    tokens = SPECIALS + CHARS
+    tokens += [f"<unused{i}>" for i in range(VOCAB_SIZE - len(tokens))]
+    vocab = {tok: i for i, tok in enumerate(tokens)}
+    tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
+    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
+    tok.decoder = decoders.Fuse()
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>", bos_token=None
+    )
+
+
+def build_model(seed: int = 0):
+    import torch
+    from transformers import Qwen2Config, Qwen2ForCausalLM
+
+    config = Qwen2Config(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,  # head dim 64: vLLM's CPU attention refuses 16
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=True,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+        torch_dtype="float32",
+    )
+    torch.manual_seed(seed)
+    return Qwen2ForCausalLM(config)
+
+
+def make_tiny_model(out: str | Path, seed: int = 0) -> Path:
+    """Write the model to `out` atomically (a temp dir renamed into place); idempotent."""
+    out = Path(out).expanduser().resolve()
+    if (out / "config.json").exists():
+        return out
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=".tiny-"))
+    try:
+        model = build_model(seed)
+        model.generation_config.pad_token_id = 0
+        model.generation_config.eos_token_id = 1
+        model.save_pretrained(tmp, safe_serialization=True)
+        build_tokenizer().save_pretrained(tmp)
+        (tmp / "recipe_model.json").write_text(json.dumps({"builder": "tiny", "seed": seed}))
+        try:
+            tmp.rename(out)
+        except OSError:  # another rank/process won the race
+            if not (out / "config.json").exists():
+                raise
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("out", nargs="?", default=".cache/models/tiny")
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    print(make_tiny_model(args.out, args.seed))
