@@ -1,0 +1,74 @@
+"""Shared test helpers: multi-rank worlds on CPU (gloo) or GPU (NCCL), config composition."""
+
+from __future__ import annotations
+
+import datetime
+import os
+import pickle
+import socket
+import tempfile
+import traceback
+from pathlib import Path
+from typing import Any, Callable, List, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+REPO = Path(__file__).resolve().parents[1]
+CONF_DIR = str(REPO / "conf")
+
+
+def compose(overrides: Sequence[str] = ()):
+    """Compose conf/train.yaml with overrides, as `python -m recipe.train` would (no run dir)."""
+    from hydra import compose as hydra_compose, initialize_config_dir
+
+    import recipe.config  # noqa: F401  registers the schema
+
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        return hydra_compose(config_name="train", overrides=list(overrides))
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _rank_main(rank: int, fn: Callable, world: int, port: int, out_dir: str, backend: str,
+               timeout_s: int, args: tuple) -> None:
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    kwargs = {}
+    if backend == "nccl":
+        torch.cuda.set_device(rank)
+        kwargs["device_id"] = torch.device("cuda", rank)
+        backend = "cpu:gloo,cuda:nccl"
+    dist.init_process_group(backend, rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    try:
+        result = fn(rank, world, *args)
+        with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
+            pickle.dump(result, f)
+    except BaseException:
+        traceback.print_exc()
+        raise
+    finally:
+        dist.destroy_process_group()
+
+
+def run_world(fn: Callable[..., Any], world: int = 2, *args, backend: str = "gloo",
+              timeout_s: int = 120) -> List[Any]:
+    """Run `fn(rank, world, *args)` on `world` spawned ranks; return each rank's result.
+
+    `fn` must be a module-level function. A failure on any rank terminates the others and
+    re-raises here with that rank's traceback.
+    """
+    with tempfile.TemporaryDirectory() as out_dir:
+        mp.start_processes(_rank_main, args=(fn, world, _free_port(), out_dir, backend, timeout_s, args),
+                           nprocs=world, join=True, start_method="spawn")
+        results = []
+        for r in range(world):
+            with open(Path(out_dir) / f"rank{r}.pkl", "rb") as f:
+                results.append(pickle.load(f))
+        return results
