@@ -1,0 +1,373 @@
+"""GRPO: rollout -> reward -> advantage -> update -> sync -> log, one function per phase.
+
+Every rank runs this loop on its own prompts (data parallel): its own engine samples
+`rollout.n` completions for each of `trainer.prompts_per_step` prompts, the policy is
+sharded across ranks with FSDP, and after each update the weights stream from the shards
+into every rank's engine (recipe/sync.py).
+
+The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl implement it:
+- Advantage: for the group of n samples of one prompt with rewards r_1..r_n,
+  A_i = (r_i - mean(r)) / (std(r) + eps) with `algo.scale_by_std`, else r_i - mean(r)
+  (Dr. GRPO drops the std to avoid favouring easy/hard prompts). Every token of sample i
+  gets A_i. A group whose rewards are all equal has A = 0 and contributes no gradient.
+- Policy loss per token t: the clipped surrogate of PPO with importance ratio
+  rho_t = pi_theta(y_t | y_<t) / pi_rollout(y_t | y_<t), where pi_rollout's logprobs are the
+  ones the engine reported while sampling (so engine/trainer drift is corrected, not ignored):
+  L_t = -min(rho_t * A, clip(rho_t, 1 - eps, 1 + eps) * A).
+- KL (off by default, `algo.kl_coef`): k3 estimator to a frozen reference,
+  KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (unbiased, always >= 0).
+- Aggregation (`algo.loss_agg`): `token_mean` averages over all completion tokens of the
+  mini-batch (long answers weigh more); `seq_mean` averages within each sequence first,
+  then over sequences (every sample weighs the same).
+- `trainer.updates_per_batch` optimizer steps per rollout batch: the batch is split into
+  that many mini-batches; the first is on-policy (rho = 1 up to engine drift), later
+  ones are slightly off-policy, which the clip bounds.
+Departures: no value model (GRPO has none); no entropy bonus; rewards come from a
+programmatic task (recipe/tasks.py), not a reward model.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Sequence
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from omegaconf import DictConfig
+
+from recipe.dist import DistContext
+
+
+class NonFiniteError(RuntimeError):
+    """Loss or reward is NaN/inf: the run stops rather than train on garbage."""
+
+
+# ----------------------------------------------------------------------------- math
+
+
+def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool, eps: float = 1e-6) -> torch.Tensor:
+    """Group-relative advantages; `rewards` is prompt-major: [p0s0, p0s1, ..., p1s0, ...]."""
+    grouped = rewards.view(-1, group_size)
+    centred = grouped - grouped.mean(dim=1, keepdim=True)
+    if scale_by_std:
+        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
+    return centred.reshape(-1)
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(x_t | x_<t) for t >= 1: shape [B, T-1], in fp32."""
+    logits = logits[:, :-1].float() / temperature
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:, None]).squeeze(-1)
+
+
+def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str, ref_logp=None, kl_coef=0.0):
+    """The GRPO loss of one micro-batch and its stats; see the module docstring.
+
+    Returns (loss_sum, norm, stats): `loss_sum / norm` is the mean the aggregation asks for;
+    returning the parts lets the caller normalise by the whole mini-batch, not the micro-batch.
+    """
+    ratio = torch.exp(logp - old_logp)
+    per_token = -torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
+    kl = torch.zeros_like(per_token)
+    if ref_logp is not None and kl_coef > 0:
+        log_r = ref_logp - logp
+        kl = torch.exp(log_r) - log_r - 1
+        per_token = per_token + kl_coef * kl
+    mask = mask.float()
+    if loss_agg == "token_mean":
+        loss_sum, norm = (per_token * mask).sum(), mask.sum()
+    else:  # seq_mean: each sequence's token mean, summed; normalised by the sequence count
+        loss_sum = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
+        norm = torch.tensor(float(mask.shape[0]))
+    clipped = ((ratio - 1).abs() > clip_eps).float()
+    stats = {
+        "clip_frac": (clipped * mask).sum().item(),
+        "kl": (kl * mask).sum().item(),
+        "tokens": mask.sum().item(),
+    }
+    return loss_sum, norm, stats
+
+
+def warmup_lambda(warmup_steps: int):
+    return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
+
+
+# ----------------------------------------------------------------------------- batch
+
+
+@dataclass
+class Batch:
+    """One rank's rollout batch, prompt-major (n samples per prompt, consecutive)."""
+
+    input_ids: List[List[int]]  # prompt + completion
+    prompt_lens: List[int]
+    old_logprobs: List[List[float]]  # per completion token, from the engine
+    rewards: torch.Tensor
+    advantages: torch.Tensor
+    correct: torch.Tensor
+    completion_lens: torch.Tensor
+
+
+def _pad(seqs: Sequence[Sequence[float]], value, dtype) -> torch.Tensor:
+    width = max(len(s) for s in seqs)
+    return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=dtype)
+
+
+def micro_batch_tensors(batch: Batch, idx: Sequence[int], device) -> Dict[str, torch.Tensor]:
+    """Right-padded tensors for samples `idx`; logprob tensors are aligned to input_ids[:, 1:]."""
+    ids = [batch.input_ids[i] for i in idx]
+    input_ids = _pad(ids, 0, torch.long)
+    attn = _pad([[1] * len(s) for s in ids], 0, torch.long)
+    old = torch.zeros(len(idx), input_ids.shape[1] - 1)
+    mask = torch.zeros_like(old, dtype=torch.bool)
+    for row, i in enumerate(idx):
+        start = batch.prompt_lens[i] - 1  # position t-1 predicts token t
+        lp = batch.old_logprobs[i]
+        old[row, start:start + len(lp)] = torch.tensor(lp)
+        mask[row, start:start + len(lp)] = True
+    adv = batch.advantages[list(idx)]
+    return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attn, old_logp=old,
+                                              mask=mask, adv=adv).items()}
+
+
+# ----------------------------------------------------------------------------- phases
+
+
+class GRPOTrainer:
+    """Holds the objects of one rank; `run()` is the loop. Config is read-only here."""
+
+    def __init__(self, cfg: DictConfig, ctx: DistContext):
+        from transformers import AutoTokenizer
+
+        from recipe.metrics import MetricsLogger
+        from recipe.model import build_optimizer, build_policy
+        from recipe.rollout import build_engine
+        from recipe.sync import WeightSync
+        from recipe.tasks import build_task
+
+        self.cfg, self.ctx = cfg, ctx
+        torch.manual_seed(cfg.trainer.seed)
+        self.model_dir = str(Path(cfg.model.path).expanduser().resolve())
+        self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
+        self.task = build_task(cfg, self.tokenizer)
+        self.policy = build_policy(cfg, ctx)
+        self.reference = self._build_reference() if cfg.algo.kl_coef > 0 else None
+        self.optimizer = build_optimizer(self.policy, cfg)
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.trainer.warmup_steps))
+        self.engine = build_engine(cfg, ctx, self.model_dir, policy=self.policy)
+        self.sync = WeightSync(cfg, ctx, self.policy, self.engine, self.tokenizer)
+        self.logger = MetricsLogger(cfg, cfg.run_dir, ctx.rank)
+        self.step = 0
+
+    def _build_reference(self):
+        from recipe.model import build_policy
+
+        ref = build_policy(self.cfg, self.ctx)
+        for p in ref.parameters():
+            p.requires_grad_(False)
+        return ref
+
+    # -- phase 1: rollout
+    def rollout(self, step: int):
+        cfg = self.cfg
+        prompts = self.task.batch(step * self.ctx.world_size + self.ctx.rank, cfg.trainer.prompts_per_step)
+        prompt_ids = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in prompts]
+        seed = cfg.trainer.seed * 1_000_003 + step * 1009 + self.ctx.rank
+        self.engine.wake()
+        samples = self.engine.generate(prompt_ids, n=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens,
+                                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
+        self.engine.sleep()
+        return prompts, samples
+
+    # -- phase 2: reward
+    def score(self, prompts, samples):
+        n = self.cfg.rollout.n
+        texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        rewards = torch.tensor([self.task.reward(prompts[i // n], t) for i, t in enumerate(texts)])
+        correct = torch.tensor([float(self.task.correct(prompts[i // n], t)) for i, t in enumerate(texts)])
+        return rewards, correct, texts
+
+    # -- phase 3: advantage
+    def make_batch(self, samples, rewards, correct) -> Batch:
+        adv = group_advantages(rewards, self.cfg.rollout.n, self.cfg.algo.scale_by_std)
+        return Batch(
+            input_ids=[list(s.prompt_token_ids) + list(s.token_ids) for s in samples],
+            prompt_lens=[len(s.prompt_token_ids) for s in samples],
+            old_logprobs=[list(s.logprobs) for s in samples],
+            rewards=rewards, advantages=adv, correct=correct,
+            completion_lens=torch.tensor([float(len(s.token_ids)) for s in samples]),
+        )
+
+    # -- phase 4: update
+    def update(self, batch: Batch) -> Dict[str, float]:
+        from recipe.model import load_to_device, offload_to_cpu
+
+        cfg, device = self.cfg, self.ctx.device
+        manual = cfg.offload.name == "manual"
+        if manual:
+            load_to_device(self.policy, self.optimizer, device)
+        self.policy.train()
+        order = list(range(len(batch.input_ids)))
+        random.Random(cfg.trainer.seed + self.step).shuffle(order)
+        minis = [order[i::cfg.trainer.updates_per_batch] for i in range(cfg.trainer.updates_per_batch)]
+        totals: Dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0, "grad_norm": 0.0}
+        gap = None
+        for k, mini in enumerate(minis):
+            stats, mini_gap = self._optimizer_step(batch, mini)
+            gap = mini_gap if k == 0 else gap
+            for key in totals:
+                totals[key] += stats[key]
+        if manual:
+            offload_to_cpu(self.policy, self.optimizer)
+        tokens = max(totals.pop("tokens"), 1.0)
+        return {
+            "train/loss": totals["loss"] / len(minis),
+            "train/grad_norm": totals["grad_norm"] / len(minis),
+            "train/clip_frac": totals["clip_frac"] / tokens,
+            "train/kl": totals["kl"] / tokens,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            # mean |log pi_trainer - log pi_engine| on the first (on-policy) mini-batch: the drift
+            "train/logprob_gap": gap,
+        }
+
+    def _optimizer_step(self, batch: Batch, mini: List[int]):
+        cfg = self.cfg
+        micro = [mini[i:i + cfg.trainer.micro_batch_size] for i in range(0, len(mini), cfg.trainer.micro_batch_size)]
+        norm = self._mini_batch_norm(batch, mini)
+        stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0}
+        gap_sum = gap_tokens = 0.0
+        for idx in micro:
+            t = micro_batch_tensors(batch, idx, self.ctx.device)
+            logits = self.policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+            logp = token_logprobs(logits, t["input_ids"], cfg.rollout.temperature)
+            ref_logp = self._reference_logprobs(t) if self.reference is not None else None
+            loss_sum, _, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
+                                               cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef)
+            (loss_sum / norm).backward()
+            stats["loss"] += (loss_sum / norm).item()
+            for key in ("clip_frac", "kl", "tokens"):
+                stats[key] += s[key]
+            gap_sum += ((logp.detach() - t["old_logp"]).abs() * t["mask"]).sum().item()
+            gap_tokens += t["mask"].sum().item()
+        self._check_finite(stats["loss"], "loss")
+        stats["grad_norm"] = self._clip_grad()
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scheduler.step()
+        return stats, gap_sum / max(gap_tokens, 1.0)
+
+    def _mini_batch_norm(self, batch: Batch, mini: List[int]) -> float:
+        if self.cfg.algo.loss_agg == "seq_mean":
+            return float(len(mini))
+        return float(max(1, sum(len(batch.old_logprobs[i]) for i in mini)))
+
+    @torch.no_grad()
+    def _reference_logprobs(self, t):
+        logits = self.reference(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        return token_logprobs(logits, t["input_ids"], self.cfg.rollout.temperature)
+
+    def _clip_grad(self) -> float:
+        from recipe.model import clip_grad_norm
+
+        return clip_grad_norm(self.policy, self.cfg.trainer.grad_clip)
+
+    def _check_finite(self, value: float, what: str) -> None:
+        """All ranks agree before anyone raises, so a NaN on one rank cannot hang the others."""
+        bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
+        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        if bad.item() > 0:
+            raise NonFiniteError(f"non-finite {what} at step {self.step} (this rank: {value}); stopping the run")
+
+    # -- checkpoints
+    def save_checkpoint(self) -> None:
+        from recipe.checkpoint import save
+
+        save(Path(self.cfg.run_dir) / "checkpoints", self.policy, self.optimizer, self.scheduler, self.step, self.ctx)
+
+    def maybe_resume(self) -> None:
+        from recipe.checkpoint import load, latest
+
+        if not self.cfg.trainer.resume:
+            return
+        path = latest(Path(self.cfg.run_dir) / "checkpoints")
+        if path is None:
+            raise FileNotFoundError(f"trainer.resume=true but no checkpoint under {self.cfg.run_dir}/checkpoints; "
+                                    "start the run with hydra.run.dir=<the run directory to continue>")
+        self.step = load(path, self.policy, self.optimizer, self.scheduler, self.ctx)
+
+    # -- the loop
+    def run(self) -> Dict[str, float]:
+        from recipe.progress import Progress
+
+        cfg = self.cfg
+        self.maybe_resume()
+        self.sync.sync(self.step)  # engine starts from the trainer's weights (and loads the adapter base)
+        progress = Progress(cfg.trainer.steps, initial=self.step, enabled=self.ctx.is_main)
+        history = []
+        while self.step < cfg.trainer.steps:
+            t0 = time.perf_counter()
+            prompts, samples = self.rollout(self.step)  # 1. rollout
+            t_rollout = time.perf_counter() - t0
+            rewards, correct, texts = self.score(prompts, samples)  # 2. reward
+            self._check_finite(float(rewards.sum()), "reward")
+            batch = self.make_batch(samples, rewards, correct)  # 3. advantage
+            train_stats = self.update(batch)  # 4. update
+            self.step += 1
+            sync_stats = self.sync.sync(self.step)  # 5. sync (gather -> load -> verify)
+            metrics = self.metrics(batch, train_stats, sync_stats, t_rollout, time.perf_counter() - t0, texts)
+            self.logger.log(metrics, step=self.step)  # 6. log
+            history.append(metrics)
+            progress.update(metrics)
+            if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
+                self.save_checkpoint()
+        progress.close()
+        return summarize(history)
+
+    def metrics(self, batch, train_stats, sync_stats, t_rollout, t_step, texts):
+        """Per-step metrics, averaged over ranks (reward, accuracy, lengths) so rank 0 logs the global view."""
+        local = torch.tensor([batch.rewards.mean().item(), batch.rewards.std().item(), batch.correct.mean().item(),
+                              batch.completion_lens.mean().item(), batch.completion_lens.sum().item() / t_rollout])
+        dist.all_reduce(local)
+        local /= self.ctx.world_size
+        reward, reward_std, acc, length, tok_s = local.tolist()
+        return {
+            "reward/mean": reward, "reward/std": reward_std, "reward/accuracy": acc,
+            "rollout/response_length": length, "rollout/tokens_per_s": tok_s * self.ctx.world_size,
+            "rollout/time_s": t_rollout, "rollout/example": texts[0],
+            "time/step_s": t_step, **train_stats, **sync_stats,
+        }
+
+    def close(self) -> None:
+        self.logger.close()
+        self.engine.close()
+
+
+def summarize(history: List[Dict]) -> Dict[str, float]:
+    if not history:
+        return {}
+    k = min(10, len(history))
+    first = sum(h["reward/mean"] for h in history[:k]) / k
+    last = sum(h["reward/mean"] for h in history[-k:]) / k
+    return {"reward/first10": first, "reward/last10": last, "steps": len(history),
+            "sync/total_s_median": sorted(h["sync/total_s"] for h in history)[len(history) // 2]}
+
+
+def run(cfg: DictConfig, ctx: DistContext) -> Dict[str, float]:
+    """Entry of every rank (recipe/train.py launches it)."""
+    trainer = GRPOTrainer(cfg, ctx)
+    try:
+        summary = trainer.run()
+        if cfg.trainer.checkpoint_every == 0 or trainer.step % cfg.trainer.checkpoint_every:
+            trainer.save_checkpoint()  # always leave the final state
+    finally:
+        trainer.close()
+    if ctx.is_main:
+        (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        print(f"\nrun directory: {cfg.run_dir}\nsummary: {json.dumps(summary)}", flush=True)
+    return summary
