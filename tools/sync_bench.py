@@ -1,0 +1,533 @@
+"""Weight-sync benchmark: every dispatch-table strategy, and the reference strategies, timed
+against copy limits measured in the same process.
+
+    python -m tools.sync_bench                                      # tiny model, world 2 (make bench)
+    python -m tools.sync_bench bench.sink=copy bench.warm_iters=1   # quick, without vLLM
+    python -m tools.sync_bench -m bench_model=qwen2_1p5b,qwen2_7b trainer.world_size=2,1 \
+        bench.out_dir=results                                       # GPU (docs/PERFORMANCE.md)
+
+For one model shape (`bench_model`) and one world size (`trainer.world_size`) every rank:
+1. measures the limits: pinned host-to-device copy (concurrently on all ranks, so per rank),
+   device-to-device copy, and the all-gather bandwidth of the process group;
+2. for each (fsdp, offload, lora) combination of the dispatch table, and each reference
+   strategy (`sync.strategy` naive | dcp_full_cpu | dtensor_stream on fsdp2), builds the
+   sharded policy, then times one cold and `bench.warm_iters` warm syncs of
+   `recipe.state_dict.stream_weights` into a sink;
+3. rank 0 prints a table and writes it, with the target checks, to `bench.out` (JSON).
+
+The sink is what the engine would do with the stream. `copy`: a preallocated destination laid
+out as the engine's weights (an HF model's state dict on the device, `dest[name].copy_(t)`),
+so the figure includes the load; adapter tensors get their slot on the cold run. `vllm`
+(CPU only, needs a checkpoint directory): the real in-process engine's `reload_weights`;
+adapter rows still use the copy sink there.
+
+Limit of one sync of B bytes at world W (every rank receives the whole B):
+- offloaded (cpu, manual): t_limit = max(B / (W * h2d), B / allgather) -- each rank copies
+  its 1/W to the device, overlapped with the all-gather; the serial sum is reported too;
+- on the device: t_limit = B / allgather (world 1: B / device-to-device copy).
+`x limit` = t_limit / t_measured (1.0 = at the limit). A strategy that raises (the naive
+reference under FSDP2 + CPUOffloadPolicy on CUDA, verl #5995) is a `crashed` row with its error.
+Peak extra device memory is measured over each sync (allocated bytes above the level before it)
+and compared with the largest FSDP unit (one per decoder layer plus the root) + one bucket.
+"""
+
+from __future__ import annotations
+
+import copy
+import gc
+import itertools
+import json
+import os
+import statistics
+import time
+import traceback
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import hydra
+import torch
+import torch.distributed as dist
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from recipe.config import (FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, TrainConfig,
+                           UnsupportedError, resolve_device, validate)
+
+REFERENCES = ("naive", "dcp_full_cpu", "dtensor_stream")
+SINKS = ("auto", "copy", "vllm")
+GB = 1e9
+MiB = 2**20
+
+
+@dataclass
+class BenchSettings:
+    strategies: List[str] = field(default_factory=lambda: ["all"])
+    references: List[str] = field(default_factory=lambda: list(REFERENCES))
+    reference_offloads: List[str] = field(default_factory=lambda: ["cpu", "none"])
+    warm_iters: int = 5
+    max_cell_s: float = 20.0
+    sink: str = "auto"
+    limit_mb: int = 1024
+    limit_reps: int = 10
+    out_dir: str = "outputs/bench"
+    out: str = "outputs/bench/sync_bench.json"
+
+
+@dataclass
+class ShapeConfig:
+    name: str = "tiny"
+    # Qwen2Config keyword arguments of a random-weight model; empty = load `model.path`.
+    qwen2: Dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass
+class BenchConfig(TrainConfig):
+    bench: BenchSettings = field(default_factory=BenchSettings)
+    bench_model: ShapeConfig = field(default_factory=ShapeConfig)
+
+
+ConfigStore.instance().store(name="bench_schema", node=BenchConfig)
+
+
+# ----------------------------------------------------------------------------- cells
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One row: a dispatch-table entry (strategy "auto") or a reference strategy on fsdp2."""
+
+    fsdp: str
+    offload: str
+    lora: str
+    strategy: str = "auto"
+
+    @property
+    def label(self) -> str:
+        key = f"{self.fsdp}/{self.offload}/{self.lora}"
+        return key if self.strategy == "auto" else f"{self.strategy}@{self.fsdp}/{self.offload}"
+
+    @property
+    def offloaded(self) -> bool:
+        return self.offload != "none"
+
+
+def select_cells(cfg: DictConfig) -> List[Cell]:
+    """The cells named by `bench.strategies` / `bench.references`, checked against the choices."""
+    table = [Cell(*key) for key in itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES, LORA_CHOICES)]
+    wanted = list(cfg.bench.strategies)
+    if wanted != ["all"]:
+        labels = {c.label: c for c in table}
+        unknown = [w for w in wanted if w not in labels]
+        if unknown:
+            raise ConfigError(f"bench.strategies has unknown entries {unknown}; choose 'all' or labels "
+                              f"fsdp/offload/lora such as {', '.join(list(labels)[:3])}, ...")
+        table = [labels[w] for w in wanted]
+    for ref in cfg.bench.references:
+        if ref not in REFERENCES:
+            raise ConfigError(f"bench.references entry {ref!r} is not valid; choose from: {', '.join(REFERENCES)}")
+    for off in cfg.bench.reference_offloads:
+        if off not in OFFLOAD_CHOICES:
+            raise ConfigError(f"bench.reference_offloads entry {off!r} is not valid; choose from: "
+                              f"{', '.join(OFFLOAD_CHOICES)}")
+    # The naive reference mutates the model (model.to(device)) and may leave it broken: last.
+    refs = sorted(cfg.bench.references, key=lambda r: r == "naive")
+    return table + [Cell("fsdp2", off, "none", ref) for off in cfg.bench.reference_offloads for ref in refs]
+
+
+def cell_cfg(cfg: DictConfig, cell: Cell) -> DictConfig:
+    """The training config of one cell: the bench config with fsdp/offload/lora/strategy set."""
+    out = copy.deepcopy(cfg)
+    out.fsdp.name, out.offload.name, out.lora.name = cell.fsdp, cell.offload, cell.lora
+    out.sync.strategy = cell.strategy
+    return out
+
+
+# ----------------------------------------------------------------------------- device helpers
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def _max_over_ranks(values: List[float]) -> List[float]:
+    t = torch.tensor(values, dtype=torch.float64)  # CPU tensor: gloo on CPU and on CUDA worlds
+    dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return t.tolist()
+
+
+def _timed(fn: Callable[[], None], device: torch.device, reps: int) -> float:
+    """Median seconds of `fn` over `reps` runs after one warm-up, slowest rank."""
+    fn()
+    times = []
+    for _ in range(reps):
+        _sync(device)
+        dist.barrier()
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return _max_over_ranks([statistics.median(times)])[0]
+
+
+def measure_limits(device: torch.device, nbytes: int, reps: int, bucket_bytes: int) -> Dict[str, float]:
+    """Copy and all-gather bandwidths (GB/s) in this process; see the module docstring."""
+    world, rank = dist.get_world_size(), dist.get_rank()
+    cuda = device.type == "cuda"
+    n = nbytes // 2 // world * world  # bf16 elements, divisible by the world
+    dev_a = torch.randn(n, device=device).to(torch.bfloat16)
+    dev_b = torch.empty_like(dev_a)
+    # On CPU "host-to-device" is a plain host copy: there is no device to reach.
+    host = dev_a.cpu().pin_memory() if cuda else dev_a.clone()
+    h2d = nbytes_of(host) / _timed(lambda: dev_b.copy_(host, non_blocking=True), device, reps) / GB
+    d2d = nbytes_of(dev_a) / _timed(lambda: dev_b.copy_(dev_a), device, reps) / GB
+
+    def gather_bw(count: int) -> float:
+        out = torch.empty(count, dtype=torch.bfloat16, device=device)
+        shard = torch.randn(count // world, device=device).to(torch.bfloat16)
+        t = _timed(lambda: dist.all_gather_into_tensor(out, shard), device, reps)
+        return nbytes_of(out) / t / GB
+
+    bucket = max(world, bucket_bytes // 2 // world * world)
+    ag = gather_bw(n) if world > 1 else d2d
+    ag_bucket = gather_bw(bucket) if world > 1 else d2d
+    del host, dev_a, dev_b
+    return {"h2d_gbps": h2d, "d2d_gbps": d2d, "allgather_gbps": ag, "allgather_bucket_gbps": ag_bucket,
+            "probe_bytes": n * 2, "bucket_bytes": bucket * 2, "rank": rank}
+
+
+def nbytes_of(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def limit_times(nbytes: int, offloaded: bool, limits: Dict[str, float], world: int) -> Tuple[float, float]:
+    """(t_limit, t_serial) in seconds for one sync of `nbytes`; see the module docstring."""
+    t_ag = nbytes / (limits["allgather_gbps"] * GB)
+    if not offloaded:
+        return t_ag, t_ag
+    t_h2d = nbytes / (world * limits["h2d_gbps"] * GB)
+    return max(t_h2d, t_ag), t_h2d + t_ag
+
+
+# ----------------------------------------------------------------------------- models and sinks
+
+
+def build_base(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
+    """The unsharded HF model every cell starts from: random weights of `bench_model.qwen2`
+    made directly on the device (GPU shapes: seconds, no disk), or the checkpoint of `model.path`."""
+    from recipe.model import load_hf_model, torch_dtype
+
+    if not cfg.bench_model.qwen2:
+        from recipe.assets import ensure_model
+
+        ensure_model(cfg)
+        return load_hf_model(cfg, device)
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    dtype = torch_dtype(cfg.model.dtype)
+    config = Qwen2Config(**OmegaConf.to_container(cfg.bench_model.qwen2), dtype=dtype)
+    torch.manual_seed(cfg.trainer.seed)
+    with torch.device(device):
+        return AutoModelForCausalLM.from_config(config, dtype=dtype)
+
+
+def largest_unit_bytes(model: torch.nn.Module) -> int:
+    """Bytes of the largest FSDP unit as recipe/model.py wraps: each decoder layer, and the root
+    (everything else: embeddings, final norm, untied lm_head)."""
+    from recipe.model import decoder_layers
+
+    layers = decoder_layers(model)
+    per_layer = [sum(nbytes_of(p) for p in layer.parameters()) for layer in layers]
+    total = sum(nbytes_of(p) for p in model.parameters())
+    return max([total - sum(per_layer)] + per_layer)
+
+
+def build_policy_from(base: torch.nn.Module, cfg: DictConfig, ctx) -> Tuple[torch.nn.Module, int]:
+    """`recipe.model.build_policy` on a copy of `base` (no reload from disk per cell); also
+    returns the largest FSDP unit's bytes. Manual offload leaves the shards on the host, as
+    the trainer does before a sync."""
+    from recipe import model as policy
+
+    torch.manual_seed(cfg.trainer.seed)
+    model = policy.apply_lora(copy.deepcopy(base), cfg)
+    unit = largest_unit_bytes(model)
+    shard = policy._shard_fsdp1 if cfg.fsdp.name == "fsdp1" else policy._shard_fsdp2
+    model = shard(model, cfg, ctx.device)
+    if cfg.offload.name == "manual":
+        policy.offload_to_cpu(model, None)
+    return model, unit
+
+
+class CopySink:
+    """Preallocated weights laid out as the engine's; `load` copies each streamed tensor in.
+
+    `strict`: a name the destination lacks is an error (full weights); otherwise (adapters)
+    the slot is allocated on first sight, which the cold run pays.
+    """
+
+    def __init__(self, dest: Dict[str, torch.Tensor], device: torch.device, strict: bool):
+        self.dest, self.device, self.strict = dest, device, strict
+        self.seen: set = set()
+
+    def load(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> int:
+        nbytes = 0
+        for name, tensor in stream:
+            slot = self.dest.get(name)
+            if slot is None:
+                if self.strict:
+                    raise KeyError(f"the stream yielded {name!r}, which the engine's weights do not have")
+                slot = self.dest[name] = torch.empty_like(tensor, device=self.device)
+            slot.copy_(tensor)
+            self.seen.add(name)
+            nbytes += nbytes_of(tensor)
+        return nbytes
+
+    def missing(self) -> List[str]:
+        """Destination weights no sync wrote (tied aliases of a written storage excepted)."""
+        written = {self.dest[n].untyped_storage().data_ptr() for n in self.seen}
+        return [n for n, t in self.dest.items() if n not in self.seen and t.untyped_storage().data_ptr() not in written]
+
+
+class VllmSink:
+    """The in-process vLLM engine (CPU): `reload_weights` consumes the stream."""
+
+    def __init__(self, cfg: DictConfig, model_dir: Path):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
+        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gb))
+        from vllm import LLM
+
+        self.llm = LLM(str(model_dir), enforce_eager=True, dtype=cfg.model.dtype,
+                       max_model_len=cfg.rollout.max_model_len, seed=cfg.trainer.seed)
+        self.nbytes = 0
+
+    def _count(self, stream):
+        for name, tensor in stream:
+            self.nbytes += nbytes_of(tensor)
+            yield name, tensor
+
+    def load(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> int:
+        self.nbytes = 0
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._count(stream)})
+        return self.nbytes
+
+    def missing(self) -> List[str]:
+        return []
+
+    def close(self) -> None:
+        # Before the process group goes: vLLM's cleanup touches it (see recipe/rollout.py).
+        del self.llm
+        gc.collect()
+
+
+def resolve_sink(cfg: DictConfig, device: torch.device) -> str:
+    if cfg.bench.sink not in SINKS:
+        raise ConfigError(f"bench.sink={cfg.bench.sink!r} is not valid; choose one of: {', '.join(SINKS)}")
+    sink = cfg.bench.sink
+    if sink == "auto":
+        sink = "vllm" if device.type == "cpu" and not cfg.bench_model.qwen2 else "copy"
+    if sink == "vllm" and (device.type != "cpu" or cfg.bench_model.qwen2):
+        raise ConfigError("bench.sink=vllm needs trainer.device=cpu and a checkpoint (bench_model=tiny); "
+                          "use bench.sink=copy")
+    return sink
+
+
+# ----------------------------------------------------------------------------- one cell
+
+
+def _one_sync(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[float, int, int]:
+    """(seconds, peak extra device bytes, bytes streamed) of one sync on this rank."""
+    from recipe.state_dict import stream_weights
+
+    _sync(device)
+    dist.barrier()
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+        base_mem = torch.cuda.memory_allocated(device)
+    t0 = time.perf_counter()
+    nbytes = sink.load(stream_weights(model, cfg, device))
+    _sync(device)
+    seconds = time.perf_counter() - t0
+    peak = torch.cuda.max_memory_allocated(device) - base_mem if device.type == "cuda" else -1
+    return seconds, peak, nbytes
+
+
+def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine) -> Dict[str, Any]:
+    """Build the cell's policy and time its syncs; a raising strategy becomes a `crashed` row."""
+    row: Dict[str, Any] = {"label": cell.label, "fsdp": cell.fsdp, "offload": cell.offload, "lora": cell.lora,
+                           "strategy": cell.strategy, "status": "ok", "error": ""}
+    ccfg = cell_cfg(cfg, cell)
+    try:
+        validate(ccfg)
+    except UnsupportedError as exc:
+        return {**row, "status": "unsupported", "error": str(exc).split(". ")[0]}
+    adapter = cell.lora == "adapter"
+    sink = CopySink({} if adapter else dest, ctx.device, strict=not adapter) if engine is None or adapter else engine
+    row["sink"] = "copy" if isinstance(sink, CopySink) else "vllm"
+    times, peaks, nbytes, model = [], [], 0, None
+    try:
+        model, row["unit_bytes"] = build_policy_from(base, ccfg, ctx)
+        for i in range(1 + cfg.bench.warm_iters):
+            seconds, peak, nbytes = _one_sync(model, ccfg, ctx.device, sink)
+            times.append(seconds)
+            peaks.append(peak)
+            if i >= 1 and sum(times) > cfg.bench.max_cell_s:
+                break
+    except Exception as exc:  # noqa: BLE001  reported, not hidden: the row says crashed
+        row.update(status="crashed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
+        if os.environ.get("SYNC_BENCH_TRACEBACK"):
+            traceback.print_exc()
+    # Every rank must agree on the outcome (and wait for the slowest) before the next cell.
+    failed = _max_over_ranks([float(row["status"] != "ok")])[0]
+    if failed and row["status"] == "ok":
+        row.update(status="crashed", error="another rank raised (see its row in the log)")
+    if row["status"] == "ok":
+        warm = times[1:]
+        cold, med = _max_over_ranks([times[0], statistics.median(warm)])
+        row.update(bytes=nbytes, cold_s=cold, warm_s=med, warm_runs=len(warm),
+                   peak_bytes=int(_max_over_ranks([max(peaks)])[0]) if peaks[0] >= 0 else None,
+                   missing=sink.missing()[:5])
+    del model
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def add_limits(row: Dict[str, Any], limits: Dict[str, float], world: int, bucket_bytes: int) -> None:
+    """Attach GB/s, the limit and the ratios (x limit = t_limit / t_warm) to an `ok` row."""
+    if row["status"] != "ok":
+        return
+    t_lim, t_ser = limit_times(row["bytes"], row["offload"] != "none", limits, world)
+    row.update(gbps=row["bytes"] / row["warm_s"] / GB, limit_s=t_lim, serial_s=t_ser,
+               limit_gbps=row["bytes"] / t_lim / GB, x_limit=t_lim / row["warm_s"], x_serial=t_ser / row["warm_s"])
+    row["bound_bytes"] = row["unit_bytes"] + bucket_bytes
+
+
+# ----------------------------------------------------------------------------- targets and output
+
+
+def _check(target: str, value: Optional[float], threshold: float, higher_is_better: bool = True) -> Dict[str, Any]:
+    met = None if value is None else (value >= threshold if higher_is_better else value <= threshold)
+    return {"target": target, "value": value, "threshold": threshold,
+            "op": ">=" if higher_is_better else "<=", "met": met}
+
+
+def evaluate(rows: List[Dict[str, Any]], world: int) -> List[Dict[str, Any]]:
+    """The performance targets of docs/PERFORMANCE.md on this run's rows (value None = not run)."""
+    ok = {r["label"]: r for r in rows if r["status"] == "ok"}
+
+    def get(label: str, key: str) -> Optional[float]:
+        return ok[label][key] if label in ok else None
+
+    def ratio(a: Optional[float], b: Optional[float]) -> Optional[float]:
+        return None if a is None or b is None else a / b
+
+    checks = [_check("fsdp2/cpu/none x limit", get("fsdp2/cpu/none", "x_limit"), 0.9)]
+    if world > 1:
+        checks += [_check(f"{f}/none/none x limit", get(f"{f}/none/none", "x_limit"), 0.85) for f in FSDP_CHOICES]
+    checks.append(_check("speed-up of fsdp2/cpu/none over dcp_full_cpu@fsdp2/cpu",
+                         ratio(get("dcp_full_cpu@fsdp2/cpu", "warm_s"), get("fsdp2/cpu/none", "warm_s")), 30))
+    for off in OFFLOAD_CHOICES:
+        checks.append(_check(f"time fsdp1/{off}/none / fsdp2/{off}/none",
+                             ratio(get(f"fsdp1/{off}/none", "warm_s"), get(f"fsdp2/{off}/none", "warm_s")), 1.2, False))
+    for f, off in itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES):
+        full = f"{f}/{off}/none"
+        checks.append(_check(f"time {f}/{off}/merged / {full}",
+                             ratio(get(f"{f}/{off}/merged", "warm_s"), get(full, "warm_s")), 1.2, False))
+        # Proportional to bytes: the adapter's GB/s is at least half the full weights' GB/s.
+        checks.append(_check(f"GB/s {f}/{off}/adapter / {full}",
+                             ratio(get(f"{f}/{off}/adapter", "gbps"), get(full, "gbps")), 0.5))
+    peaks = [r["peak_bytes"] / r["bound_bytes"] for r in ok.values() if r.get("peak_bytes") is not None]
+    checks.append(_check("max peak extra memory / (largest unit + bucket)", max(peaks) if peaks else None, 1.0, False))
+    return checks
+
+
+def _fmt(value: Any, spec: str) -> str:
+    return "-" if value is None else format(value, spec)
+
+
+def format_table(rows: List[Dict[str, Any]], checks: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
+    lim = meta["limits"]
+    lines = [f"sync_bench {meta['model']} world={meta['world_size']} device={meta['device_name']} "
+             f"sink={meta['sink']}  limits GB/s: h2d/rank {lim['h2d_gbps']:.1f}  d2d {lim['d2d_gbps']:.1f}  "
+             f"all-gather {lim['allgather_gbps']:.1f} (at one bucket {lim['allgather_bucket_gbps']:.1f})",
+             f"{'strategy':<30} {'status':<11} {'MB':>9} {'cold s':>8} {'warm s':>8} {'GB/s':>7} "
+             f"{'lim GB/s':>8} {'x limit':>7} {'x serial':>8} {'peak MiB':>9} {'bound MiB':>9}"]
+    for r in rows:
+        if r["status"] != "ok":
+            lines.append(f"{r['label']:<30} {r['status']:<11} {r['error']}")
+            continue
+        peak = None if r["peak_bytes"] is None else r["peak_bytes"] / MiB
+        lines.append(f"{r['label']:<30} {'ok':<11} {r['bytes'] / 1e6:>9.1f} {r['cold_s']:>8.4f} {r['warm_s']:>8.4f} "
+                     f"{r['gbps']:>7.2f} {r['limit_gbps']:>8.1f} {r['x_limit']:>7.3f} {r['x_serial']:>8.3f} "
+                     f"{_fmt(peak, '9.0f')} {r['bound_bytes'] / MiB:>9.0f}"
+                     + (f"  missing {r['missing']}" if r.get("missing") else ""))
+    lines.append("targets:")
+    for c in checks:
+        verdict = {True: "met", False: "MISSED", None: "not run"}[c["met"]]
+        lines.append(f"  {verdict:<7} {c['target']}: {_fmt(c['value'], '.3f')} ({c['op']} {c['threshold']})")
+    return "\n".join(lines)
+
+
+def write_json(path: str, meta, rows, checks) -> None:
+    out = Path(path)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = out.with_suffix(".tmp")
+    tmp.write_text(json.dumps({"meta": meta, "rows": rows, "checks": checks}, indent=1))
+    tmp.replace(out)
+
+
+# ----------------------------------------------------------------------------- ranks and entry
+
+
+def bench_rank(cfg: DictConfig, ctx) -> None:
+    """Body of every rank (module level so spawn can pickle it)."""
+    cells = select_cells(cfg)
+    sink_name = resolve_sink(cfg, ctx.device)
+    bucket_bytes = cfg.sync.bucket_mb * MiB
+    limits = measure_limits(ctx.device, cfg.bench.limit_mb * MiB, cfg.bench.limit_reps, bucket_bytes)
+    base = build_base(cfg, ctx.device)
+    dest = {n: t for n, t in copy.deepcopy(base).to(ctx.device).state_dict().items()}  # the engine's weights
+    engine = VllmSink(cfg, Path(cfg.model.path)) if sink_name == "vllm" else None
+    meta = {"model": cfg.bench_model.name, "world_size": ctx.world_size, "device": ctx.device.type,
+            "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+            "torch": torch.__version__, "sink": sink_name, "dtype": cfg.model.dtype, "limits": limits,
+            "bucket_mb": cfg.sync.bucket_mb, "warm_iters": cfg.bench.warm_iters,
+            "model_bytes": sum(nbytes_of(p) for p in base.parameters())}
+    rows: List[Dict[str, Any]] = []
+    try:
+        for cell in cells:
+            row = run_cell(cell, cfg, ctx, base, dest, engine)
+            add_limits(row, limits, ctx.world_size, bucket_bytes)
+            rows.append(row)
+            if ctx.is_main:
+                print(format_table([row], [], meta).splitlines()[-2], flush=True)
+                write_json(cfg.bench.out, meta, rows, evaluate(rows, ctx.world_size))
+    finally:
+        if engine is not None:
+            engine.close()
+    if ctx.is_main:
+        checks = evaluate(rows, ctx.world_size)
+        write_json(cfg.bench.out, meta, rows, checks)
+        print(format_table(rows, checks, meta), flush=True)
+        print(f"wrote {cfg.bench.out}", flush=True)
+
+
+def bench(cfg: DictConfig) -> None:
+    """Validate, then start `trainer.world_size` ranks. Tests call this directly."""
+    from recipe.dist import launch
+
+    validate(cfg)
+    resolve_sink(cfg, torch.device(resolve_device(cfg)))
+    select_cells(cfg)
+    launch(bench_rank, cfg)
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="bench")
+def main(cfg: DictConfig) -> None:
+    bench(cfg)
+
+
+if __name__ == "__main__":
+    main()
