@@ -8,7 +8,7 @@ ranges, hardware support) and raises ``ConfigError`` naming the field and the va
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -200,6 +200,22 @@ def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
         raise ConfigError(f"{key} must be {bound}, got {value}")
 
 
+def _unknown_keys(node: Any, prefix: str = "") -> None:
+    """`+trainer.stepz=3` adds a key even to a typed node; refuse keys the schema lacks."""
+    if not isinstance(node, DictConfig):
+        return
+    schema = OmegaConf.get_type(node)
+    if is_dataclass(schema):
+        known = {f.name for f in fields(schema)}
+        for key in node.keys():
+            if key not in known:
+                raise ConfigError(f"{prefix}{key} is not a config key; {prefix.rstrip('.') or 'the top level'} "
+                                  f"has: {', '.join(sorted(known))}")
+    for key in node.keys():
+        if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key):
+            _unknown_keys(node[key], f"{prefix}{key}.")
+
+
 def resolve_device(cfg: DictConfig) -> str:
     """`trainer.device` resolved against the hardware: "cpu" or "cuda"."""
     import torch
@@ -211,9 +227,11 @@ def resolve_device(cfg: DictConfig) -> str:
 
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules. Raises ConfigError naming the field(s) and the valid choices."""
+    _unknown_keys(cfg)
     _choice(cfg, "fsdp.name", FSDP_CHOICES)
     _choice(cfg, "offload.name", OFFLOAD_CHOICES)
-    _choice(cfg, "offload.pin_memory", ("auto", "true", "false"))
+    if _pin_setting(cfg) not in ("auto", "true", "false"):
+        raise ConfigError(f"offload.pin_memory={cfg.offload.pin_memory!r} is not valid; choose one of: auto, true, false")
     _choice(cfg, "lora.name", LORA_CHOICES)
     _choice(cfg, "trainer.device", DEVICE_CHOICES)
     _choice(cfg, "model.dtype", DTYPE_CHOICES)
@@ -263,14 +281,19 @@ def validate(cfg: DictConfig) -> None:
             "memory unconditionally ('Cannot access accelerator device when none is available'). On a CPU-only "
             "machine use fsdp=fsdp2 +offload=cpu (CPUOffloadPolicy with pin_memory=False) or fsdp=fsdp1 +offload=manual."
         )
-    if device == "cpu" and cfg.offload.pin_memory == "true":
+    if device == "cpu" and _pin_setting(cfg) == "true":
         raise ConfigError("offload.pin_memory=true needs CUDA; on CPU use offload.pin_memory=auto or false")
 
 
+def _pin_setting(cfg: DictConfig) -> str:
+    # `offload.pin_memory=true` on the command line arrives as the bool True, stored as "True".
+    return str(cfg.offload.pin_memory).lower()
+
+
 def pin_memory(cfg: DictConfig) -> bool:
-    if cfg.offload.pin_memory == "auto":
+    if _pin_setting(cfg) == "auto":
         return resolve_device(cfg) == "cuda"
-    return cfg.offload.pin_memory == "true"
+    return _pin_setting(cfg) == "true"
 
 
 def combo_key(cfg: DictConfig) -> tuple:
