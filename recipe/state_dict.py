@@ -1,0 +1,551 @@
+"""The dispatch table of weight-sync strategies: (fsdp, offload, lora) -> gather strategy.
+
+    from recipe.state_dict import stream_weights, stream_base_weights, adapter_config
+    for name, tensor in stream_weights(model, cfg, device):   # HF names, engine dtype, on `device`
+        engine_weights[name].copy_(tensor)
+
+The key is built from the Hydra option names (`conf/fsdp`, `conf/offload`, `conf/lora`), the
+same tuples `recipe.config` validates against, so config and code cannot drift: every one of the
+2 x 3 x 3 = 18 combinations has exactly one entry, a duplicate registration is refused, and a
+missing key lists the registered ones. `sync.strategy` other than "auto" picks a reference
+strategy (`naive`, `dcp_full_cpu`, `dtensor_stream`) for comparison; they are never a fallback.
+
+Each strategy is two steps, composed explicitly in its table entry:
+1. a *gather* yields the full tensors of one FSDP unit (a decoder layer, or the root's embedding /
+   norm / head) at a time, as fresh tensors on the engine device, keyed by raw module names:
+   - FSDP2 none/cpu: the unit's own `unshard()` / `reshard()` (one batched all-gather; under
+     `CPUOffloadPolicy` FSDP copies each host shard to the device itself);
+   - FSDP2 manual, and every FSDP2 adapter sync: each local shard is copied to the device and the
+     unit's (selected) shards are all-gathered in one collective by `_all_gather_shards`;
+   - FSDP1: `summon_full_params(unit, recurse=False, writeback=False)` per unit; for manual
+     offload the unit's flat shard is brought to the device for the summon and sent back after.
+   Nothing calls `module.state_dict()` or `model.to(device)`, and no rank builds a full copy.
+2. a *transform* maps names and values: full weights (`hf_name`), merged LoRA
+   (W + alpha/r * B @ A under the base name) or adapter tensors only (peft's saved names).
+
+Every rank gets every tensor (each rank owns an engine). Peak extra memory is one unit's
+tensors (twice that for the native-unshard path, which clones out of FSDP's buffer before
+resharding), never the whole model: tensors are popped as they are yielded.
+
+LoRA merge dtype: the merge is computed in float32 (W.float() + (B.float() @ A.float()) * scale)
+into a new tensor and then cast to `model.dtype`; for float32 models that is bit-identical to
+peft's `merge_and_unload`, for bf16 models it rounds once instead of after each op. The trained
+weights are never modified (merge -> unmerge in bf16 drifts).
+
+Base weights for the engine's first load (LoRA adapter mode) come from `stream_base_weights`:
+the lora=none entry of the same (fsdp, offload), which streams the base layers of a peft model
+under HF names and skips the LoRA tensors.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from recipe.config import FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, combo_key
+from recipe.model import lora_config, move_fsdp1_unit, torch_dtype
+
+Key = Tuple[str, str, str]
+Named = Tuple[str, torch.Tensor]
+Strategy = Callable[[nn.Module, DictConfig, torch.device], Iterator[Named]]
+Group = Dict[str, torch.Tensor]  # raw module name -> full tensor, one FSDP unit
+Member = Tuple[str, nn.Module, str]  # (raw name, owning module, attribute)
+
+ADAPTER = "default"  # peft's adapter name; it is dropped from the saved-adapter keys
+PEFT_PREFIX = "base_model.model."
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+_TABLE: Dict[Key, Strategy] = {}
+_REFERENCES: Dict[str, Strategy] = {}
+
+
+class StrategyNotFound(KeyError):
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return str(self.args[0])
+
+
+# ----------------------------------------------------------------------------- registry
+
+def all_keys() -> List[Key]:
+    """Every (fsdp, offload, lora) combination of the Hydra options."""
+    return list(itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES, LORA_CHOICES))
+
+
+def register(fsdp: str, offload: str, lora: str) -> Callable[[Strategy], Strategy]:
+    """Decorator: make the function the strategy of (fsdp, offload, lora); refuses duplicates."""
+    key = (fsdp, offload, lora)
+    if key not in all_keys():
+        raise ConfigError(f"invalid strategy key {key}: fsdp in {FSDP_CHOICES}, offload in "
+                          f"{OFFLOAD_CHOICES}, lora in {LORA_CHOICES}")
+
+    def decorate(fn: Strategy) -> Strategy:
+        if key in _TABLE:
+            raise ValueError(f"duplicate strategy for {key}: {_TABLE[key].__name__} is registered, "
+                             f"refusing {fn.__name__}")
+        _TABLE[key] = fn
+        return fn
+
+    return decorate
+
+
+def get_strategy(key: Iterable[str]) -> Strategy:
+    key = tuple(key)
+    if key not in _TABLE:
+        valid = ", ".join("/".join(k) for k in sorted(_TABLE))
+        raise StrategyNotFound(f"no weight-sync strategy for {key}; registered (fsdp/offload/lora): {valid}")
+    return _TABLE[key]
+
+
+def registered_keys() -> List[Key]:
+    return sorted(_TABLE)
+
+
+def _register_reference(name: str) -> Callable[[Strategy], Strategy]:
+    def decorate(fn: Strategy) -> Strategy:
+        if name in _REFERENCES:
+            raise ValueError(f"duplicate reference strategy {name!r}")
+        _REFERENCES[name] = fn
+        return fn
+
+    return decorate
+
+
+def get_reference(name: str) -> Strategy:
+    if name not in _REFERENCES:
+        raise StrategyNotFound(f"sync.strategy={name!r} is not a reference strategy; choose one of: "
+                               f"auto, {', '.join(sorted(_REFERENCES))}")
+    return _REFERENCES[name]
+
+
+# ----------------------------------------------------------------------------- names
+
+def strip_wrappers(name: str) -> str:
+    """Drop FSDP1 / activation-checkpoint / torch.compile wrapper segments."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def is_lora_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def hf_name(name: str) -> str:
+    """Trainer parameter name -> HF checkpoint name (what vLLM's `load_weights` takes).
+
+    `_fsdp_wrapped_module.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`
+    -> `model.layers.0.self_attn.q_proj.weight`.
+    """
+    name = strip_wrappers(name)
+    if is_lora_param(name):
+        raise ValueError(f"{name!r} is a LoRA tensor: it has no HF base name (use peft_name)")
+    if name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX):]
+    return name.replace(".base_layer.", ".")
+
+
+def peft_name(name: str) -> str:
+    """Trainer LoRA parameter name -> key of peft's adapter_model.safetensors.
+
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`
+    -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+    """
+    name = strip_wrappers(name)
+    if not is_lora_param(name):
+        raise ValueError(f"{name!r} is not a LoRA tensor")
+    for part in ("lora_A", "lora_B"):
+        name = name.replace(f".{part}.{ADAPTER}.", f".{part}.")
+    return name
+
+
+def _hf_config(model: nn.Module):
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if hasattr(config, "tie_word_embeddings"):
+            return config
+    raise ValueError(f"no HF config found in {type(model).__name__}")
+
+
+def _skipped_names(model: nn.Module) -> set:
+    # A tied head has no key of its own in the HF checkpoint; the engine ties it itself.
+    return {"lm_head.weight"} if _hf_config(model).tie_word_embeddings else set()
+
+
+def adapter_config(cfg: DictConfig) -> dict:
+    """The adapter_config.json that peft's `save_pretrained` writes for `cfg.lora` on `model.path`."""
+    config = lora_config(cfg)
+    config.base_model_name_or_path = cfg.model.path
+    config.inference_mode = True
+    out = config.to_dict()
+    out["target_modules"] = sorted(out["target_modules"])  # a set in peft; saved as a list
+    return json.loads(json.dumps(out))
+
+
+# ----------------------------------------------------------------------------- gathers
+
+def _units(model: nn.Module, is_unit: Callable[[nn.Module], bool]) -> List[Tuple[nn.Module, List[Member]]]:
+    """FSDP units (root first) with the parameters each one owns (not those of nested units)."""
+    units: List[Tuple[nn.Module, List[Member]]] = []
+
+    def walk(module: nn.Module, prefix: str, members: List[Member]) -> None:
+        for attr, param in module._parameters.items():
+            if param is not None:
+                members.append((prefix + attr, module, attr))
+        for child_name, child in module._modules.items():
+            if child is None:
+                continue
+            if is_unit(child):
+                units.append((child, []))
+                walk(child, f"{prefix}{child_name}.", units[-1][1])
+            else:
+                walk(child, f"{prefix}{child_name}.", members)
+
+    units.append((model, []))
+    walk(model, "", units[0][1])
+    return [(unit, members) for unit, members in units if members]
+
+
+def _unique(members: List[Member]) -> List[Tuple[str, torch.Tensor]]:
+    """Current tensor of each member, once per tensor (tied weights appear under one name)."""
+    seen, out = set(), []
+    for name, module, attr in members:
+        tensor = getattr(module, attr)
+        if id(tensor) not in seen:
+            seen.add(id(tensor))
+            out.append((name, tensor))
+    return out
+
+
+def _is_fsdp2(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FSDPModule
+
+    return isinstance(module, FSDPModule)
+
+
+def _is_fsdp1(module: nn.Module) -> bool:
+    from torch.distributed.fsdp import FullyShardedDataParallel
+
+    return isinstance(module, FullyShardedDataParallel)
+
+
+def _fsdp2_unshard_groups(model: nn.Module, device: torch.device) -> Iterator[Group]:
+    """FSDP2 per-unit unshard; the clone owns its memory (reshard frees FSDP's buffer)."""
+    for unit, members in _units(model, _is_fsdp2):
+        unit.unshard()
+        try:
+            group = {name: t.detach().to(device).clone() for name, t in _unique(members)}
+        finally:
+            unit.reshard()
+        yield group
+
+
+def _shard_rows(total: int, world: int, rank: int) -> int:
+    """Rows of dim 0 that `rank` holds under FSDP2's torch.chunk sharding."""
+    chunk = -(-total // world)
+    return max(0, min(chunk, total - rank * chunk))
+
+
+def _all_gather_shards(named: List[Tuple[str, torch.Tensor]], device: torch.device) -> Group:
+    """Full tensors of Shard(0) DTensors: copy each local shard (host or device) into one device
+    buffer, one all-gather, then cut each tensor out of the ranks' slices."""
+    if not named:
+        return {}
+    params = [p for _, p in named]
+    dtype, group = params[0].dtype, params[0].device_mesh.get_group()
+    if any(p.dtype != dtype for p in params):
+        raise ValueError(f"one FSDP unit holds several dtypes: {sorted({str(p.dtype) for p in params})}")
+    world = dist.get_world_size(group)
+    padded = [-(-p.shape[0] // world) * (p.numel() // max(p.shape[0], 1)) for p in params]
+    offsets = list(itertools.accumulate([0] + padded))
+    send = torch.empty(offsets[-1], dtype=dtype, device=device)
+    for p, start in zip(params, offsets):
+        local = p.to_local()
+        send[start:start + local.numel()].copy_(local.reshape(-1), non_blocking=True)
+    recv = torch.empty(world * offsets[-1], dtype=dtype, device=device)  # flat: gloo wants 1-D
+    dist.all_gather_into_tensor(recv, send, group=group)
+    recv = recv.view(world, offsets[-1])
+    out: Group = {}
+    for (name, p), start, size in zip(named, offsets, padded):
+        row_shape = p.shape[1:]
+        pieces = [recv[r, start:start + size].view(-1, *row_shape)[:_shard_rows(p.shape[0], world, r)]
+                  for r in range(world)]
+        out[name] = torch.cat(pieces).view(p.shape)
+    return out
+
+
+def _fsdp2_shard_groups(model: nn.Module, device: torch.device,
+                        select: Callable[[str], bool] = lambda name: True) -> Iterator[Group]:
+    """FSDP2 without FSDP's unshard: works wherever the local shards live (manual offload)."""
+    for _, members in _units(model, _is_fsdp2):
+        named = [(n, p) for n, p in _unique(members) if select(n)]
+        if named:
+            yield _all_gather_shards(named, device)
+
+
+def _fsdp1_summon(unit: nn.Module, members: List[Member], device: torch.device) -> Group:
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    with FSDP.summon_full_params(unit, recurse=False, writeback=False):
+        return {name: t.detach().to(device).clone() for name, t in _unique(members)}
+
+
+def _fsdp1_summon_groups(model: nn.Module, device: torch.device) -> Iterator[Group]:
+    """FSDP1 per-unit summon (with CPUOffload, FSDP copies the host shard in for the all-gather)."""
+    for unit, members in _units(model, _is_fsdp1):
+        yield _fsdp1_summon(unit, members, device)
+
+
+def _fsdp1_manual_groups(model: nn.Module, device: torch.device) -> Iterator[Group]:
+    """FSDP1 with manually offloaded shards: one unit's shard at a time visits the device."""
+    for unit, members in _units(model, _is_fsdp1):
+        home = move_fsdp1_unit(unit, device)
+        try:
+            group = _fsdp1_summon(unit, members, device)
+        finally:
+            move_fsdp1_unit(unit, home)
+        yield group
+
+
+# ----------------------------------------------------------------------------- transforms
+
+def _full_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
+                  device: torch.device) -> Iterator[Named]:
+    """Base weights under HF names (LoRA tensors of a peft model are skipped)."""
+    skipped, dtype = _skipped_names(model), torch_dtype(cfg.model.dtype)
+    for group in groups:
+        for raw in list(group):
+            tensor = group.pop(raw)  # pop: the stream keeps no reference to what it yielded
+            if is_lora_param(raw) or hf_name(raw) in skipped:
+                continue
+            yield hf_name(raw), tensor.to(device=device, dtype=dtype)
+
+
+def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+               dtype: torch.dtype) -> torch.Tensor:
+    """W + (B @ A) * scale in float32, into a new tensor, cast to `dtype` (peft's op order)."""
+    delta = (lora_b.float() @ lora_a.float()) * scale
+    return (weight.float() + delta).to(dtype)
+
+
+def _merged_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
+                    device: torch.device) -> Iterator[Named]:
+    skipped, dtype = _skipped_names(model), torch_dtype(cfg.model.dtype)
+    scale = cfg.lora.alpha / cfg.lora.rank
+    for group in groups:
+        for raw in list(group):
+            if raw not in group or is_lora_param(raw):
+                continue  # LoRA tensors are consumed by their base weight's merge
+            tensor = group.pop(raw)
+            if raw.endswith(".base_layer.weight"):
+                stem = raw[: -len("base_layer.weight")]
+                lora_a = group.pop(f"{stem}lora_A.{ADAPTER}.weight")
+                lora_b = group.pop(f"{stem}lora_B.{ADAPTER}.weight")
+                tensor = merge_lora(tensor, lora_a, lora_b, scale, dtype)
+            if hf_name(raw) not in skipped:
+                yield hf_name(raw), tensor.to(device=device, dtype=dtype)
+        if any(is_lora_param(raw) for raw in group):
+            raise ValueError(f"LoRA tensors without a base weight in one unit: {sorted(group)}")
+
+
+def _adapter_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
+                     device: torch.device) -> Iterator[Named]:
+    dtype = torch_dtype(cfg.model.dtype)
+    for group in groups:
+        for raw in list(group):
+            tensor = group.pop(raw)
+            if is_lora_param(raw):
+                yield peft_name(raw), tensor.to(device=device, dtype=dtype)
+
+
+# ----------------------------------------------------------------------------- the table
+# One line of composition per entry: which gather, which transform. FSDP2 adapter syncs gather
+# only the LoRA shards; FSDP1 cannot gather part of a flat parameter, so it summons the unit.
+
+@register("fsdp2", "none", "none")
+def _fsdp2_none_none(model, cfg, device):
+    return _full_weights(_fsdp2_unshard_groups(model, device), model, cfg, device)
+
+
+@register("fsdp2", "none", "merged")
+def _fsdp2_none_merged(model, cfg, device):
+    return _merged_weights(_fsdp2_unshard_groups(model, device), model, cfg, device)
+
+
+@register("fsdp2", "none", "adapter")
+def _fsdp2_none_adapter(model, cfg, device):
+    return _adapter_weights(_fsdp2_shard_groups(model, device, is_lora_param), model, cfg, device)
+
+
+@register("fsdp2", "cpu", "none")
+def _fsdp2_cpu_none(model, cfg, device):
+    return _full_weights(_fsdp2_unshard_groups(model, device), model, cfg, device)
+
+
+@register("fsdp2", "cpu", "merged")
+def _fsdp2_cpu_merged(model, cfg, device):
+    return _merged_weights(_fsdp2_unshard_groups(model, device), model, cfg, device)
+
+
+@register("fsdp2", "cpu", "adapter")
+def _fsdp2_cpu_adapter(model, cfg, device):
+    return _adapter_weights(_fsdp2_shard_groups(model, device, is_lora_param), model, cfg, device)
+
+
+@register("fsdp2", "manual", "none")
+def _fsdp2_manual_none(model, cfg, device):
+    return _full_weights(_fsdp2_shard_groups(model, device), model, cfg, device)
+
+
+@register("fsdp2", "manual", "merged")
+def _fsdp2_manual_merged(model, cfg, device):
+    return _merged_weights(_fsdp2_shard_groups(model, device), model, cfg, device)
+
+
+@register("fsdp2", "manual", "adapter")
+def _fsdp2_manual_adapter(model, cfg, device):
+    return _adapter_weights(_fsdp2_shard_groups(model, device, is_lora_param), model, cfg, device)
+
+
+@register("fsdp1", "none", "none")
+def _fsdp1_none_none(model, cfg, device):
+    return _full_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+
+
+@register("fsdp1", "none", "merged")
+def _fsdp1_none_merged(model, cfg, device):
+    return _merged_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+
+
+@register("fsdp1", "none", "adapter")
+def _fsdp1_none_adapter(model, cfg, device):
+    return _adapter_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+
+
+@register("fsdp1", "cpu", "none")
+def _fsdp1_cpu_none(model, cfg, device):
+    return _full_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+
+
+@register("fsdp1", "cpu", "merged")
+def _fsdp1_cpu_merged(model, cfg, device):
+    return _merged_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+
+
+@register("fsdp1", "cpu", "adapter")
+def _fsdp1_cpu_adapter(model, cfg, device):
+    return _adapter_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+
+
+@register("fsdp1", "manual", "none")
+def _fsdp1_manual_none(model, cfg, device):
+    return _full_weights(_fsdp1_manual_groups(model, device), model, cfg, device)
+
+
+@register("fsdp1", "manual", "merged")
+def _fsdp1_manual_merged(model, cfg, device):
+    return _merged_weights(_fsdp1_manual_groups(model, device), model, cfg, device)
+
+
+@register("fsdp1", "manual", "adapter")
+def _fsdp1_manual_adapter(model, cfg, device):
+    return _adapter_weights(_fsdp1_manual_groups(model, device), model, cfg, device)
+
+
+# ----------------------------------------------------------------------------- references
+# For benchmarks and regression tests only; selected by sync.strategy, never as a fallback.
+
+def _full_tensor(t: torch.Tensor) -> torch.Tensor:
+    from torch.distributed.tensor import DTensor
+
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+@_register_reference("naive")
+def _naive(model, cfg, device):
+    """`model.to(device)` then `module.state_dict()`: crashes under FSDP2 + CPUOffloadPolicy (verl #5995)."""
+    model.to(device)
+    state = model.state_dict()
+    groups = ({name: _full_tensor(state.pop(name))} for name in list(state))
+    return _full_weights(groups, model, cfg, device)
+
+
+def _broadcast_from_rank0(state: Dict[str, torch.Tensor], device: torch.device) -> Iterator[Group]:
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        yield from ({name: t} for name, t in state.items())
+        return
+    meta = [[(name, t.shape, t.dtype) for name, t in state.items()]]
+    dist.broadcast_object_list(meta, src=0)
+    for name, shape, dtype in meta[0]:
+        t = state[name].to(device) if dist.get_rank() == 0 else torch.empty(shape, dtype=dtype, device=device)
+        dist.broadcast(t, src=0)
+        yield {name: t}
+
+
+@_register_reference("dcp_full_cpu")
+def _dcp_full_cpu(model, cfg, device):
+    """DCP full state dict on rank 0's CPU (what the first upstream fix used), then broadcast."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
+    return _full_weights(_broadcast_from_rank0(state, device), model, cfg, device)
+
+
+@_register_reference("dtensor_stream")
+def _dtensor_stream(model, cfg, device):
+    """Per-parameter `.to(device).full_tensor()` (FSDP2 only): one all-gather per tensor."""
+    from torch.distributed.tensor import DTensor
+
+    params = list(model.named_parameters())
+    if not all(isinstance(p, DTensor) for _, p in params):
+        raise ConfigError("sync.strategy=dtensor_stream needs DTensor parameters (fsdp=fsdp2)")
+    groups = ({name: p.detach().to(device).full_tensor()} for name, p in params)
+    return _full_weights(groups, model, cfg, device)
+
+
+# ----------------------------------------------------------------------------- public API
+
+class WeightStream:
+    """Iterator of (hf_name, tensor) that counts what it yields: `num_tensors`, `num_bytes`,
+    `max_tensor_bytes`."""
+
+    def __init__(self, pairs: Iterator[Named], strategy: str):
+        self._pairs, self.strategy = pairs, strategy
+        self.num_tensors = self.num_bytes = self.max_tensor_bytes = 0
+
+    def __iter__(self) -> "WeightStream":
+        return self
+
+    def __next__(self) -> Named:
+        with torch.no_grad():  # gathers write into fresh buffers; the trained params keep no history
+            name, tensor = next(self._pairs)
+        size = tensor.numel() * tensor.element_size()
+        self.num_tensors += 1
+        self.num_bytes += size
+        self.max_tensor_bytes = max(self.max_tensor_bytes, size)
+        return name, tensor
+
+
+def strategy_name(cfg: DictConfig) -> str:
+    """What `stream_weights` runs for `cfg`: "fsdp2/cpu/merged" or a reference name."""
+    return "/".join(combo_key(cfg)) if cfg.sync.strategy == "auto" else cfg.sync.strategy
+
+
+def stream_weights(model: nn.Module, cfg: DictConfig, device: torch.device | str) -> WeightStream:
+    """The weights the engine needs after an update (full, merged, or adapter tensors; see module doc)."""
+    if cfg.sync.strategy == "auto":
+        strategy = get_strategy(combo_key(cfg))
+    else:
+        strategy = get_reference(cfg.sync.strategy)
+    return WeightStream(strategy(model, cfg, torch.device(device)), strategy_name(cfg))
+
+
+def stream_base_weights(model: nn.Module, cfg: DictConfig, device: torch.device | str) -> WeightStream:
+    """Base weights under HF names, LoRA excluded and unmerged: the engine's first load."""
+    key = (cfg.fsdp.name, cfg.offload.name, "none")
+    return WeightStream(get_strategy(key)(model, cfg, torch.device(device)), "/".join(key) + "/base")

@@ -1,0 +1,127 @@
+"""The dispatch table and the name mapping, without processes.
+
+    .venv/bin/python -m pytest tests/unit/test_state_dict_registry.py -q
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+
+from recipe import state_dict as sd
+from recipe.config import FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError
+
+
+def test_every_combination_has_exactly_one_entry():
+    expected = set(itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES, LORA_CHOICES))
+    assert len(expected) == 18
+    assert set(sd.registered_keys()) == expected
+    assert len(sd.registered_keys()) == len(set(sd.registered_keys()))
+    for key in expected:
+        assert callable(sd.get_strategy(key))
+    # One function per entry: no entry is an alias of another.
+    assert len({id(sd.get_strategy(k)) for k in expected}) == 18
+
+
+def test_duplicate_registration_is_refused():
+    existing = sd.get_strategy(("fsdp2", "cpu", "merged"))
+    with pytest.raises(ValueError, match=r"duplicate strategy for \('fsdp2', 'cpu', 'merged'\)"):
+        sd.register("fsdp2", "cpu", "merged")(lambda model, cfg, device: iter(()))
+    assert sd.get_strategy(("fsdp2", "cpu", "merged")) is existing
+
+
+def test_register_rejects_unknown_option_names():
+    with pytest.raises(ConfigError, match="offload in"):
+        sd.register("fsdp2", "disk", "none")
+
+
+def test_lookup_miss_lists_valid_keys():
+    with pytest.raises(KeyError) as info:
+        sd.get_strategy(("fsdp3", "none", "none"))
+    message = str(info.value)
+    assert "('fsdp3', 'none', 'none')" in message
+    for key in sd.registered_keys():
+        assert "/".join(key) in message
+
+
+def test_reference_lookup_miss_lists_choices():
+    with pytest.raises(KeyError, match="dcp_full_cpu, dtensor_stream, naive"):
+        sd.get_reference("fastest")
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
+    ("model.embed_tokens.weight", "model.embed_tokens.weight"),
+    ("lm_head.weight", "lm_head.weight"),
+    ("base_model.model.model.layers.1.mlp.down_proj.base_layer.weight", "model.layers.1.mlp.down_proj.weight"),
+    ("base_model.model.model.layers.1.self_attn.q_proj.base_layer.bias", "model.layers.1.self_attn.q_proj.bias"),
+    ("base_model.model.model.norm.weight", "model.norm.weight"),
+    ("_fsdp_wrapped_module.model.layers.0._fsdp_wrapped_module.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"),
+    ("_fsdp_wrapped_module.base_model.model.model.layers.0._fsdp_wrapped_module.self_attn.v_proj.base_layer.weight",
+     "model.layers.0.self_attn.v_proj.weight"),
+    ("model.layers.3._checkpoint_wrapped_module.self_attn.o_proj.weight", "model.layers.3.self_attn.o_proj.weight"),
+    ("_orig_mod.model.norm.weight", "model.norm.weight"),
+])
+def test_hf_name(raw, expected):
+    assert sd.hf_name(raw) == expected
+
+
+@pytest.mark.parametrize("raw, expected", [
+    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+     "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
+    ("_fsdp_wrapped_module.base_model.model.model.layers.1._fsdp_wrapped_module.mlp.gate_proj.lora_B.default.weight",
+     "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight"),
+])
+def test_peft_name(raw, expected):
+    assert sd.peft_name(raw) == expected
+
+
+def test_names_refuse_the_wrong_kind():
+    with pytest.raises(ValueError, match="LoRA tensor"):
+        sd.hf_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+    with pytest.raises(ValueError, match="not a LoRA tensor"):
+        sd.peft_name("model.layers.0.self_attn.q_proj.weight")
+
+
+def test_peft_names_match_peft(tiny_model_dir):
+    """Our adapter names are the keys peft saves, for a real peft model."""
+    from peft import get_peft_model_state_dict
+
+    from recipe.model import apply_lora, load_hf_model
+    from tests.helpers import compose
+
+    cfg = compose([f"model.path={tiny_model_dir}", "+lora=adapter"])
+    model = apply_lora(load_hf_model(cfg), cfg)
+    ours = {sd.peft_name(n) for n, _ in model.named_parameters() if sd.is_lora_param(n)}
+    assert ours == set(get_peft_model_state_dict(model))
+    base = {sd.hf_name(n) for n, _ in model.named_parameters() if not sd.is_lora_param(n)}
+    from safetensors import safe_open
+
+    with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
+        assert base == set(f.keys())  # tied lm_head is neither a parameter nor a checkpoint key
+
+
+def test_adapter_config_equals_peft_save(tiny_model_dir, tmp_path):
+    import json
+
+    from recipe.model import apply_lora, load_hf_model
+    from tests.helpers import compose
+
+    cfg = compose([f"model.path={tiny_model_dir}", "+lora=adapter"])
+    apply_lora(load_hf_model(cfg), cfg).save_pretrained(tmp_path)
+    saved = json.loads((tmp_path / "adapter_config.json").read_text())
+    saved["target_modules"] = sorted(saved["target_modules"])  # peft saves a set in hash order
+    assert sd.adapter_config(cfg) == saved
+
+
+def test_merge_lora_is_fp32_and_leaves_inputs_alone():
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(6, 4, generator=g).bfloat16()
+    a, b = torch.randn(2, 4, generator=g).bfloat16(), torch.randn(6, 2, generator=g).bfloat16()
+    w0 = w.clone()
+    merged = sd.merge_lora(w, a, b, 2.0, torch.bfloat16)
+    assert merged.dtype == torch.bfloat16 and torch.equal(w, w0)
+    expected = (w.float() + (b.float() @ a.float()) * 2.0).bfloat16()
+    assert torch.equal(merged, expected)
