@@ -1,0 +1,53 @@
+"""The tiny model is reproducible from its seed, and its char-level tokenizer round-trips.
+
+    .venv/bin/python -m pytest tests/unit/test_make_tiny_model.py
+"""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from transformers import AutoTokenizer
+
+from tools.make_tiny_model import VOCAB_SIZE, build_model, build_tokenizer, make_tiny_model
+
+
+def test_same_seed_gives_bit_identical_weights():
+    a, b, c = build_model(seed=0).state_dict(), build_model(seed=0).state_dict(), build_model(seed=1).state_dict()
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert not all(torch.equal(a[k], c[k]) for k in a)  # the seed matters
+
+
+def test_written_checkpoints_are_identical_and_idempotent(tmp_path):
+    one, two = make_tiny_model(tmp_path / "one"), make_tiny_model(tmp_path / "two")
+    w1, w2 = load_file(one / "model.safetensors"), load_file(two / "model.safetensors")
+    assert w1.keys() == w2.keys() and all(torch.equal(w1[k], w2[k]) for k in w1)
+    assert all(t.dtype == torch.float32 for t in w1.values())
+    mtime = (one / "model.safetensors").stat().st_mtime_ns
+    assert make_tiny_model(one) == one  # an existing directory is returned untouched
+    assert (one / "model.safetensors").stat().st_mtime_ns == mtime
+    assert not [p for p in tmp_path.iterdir() if p.name.startswith(".tiny-")]  # no temp dirs left
+
+
+def test_tokenizer_round_trips(tmp_path):
+    # `saved` is what the trainer and vLLM get: AutoTokenizer on the written directory.
+    saved = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "tiny"))
+    for tok in (build_tokenizer(), saved):
+        ids = tok("12+7=", add_special_tokens=False).input_ids
+        assert len(ids) == 5  # one token per character
+        assert tok.decode(ids) == "12+7="
+        assert tok.decode(tok("3*4=12?-5,x.", add_special_tokens=False).input_ids) == "3*4=12?-5,x."
+        assert tok.eos_token == "<eos>" and tok.eos_token_id == 1 and tok.pad_token_id == 0
+        assert tok.decode(ids + [tok.eos_token_id], skip_special_tokens=True) == "12+7="
+        assert max(ids) < VOCAB_SIZE
+    assert ids == build_tokenizer()("12+7=", add_special_tokens=False).input_ids  # same ids both ways
+    built = build_tokenizer()
+    assert len(built) == VOCAB_SIZE
+    assert built.decode(built("what is 3*4? 12.", add_special_tokens=False).input_ids) == "what is 3*4? 12."
+
+
+@pytest.mark.xfail(strict=True, reason="transformers 5 forces Qwen2Tokenizer (byte-level) for model_type qwen2, "
+                   "whatever tokenizer_config.json says; the vocab's ' ' is not byte-level 'Ġ', so spaces are dropped")
+def test_saved_tokenizer_keeps_spaces(tmp_path):
+    saved = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "tiny"))
+    assert saved.decode(saved("what is 3", add_special_tokens=False).input_ids) == "what is 3"
