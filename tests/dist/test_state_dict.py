@@ -35,14 +35,17 @@ def _batch(device) -> torch.Tensor:
     return torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def _train_step(model, optimizer, device, optimizer_on_cpu: bool = False) -> None:
+def _train_step(model, optimizer, device, host_update: bool = False) -> None:
+    """One AdamW step on the fixed batch. `host_update` (unsharded reference only) runs the
+    step on the host like FSDP's CPU offload does, so the arithmetic matches bit for bit."""
     ids = _batch(device)
     model(input_ids=ids, labels=ids).loss.backward()
-    if optimizer_on_cpu:  # mirror CPUOffloadPolicy: the sharded update runs on the host
-        model.to("cpu")
+    if host_update:
+        model.to("cpu")  # moves the grads too
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    model.to(device)
+    if host_update:
+        model.to(device)
 
 
 def reference(cfg, device) -> Dict[str, torch.Tensor]:
@@ -53,13 +56,34 @@ def reference(cfg, device) -> Dict[str, torch.Tensor]:
 
     torch.manual_seed(cfg.trainer.seed)  # same LoRA init as build_policy
     model = apply_lora(load_hf_model(cfg, device), cfg)
-    _train_step(model, build_optimizer(model, cfg), device, optimizer_on_cpu=cfg.offload.name == "cpu")
+    _train_step(model, build_optimizer(model, cfg), device, host_update=cfg.offload.name == "cpu")
     with torch.no_grad():
         if cfg.lora.name == "adapter":
             return {n: t.detach().clone() for n, t in get_peft_model_state_dict(model).items()}
+        if cfg.lora.name == "merged" and cfg.model.dtype != "float32":
+            return _merged_fp32(model, cfg)
         if cfg.lora.name == "merged":
-            model = model.merge_and_unload()
+            model = model.merge_and_unload()  # in float32 our merge is peft's, bit for bit
         return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def _merged_fp32(model, cfg) -> Dict[str, torch.Tensor]:
+    """bf16/fp16: peft merges in the low dtype; we merge the unsharded tensors in float32 and
+    cast once (recipe/state_dict.py), so the reference applies that formula to the copy."""
+    from recipe.model import torch_dtype
+    from recipe.state_dict import hf_name, is_lora_param, merge_lora
+
+    params = dict(model.named_parameters())
+    out = {}
+    for name, p in params.items():
+        if is_lora_param(name):
+            continue
+        if name.endswith(".base_layer.weight"):
+            stem = name[: -len("base_layer.weight")]
+            p = merge_lora(p, params[stem + "lora_A.default.weight"], params[stem + "lora_B.default.weight"],
+                           cfg.lora.alpha / cfg.lora.rank, torch_dtype(cfg.model.dtype))
+        out[hf_name(name)] = p.detach().clone()
+    return out
 
 
 def unit_bytes_bound(cfg) -> int:
@@ -96,10 +120,11 @@ def check_stream(stream, expected: Dict[str, torch.Tensor], device, baseline=Non
     return dict(names=names, bad=bad, peak=peak, bytes=stream.num_bytes, changed=changed)
 
 
-def checkpoint_state(path) -> Dict[str, torch.Tensor]:
+def checkpoint_state(path, dtype: str = "float32") -> Dict[str, torch.Tensor]:
+    """The HF checkpoint's tensors in the engine dtype."""
     from safetensors.torch import load_file
 
-    return load_file(str(path) + "/model.safetensors")
+    return {n: t.to(getattr(torch, dtype)) for n, t in load_file(str(path) + "/model.safetensors").items()}
 
 
 def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) -> List[dict]:
@@ -114,7 +139,8 @@ def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) ->
     results = []
     for cfg in map(OmegaConf.create, cfg_yamls):
         model = build_policy(cfg, ctx)
-        base = check_stream(stream_base_weights(model, cfg, device), checkpoint_state(cfg.model.path), device)
+        base = check_stream(stream_base_weights(model, cfg, device), checkpoint_state(cfg.model.path, cfg.model.dtype),
+                            device)
         optimizer = build_optimizer(model, cfg)
         _train_step(model, optimizer, device)
         if cfg.offload.name == "manual":
@@ -139,7 +165,7 @@ def initial_state(cfg) -> Dict[str, torch.Tensor]:
     from recipe.model import apply_lora, load_hf_model
 
     if cfg.lora.name != "adapter":
-        return checkpoint_state(cfg.model.path)
+        return checkpoint_state(cfg.model.path, cfg.model.dtype)
     torch.manual_seed(cfg.trainer.seed)
     return get_peft_model_state_dict(apply_lora(load_hf_model(cfg), cfg))
 
