@@ -1,0 +1,359 @@
+"""The rollout engine: vLLM in the trainer's process (or HF generate), one engine per rank.
+
+    engine = build_engine(cfg, ctx, model_dir, policy=model)
+    samples = engine.generate(prompt_ids, n=8, max_new_tokens=16, temperature=1.0, top_p=1.0, seed=0)
+    engine.load_weights(iter([(hf_name, tensor), ...]))          # full weights, no disk
+    engine.load_adapter(iter(adapter_tensors), adapter_cfg, version)   # lora=adapter
+    engine.prompt_logprobs([[ids...]])                            # parity probe
+    engine.close()                                                # before destroy_process_group
+
+Why one engine per rank: rollout is data parallel (each rank samples its own prompts), every
+engine is a full tensor-parallel-1 copy of the model, and the sync streams full tensors on
+every rank anyway (the FSDP all-gather), so no extra broadcast is needed and no rank waits
+for another's generation. The price is one model copy + KV cache per rank, which is what a
+colocated 1-GPU-per-rank setup has room for at the model sizes this recipe targets.
+
+Backends:
+- ``vllm``: `vllm.LLM` in-process (`VLLM_ENABLE_V1_MULTIPROCESSING=0`). Weights go in through
+  the worker's `reload_weights(weights_iterator=...)`. LoRA adapters are built in memory
+  (`LoRAModel.from_lora_tensors`) inside the worker and registered under a fresh
+  `lora_int_id` per version; requests then name that id, so vLLM never reads a path.
+- ``hf``: HF `generate` on the given module (the trained policy itself: no copy, nothing to
+  sync). Sharded forwards are collectives, so with FSDP2 at world > 1 it passes
+  `synced_gpus=True` (every rank keeps stepping until all are done) and with FSDP1 it
+  generates inside `summon_full_params`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+from dataclasses import dataclass
+from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+from omegaconf import DictConfig
+
+from recipe.config import resolve_device
+
+log = logging.getLogger(__name__)
+
+WeightIter = Iterable[Tuple[str, torch.Tensor]]
+
+
+@dataclass
+class Sample:
+    """One completion: the prompt's ids, the sampled ids and their logprobs under the sampler."""
+
+    prompt_token_ids: List[int]
+    token_ids: List[int]
+    logprobs: List[float]
+    finish_reason: str = ""
+
+
+class Engine:
+    """Common interface; see the module docstring. `weight_version` counts loads."""
+
+    backend = "none"
+    lora_version: Optional[int] = None
+
+    def generate(self, prompt_token_ids: List[List[int]], n: int, max_new_tokens: int, temperature: float,
+                 top_p: float, seed: int) -> List[Sample]:
+        raise NotImplementedError
+
+    def prompt_logprobs(self, token_id_lists: List[List[int]]) -> List[List[float]]:
+        raise NotImplementedError
+
+    def load_weights(self, weights: WeightIter) -> None:
+        raise NotImplementedError
+
+    def load_adapter(self, tensors: WeightIter, adapter_config: dict, version: int) -> None:
+        raise NotImplementedError
+
+    def sleep(self) -> None:
+        pass
+
+    def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+# ----------------------------------------------------------------------------- vLLM
+
+
+def _add_lora_in_worker(worker, lora_id: int, tensors: Dict[str, torch.Tensor], config: dict,
+                        drop_id: Optional[int]) -> int:
+    """Runs inside the vLLM worker (collective_rpc): build the adapter from tensors, register it.
+
+    The same checks as vLLM's own path-based loader (`PEFTHelper.validate_legal`) run first.
+    """
+    from vllm.lora.lora_model import LoRAModel
+    from vllm.lora.peft_helper import PEFTHelper
+
+    manager = worker.model_runner.lora_manager
+    helper = PEFTHelper.from_dict(dict(config, vllm_max_position_embeddings=manager.max_position_embeddings))
+    helper.validate_legal(manager.lora_config)
+    lora = LoRAModel.from_lora_tensors(lora_model_id=lora_id, tensors=tensors, peft_helper=helper, device="cpu",
+                                       dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size)
+    adapters = manager._adapter_manager
+    if drop_id is not None:
+        adapters.remove_adapter(drop_id)  # the previous version: never generate with it again
+    adapters.remove_adapter(lora_id)
+    adapters.add_adapter(lora)
+    return len(lora.loras)
+
+
+def _refresh_embedding_kernels(model: nn.Module) -> int:
+    """Re-run weight post-processing of vocab embeddings / LM heads after a reload (vLLM CPU).
+
+    vLLM's CPU backend packs each layer's weight into a `cpu_linear` kernel when it loads. A
+    tied LM head shares the embedding's parameter but is never "loaded" itself (tied names are
+    skipped), so a reload refreshes the embedding and leaves the head's packed copy stale:
+    logits then come from the old weights (measured: logprob gaps of ~1 after one update).
+    Processing again from the (shared, already updated) parameter fixes that.
+    """
+    from vllm.model_executor.layers.vocab_parallel_embedding import VocabParallelEmbedding
+
+    count = 0
+    for module in model.modules():
+        if isinstance(module, VocabParallelEmbedding) and hasattr(module, "quant_method"):
+            module.quant_method.process_weights_after_loading(module)
+            count += 1
+    return count
+
+
+def _vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:
+    kwargs = dict(model=model_dir, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
+                  seed=cfg.trainer.seed + ctx.rank, enable_prefix_caching=True)
+    if resolve_device(cfg) == "cpu":
+        # vLLM reads the CPU KV-cache size from the environment when the engine starts.
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)
+        kwargs["enforce_eager"] = True
+    else:
+        kwargs["gpu_memory_utilization"] = cfg.rollout.gpu_memory_utilization
+        kwargs["enable_sleep_mode"] = cfg.rollout.sleep
+    if cfg.lora.name == "adapter":
+        kwargs.update(enable_lora=True, max_lora_rank=_lora_rank_slot(cfg.lora.rank), max_loras=1)
+    return kwargs
+
+
+def _lora_rank_slot(rank: int) -> int:
+    """vLLM accepts only some max_lora_rank values; take the smallest one >= rank."""
+    for slot in (1, 8, 16, 32, 64, 128, 256, 320, 512):
+        if slot >= rank:
+            return slot
+    raise ValueError(f"lora.rank={rank} is larger than vLLM's largest max_lora_rank (512)")
+
+
+class VllmEngine(Engine):
+    backend = "vllm"
+
+    def __init__(self, cfg: DictConfig, ctx, model_dir: str):
+        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: reload via iterator
+        from vllm import LLM
+
+        self.cfg, self.ctx = cfg, ctx
+        self.on_cpu = resolve_device(cfg) == "cpu"
+        self.llm = LLM(**_vllm_kwargs(cfg, ctx, model_dir))
+        self._lora = None  # (LoRARequest, tensors, config) of the live adapter version
+        self._asleep = False
+
+    def _request(self):
+        return self._lora[0] if self._lora is not None else None
+
+    def generate(self, prompt_token_ids, n, max_new_tokens, temperature, top_p, seed):
+        from vllm import SamplingParams
+
+        params = SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                seed=seed, logprobs=0)
+        outs = self.llm.generate(_token_prompts(prompt_token_ids), params, lora_request=self._request(),
+                                 use_tqdm=False)
+        samples = []
+        for out in outs:
+            for c in out.outputs:
+                lps = [d[t].logprob for t, d in zip(c.token_ids, c.logprobs)]
+                samples.append(Sample(list(out.prompt_token_ids), list(c.token_ids), lps, str(c.finish_reason)))
+        return samples
+
+    def prompt_logprobs(self, token_id_lists):
+        from vllm import SamplingParams
+
+        params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
+        outs = self.llm.generate(_token_prompts(token_id_lists), params, lora_request=self._request(),
+                                 use_tqdm=False)
+        result = []
+        for ids, out in zip(token_id_lists, outs):
+            # entry i is the logprob of token i given tokens < i; entry 0 is None
+            result.append([d[t].logprob for t, d in zip(ids[1:], out.prompt_logprobs[1:])])
+        return result
+
+    def load_weights(self, weights):
+        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        if self.on_cpu:
+            self.llm.apply_model(_refresh_embedding_kernels)
+        self.llm.reset_prefix_cache()
+        if self._lora is not None:  # reload_weights drops adapters (they were built on the old base)
+            req, tensors, config = self._lora
+            self.llm.collective_rpc(_add_lora_in_worker, args=(req.lora_int_id, tensors, config, None))
+
+    def load_adapter(self, tensors, adapter_config, version):
+        from vllm.lora.request import LoRARequest
+
+        if not self.llm.llm_engine.vllm_config.lora_config:
+            raise RuntimeError("load_adapter needs an engine built with lora=adapter (enable_lora=True)")
+        tensors = dict(tensors)  # adapters are small; vLLM's builder takes a dict
+        lora_id = version + 1  # lora_int_id must be > 0 and new for every version
+        drop = self._lora[0].lora_int_id if self._lora is not None else None
+        self.llm.collective_rpc(_add_lora_in_worker, args=(lora_id, tensors, adapter_config, drop))
+        # The path is never read: the id is already registered, so vLLM only activates it.
+        self._lora = (LoRARequest(f"policy-v{version}", lora_id, f"in-memory://policy-v{version}"), tensors,
+                      adapter_config)
+        self.lora_version = version
+        self.llm.reset_prefix_cache()
+
+    def sleep(self):
+        if not self.cfg.rollout.sleep or self._asleep:
+            return
+        if self.on_cpu:
+            log.info("rollout.sleep: vLLM has no sleep mode on CPU; the engine stays resident")
+            self._asleep = True  # log once per sleep/wake pair, not every call
+            return
+        self.llm.sleep(level=1)
+        self._asleep = True
+
+    def wake(self):
+        if not self._asleep:
+            return
+        if not self.on_cpu:
+            self.llm.wake_up()
+        self._asleep = False
+
+    def close(self):
+        """Shut the engine down and leave the trainer's process group alive.
+
+        Call it before `destroy_process_group`. vLLM's in-process shutdown ends with
+        `destroy_distributed_environment()`, which destroys torch's *default* group too, i.e. the
+        trainer's world: we keep that call away from the default group (vLLM's own groups are
+        still destroyed). Left to garbage collection after the world is gone, the same cleanup
+        fails with "Invalid process group specified"; hence an explicit, ordered close.
+        """
+        import gc
+
+        if getattr(self, "llm", None) is None:
+            return
+        with _keep_default_process_group():
+            self.llm.llm_engine.engine_core.shutdown()
+        self.llm = None
+        gc.collect()
+
+
+@contextlib.contextmanager
+def _keep_default_process_group():
+    import torch.distributed as dist
+
+    original = dist.destroy_process_group
+
+    def destroy(group=None):
+        if group is None or group is dist.GroupMember.WORLD:
+            return  # the trainer's world outlives the engine
+        original(group)
+
+    dist.destroy_process_group = destroy
+    try:
+        yield
+    finally:
+        dist.destroy_process_group = original
+
+
+def _token_prompts(token_id_lists):
+    from vllm.inputs import TokensPrompt
+
+    return [TokensPrompt(prompt_token_ids=list(ids)) for ids in token_id_lists]
+
+
+# ----------------------------------------------------------------------------- HF generate
+
+
+class HfEngine(Engine):
+    """HF generate on `module` (the policy itself, or any unsharded HF / peft model)."""
+
+    backend = "hf"
+
+    def __init__(self, module: nn.Module, device: torch.device, eos_token_id: Optional[int], pad_token_id: int):
+        self.module, self.device = module, device
+        self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
+
+    def _full_params(self):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        if isinstance(self.module, FSDP):
+            return FSDP.summon_full_params(self.module, writeback=False), self.module.module, False
+        sharded = any(type(p).__name__ == "DTensor" for p in self.module.parameters())
+        return contextlib.nullcontext(), self.module, sharded and torch.distributed.is_initialized()
+
+    @torch.no_grad()
+    def generate(self, prompt_token_ids, n, max_new_tokens, temperature, top_p, seed):
+        torch.manual_seed(seed)
+        samples = []
+        for ids in prompt_token_ids:
+            for _ in range(n):
+                samples.append(self._generate_one(ids, max_new_tokens, temperature, top_p))
+        return samples
+
+    def _generate_one(self, ids, max_new_tokens, temperature, top_p) -> Sample:
+        ctx, module, synced = self._full_params()
+        greedy = temperature == 0
+        with ctx:
+            out = module.generate(
+                input_ids=torch.tensor([ids], device=self.device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
+                                                                                            device=self.device),
+                max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
+                top_p=None if greedy else top_p, top_k=None, output_logits=True, return_dict_in_generate=True,
+                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, synced_gpus=synced)
+        new = out.sequences[0, len(ids):].tolist()
+        # raw model logprobs (vLLM's default logprobs mode): before temperature / top-p
+        lps = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, new)]
+        if self.eos_token_id in new:  # HF pads after EOS when synced; cut like vLLM does
+            cut = new.index(self.eos_token_id) + 1
+            new, lps = new[:cut], lps[:cut]
+        return Sample(list(ids), new, lps, "stop" if new and new[-1] == self.eos_token_id else "length")
+
+    @torch.no_grad()
+    def prompt_logprobs(self, token_id_lists):
+        ctx, module, _ = self._full_params()
+        result = []
+        with ctx:
+            for ids in token_id_lists:
+                logits = module(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
+                lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:], device=self.device)[:, None])
+                result.append(lp[:, 0].tolist())
+        return result
+
+    def load_weights(self, weights):
+        """The engine is the policy: nothing to copy. The iterator is still drained (the gather is collective)."""
+        for _ in weights:
+            pass
+
+    def load_adapter(self, tensors, adapter_config, version):
+        for _ in tensors:
+            pass
+        self.lora_version = version
+
+
+def build_engine(cfg: DictConfig, ctx, model_dir: str, policy: Optional[nn.Module] = None) -> Engine:
+    """The engine named by `rollout.backend` ("vllm" or "hf"); `policy` is required for "hf"."""
+    if cfg.rollout.backend == "vllm":
+        return VllmEngine(cfg, ctx, str(model_dir))
+    if cfg.rollout.backend == "hf":
+        if policy is None:
+            raise ValueError("rollout.backend=hf generates with the policy itself: pass policy=<the model>")
+        from transformers import AutoConfig
+
+        hf_cfg = AutoConfig.from_pretrained(model_dir)
+        pad = hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0
+        return HfEngine(policy, ctx.device, hf_cfg.eos_token_id, pad)
+    raise ValueError(f"rollout.backend={cfg.rollout.backend!r} is not valid; choose one of: vllm, hf")
