@@ -236,6 +236,9 @@ def _is_fsdp1(module: nn.Module) -> bool:
 
 def _fsdp2_unshard_groups(model: nn.Module, device: torch.device) -> Iterator[Group]:
     """FSDP2 per-unit unshard; the clone owns its memory (reshard frees FSDP's buffer)."""
+    # The root's lazy init (streams, shared state) normally runs in the first forward; a sync
+    # before any forward (the engine's first load) needs it too. It is idempotent.
+    model._get_fsdp_state()._lazy_init()
     for unit, members in _units(model, _is_fsdp2):
         unit.unshard()
         try:

@@ -54,8 +54,8 @@ def reference(cfg, device) -> Dict[str, torch.Tensor]:
 
     from recipe.model import apply_lora, build_optimizer, load_hf_model
 
-    torch.manual_seed(cfg.trainer.seed)  # same LoRA init as build_policy
-    model = apply_lora(load_hf_model(cfg, device), cfg)
+    torch.manual_seed(cfg.trainer.seed)  # same LoRA init as build_policy: on the host RNG
+    model = apply_lora(load_hf_model(cfg, "cpu"), cfg).to(device)
     _train_step(model, build_optimizer(model, cfg), device, host_update=cfg.offload.name == "cpu")
     with torch.no_grad():
         if cfg.lora.name == "adapter":
