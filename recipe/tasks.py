@@ -167,7 +167,10 @@ class WordProblems(Task):
     question as a user turn plus the assistant header; otherwise "Question: ...\\nAnswer:".
     """
 
-    INSTRUCTION = "Solve the problem and end with the final answer as a number."
+    # SmolLM2-135M-Instruct, greedy, 64 new tokens, 16 prompts of seed 0: this wording got 4
+    # right; "Solve the problem and end with the final answer as a number." got 0 (it
+    # reasons at length and is cut off before the answer).
+    INSTRUCTION = "Answer with only the final number."
 
     def __init__(self, max_operand: int = 20, **kwargs):
         super().__init__(**kwargs)
