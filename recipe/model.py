@@ -183,3 +183,17 @@ def load_to_device(model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
     """Manual offload: bring sharded params (with any grads) and optimizer state back for the update."""
     _move_params(model, torch.device(device))
     _move_optimizer_state(optimizer, torch.device(device))
+
+
+def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
+    """Clip the global gradient norm across shards (max_norm 0 = only measure it); returns the norm."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    limit = max_norm if max_norm > 0 else float("inf")
+    if isinstance(model, FSDP):  # FSDP1 reduces the norm over its flat shards itself
+        return float(model.clip_grad_norm_(limit))
+    params = [p for p in model.parameters() if p.grad is not None]
+    norm = torch.nn.utils.clip_grad_norm_(params, limit)
+    if hasattr(norm, "full_tensor"):  # FSDP2: DTensor grads give a DTensor norm
+        norm = norm.full_tensor()
+    return float(norm)
