@@ -167,21 +167,9 @@ class TrainConfig:
 
 
 def register_configs() -> None:
-    cs = ConfigStore.instance()
-    cs.store(name="train_schema", node=TrainConfig)
-    for group, node in [
-        ("model", ModelConfig),
-        ("fsdp", FsdpConfig),
-        ("offload", OffloadConfig),
-        ("lora", LoraConfig),
-        ("rollout", RolloutConfig),
-        ("task", TaskConfig),
-        ("algo", AlgoConfig),
-        ("sync", SyncConfig),
-        ("logger", LoggerConfig),
-        ("trainer", TrainerConfig),
-    ]:
-        cs.store(group=group, name=f"{group}_schema", node=node)
+    # Only the top-level schema: it types every group's node already. Registering one per
+    # group too would list e.g. `fsdp_schema` among the options of `fsdp=` (and accept it).
+    ConfigStore.instance().store(name="train_schema", node=TrainConfig)
 
 
 register_configs()
