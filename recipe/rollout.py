@@ -292,46 +292,56 @@ class HfEngine(Engine):
 
         if isinstance(self.module, FSDP):
             return FSDP.summon_full_params(self.module, writeback=False), self.module.module, False
-        sharded = any(type(p).__name__ == "DTensor" for p in self.module.parameters())
-        return contextlib.nullcontext(), self.module, sharded and torch.distributed.is_initialized()
+        from torch.distributed.fsdp import FSDPModule
+
+        if isinstance(self.module, FSDPModule):
+            # generate() may bypass the root's forward (peft calls the inner model's generate), so
+            # gather the root's own params (embeddings, norm) up front; the layers gather in their
+            # forward hooks, one collective per step: hence synced_gpus.
+            return _root_unsharded(self.module), self.module, torch.distributed.is_initialized()
+        return contextlib.nullcontext(), self.module, False
 
     @torch.no_grad()
     def generate(self, prompt_token_ids, n, max_new_tokens, temperature, top_p, seed):
+        """All prompts x n in ONE left-padded `generate` call, so every rank makes the same
+        number of (collective) forwards whatever its prompts are."""
+        rows = [list(ids) for ids in prompt_token_ids for _ in range(n)]
+        width = max(len(r) for r in rows)
+        ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
+        mask = torch.zeros_like(ids)
+        for i, r in enumerate(rows):
+            ids[i, width - len(r):] = torch.tensor(r)
+            mask[i, width - len(r):] = 1
         torch.manual_seed(seed)
-        samples = []
-        for ids in prompt_token_ids:
-            for _ in range(n):
-                samples.append(self._generate_one(ids, max_new_tokens, temperature, top_p))
-        return samples
+        out = self._generate(ids.to(self.device), mask.to(self.device), max_new_tokens, temperature, top_p)
+        # raw model logprobs (vLLM's default logprobs mode): before temperature / top-p
+        logprobs = torch.stack([torch.log_softmax(lg.float(), -1) for lg in out.logits], 1)  # [rows, steps, vocab]
+        new = out.sequences[:, width:]
+        picked = logprobs.gather(-1, new[..., None])[..., 0].cpu()
+        return [self._sample(r, new[i].tolist(), picked[i].tolist()) for i, r in enumerate(rows)]
 
-    def _generate_one(self, ids, max_new_tokens, temperature, top_p) -> Sample:
+    def _generate(self, ids, mask, max_new_tokens, temperature, top_p):
         ctx, module, synced = self._full_params()
         greedy = temperature == 0
         with ctx:
-            out = module.generate(
-                input_ids=torch.tensor([ids], device=self.device), attention_mask=torch.ones(1, len(ids), dtype=torch.long,
-                                                                                            device=self.device),
-                max_new_tokens=max_new_tokens, do_sample=not greedy, temperature=None if greedy else temperature,
-                top_p=None if greedy else top_p, top_k=None, output_logits=True, return_dict_in_generate=True,
-                eos_token_id=self.eos_token_id, pad_token_id=self.pad_token_id, synced_gpus=synced)
-        new = out.sequences[0, len(ids):].tolist()
-        # raw model logprobs (vLLM's default logprobs mode): before temperature / top-p
-        lps = [torch.log_softmax(lg[0].float(), -1)[t].item() for lg, t in zip(out.logits, new)]
-        if self.eos_token_id in new:  # HF pads after EOS when synced; cut like vLLM does
-            cut = new.index(self.eos_token_id) + 1
-            new, lps = new[:cut], lps[:cut]
-        return Sample(list(ids), new, lps, "stop" if new and new[-1] == self.eos_token_id else "length")
+            return module.generate(
+                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
+                temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
+                output_logits=True, return_dict_in_generate=True, eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id, synced_gpus=synced)
 
-    @torch.no_grad()
+    def _sample(self, prompt: List[int], new: List[int], lps: List[float]) -> Sample:
+        if self.eos_token_id in new:  # HF pads finished rows after EOS; cut there like vLLM
+            cut = new.index(self.eos_token_id) + 1
+            return Sample(prompt, new[:cut], lps[:cut], "stop")
+        return Sample(prompt, new, lps, "length")
+
     def prompt_logprobs(self, token_id_lists):
+        from recipe.sync import trainer_logprobs
+
         ctx, module, _ = self._full_params()
-        result = []
         with ctx:
-            for ids in token_id_lists:
-                logits = module(input_ids=torch.tensor([ids], device=self.device)).logits[0].float()
-                lp = torch.log_softmax(logits[:-1], -1).gather(-1, torch.tensor(ids[1:], device=self.device)[:, None])
-                result.append(lp[:, 0].tolist())
-        return result
+            return trainer_logprobs(module, token_id_lists, self.device)
 
     def load_weights(self, weights):
         """The engine is the policy: nothing to copy. The iterator is still drained (the gather is collective)."""
@@ -342,6 +352,15 @@ class HfEngine(Engine):
         for _ in tensors:
             pass
         self.lora_version = version
+
+
+@contextlib.contextmanager
+def _root_unsharded(module):
+    module.unshard()
+    try:
+        yield
+    finally:
+        module.reshard()
 
 
 def build_engine(cfg: DictConfig, ctx, model_dir: str, policy: Optional[nn.Module] = None) -> Engine:

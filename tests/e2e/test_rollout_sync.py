@@ -8,6 +8,8 @@ LoRA enabled) and the tests below assert on what it returns:
   weights, `WeightSync.sync` moves them, and the engine's greedy output equals HF generate on
   an unsharded copy of the trained model (taken through torch.distributed.checkpoint, a path
   independent of the sync), with prompt logprobs within the fp32 tolerance;
+- backend hf generates with the sharded policy itself (ranks with different prompt counts)
+  exactly what HF generate on the unsharded copy gives;
 - the adapter path generates with the new adapter: its logprobs move with each version and
   differ from the base model's;
 - faults (a skipped tensor, a stale tensor, a tensor under the wrong name) are caught by the
@@ -99,6 +101,10 @@ def _one_combo(combo, ctx, model_dir, engines, tok):
     out = {"first": first, "second": second, "engine_greedy": _greedy(engine, gen_ids),
            "hf_greedy": _greedy(hf, gen_ids), "engine_vs_ref": _max_gap(after, hf.prompt_logprobs(sync.probe)),
            "moved": _max_gap(before, after), "tolerance": sync.tolerance}
+    # backend hf: generate with the sharded policy itself; ranks get different prompt counts
+    rank_ids = gen_ids[:1 + 2 * (ctx.rank % 2)]
+    out["hf_backend_greedy"] = _greedy(HfEngine(policy, ctx.device, tok.eos_token_id, tok.pad_token_id), rank_ids)
+    out["hf_backend_ref"] = _greedy(hf, rank_ids)
     if lora == "adapter":
         out["lora_version"] = engine.lora_version
         out["base_vs_adapter"] = _base_gap(engine, sync.probe, after)
@@ -216,6 +222,14 @@ def test_engine_matches_trained_model(world, combo):
         assert r["second"]["sync/parity_max_abs_diff"] <= r["tolerance"]
         assert r["engine_vs_ref"] <= r["tolerance"], f"rank {rank}: engine vs unsharded reference {r['engine_vs_ref']}"
         assert r["engine_greedy"] == r["hf_greedy"], f"rank {rank}: greedy outputs differ"
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=["-".join(c) for c in COMBOS])
+def test_hf_backend_generates_with_sharded_policy(world, combo):
+    results, _ = world
+    for res in results:
+        r = res["combos"][combo]
+        assert r["hf_backend_greedy"] == r["hf_backend_ref"]
 
 
 @pytest.mark.parametrize("combo", [c for c in COMBOS if c[2] == "adapter"], ids=lambda c: "-".join(c))
