@@ -168,8 +168,13 @@ class VllmEngine(Engine):
     def generate(self, prompt_token_ids, n, max_new_tokens, temperature, top_p, seed):
         from vllm import SamplingParams
 
-        params = SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                seed=seed, logprobs=0)
+        # One seed per prompt: with a single shared seed every prompt draws the same random
+        # stream, so sample j of each prompt comes out (nearly) the same and a batch holds
+        # only n distinct completions. vLLM seeds sample j of a request with seed + j, hence
+        # the stride n between prompts.
+        params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
+                                 seed=(seed * 100_003 + i * n) % 2**31, logprobs=0)
+                  for i in range(len(prompt_token_ids))]
         outs = self.llm.generate(_token_prompts(prompt_token_ids), params, lora_request=self._request(),
                                  use_tqdm=False)
         samples = []
