@@ -106,6 +106,11 @@ class Arithmetic(Task):
     - 0.4 exact: the leading integer equals the answer.
     A completion that does not start with an integer gets 0: an empty completion (end of
     sequence at once) must not earn the stop credit, or the policy would learn to stop.
+
+    With the default config (tiny model, 40 steps, 2 ranks x 8 prompts x 8 samples) the mean
+    reward goes from 0.07 (first 10 steps) to 0.52 (last 10): by step ~28 completions are one
+    number then end of sequence; accuracy reaches ~0.18, largely by answering the most common
+    sums. Exact arithmetic for every pair takes longer runs.
     """
 
     def __init__(self, max_operand: int = 9, ops: str = "+", stop_window: int = 12,

@@ -146,3 +146,25 @@ def test_user_task_by_dotted_path():
     assert isinstance(task, Echo) and task.word == "yo"
     p = task.batch(0, 1)[0]
     assert p.text.startswith("say yo") and task.correct(p, "yo") and not task.correct(p, "no")
+
+
+def test_a_random_policy_already_gets_a_gradient():
+    """GRPO learns only from groups whose rewards differ. Sample like the untrained tiny model
+    (uniform over its 64 tokens, stopping at <eos>): most groups of 8 must have a spread."""
+    from tools.make_tiny_model import CHARS, SPECIALS, VOCAB_SIZE
+
+    tokens = SPECIALS + CHARS + [f"<unused{i}>" for i in range(VOCAB_SIZE - len(SPECIALS) - len(CHARS))]
+    task, rng = Arithmetic(seed=0), random.Random(0)
+
+    def sample():
+        out = []
+        for _ in range(16):  # rollout.max_new_tokens
+            tok = rng.choice(tokens)
+            if tok == "<eos>":
+                break
+            out.append("" if tok == "<pad>" else tok)
+        return "".join(out)
+
+    groups = [[task.reward(p, sample()) for _ in range(8)] for p in task.prompts(400)]
+    spread = sum(max(g) > min(g) for g in groups) / len(groups)
+    assert spread > 0.6  # expected 1 - (54/64)^8 = 0.74: a group with a leading digit vs ones without
