@@ -122,6 +122,8 @@ class Arithmetic(Task):
             raise ConfigError(f"task.params.ops={ops!r} is not valid; use a string of: + - *")
         self.max_operand, self.ops = max_operand, ops
         self.stop_window, self.close_window = stop_window, close_window
+        largest = max({"+": 2 * max_operand, "-": max_operand, "*": max_operand ** 2}[op] for op in ops)
+        self.max_chars = len(str(largest)) + ("-" in ops)  # digits of the longest answer, plus a sign
 
     def make_prompt(self, rng: random.Random) -> Prompt:
         a, b = rng.randint(0, self.max_operand), rng.randint(0, self.max_operand)
@@ -135,6 +137,8 @@ class Arithmetic(Task):
         if lead is None:
             return 0.0
         value, used = lead
+        if used > self.max_chars:
+            return 0.0
         answer = int(prompt.answer)
         extra = len(completion) - used
         stop = max(0.0, 1.0 - extra / self.stop_window)

@@ -45,6 +45,7 @@ def test_arithmetic_reward_bounds_and_ordering():
     exact, exact_rambling, close, far, garbage = (task.reward(p, c) for c in ["7", "7 abc", "8", "57", "x7"])
     assert exact == pytest.approx(1.0)
     assert exact > exact_rambling > close > far > garbage == 0.0
+    assert task.reward(p, "33333333") == 0.0  # longer than any answer: no format/stop credit
     assert task.reward(p, "") == 0.0  # stopping at once earns nothing: no credit for an empty answer
     assert task.reward(p, "8") > task.reward(p, "8" + "z" * 20) > 0  # stopping soon is rewarded
     rng = random.Random(0)
