@@ -71,17 +71,17 @@ def _merged_fp32(model, cfg) -> Dict[str, torch.Tensor]:
     """bf16/fp16: peft merges in the low dtype; we merge the unsharded tensors in float32 and
     cast once (recipe/state_dict.py), so the reference applies that formula to the copy."""
     from recipe.model import torch_dtype
-    from recipe.state_dict import hf_name, is_lora_param, merge_lora
+    from recipe.state_dict import hf_name, is_lora_param
 
-    params = dict(model.named_parameters())
+    params, scale = dict(model.named_parameters()), cfg.lora.alpha / cfg.lora.rank
     out = {}
     for name, p in params.items():
         if is_lora_param(name):
             continue
-        if name.endswith(".base_layer.weight"):
+        if name.endswith(".base_layer.weight"):  # the documented formula, written out here
             stem = name[: -len("base_layer.weight")]
-            p = merge_lora(p, params[stem + "lora_A.default.weight"], params[stem + "lora_B.default.weight"],
-                           cfg.lora.alpha / cfg.lora.rank, torch_dtype(cfg.model.dtype))
+            a, b = params[stem + "lora_A.default.weight"], params[stem + "lora_B.default.weight"]
+            p = (p.float() + (b.float() @ a.float()) * scale).to(torch_dtype(cfg.model.dtype))
         out[hf_name(name)] = p.detach().clone()
     return out
 
