@@ -11,25 +11,28 @@ missing key lists the registered ones. `sync.strategy` other than "auto" picks a
 strategy (`naive`, `dcp_full_cpu`, `dtensor_stream`) for comparison; they are never a fallback.
 
 Each strategy is two steps, composed explicitly in its table entry:
-1. a *gather* yields the full tensors of one FSDP unit (a decoder layer, or the root's embedding /
-   norm / head) at a time, as fresh tensors on the engine device, keyed by raw module names:
-   - FSDP2 none/cpu: the unit's own `unshard()` / `reshard()` (one batched all-gather; under
-     `CPUOffloadPolicy` FSDP copies each host shard to the device itself);
-   - FSDP2 manual, and every FSDP2 adapter sync: each local shard is copied to the device and the
-     unit's (selected) shards are all-gathered in one collective by `_all_gather_shards`;
+1. a *gather* yields full tensors as fresh tensors on the engine device (or, on one rank whose
+   shards are already there, the local shards themselves), keyed by raw module names:
+   - FSDP2, every offload mode and LoRA mode: `_fsdp2_pipelined_groups` -- each local shard
+     (device, pinned host or pageable host) is packed into pieces of about `sync.bucket_mb`,
+     all-gathered, and cut into full tensors, on three CUDA streams so that copy-in, all-gather
+     and the caller's use of the previous piece overlap (adapter syncs gather the LoRA shards only);
    - FSDP1: `summon_full_params(unit, recurse=False, writeback=False)` per unit; for manual
      offload the unit's flat shard is brought to the device for the summon and sent back after.
    Nothing calls `module.state_dict()` or `model.to(device)`, and no rank builds a full copy.
+   A group holds whole "atoms": a LoRA layer's base weight comes with its A and B.
 2. a *transform* maps names and values: full weights (`hf_name`), merged LoRA
    (W + alpha/r * B @ A under the base name) or adapter tensors only (peft's saved names).
 
-Every rank gets every tensor (each rank owns an engine). Peak extra memory is one unit's
-tensors (twice that for the native-unshard path, which clones out of FSDP's buffer before
-resharding), never the whole model: tensors are popped as they are yielded.
+Every rank gets every tensor (each rank owns an engine). Peak extra memory: FSDP1, one unit's
+tensors (twice for a moment: the summon buffer and the clone); FSDP2, what is launched and not yet
+consumed, bounded by the largest FSDP unit + one bucket. Never the whole model: tensors are popped
+as they are yielded.
 
 LoRA merge dtype: the merge is computed in float32 (W.float() + (B.float() @ A.float()) * scale)
 into a new tensor and then cast to `model.dtype`; for float32 models that is bit-identical to
-peft's `merge_and_unload`, for bf16 models it rounds once instead of after each op. The trained
+peft's `merge_and_unload`, for bf16 models it rounds once instead of after each op (on CUDA as
+one `addmm` whose float32 epilogue does the same: see `merge_lora`). The trained
 weights are never modified (merge -> unmerge in bf16 drifts).
 
 Base weights for the engine's first load (LoRA adapter mode) come from `stream_base_weights`:
@@ -39,6 +42,8 @@ under HF names and skips the LoRA tensors.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import itertools
 import json
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
@@ -234,61 +239,10 @@ def _is_fsdp1(module: nn.Module) -> bool:
     return isinstance(module, FullyShardedDataParallel)
 
 
-def _fsdp2_unshard_groups(model: nn.Module, device: torch.device) -> Iterator[Group]:
-    """FSDP2 per-unit unshard; the clone owns its memory (reshard frees FSDP's buffer)."""
-    # The root's lazy init (streams, shared state) normally runs in the first forward; a sync
-    # before any forward (the engine's first load) needs it too. It is idempotent.
-    model._get_fsdp_state()._lazy_init()
-    for unit, members in _units(model, _is_fsdp2):
-        unit.unshard()
-        try:
-            group = {name: t.detach().to(device).clone() for name, t in _unique(members)}
-        finally:
-            unit.reshard()
-        yield group
-
-
 def _shard_rows(total: int, world: int, rank: int) -> int:
     """Rows of dim 0 that `rank` holds under FSDP2's torch.chunk sharding."""
     chunk = -(-total // world)
     return max(0, min(chunk, total - rank * chunk))
-
-
-def _all_gather_shards(named: List[Tuple[str, torch.Tensor]], device: torch.device) -> Group:
-    """Full tensors of Shard(0) DTensors: copy each local shard (host or device) into one device
-    buffer, one all-gather, then cut each tensor out of the ranks' slices."""
-    if not named:
-        return {}
-    params = [p for _, p in named]
-    dtype, group = params[0].dtype, params[0].device_mesh.get_group()
-    if any(p.dtype != dtype for p in params):
-        raise ValueError(f"one FSDP unit holds several dtypes: {sorted({str(p.dtype) for p in params})}")
-    world = dist.get_world_size(group)
-    padded = [-(-p.shape[0] // world) * (p.numel() // max(p.shape[0], 1)) for p in params]
-    offsets = list(itertools.accumulate([0] + padded))
-    send = torch.empty(offsets[-1], dtype=dtype, device=device)
-    for p, start in zip(params, offsets):
-        local = p.to_local()
-        send[start:start + local.numel()].copy_(local.reshape(-1), non_blocking=True)
-    recv = torch.empty(world * offsets[-1], dtype=dtype, device=device)  # flat: gloo wants 1-D
-    dist.all_gather_into_tensor(recv, send, group=group)
-    recv = recv.view(world, offsets[-1])
-    out: Group = {}
-    for (name, p), start, size in zip(named, offsets, padded):
-        row_shape = p.shape[1:]
-        pieces = [recv[r, start:start + size].view(-1, *row_shape)[:_shard_rows(p.shape[0], world, r)]
-                  for r in range(world)]
-        out[name] = torch.cat(pieces).view(p.shape)
-    return out
-
-
-def _fsdp2_shard_groups(model: nn.Module, device: torch.device,
-                        select: Callable[[str], bool] = lambda name: True) -> Iterator[Group]:
-    """FSDP2 without FSDP's unshard: works wherever the local shards live (manual offload)."""
-    for _, members in _units(model, _is_fsdp2):
-        named = [(n, p) for n, p in _unique(members) if select(n)]
-        if named:
-            yield _all_gather_shards(named, device)
 
 
 def _fsdp1_summon(unit: nn.Module, members: List[Member], device: torch.device) -> Group:
@@ -315,6 +269,193 @@ def _fsdp1_manual_groups(model: nn.Module, device: torch.device) -> Iterator[Gro
         yield group
 
 
+# ----------------------------------------------------------------------------- pipelined FSDP2 gather
+# One all-gather per unit, done one after the other, leaves the copy engine idle while NCCL runs and
+# NCCL idle while the host shards are copied in (measured on H200 at world 2: 0.55-0.7 of the copy
+# limit with CPU offload, 0.15-0.5 without). Here the shards travel in pieces of about one bucket
+# (`sync.bucket_mb`), each piece on three CUDA streams: a copy stream packs the local shards (host
+# or device) into a send buffer, a gather stream all-gathers it, and the caller's stream cuts the
+# full tensors out while the next pieces are packed and gathered. What is launched but not yet
+# consumed is bounded by the largest FSDP unit + one bucket, so that is also the peak extra memory.
+
+def _atom(name: str) -> str:
+    """Tensors a transform needs together (a LoRA layer's base weight and its A and B) share a key."""
+    for marker in (".base_layer.", ".lora_A.", ".lora_B."):
+        if marker in name:
+            return name.split(marker)[0]
+    return name
+
+
+def _row_numel(p: torch.Tensor) -> int:
+    return p.numel() // p.shape[0]
+
+
+def _plan_pieces(params: List[torch.Tensor], world: int, piece_bytes: int) -> List[List[int]]:
+    """Greedy packing of whole parameters (never split) into all-gather pieces of at most
+    `piece_bytes` gathered bytes, one dtype per piece; a larger parameter is a piece of its own."""
+    pieces: List[List[int]] = []
+    size = 0
+    for i, p in enumerate(params):
+        nbytes = -(-p.shape[0] // world) * world * _row_numel(p) * p.element_size()
+        if not pieces or size + nbytes > piece_bytes or p.dtype != params[pieces[-1][0]].dtype:
+            pieces.append([])
+            size = 0
+        pieces[-1].append(i)
+        size += nbytes
+    return pieces
+
+
+class _Piece:
+    """One all-gather in flight: its parameters, receive buffer and completion event."""
+
+    def __init__(self, idx: List[int], recv: torch.Tensor, done, cost: int):
+        self.idx, self.recv, self.done, self.cost = idx, recv, done, cost
+
+
+class _ShardGather:
+    """Gathers Shard(0) DTensor parameters piece by piece; `__iter__` yields Groups of whole atoms."""
+
+    def __init__(self, named: List[Tuple[str, torch.Tensor]], device: torch.device, piece_bytes: int,
+                 budget_bytes: int):
+        self.names = [n for n, _ in named]
+        self.params = [p for _, p in named]
+        self.locals = [p.to_local() for p in self.params]
+        self.group = self.params[0].device_mesh.get_group()
+        self.world = dist.get_world_size(self.group)
+        self.device, self.budget = device, budget_bytes
+        self.pieces = _plan_pieces(self.params, self.world, piece_bytes)
+        self.cuda = device.type == "cuda"
+        if self.cuda:
+            self.caller = torch.cuda.current_stream(device)
+            self.copy_stream, self.gather_stream = torch.cuda.Stream(device), torch.cuda.Stream(device)
+            self.copy_stream.wait_stream(self.caller)  # the shards were last written on the caller's stream
+
+    def _rows(self, i: int) -> int:
+        return -(-self.params[i].shape[0] // self.world)
+
+    def _whole(self, idx: List[int]) -> bool:
+        """A lone, evenly sharded parameter: the receive buffer already is the full tensor."""
+        return self.world == 1 or (len(idx) == 1 and self._rows(idx[0]) * self.world == self.params[idx[0]].shape[0])
+
+    def _stream(self, stream):
+        return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
+
+    def _launch(self, idx: List[int]) -> _Piece:
+        sizes = [self._rows(i) * _row_numel(self.params[i]) for i in idx]
+        numel, dtype = sum(sizes), self.params[idx[0]].dtype
+        with self._stream(self.copy_stream if self.cuda else None):
+            send = torch.empty(numel, dtype=dtype, device=self.device)
+            offset = 0
+            for i, size in zip(idx, sizes):
+                local = self.locals[i].reshape(-1)  # this rank's rows; fewer (or none) on the last ranks
+                send[offset:offset + local.numel()].copy_(local, non_blocking=True)
+                offset += size
+        if self.world == 1:
+            recv = send
+        else:
+            if self.cuda:
+                self.gather_stream.wait_stream(self.copy_stream)
+            with self._stream(self.gather_stream if self.cuda else None):
+                recv = torch.empty(self.world * numel, dtype=dtype, device=self.device)  # 1-D: gloo
+                dist.all_gather_into_tensor(recv, send, group=self.group)
+        done = None
+        if self.cuda:
+            send.record_stream(self.gather_stream)
+            done = torch.cuda.Event()
+            done.record(self.gather_stream if self.world > 1 else self.copy_stream)
+        return _Piece(idx, recv.view(self.world, numel), done, self._launch_cost(idx))
+
+    def _cut(self, piece: _Piece) -> Dict[int, torch.Tensor]:
+        """Full tensors of a gathered piece: views of the buffer when it is one whole tensor,
+        else copied out of the ranks' slices (FSDP2's torch.chunk layout, uneven shards included)."""
+        if self.cuda:
+            self.caller.wait_event(piece.done)
+            piece.recv.record_stream(self.caller)
+        out, offset = {}, 0
+        for i in piece.idx:
+            p, rows = self.params[i], self._rows(i)
+            size = rows * _row_numel(p)
+            if self._whole(piece.idx):
+                out[i] = piece.recv[:, offset:offset + size].reshape(-1)[:p.numel()].view(p.shape)
+            else:
+                full = torch.empty(p.shape, dtype=p.dtype, device=self.device)
+                flat = full.view(p.shape[0], -1)
+                for r in range(self.world):
+                    valid = _shard_rows(p.shape[0], self.world, r)
+                    if valid:
+                        flat[r * rows:r * rows + valid].copy_(piece.recv[r, offset:offset + valid * _row_numel(p)]
+                                                              .view(valid, -1))
+                out[i] = full
+            offset += size
+        return out
+
+    def __iter__(self) -> Iterator[Group]:
+        left = collections.Counter(_atom(n) for n in self.names)
+        ready: Dict[str, Group] = collections.defaultdict(dict)
+        inflight: collections.deque = collections.deque()  # launched, not yet consumed by the caller
+        consumed: collections.deque = collections.deque()  # (event on the caller's stream, cost)
+        used, nxt = 0, 0
+        while nxt < len(self.pieces) or inflight:
+            # Launch ahead while the budget allows (always at least one piece).
+            while nxt < len(self.pieces):
+                cost = self._launch_cost(self.pieces[nxt])
+                while consumed and used + cost > self.budget:
+                    event, freed = consumed.popleft()
+                    event.synchronize()  # the caller's stream is done with that piece
+                    used -= freed
+                if inflight and used + cost > self.budget:
+                    break
+                inflight.append(self._launch(self.pieces[nxt]))
+                used += cost
+                nxt += 1
+            piece = inflight.popleft()
+            group: Group = {}
+            for i, tensor in self._cut(piece).items():
+                atom = _atom(self.names[i])
+                ready[atom][self.names[i]] = tensor
+                left[atom] -= 1
+                if left[atom] == 0:
+                    group.update(ready.pop(atom))
+            piece.recv = None
+            if group:
+                yield group
+            if self.cuda:  # recorded after the caller used the group (the generator resumed)
+                event = torch.cuda.Event()
+                event.record(self.caller)
+                consumed.append((event, piece.cost))
+            else:
+                used -= piece.cost
+
+    def _launch_cost(self, idx: List[int]) -> int:
+        numel = sum(self._rows(i) * _row_numel(self.params[i]) for i in idx)
+        return numel * (self.world + 1) * self.params[idx[0]].element_size() * (1 if self._whole(idx) else 2)
+
+
+def _largest_unit_bytes(units) -> int:
+    return max(sum(p.numel() * p.element_size() for _, p in _unique(members)) for _, members in units)
+
+
+def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes: int,
+                            select: Callable[[str], bool] = lambda name: True) -> Iterator[Group]:
+    """FSDP2, any offload: the local shards (device, pinned host or pageable host) are gathered
+    in pieces of one bucket, overlapping copy-in, all-gather and the caller's use (see above)."""
+    units = _units(model, _is_fsdp2)
+    named = [(n, p) for _, members in units for n, p in _unique(members) if select(n)]
+    if not named:
+        return
+    locals_ = [p.to_local() for _, p in named]
+    if named[0][1].device_mesh.size() == 1 and all(t.device == device for t in locals_):
+        # One rank, shards already on the engine device: the local shards are the full tensors.
+        yield {n: t.detach() for (n, _), t in zip(named, locals_)}
+        return
+    budget = _largest_unit_bytes(units) + bucket_bytes
+    yield from _ShardGather(named, device, bucket_bytes, budget)
+
+
+def _bucket_bytes(cfg: DictConfig) -> int:
+    return cfg.sync.bucket_mb * 2**20
+
+
 # ----------------------------------------------------------------------------- transforms
 
 def _full_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
@@ -331,7 +472,13 @@ def _full_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
 
 def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
                dtype: torch.dtype) -> torch.Tensor:
-    """W + (B @ A) * scale in float32, into a new tensor, cast to `dtype` (peft's op order)."""
+    """W + (B @ A) * scale in float32, into a new tensor, cast to `dtype` (peft's op order).
+
+    bf16/fp16 on CUDA: one `addmm` with W as the addend; cuBLAS multiplies, scales and adds in
+    float32 and rounds once, the same formula without three float32 temporaries of W's size
+    (the merge ran at ~1/3 of the full-weight sync speed on H200 before)."""
+    if weight.is_cuda and weight.dtype == lora_a.dtype == lora_b.dtype == dtype != torch.float32:
+        return torch.addmm(weight, lora_b, lora_a, alpha=scale)
     delta = (lora_b.float() @ lora_a.float()) * scale
     return (weight.float() + delta).to(dtype)
 
@@ -372,47 +519,47 @@ def _adapter_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
 
 @register("fsdp2", "none", "none")
 def _fsdp2_none_none(model, cfg, device):
-    return _full_weights(_fsdp2_unshard_groups(model, device), model, cfg, device)
+    return _full_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
 
 
 @register("fsdp2", "none", "merged")
 def _fsdp2_none_merged(model, cfg, device):
-    return _merged_weights(_fsdp2_unshard_groups(model, device), model, cfg, device)
+    return _merged_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
 
 
 @register("fsdp2", "none", "adapter")
 def _fsdp2_none_adapter(model, cfg, device):
-    return _adapter_weights(_fsdp2_shard_groups(model, device, is_lora_param), model, cfg, device)
+    return _adapter_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), is_lora_param), model, cfg, device)
 
 
 @register("fsdp2", "cpu", "none")
 def _fsdp2_cpu_none(model, cfg, device):
-    return _full_weights(_fsdp2_unshard_groups(model, device), model, cfg, device)
+    return _full_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
 
 
 @register("fsdp2", "cpu", "merged")
 def _fsdp2_cpu_merged(model, cfg, device):
-    return _merged_weights(_fsdp2_unshard_groups(model, device), model, cfg, device)
+    return _merged_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
 
 
 @register("fsdp2", "cpu", "adapter")
 def _fsdp2_cpu_adapter(model, cfg, device):
-    return _adapter_weights(_fsdp2_shard_groups(model, device, is_lora_param), model, cfg, device)
+    return _adapter_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), is_lora_param), model, cfg, device)
 
 
 @register("fsdp2", "manual", "none")
 def _fsdp2_manual_none(model, cfg, device):
-    return _full_weights(_fsdp2_shard_groups(model, device), model, cfg, device)
+    return _full_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
 
 
 @register("fsdp2", "manual", "merged")
 def _fsdp2_manual_merged(model, cfg, device):
-    return _merged_weights(_fsdp2_shard_groups(model, device), model, cfg, device)
+    return _merged_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
 
 
 @register("fsdp2", "manual", "adapter")
 def _fsdp2_manual_adapter(model, cfg, device):
-    return _adapter_weights(_fsdp2_shard_groups(model, device, is_lora_param), model, cfg, device)
+    return _adapter_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), is_lora_param), model, cfg, device)
 
 
 @register("fsdp1", "none", "none")

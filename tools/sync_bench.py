@@ -255,8 +255,17 @@ def build_policy_from(base: torch.nn.Module, cfg: DictConfig, ctx) -> Tuple[torc
     shard = policy._shard_fsdp1 if cfg.fsdp.name == "fsdp1" else policy._shard_fsdp2
     model = shard(model, cfg, ctx.device)
     if cfg.offload.name == "manual":
+        _train_like(model, ctx.device)
         policy.offload_to_cpu(model, None)
     return model, unit
+
+
+def _train_like(model: torch.nn.Module, device: torch.device) -> None:
+    """One forward/backward on two tokens, grads dropped: FSDP's lazy init has run and every unit
+    is resharded, the state in which the trainer offloads before a sync."""
+    ids = torch.zeros(1, 2, dtype=torch.long, device=device)
+    model(input_ids=ids, labels=ids).loss.backward()
+    model.zero_grad(set_to_none=True)
 
 
 class CopySink:
@@ -282,6 +291,16 @@ class CopySink:
             self.seen.add(name)
             nbytes += nbytes_of(tensor)
         return nbytes
+
+    def poison(self) -> None:
+        """NaN in every destination weight: a weight the sync does not write cannot pass `wrong`."""
+        for tensor in self.dest.values():
+            if tensor.is_floating_point():
+                tensor.fill_(float("nan"))
+
+    def wrong(self, expected: Dict[str, torch.Tensor]) -> List[str]:
+        """Destination weights that differ from `expected` (bit for bit)."""
+        return [n for n, t in self.dest.items() if not torch.equal(t, expected[n])]
 
     def missing(self) -> List[str]:
         """Destination weights no sync wrote (tied aliases of a written storage excepted)."""
@@ -353,7 +372,11 @@ def _one_sync(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[float
 
 
 def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine) -> Dict[str, Any]:
-    """Build the cell's policy and time its syncs; a raising strategy becomes a `crashed` row."""
+    """Build the cell's policy and time its syncs; a raising strategy becomes a `crashed` row.
+
+    Full-weight rows are also checked: the destination is poisoned before the cold sync and must
+    then equal the base weights bit for bit (merged rows too: peft starts B at zero, so W + BA = W);
+    a mismatch makes the row `wrong`."""
     row: Dict[str, Any] = {"label": cell.label, "fsdp": cell.fsdp, "offload": cell.offload, "lora": cell.lora,
                            "strategy": cell.strategy, "status": "ok", "error": ""}
     ccfg = cell_cfg(cfg, cell)
@@ -367,10 +390,15 @@ def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine) -> Dict[str, 
     times, peaks, nbytes, model = [], [], 0, None
     try:
         model, row["unit_bytes"] = build_policy_from(base, ccfg, ctx)
+        check = isinstance(sink, CopySink) and not adapter
+        if check:
+            sink.poison()
         for i in range(1 + cfg.bench.warm_iters):
             seconds, peak, nbytes = _one_sync(model, ccfg, ctx.device, sink)
             times.append(seconds)
             peaks.append(peak)
+            if i == 0 and check:
+                row["wrong"] = sink.wrong(dict(base.state_dict()))[:5]
             if i >= 1 and sum(times) > cfg.bench.max_cell_s:
                 break
     except Exception as exc:  # noqa: BLE001  reported, not hidden: the row says crashed
@@ -381,6 +409,8 @@ def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine) -> Dict[str, 
     failed = _max_over_ranks([float(row["status"] != "ok")])[0]
     if failed and row["status"] == "ok":
         row.update(status="crashed", error="another rank raised (see its row in the log)")
+    if row["status"] == "ok" and _max_over_ranks([float(bool(row.get("wrong")))])[0]:
+        row.update(status="wrong", error=f"engine weights differ from the policy's: {row.get('wrong')}")
     if row["status"] == "ok":
         warm = times[1:]
         cold, med = _max_over_ranks([times[0], statistics.median(warm)])

@@ -45,6 +45,7 @@ def test_every_cpu_strategy_is_reported_at_world_2(tiny_model_dir, tmp_path):
             continue
         assert row["status"] == "ok", f"{label}: {row['error']}"
         assert row["missing"] == [], f"{label} left engine weights unwritten: {row['missing']}"
+        assert row.get("wrong", []) == [] and ("wrong" in row) == (row["lora"] != "adapter")
         assert row["bytes"] > 0 and row["warm_s"] > 0 and row["x_limit"] > 0
         if row["lora"] == "adapter":
             assert row["bytes"] < full_bytes / 2
@@ -73,3 +74,19 @@ def test_bad_choice_names_the_field(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=120)
     assert proc.returncode != 0
     assert "bench.strategies" in proc.stderr and "fsdp3/none/none" in proc.stderr
+
+
+def test_copy_sink_catches_unwritten_and_wrong_weights():
+    import torch
+
+    from tools.sync_bench import CopySink
+
+    expected = {"a": torch.ones(3), "b": torch.zeros(2)}
+    sink = CopySink({n: t.clone() for n, t in expected.items()}, torch.device("cpu"), strict=True)
+    sink.poison()
+    sink.load(iter([("a", torch.ones(3))]))  # "b" never written
+    assert sink.wrong(expected) == ["b"] and sink.missing() == ["b"]
+    sink.load(iter([("b", torch.ones(2))]))  # written, but with the wrong values
+    assert sink.wrong(expected) == ["b"] and sink.missing() == []
+    with pytest.raises(KeyError, match="'c'"):
+        sink.load(iter([("c", torch.ones(1))]))
