@@ -78,7 +78,7 @@ class RolloutConfig:
     backend: str = "vllm"
     # Samples per prompt: the GRPO group size.
     n: int = 8
-    max_new_tokens: int = 16
+    max_new_tokens: int = 8
     temperature: float = 1.0
     top_p: float = 1.0
     # vLLM: KV cache size on CPU in GiB, fraction of GPU memory on CUDA.
@@ -132,8 +132,8 @@ class LoggerConfig:
 
 @dataclass
 class TrainerConfig:
-    steps: int = 40
-    prompts_per_step: int = 8
+    steps: int = 60
+    prompts_per_step: int = 16
     world_size: int = 2
     seed: int = 0
     device: str = "auto"
