@@ -18,10 +18,11 @@ Backends:
   the worker's `reload_weights(weights_iterator=...)`. LoRA adapters are built in memory
   (`LoRAModel.from_lora_tensors`) inside the worker and registered under a fresh
   `lora_int_id` per version; requests then name that id, so vLLM never reads a path.
-- ``hf``: HF `generate` on the given module (the trained policy itself: no copy, nothing to
-  sync). Sharded forwards are collectives, so with FSDP2 at world > 1 it passes
-  `synced_gpus=True` (every rank keeps stepping until all are done) and with FSDP1 it
-  generates inside `summon_full_params`.
+- ``hf`` (`HfCopyEngine`): HF `generate` on the engine's own unsharded copy of the model on
+  the rank's device; the sync loads into it by name exactly as into vLLM, so the whole
+  gather -> load -> verify path runs on machines without vLLM. `HfEngine(policy, ...)`
+  generates with a given module directly (FSDP2 at world > 1 with `synced_gpus=True`, FSDP1
+  inside `summon_full_params`): tests use it as the reference "HF generate on the trained model".
 """
 
 from __future__ import annotations
@@ -57,6 +58,7 @@ class Engine:
     """Common interface; see the module docstring. `weight_version` counts loads."""
 
     backend = "none"
+    shares_policy = False  # True only when the engine generates with the trainer's own module
     lora_version: Optional[int] = None
 
     def generate(self, prompt_token_ids: List[List[int]], n: int, max_new_tokens: int, temperature: float,
@@ -188,8 +190,15 @@ class VllmEngine(Engine):
         from vllm import SamplingParams
 
         params = SamplingParams(max_tokens=1, temperature=0.0, prompt_logprobs=0)
-        outs = self.llm.generate(_token_prompts(token_id_lists), params, lora_request=self._request(),
-                                 use_tqdm=False)
+        if self._lora is None:
+            outs = self.llm.generate(_token_prompts(token_id_lists), params, use_tqdm=False)
+        else:
+            # One request per call: vLLM's LoRA logits path indexes adapters per *sampled* row, so
+            # a batch of prompts fails (CPU punica: "einsum(): subscript b has size 4 ... size 11")
+            # on models whose LM head takes LoRA (Llama/SmolLM2). With one request the adapter
+            # index broadcasts over that request's prompt tokens, which all share the adapter.
+            outs = [self.llm.generate(_token_prompts([ids]), params, lora_request=self._request(),
+                                      use_tqdm=False)[0] for ids in token_id_lists]
         result = []
         for ids, out in zip(token_id_lists, outs):
             # entry i is the logprob of token i given tokens < i; entry 0 is None
@@ -287,6 +296,7 @@ class HfEngine(Engine):
     """HF generate on `module` (the policy itself, or any unsharded HF / peft model)."""
 
     backend = "hf"
+    shares_policy = True  # the engine IS the policy: a sync moves nothing
 
     def __init__(self, module: nn.Module, device: torch.device, eos_token_id: Optional[int], pad_token_id: int):
         self.module, self.device = module, device
@@ -368,16 +378,58 @@ def _root_unsharded(module):
         module.reshard()
 
 
+class HfCopyEngine(HfEngine):
+    """HF generate on the engine's OWN unsharded copy of the model, which the sync loads into.
+
+    This is `rollout=hf`: the same gather -> load -> verify path as vLLM, for machines without
+    vLLM (the GPU test machines) and as a second engine in tests. Loads are by HF name (full
+    weights) or peft's saved-adapter name (lora=adapter); an unknown name raises, as vLLM does.
+    """
+
+    shares_policy = False
+
+    def __init__(self, cfg: DictConfig, ctx, model_dir: str):
+        from transformers import AutoConfig
+
+        from recipe.model import apply_lora, load_hf_model
+
+        hf_cfg = AutoConfig.from_pretrained(model_dir)
+        module = load_hf_model(cfg, ctx.device)
+        if cfg.lora.name == "adapter":
+            module = apply_lora(module, cfg)
+        module.eval().requires_grad_(False)
+        super().__init__(module, ctx.device, hf_cfg.eos_token_id,
+                         hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0)
+        from recipe.state_dict import hf_name
+
+        params = dict(module.named_parameters())
+        self._by_hf_name = {hf_name(n): p for n, p in params.items() if "lora_" not in n}
+        # peft's saved-adapter names drop the adapter name ("default") from the parameter path
+        self._by_adapter_name = {n.replace(".default", ""): p for n, p in params.items() if "lora_" in n}
+
+    @staticmethod
+    @torch.no_grad()
+    def _copy_into(table: Dict[str, torch.Tensor], weights: WeightIter, what: str) -> None:
+        for name, tensor in weights:
+            if name not in table:
+                raise KeyError(f"rollout=hf: no {what} named {name!r} in the engine's model")
+            table[name].copy_(tensor)
+
+    def load_weights(self, weights):
+        self._copy_into(self._by_hf_name, weights, "weight")
+
+    def load_adapter(self, tensors, adapter_config, version):
+        self._copy_into(self._by_adapter_name, tensors, "adapter tensor")
+        self.lora_version = version
+
+
 def build_engine(cfg: DictConfig, ctx, model_dir: str, policy: Optional[nn.Module] = None) -> Engine:
-    """The engine named by `rollout.backend` ("vllm" or "hf"); `policy` is required for "hf"."""
+    """The engine named by `rollout.backend`: "vllm", or "hf" (an own HF copy the sync loads into).
+
+    `policy` is accepted for symmetry; `HfEngine(policy, ...)` generates with the policy itself.
+    """
     if cfg.rollout.backend == "vllm":
         return VllmEngine(cfg, ctx, str(model_dir))
     if cfg.rollout.backend == "hf":
-        if policy is None:
-            raise ValueError("rollout.backend=hf generates with the policy itself: pass policy=<the model>")
-        from transformers import AutoConfig
-
-        hf_cfg = AutoConfig.from_pretrained(model_dir)
-        pad = hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0
-        return HfEngine(policy, ctx.device, hf_cfg.eos_token_id, pad)
+        return HfCopyEngine(cfg, ctx, str(model_dir))
     raise ValueError(f"rollout.backend={cfg.rollout.backend!r} is not valid; choose one of: vllm, hf")

@@ -185,7 +185,7 @@ class WeightSync:
         }
 
     def strategy_name(self) -> str:
-        if self.engine.backend == "hf":
+        if self.engine.shares_policy:
             return "shared"  # the engine is the policy: nothing moves
         try:
             from recipe.state_dict import strategy_name
@@ -204,7 +204,7 @@ class WeightSync:
 
     def _transfer(self) -> Tuple[float, float, int, int, List[str]]:
         """Stream into the engine; returns (gather_s, load_s, bytes, peak_bytes, names)."""
-        if self.engine.backend == "hf":
+        if self.engine.shares_policy:
             return 0.0, 0.0, 0, 0, []
         cuda = self.ctx.device.type == "cuda"
         if cuda:
