@@ -8,7 +8,9 @@ LoRA enabled) and the tests below assert on what it returns:
   weights, `WeightSync.sync` moves them, and the engine's greedy output equals HF generate on
   an unsharded copy of the trained model (taken through torch.distributed.checkpoint, a path
   independent of the sync), with prompt logprobs within the fp32 tolerance;
-- backend hf generates with the sharded policy itself (ranks with different prompt counts)
+- rollout=hf (`HfCopyEngine`, an own unsharded copy loaded by name) passes the same sync and
+  generates what the reference does;
+- `HfEngine` generates with the sharded policy itself (ranks with different prompt counts)
   exactly what HF generate on the unsharded copy gives;
 - the adapter path generates with the new adapter: its logprobs move with each version and
   differ from the base model's;
@@ -81,7 +83,7 @@ def _max_gap(a, b):
 
 def _one_combo(combo, ctx, model_dir, engines, tok):
     from recipe.model import build_optimizer, build_policy
-    from recipe.rollout import HfEngine
+    from recipe.rollout import HfCopyEngine, HfEngine
     from recipe.sync import WeightSync
 
     fsdp, offload, lora = combo
@@ -105,6 +107,10 @@ def _one_combo(combo, ctx, model_dir, engines, tok):
     rank_ids = gen_ids[:1 + 2 * (ctx.rank % 2)]
     out["hf_backend_greedy"] = _greedy(HfEngine(policy, ctx.device, tok.eos_token_id, tok.pad_token_id), rank_ids)
     out["hf_backend_ref"] = _greedy(hf, rank_ids)
+    # backend hf (rollout=hf): the engine's own unsharded copy, loaded by name through the same sync
+    copy = HfCopyEngine(cfg, ctx, model_dir)
+    out["copy_sync"] = WeightSync(cfg, ctx, policy, copy, tok).sync(2)
+    out["copy_greedy"] = _greedy(copy, gen_ids)
     if lora == "adapter":
         out["lora_version"] = engine.lora_version
         out["base_vs_adapter"] = _base_gap(engine, sync.probe, after)
@@ -230,6 +236,19 @@ def test_hf_backend_generates_with_sharded_policy(world, combo):
     for res in results:
         r = res["combos"][combo]
         assert r["hf_backend_greedy"] == r["hf_backend_ref"]
+
+
+@pytest.mark.parametrize("combo", COMBOS, ids=["-".join(c) for c in COMBOS])
+def test_hf_copy_engine_syncs_by_name(world, combo):
+    results, _ = world
+    for res in results:
+        r = res["combos"][combo]
+        assert r["copy_sync"]["sync/parity_max_abs_diff"] <= r["tolerance"]
+        if combo[2] == "adapter":  # the copy's first sync loads the base, then the adapter
+            assert r["copy_sync"]["sync/bytes"] > r["second"]["sync/bytes"]
+        else:
+            assert r["copy_sync"]["sync/bytes"] == r["second"]["sync/bytes"]
+        assert r["copy_greedy"] == r["hf_greedy"]
 
 
 @pytest.mark.parametrize("combo", [c for c in COMBOS if c[2] == "adapter"], ids=lambda c: "-".join(c))

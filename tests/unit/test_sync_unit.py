@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from recipe.metrics import MetricsLogger
+from recipe.rollout import Engine
 from recipe.sync import DEFAULT_TOLERANCE, TimedStream, WeightSync, WeightSyncError, trainer_logprobs, worst_token
 
 SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/verify_s", "sync/bytes", "sync/gbps",
@@ -20,7 +21,7 @@ SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/verify_s", "s
              "sync/fingerprint"}
 
 
-class FakeEngine:
+class FakeEngine(Engine):
     """An engine whose weights are a plain HF model; records the calls WeightSync makes, in order."""
 
     backend = "fake"
