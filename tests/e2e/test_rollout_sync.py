@@ -317,3 +317,28 @@ def test_sync_metrics_in_jsonl_and_wandb(world):
         assert row["_step"] == line["step"]
         for key in SYNC_KEYS:
             assert row.get(key) == line[key], key  # JSON null (not verified) is left out of wandb
+
+
+def test_short_run_wandb_file_holds_sync_metrics(tiny_model_dir, tmp_path):
+    """A real 3-step GRPO run (launcher, vLLM, adapter sync, verify every 2nd sync): the offline
+    .wandb history carries every sync metric of metrics.jsonl, step by step."""
+    from omegaconf import open_dict
+
+    from recipe.train import train
+    from tests.helpers import compose
+
+    cfg = compose([f"model.path={tiny_model_dir}", "fsdp=fsdp1", "+lora=adapter", "sync.verify=2", "trainer.steps=3",
+                   "trainer.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=4", "logger.mode=offline"])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path)
+    train(cfg)
+    lines = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [line["step"] for line in lines] == [1, 2, 3]
+    # syncs 2, 3, 4 (the 1st is the initial load): verify=2 checks the 3rd only
+    assert [line["sync/parity_max_abs_diff"] is None for line in lines] == [True, False, True]
+    history = read_wandb_history(next((tmp_path / "wandb").rglob("*.wandb")))
+    assert [row["_step"] for row in history] == [1, 2, 3]
+    for row, line in zip(history, lines):
+        for key in SYNC_KEYS:
+            assert row.get(key) == line[key], key
+        assert row["sync/strategy"] == "fsdp1/none/adapter"
