@@ -367,27 +367,23 @@ class _ShardGather:
 
     def _cut(self, piece: _Piece) -> Dict[int, torch.Tensor]:
         """Full tensors of a gathered piece: views of the buffer when it is one whole tensor,
-        else copied out of the ranks' slices (FSDP2's torch.chunk layout, uneven shards included)."""
+        else one `split_with_sizes_copy` (FSDP2's own copy-out op) from the rank-major buffer into
+        a param-major one, and views of that. Per-tensor copies cost a kernel launch each, which
+        made a 1.5B model at world 2 host-bound (measured on H200)."""
         if self.cuda:
             self.caller.wait_event(piece.done)
             piece.recv.record_stream(self.caller)
-        out, offset = {}, 0
-        for i in piece.idx:
-            p, rows = self.params[i], self._rows(i)
-            size = rows * _row_numel(p)
-            if self._whole(piece.idx):
-                out[i] = piece.recv[:, offset:offset + size].reshape(-1)[:p.numel()].view(p.shape)
-            else:
-                full = torch.empty(p.shape, dtype=p.dtype, device=self.device)
-                flat = full.view(p.shape[0], -1)
-                for r in range(self.world):
-                    valid = _shard_rows(p.shape[0], self.world, r)
-                    if valid:
-                        flat[r * rows:r * rows + valid].copy_(piece.recv[r, offset:offset + valid * _row_numel(p)]
-                                                              .view(valid, -1))
-                out[i] = full
-            offset += size
-        return out
+        sizes = [self._rows(i) * _row_numel(self.params[i]) for i in piece.idx]
+        if self._whole(piece.idx):  # one rank, or one evenly sharded tensor: already param-major
+            bounds = list(itertools.accumulate([0] + sizes))
+            parts = [piece.recv[:, a:b].reshape(-1) for a, b in zip(bounds, bounds[1:])]
+        else:
+            flat = torch.empty(self.world * sum(sizes), dtype=piece.recv.dtype, device=self.device)
+            parts = list(torch.split(flat, [self.world * size for size in sizes]))
+            torch.split_with_sizes_copy(piece.recv, sizes, dim=1,
+                                        out=[part.view(self.world, size) for part, size in zip(parts, sizes)])
+        # Padding rows (uneven shards) sit at the end of each tensor's rank-major rows: drop them.
+        return {i: part[:self.params[i].numel()].view(self.params[i].shape) for i, part in zip(piece.idx, parts)}
 
     def __iter__(self) -> Iterator[Group]:
         left = collections.Counter(_atom(n) for n in self.names)
