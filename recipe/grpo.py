@@ -360,6 +360,9 @@ def summarize(history: List[Dict]) -> Dict[str, float]:
 
 def run(cfg: DictConfig, ctx: DistContext) -> Dict[str, float]:
     """Entry of every rank (recipe/train.py launches it)."""
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
     trainer = GRPOTrainer(cfg, ctx)
     try:
         summary = trainer.run()

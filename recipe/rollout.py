@@ -151,16 +151,44 @@ def _lora_rank_slot(rank: int) -> int:
     raise ValueError(f"lora.rank={rank} is larger than vLLM's largest max_lora_rank (512)")
 
 
+# vLLM messages that every weight reload repeats and that say nothing wrong here: the rotary
+# embedding has no weights, the tied LM head is the embedding (re-processed in load_weights),
+# and the CPU worker cannot re-set its thread count. The parity probe checks what they concern.
+_HARMLESS = ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights",
+             "doesn't allow to use `torch.set_num_threads`")
+
+
+class _DropHarmless(logging.Filter):
+    def filter(self, record: logging.LogRecord) -> bool:
+        msg = record.getMessage()
+        return not any(h in msg for h in _HARMLESS)
+
+
+def _quiet_vllm_logs() -> None:
+    """Keep the console readable: vLLM at WARNING (unless VLLM_LOGGING_LEVEL is set) minus the repeats."""
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
+    import vllm  # noqa: F401  (configures the "vllm" logger and its handler)
+
+    # A logger's filters see only records logged to it, so attach to every vLLM logger that exists.
+    names = [n for n in logging.Logger.manager.loggerDict if n == "vllm" or n.startswith("vllm.")]
+    for name in names:
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropHarmless) for f in logger.filters):
+            logger.addFilter(_DropHarmless())
+
+
 class VllmEngine(Engine):
     backend = "vllm"
 
     def __init__(self, cfg: DictConfig, ctx, model_dir: str):
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: reload via iterator
+        _quiet_vllm_logs()
         from vllm import LLM
 
         self.cfg, self.ctx = cfg, ctx
         self.on_cpu = resolve_device(cfg) == "cpu"
         self.llm = LLM(**_vllm_kwargs(cfg, ctx, model_dir))
+        _quiet_vllm_logs()  # again: building the engine imported more vLLM modules
         self._lora = None  # (LoRARequest, tensors, config) of the live adapter version
         self._asleep = False
 
