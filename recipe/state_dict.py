@@ -31,8 +31,7 @@ as they are yielded.
 
 LoRA merge dtype: the merge is computed in float32 (W.float() + (B.float() @ A.float()) * scale)
 into a new tensor and then cast to `model.dtype`; for float32 models that is bit-identical to
-peft's `merge_and_unload`, for bf16 models it rounds once instead of after each op (on CUDA as
-one `addmm` whose float32 epilogue does the same: see `merge_lora`). The trained
+peft's `merge_and_unload`, for bf16 models it rounds once instead of after each op. The trained
 weights are never modified (merge -> unmerge in bf16 drifts).
 
 Base weights for the engine's first load (LoRA adapter mode) come from `stream_base_weights`:
@@ -470,11 +469,9 @@ def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
     """W + (B @ A) * scale in float32, into a new tensor, cast to `dtype` (peft's op order).
 
-    bf16/fp16 on CUDA: one `addmm` with W as the addend; cuBLAS multiplies, scales and adds in
-    float32 and rounds once, the same formula without three float32 temporaries of W's size
-    (the merge ran at ~1/3 of the full-weight sync speed on H200 before)."""
-    if weight.is_cuda and weight.dtype == lora_a.dtype == lora_b.dtype == dtype != torch.float32:
-        return torch.addmm(weight, lora_b, lora_a, alpha=scale)
+    Kept as written although it costs three float32 temporaries of W's size: a bf16 `addmm`
+    (W as the addend) is faster but rounds differently (fused epilogue, other summation order),
+    and the tests pin this formula bit for bit (docs/PERFORMANCE.md)."""
     delta = (lora_b.float() @ lora_a.float()) * scale
     return (weight.float() + delta).to(dtype)
 
