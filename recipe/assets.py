@@ -10,12 +10,12 @@ from omegaconf import DictConfig
 def ensure_model(cfg: DictConfig) -> Path:
     """Return the local HF directory of `cfg.model`, building `tiny` / `smollm2` if missing."""
     path = Path(cfg.model.path).expanduser().resolve()
-    if (path / "config.json").exists():
-        return path
-    if cfg.model.builder == "tiny":
+    if cfg.model.builder == "tiny":  # rebuilt when the cached copy is of an older version
         from tools.make_tiny_model import make_tiny_model
 
         return make_tiny_model(path)
+    if (path / "config.json").exists():
+        return path
     if cfg.model.builder == "smollm2":
         from tools.fetch_default_model import fetch_default_model
 
