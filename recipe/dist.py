@@ -6,18 +6,23 @@
   process per GPU with NCCL on CUDA.
 Process groups have a timeout (`trainer.timeout_s`). If any rank raises, the others are
 terminated and the failing rank's traceback is re-raised in the parent as `RankError`:
-a crash on one rank never hangs the rest.
+a crash on one rank never hangs the rest. The rank blamed is the root cause: ranks that
+failed only because a peer died (connection reset, collective timeout) are passed over.
 """
 
 from __future__ import annotations
 
 import datetime
+import json
 import os
 import socket
 import sys
+import tempfile
+import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Callable
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import torch
 import torch.distributed as dist
@@ -76,13 +81,34 @@ def init_process_group(device_type: str, timeout_s: int) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def _worker(local_rank: int, fn: Callable, cfg_yaml: str, world: int, port: int) -> None:
+def _worker(local_rank: int, fn: Callable, cfg_yaml: str, world: int, port: int, error_dir: str) -> None:
     os.environ.update(
         RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
     )
     cfg = OmegaConf.create(cfg_yaml)
-    _run_rank(fn, cfg)
+    try:
+        _run_rank(fn, cfg)
+    except BaseException:
+        # Written before this process exits (which is what breaks the peers' collectives), so the
+        # parent can tell the first failure from the ranks that failed because of it.
+        record = {"rank": local_rank, "time": time.time(), "traceback": traceback.format_exc()}
+        Path(error_dir, f"rank{local_rank}.json").write_text(json.dumps(record))
+        raise
+
+
+# Errors a rank raises because a PEER died (its socket closed, a collective timed out).
+_SECONDARY = ("Connection reset by peer", "Connection closed by peer", "DistBackendError", "NCCL error",
+              "Timed out", "timed out", "Broken pipe", "ProcessGroup")
+
+
+def _root_cause(error_dir: str) -> Optional[dict]:
+    """The first rank error that is not a consequence of another rank's death (else the first)."""
+    records = [json.loads(p.read_text()) for p in Path(error_dir).glob("rank*.json")]
+    if not records:
+        return None
+    key = lambda r: (any(s in r["traceback"] for s in _SECONDARY), r["time"])  # noqa: E731
+    return min(records, key=key)
 
 
 def _run_rank(fn: Callable, cfg: DictConfig) -> Any:
@@ -113,10 +139,15 @@ def launch(fn: Callable[[DictConfig, DistContext], Any], cfg: DictConfig) -> Non
         return
     world = world_size_for(cfg)
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
-    try:
-        mp.start_processes(_worker, args=(fn, cfg_yaml, world, _free_port()), nprocs=world,
-                           join=True, start_method="spawn")
-    except mp.ProcessRaisedException as exc:
-        raise RankError(f"rank {exc.error_index} failed:\n{exc}") from None
-    except mp.ProcessExitedException as exc:
-        raise RankError(f"rank {exc.error_index} exited with code {exc.exit_code} (signal {exc.signal_name})") from None
+    with tempfile.TemporaryDirectory(prefix="rank-errors-") as error_dir:
+        try:
+            mp.start_processes(_worker, args=(fn, cfg_yaml, world, _free_port(), error_dir), nprocs=world,
+                               join=True, start_method="spawn")
+        except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
+            root = _root_cause(error_dir)
+            if root is not None:
+                raise RankError(f"rank {root['rank']} failed:\n{root['traceback']}") from None
+            if isinstance(exc, mp.ProcessExitedException):
+                raise RankError(f"rank {exc.error_index} exited with code {exc.exit_code} "
+                                f"(signal {exc.signal_name})") from None
+            raise RankError(f"rank {exc.error_index} failed:\n{exc}") from None
