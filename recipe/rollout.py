@@ -130,7 +130,10 @@ def _refresh_embedding_kernels(model: nn.Module) -> int:
 
 def _vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:
     kwargs = dict(model=model_dir, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
-                  seed=cfg.trainer.seed + ctx.rank, enable_prefix_caching=True)
+                  seed=cfg.trainer.seed + ctx.rank, enable_prefix_caching=True,
+                  # logprobs of the distribution actually sampled from (after temperature), which is
+                  # what the trainer's importance ratio divides by (recipe/grpo.py token_logprobs)
+                  logprobs_mode="processed_logprobs")
     if resolve_device(cfg) == "cpu":
         # vLLM reads the CPU KV-cache size from the environment when the engine starts.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)
@@ -357,8 +360,10 @@ class HfEngine(Engine):
             mask[i, width - len(r):] = 1
         torch.manual_seed(seed)
         out = self._generate(ids.to(self.device), mask.to(self.device), max_new_tokens, temperature, top_p)
-        # raw model logprobs (vLLM's default logprobs mode): before temperature / top-p
-        logprobs = torch.stack([torch.log_softmax(lg.float(), -1) for lg in out.logits], 1)  # [rows, steps, vocab]
+        # logprobs of the distribution sampled from (after temperature / top-p), as the vLLM
+        # engine reports them (logprobs_mode="processed_logprobs"); greedy: the raw logits
+        steps = out.logits if out.scores is None else out.scores
+        logprobs = torch.stack([torch.log_softmax(lg.float(), -1) for lg in steps], 1)  # [rows, steps, vocab]
         new = out.sequences[:, width:]
         picked = logprobs.gather(-1, new[..., None])[..., 0].cpu()
         return [self._sample(r, new[i].tolist(), picked[i].tolist()) for i, r in enumerate(rows)]
@@ -370,7 +375,7 @@ class HfEngine(Engine):
             return module.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
                 temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
-                output_logits=True, return_dict_in_generate=True, eos_token_id=self.eos_token_id,
+                output_logits=True, output_scores=not greedy, return_dict_in_generate=True, eos_token_id=self.eos_token_id,
                 pad_token_id=self.pad_token_id, synced_gpus=synced)
 
     def _sample(self, prompt: List[int], new: List[int], lps: List[float]) -> Sample:

@@ -112,7 +112,10 @@ def test_default_vllm_run_writes_sync_metrics(tiny_model_dir, tmp_path):
 
     from recipe.train import train
 
-    cfg = compose([f"model.path={tiny_model_dir}", "trainer.steps=3", "trainer.prompts_per_step=2", "rollout.n=4"])
+    # temperature != 1: the engine must report the logprobs of the distribution it sampled from,
+    # the one the trainer's importance ratio divides by
+    cfg = compose([f"model.path={tiny_model_dir}", "trainer.steps=3", "trainer.prompts_per_step=2", "rollout.n=4",
+                   "rollout.temperature=0.7"])
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     train(cfg)
@@ -121,6 +124,7 @@ def test_default_vllm_run_writes_sync_metrics(tiny_model_dir, tmp_path):
     for r in rows:
         assert r["sync/strategy"] == "fsdp2/none/none" and r["sync/bytes"] > 0
         assert math.isfinite(r["sync/parity_max_abs_diff"]) and math.isfinite(r["train/loss"])
+        assert r["train/logprob_gap"] < 1e-4, r["train/logprob_gap"]  # fp32 engine vs trainer drift
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 3
     wandb_files = list((tmp_path / "wandb").rglob("*.wandb"))
