@@ -12,7 +12,9 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   gets A_i. A group whose rewards are all equal has A = 0 and contributes no gradient.
 - Policy loss per token t: the clipped surrogate of PPO with importance ratio
   rho_t = pi_theta(y_t | y_<t) / pi_rollout(y_t | y_<t), where pi_rollout's logprobs are the
-  ones the engine reported while sampling (so engine/trainer drift is corrected, not ignored):
+  ones the engine reported while sampling (so engine/trainer drift is corrected, not ignored).
+  Both sides use the tempered distribution softmax(logits / T); with top_p < 1 the engine's
+  distribution is also truncated while the trainer's is not (as in verl and TRL):
   L_t = -min(rho_t * A, clip(rho_t, 1 - eps, 1 + eps) * A).
 - KL (off by default, `algo.kl_coef`): k3 estimator to a frozen reference,
   KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (unbiased, always >= 0).
