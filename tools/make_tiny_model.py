@@ -13,12 +13,15 @@ import tempfile
 from pathlib import Path
 
 SPECIALS = ["<pad>", "<eos>"]
-CHARS = list("0123456789+-*=?., ") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
+# Byte-level spelling (GPT-2/Qwen2 style): a space is the token "Ġ". transformers loads any
+# model_type=qwen2 tokenizer as the byte-level Qwen2Tokenizer, so a plain " " would be lost.
+CHARS = list("0123456789+-*=?.,Ġ") + [chr(c) for c in range(ord("a"), ord("z") + 1)]
 VOCAB_SIZE = 64  # tokenizer vocab is padded with unused tokens to exactly the model's vocab
 # Bumped whenever the model or tokenizer changes, so a cached copy is rebuilt.
 # 2: initializer_range 0.1 (the tied embedding bounds the logits a LoRA can reach: at 0.02
 #    a rank-8 LoRA on this random base barely moved the reward in 60 GRPO steps).
-VERSION = 2
+# 3: space spelled "Ġ" (byte-level), so it survives the Qwen2Tokenizer transformers forces.
+VERSION = 3
 
 
 def build_tokenizer():
@@ -29,8 +32,11 @@ def build_tokenizer():
     tokens += [f"<unused{i}>" for i in range(VOCAB_SIZE - len(tokens))]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Split(Regex("."), behavior="isolated")
-    tok.decoder = decoders.Fuse()
+    tok.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # " " -> "Ġ"
+        pre_tokenizers.Split(Regex("."), behavior="isolated"),  # one token per character
+    ])
+    tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>", bos_token=None
     )
