@@ -8,6 +8,7 @@ ranges, hardware support) and raises ``ConfigError`` naming the field and the va
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional
@@ -268,6 +269,14 @@ def validate(cfg: DictConfig) -> None:
             "fsdp=fsdp1 with offload=cpu needs an accelerator: FSDP1's CPUOffload(offload_params=True) pins host "
             "memory unconditionally ('Cannot access accelerator device when none is available'). On a CPU-only "
             "machine use fsdp=fsdp2 +offload=cpu (CPUOffloadPolicy with pin_memory=False) or fsdp=fsdp1 +offload=manual."
+        )
+    world = int(os.environ.get("WORLD_SIZE", cfg.trainer.world_size))  # torchrun's world wins
+    if world == 1 and cfg.fsdp.name == "fsdp1" and cfg.lora.name != "none" and cfg.offload.name != "cpu":
+        raise UnsupportedError(
+            f"fsdp=fsdp1 with lora={cfg.lora.name} at world size 1 is not supported: FSDP1 falls back to NO_SHARD "
+            "there, and with peft's frozen and trainable parameters in one flat parameter the second forward "
+            "fails (torch 2.13: 'as_params=True type(prim_param)=Tensor'). Use fsdp=fsdp2, or "
+            "trainer.world_size >= 2."
         )
     if device == "cpu" and _pin_setting(cfg) == "true":
         raise ConfigError("offload.pin_memory=true needs CUDA; on CPU use offload.pin_memory=auto or false")

@@ -250,7 +250,9 @@ class VllmEngine(Engine):
 
         if not self.llm.llm_engine.vllm_config.lora_config:
             raise RuntimeError("load_adapter needs an engine built with lora=adapter (enable_lora=True)")
-        tensors = dict(tensors)  # adapters are small; vLLM's builder takes a dict
+        # Copies: vLLM folds the scaling into lora_b IN PLACE (LoRALayerWeights.optimize), and a stream
+        # may yield the trainer's own tensors (world 1, shards on the device). Adapters are small.
+        tensors = {name: t.detach().clone() for name, t in tensors}
         lora_id = version + 1  # lora_int_id must be > 0 and new for every version
         drop = self._lora[0].lora_int_id if self._lora is not None else None
         self.llm.collective_rpc(_add_lora_in_worker, args=(lora_id, tensors, adapter_config, drop))

@@ -62,10 +62,10 @@ def test_every_cpu_strategy_is_reported_at_world_2(tiny_model_dir, tmp_path):
 
 def test_vllm_sink_loads_the_stream_into_the_engine(tiny_model_dir, tmp_path):
     run_bench(tmp_path, "trainer.world_size=1", "bench.sink=vllm", "bench.warm_iters=1",
-              "bench.strategies=[fsdp2/cpu/merged,fsdp1/manual/adapter]", "bench.references=[]")
+              "bench.strategies=[fsdp2/cpu/merged,fsdp2/manual/adapter]", "bench.references=[]")
     rows = json.loads((tmp_path / "sync_bench_tiny_w1.json").read_text())["rows"]
     assert [(r["label"], r["status"], r["sink"]) for r in rows] == [
-        ("fsdp2/cpu/merged", "ok", "vllm"), ("fsdp1/manual/adapter", "ok", "copy")]
+        ("fsdp2/cpu/merged", "ok", "vllm"), ("fsdp2/manual/adapter", "ok", "copy")]
     assert all(r["bytes"] > 0 for r in rows)
 
 

@@ -170,3 +170,13 @@ def test_pin_memory_from_the_command_line():
     assert pin_memory(compose(["offload.pin_memory=auto", CPU])) is False
     cfg = compose(["offload.pin_memory=true", "trainer.device=cuda"])
     assert pin_memory(cfg) is True
+
+
+def test_fsdp1_lora_at_world_one_is_refused_with_the_reason(tiny_model_dir):
+    from recipe.config import UnsupportedError, validate
+
+    cfg = compose(["fsdp=fsdp1", "+lora=merged", "trainer.world_size=1", f"model.path={tiny_model_dir}"])
+    with pytest.raises(UnsupportedError, match="fsdp=fsdp1 with lora=merged at world size 1.*fsdp=fsdp2"):
+        validate(cfg)
+    validate(compose(["fsdp=fsdp2", "+lora=merged", "trainer.world_size=1", f"model.path={tiny_model_dir}"]))
+    validate(compose(["fsdp=fsdp1", "+lora=merged", "trainer.world_size=2", f"model.path={tiny_model_dir}"]))
