@@ -129,3 +129,22 @@ def test_default_vllm_run_writes_sync_metrics(tiny_model_dir, tmp_path):
     assert summary["steps"] == 3
     wandb_files = list((tmp_path / "wandb").rglob("*.wandb"))
     assert wandb_files, "no offline wandb run files under the run directory"
+
+
+@pytest.mark.slow
+def test_world_one_adapter_sync_leaves_the_trainer_weights_alone(tiny_model_dir, tmp_path):
+    """At world 1 the FSDP2 stream yields the trainer's own LoRA tensors, and vLLM folds the LoRA
+    scaling into lora_b in place: unless the engine copies them, each sync would double the
+    trainer's B, which the parity probe reports at the next sync."""
+    from omegaconf import open_dict
+
+    from recipe.train import train
+
+    cfg = compose([f"model.path={tiny_model_dir}", "+lora=adapter", "trainer.world_size=1", "trainer.steps=2",
+                   "trainer.prompts_per_step=2", "rollout.n=4", "logger=none"])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path)
+    train(cfg)  # raises RankError(WeightSyncError) if the adapter sync corrupted the trainer
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [1, 2]
+    assert all(r["sync/parity_max_abs_diff"] < 1e-4 for r in rows)
