@@ -53,7 +53,7 @@ def print0(*args, **kwargs) -> None:
         print(*args, **kwargs, flush=True)
 
 
-def _free_port() -> int:
+def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
@@ -141,7 +141,7 @@ def launch(fn: Callable[[DictConfig, DistContext], Any], cfg: DictConfig) -> Non
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     with tempfile.TemporaryDirectory(prefix="rank-errors-") as error_dir:
         try:
-            mp.start_processes(_worker, args=(fn, cfg_yaml, world, _free_port(), error_dir), nprocs=world,
+            mp.start_processes(_worker, args=(fn, cfg_yaml, world, free_port(), error_dir), nprocs=world,
                                join=True, start_method="spawn")
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             root = _root_cause(error_dir)

@@ -435,12 +435,11 @@ class HfCopyEngine(HfEngine):
         module.eval().requires_grad_(False)
         super().__init__(module, ctx.device, hf_cfg.eos_token_id,
                          hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0)
-        from recipe.state_dict import hf_name
+        from recipe.state_dict import hf_name, is_lora_param, peft_name
 
         params = dict(module.named_parameters())
-        self._by_hf_name = {hf_name(n): p for n, p in params.items() if "lora_" not in n}
-        # peft's saved-adapter names drop the adapter name ("default") from the parameter path
-        self._by_adapter_name = {n.replace(".default", ""): p for n, p in params.items() if "lora_" in n}
+        self._by_hf_name = {hf_name(n): p for n, p in params.items() if not is_lora_param(n)}
+        self._by_adapter_name = {peft_name(n): p for n, p in params.items() if is_lora_param(n)}
 
     @staticmethod
     @torch.no_grad()

@@ -19,6 +19,8 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from recipe.state_dict import adapter_config, stream_base_weights, stream_weights, strategy_name
+
 # Max |logprob_trainer - logprob_engine| over the probe tokens when sync.tolerance is null.
 # Measured on CPU (docs/SYNC.md): float32 noise <= 5e-5 on SmolLM2-135M, while one stale MLP
 # tensor after one optimizer step shifts a probe token by 0.03 (tiny) to 0.11 (SmolLM2).
@@ -189,20 +191,11 @@ class WeightSync:
     def strategy_name(self) -> str:
         if self.engine.shares_policy:
             return "shared"  # the engine is the policy: nothing moves
-        try:
-            from recipe.state_dict import strategy_name
-
-            return strategy_name(self.cfg)
-        except ImportError:
-            return "/".join((self.cfg.fsdp.name, self.cfg.offload.name, self.cfg.lora.name))
+        return strategy_name(self.cfg)
 
     # -- gather + load
     def _streams(self):
-        if self.stream_fn is not None:
-            return self.stream_fn
-        from recipe.state_dict import stream_weights
-
-        return stream_weights
+        return self.stream_fn if self.stream_fn is not None else stream_weights
 
     def _transfer(self) -> Tuple[float, float, int, int, List[str]]:
         """Stream into the engine; returns (gather_s, load_s, bytes, peak_bytes, names)."""
@@ -241,23 +234,16 @@ class WeightSync:
             return
         if not self._base_loaded:
             base = self._base_stream()
-            if base is not None:
-                yield TimedStream(base(self.model, self.cfg, self.ctx.device)), self.engine.load_weights
+            yield TimedStream(base(self.model, self.cfg, self.ctx.device)), self.engine.load_weights
             self._base_loaded = True
-        config = _adapter_config(self.cfg)
+        config = adapter_config(self.cfg)
         version = self.weight_version + 1
         yield TimedStream(stream(self.model, self.cfg, self.ctx.device)), \
             lambda s: self.engine.load_adapter(s, config, version)
 
     def _base_stream(self):
-        """The base-only stream for lora=adapter; None means the engine's own checkpoint is the base."""
-        if self.base_stream_fn is not None:
-            return self.base_stream_fn
-        try:
-            from recipe.state_dict import stream_base_weights
-        except ImportError:
-            return None
-        return stream_base_weights
+        """The base-only stream for lora=adapter (the lora=none entry of the same fsdp/offload)."""
+        return self.base_stream_fn if self.base_stream_fn is not None else stream_base_weights
 
     # -- verify
     def _should_verify(self) -> bool:
@@ -328,18 +314,6 @@ class WeightSync:
                 f"tolerance {self.tolerance:g} ({self.cfg.model.dtype}) on rank {worst['rank']}, probe {worst['row']} "
                 f"token {worst['pos']} (id {token}): trainer {worst['trainer']:.6g} vs engine {worst['engine']:.6g}. "
                 f"Tensors: {where}.")
-
-
-def _adapter_config(cfg: DictConfig) -> dict:
-    """adapter_config.json content of the trained adapter (recipe.state_dict owns it when present)."""
-    try:
-        from recipe.state_dict import adapter_config
-    except ImportError:
-        from recipe.model import lora_config
-
-        config = lora_config(cfg).to_dict()
-        return {k: sorted(v) if isinstance(v, set) else v for k, v in config.items()}
-    return adapter_config(cfg)
 
 
 def _at(lps: List[List[float]], row: int, pos: int) -> float:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import datetime
 import os
 import pickle
-import socket
 import tempfile
 import traceback
 from pathlib import Path
@@ -14,6 +13,8 @@ from typing import Any, Callable, List, Sequence
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
+
+from recipe.dist import free_port
 
 REPO = Path(__file__).resolve().parents[1]
 CONF_DIR = str(REPO / "conf")
@@ -27,12 +28,6 @@ def compose(overrides: Sequence[str] = ()):
 
     with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
         return hydra_compose(config_name="train", overrides=list(overrides))
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _rank_main(rank: int, fn: Callable, world: int, port: int, out_dir: str, backend: str,
@@ -65,7 +60,7 @@ def run_world(fn: Callable[..., Any], world: int = 2, *args, backend: str = "glo
     re-raises here with that rank's traceback.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_main, args=(fn, world, _free_port(), out_dir, backend, timeout_s, args),
+        mp.start_processes(_rank_main, args=(fn, world, free_port(), out_dir, backend, timeout_s, args),
                            nprocs=world, join=True, start_method="spawn")
         results = []
         for r in range(world):

