@@ -342,7 +342,7 @@ class GRPOTrainer:
             "reward/mean": reward, "reward/std": reward_std, "reward/accuracy": acc,
             "rollout/response_length": length, "rollout/tokens_per_s": tok_s * self.ctx.world_size,
             "rollout/time_s": t_rollout, "rollout/example": texts[0],
-            "time/step_s": t_step, **train_stats, **sync_stats,
+            "time/step_s": t_step, **train_stats, **sync_stats, **self.engine.memory_stats(),
         }
 
     def close(self) -> None:

@@ -77,6 +77,10 @@ class Engine:
     def sleep(self) -> None:
         pass
 
+    def memory_stats(self) -> Dict[str, float]:
+        """GPU memory readings of the engine (free before start, asleep, awake), for the step metrics."""
+        return {}
+
     def wake(self) -> None:
         pass
 
@@ -109,6 +113,40 @@ def _add_lora_in_worker(worker, lora_id: int, tensors: Dict[str, torch.Tensor], 
     return len(lora.loras)
 
 
+def _free_gb(device: torch.device) -> float:
+    torch.cuda.synchronize(device)
+    return torch.cuda.mem_get_info(device)[0] / 2**30
+
+
+def _reload_in_worker(worker, weights: WeightIter) -> None:
+    """Runs inside the vLLM worker (collective_rpc): the engine's own reload, under the names its model holds.
+
+    With `enable_lora` the engine's linear layers are wrapped, and the wrapper keeps the weight under
+    `base_layer`. vLLM 0.32's wrapper forwards checkpoint names to it (`BaseLayerWithLoRA.load_weights`);
+    vLLM 0.26's has no such forwarding, and its model's `load_weights` looks the names up among the
+    model's parameters and fails ("There is no module or parameter named
+    'layers.0.self_attn.qkv_proj.weight'"). There, the names are given the `base_layer` segment here.
+    """
+    from vllm.lora.layers import BaseLayerWithLoRA
+
+    model = worker.model_runner.get_model()
+    forwards = "load_weights" in vars(BaseLayerWithLoRA)
+    wrapped = {name for name, m in model.named_modules() if isinstance(m, BaseLayerWithLoRA)}
+    if wrapped and not forwards:
+        weights = ((base_layer_name(n, wrapped, getattr(model, "packed_modules_mapping", {})), t) for n, t in weights)
+    worker.reload_weights(weights_iterator=weights)
+
+
+def base_layer_name(name: str, wrapped: set, packed: Dict[str, List[str]]) -> str:
+    """`model.layers.0.self_attn.q_proj.weight` -> `model.layers.0.self_attn.q_proj.base_layer.weight` when the
+    engine's layer that holds it (`qkv_proj`, through the model's packed-modules map) is LoRA-wrapped."""
+    module, _, param = name.rpartition(".")
+    parent, _, leaf = module.rpartition(".")
+    fused = next((f for f, parts in packed.items() if leaf in parts), leaf)
+    holder = f"{parent}.{fused}" if parent else fused
+    return f"{module}.base_layer.{param}" if holder in wrapped else name
+
+
 def _refresh_embedding_kernels(model: nn.Module) -> int:
     """Re-run weight post-processing of vocab embeddings / LM heads after a reload (vLLM CPU).
 
@@ -134,6 +172,12 @@ def _vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:
                   # logprobs of the distribution actually sampled from (after temperature), which is
                   # what the trainer's importance ratio divides by (recipe/grpo.py token_logprobs)
                   logprobs_mode="processed_logprobs")
+    if _in_trainer_world():
+        # One engine per rank beside torch.distributed, as TRL's colocate mode and verl start it: vLLM
+        # joins the trainer's world (RANK / LOCAL_RANK / MASTER_* from the launcher) instead of making
+        # its own, puts its worker on LOCAL_RANK's device and forms a tensor-parallel group of one per
+        # rank. Without it every rank's worker took cuda:0 ("No available memory for the cache blocks").
+        kwargs["distributed_executor_backend"] = "external_launcher"
     if resolve_device(cfg) == "cpu":
         # vLLM reads the CPU KV-cache size from the environment when the engine starts.
         os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)
@@ -144,6 +188,35 @@ def _vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:
     if cfg.lora.name == "adapter":
         kwargs.update(enable_lora=True, max_lora_rank=_lora_rank_slot(cfg.lora.rank), max_loras=1)
     return kwargs
+
+
+def _in_trainer_world() -> bool:
+    import torch.distributed as dist
+
+    return dist.is_initialized() and all(k in os.environ for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
+
+
+def check_gpu_memory_split(cfg: DictConfig, device: torch.device) -> Dict[str, float]:
+    """The engine takes `rollout.gpu_memory_utilization` of the GPU's total memory (weights + KV cache);
+    the trainer keeps the rest. Checked before the engine starts, on every rank, with one verdict:
+    a rank short of memory names the field and what it would fit, instead of vLLM's own error later."""
+    import torch.distributed as dist
+
+    from recipe.config import ConfigError
+
+    free, total = torch.cuda.mem_get_info(device)
+    want = cfg.rollout.gpu_memory_utilization * total
+    short = torch.tensor([0.0 if free >= want else 1.0])
+    if dist.is_initialized():
+        dist.all_reduce(short, op=dist.ReduceOp.MAX)
+    if short.item() > 0:
+        fits = max(0.0, free / total - 0.02)
+        raise ConfigError(
+            f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} asks the engine for "
+            f"{want / 2**30:.1f} GiB of {device}'s {total / 2**30:.1f} GiB, but {free / 2**30:.1f} GiB is free after "
+            f"the trainer's model and optimizer (on this rank, or on a peer: every rank checks). Lower it to at most "
+            f"{fits:.2f} here, or move the trainer's weights off the GPU between phases (+offload=cpu or +offload=manual).")
+    return {"free_gb": free / 2**30, "total_gb": total / 2**30, "engine_gb": want / 2**30}
 
 
 def _lora_rank_slot(rank: int) -> int:
@@ -190,6 +263,9 @@ class VllmEngine(Engine):
 
         self.cfg, self.ctx = cfg, ctx
         self.on_cpu = resolve_device(cfg) == "cpu"
+        self.memory: Dict[str, float] = {}  # GPU memory free at start, after sleep and after wake (GiB)
+        if not self.on_cpu:
+            self.memory["rollout/mem_free_before_engine_gb"] = check_gpu_memory_split(cfg, ctx.device)["free_gb"]
         self.llm = LLM(**_vllm_kwargs(cfg, ctx, model_dir))
         _quiet_vllm_logs()  # again: building the engine imported more vLLM modules
         self._lora = None  # (LoRARequest, tensors, config) of the live adapter version
@@ -237,7 +313,7 @@ class VllmEngine(Engine):
         return result
 
     def load_weights(self, weights):
-        self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
+        self.llm.collective_rpc(_reload_in_worker, args=(iter(weights),))
         if self.on_cpu:
             self.llm.apply_model(_refresh_embedding_kernels)
         self.llm.reset_prefix_cache()
@@ -271,13 +347,18 @@ class VllmEngine(Engine):
             return
         self.llm.sleep(level=1)
         self._asleep = True
+        self.memory["rollout/mem_free_asleep_gb"] = _free_gb(self.ctx.device)
 
     def wake(self):
         if not self._asleep:
             return
         if not self.on_cpu:
             self.llm.wake_up()
+            self.memory["rollout/mem_free_awake_gb"] = _free_gb(self.ctx.device)
         self._asleep = False
+
+    def memory_stats(self) -> Dict[str, float]:
+        return dict(self.memory)
 
     def close(self):
         """Shut the engine down and leave the trainer's process group alive.

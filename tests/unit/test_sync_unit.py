@@ -153,3 +153,19 @@ def test_metrics_logger_rank0_writes_jsonl_rank1_noop(tmp_path, tiny_model_dir):
     logger.close()
     line = json.loads((tmp_path / "metrics.jsonl").read_text())
     assert line == {"step": 3, "sync/total_s": 0.5, "sync/parity_max_abs_diff": None}
+
+
+def test_base_layer_name_follows_the_engines_fused_lora_layers():
+    """vLLM 0.26 needs checkpoint names rewritten onto LoRA-wrapped layers (`qkv_proj.base_layer`)."""
+    from recipe.rollout import base_layer_name
+
+    packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    wrapped = {"model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.down_proj"}
+    assert base_layer_name("model.layers.0.self_attn.k_proj.bias", wrapped, packed) == \
+        "model.layers.0.self_attn.k_proj.base_layer.bias"
+    assert base_layer_name("model.layers.0.mlp.down_proj.weight", wrapped, packed) == \
+        "model.layers.0.mlp.down_proj.base_layer.weight"
+    # not wrapped: unchanged (layer 1, the MLP's gate_up, norms, the embedding)
+    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight",
+                 "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight"):
+        assert base_layer_name(name, wrapped, packed) == name
