@@ -88,6 +88,9 @@ class RolloutConfig:
     # Release engine memory around training (vLLM sleep / wake_up).
     sleep: bool = False
     max_model_len: int = 256
+    # CUDA: skip CUDA-graph capture and compilation (the engine starts in seconds, decodes slower).
+    # On CPU the engine always runs eagerly.
+    enforce_eager: bool = False
 
 
 @dataclass

@@ -184,6 +184,7 @@ def _vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:
         kwargs["enforce_eager"] = True
     else:
         kwargs["gpu_memory_utilization"] = cfg.rollout.gpu_memory_utilization
+        kwargs["enforce_eager"] = cfg.rollout.enforce_eager
         kwargs["enable_sleep_mode"] = cfg.rollout.sleep
     if cfg.lora.name == "adapter":
         kwargs.update(enable_lora=True, max_lora_rank=_lora_rank_slot(cfg.lora.rank), max_loras=1)

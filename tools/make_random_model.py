@@ -1,0 +1,65 @@
+"""Write a random-weight Qwen2-shaped checkpoint of a real size, with the tiny model's tokenizer.
+
+    python -m tools.make_random_model qwen2_1p5b /tmp/models/qwen2_1p5b      # shape from conf/bench_model/
+    python -m tools.make_random_model qwen2_7b /tmp/models/qwen2_7b --device cuda
+
+The GPU runs (tests/gpu, tools/combo_matrix.py, docs/GPU.md) train and sync models of 1.5B and 7B
+parameters with nothing downloaded: the shape is the real model's (conf/bench_model/<shape>.yaml),
+the weights are random (seeded), the tokenizer is the tiny model's (its 64 ids are a subset of the
+vocabulary). The directory must not exist yet, or hold a checkpoint this tool wrote.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+MARKER = "random_model.json"
+
+
+def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: int = 0, dtype: str = "bfloat16") -> Path:
+    import torch
+    from omegaconf import OmegaConf
+    from transformers import AutoModelForCausalLM, Qwen2Config
+
+    from tools.make_tiny_model import build_tokenizer
+
+    out = Path(out).expanduser().resolve()
+    marker = {"shape": shape, "seed": seed, "dtype": dtype}
+    if out.exists():
+        try:
+            if json.loads((out / MARKER).read_text()) == marker:
+                return out
+        except (OSError, ValueError):
+            pass
+        raise FileExistsError(f"{out} exists and was not written by make_random_model with {marker}; "
+                              "give a new directory")
+    conf = Path(__file__).resolve().parents[1] / "conf" / "bench_model" / f"{shape}.yaml"
+    if not conf.exists():
+        choices = sorted(p.stem for p in conf.parent.glob("*.yaml"))
+        raise ValueError(f"shape={shape!r} is not valid; choose one of: {', '.join(choices)}")
+    qwen2 = OmegaConf.to_container(OmegaConf.load(conf).bench_model.qwen2)
+    if not qwen2:
+        raise ValueError(f"conf/bench_model/{shape}.yaml has no qwen2 shape")
+    torch_dtype = getattr(torch, dtype)
+    config = Qwen2Config(**qwen2, dtype=torch_dtype, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = AutoModelForCausalLM.from_config(config, dtype=torch_dtype)
+    out.mkdir(parents=True)
+    model.save_pretrained(out, safe_serialization=True)
+    build_tokenizer().save_pretrained(out)
+    (out / MARKER).write_text(json.dumps(marker))
+    return out
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("shape", help="a file name under conf/bench_model/ (qwen2_1p5b, qwen2_7b)")
+    parser.add_argument("out")
+    parser.add_argument("--device", default="cpu")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--dtype", default="bfloat16")
+    args = parser.parse_args()
+    print(make_random_model(args.shape, args.out, args.device, args.seed, args.dtype))
