@@ -2,7 +2,7 @@
 
     python -m tools.combo_matrix trainer.device=cpu                                   # the 15 CPU combinations, tiny model
     python -m tools.combo_matrix --combos fsdp2/cpu/adapter,fsdp1/manual/none --resume trainer.device=cuda
-    python -m tools.combo_matrix --resume --out gpu.json model=local model.path=/tmp/qwen2_1p5b \
+    python -m tools.combo_matrix --isolate --resume --out gpu.json model=local model.path=/tmp/qwen2_1p5b \
         trainer.device=cuda trainer.world_size=2 rollout.sleep=true                   # docs/GPU.md
 
 The ranks start once; each combination then runs `recipe.grpo.run` (build, `--steps` GRPO steps with
@@ -102,14 +102,11 @@ def one_combo(ctx, overrides: Sequence[str], combo: str, root: Path, steps: int,
 
 
 def rank_main(cfg: DictConfig, ctx, overrides: Sequence[str], combos: Sequence[str], steps: int, resume: bool,
-              out: str, root: str) -> None:
-    rows = [one_combo(ctx, overrides, combo, Path(root), steps, resume) for combo in combos]
-    if ctx.is_main:
-        print(table(rows, cfg), flush=True)
-        if out:
-            Path(out).parent.mkdir(parents=True, exist_ok=True)
-            Path(out).write_text(json.dumps({"world_size": ctx.world_size, "model": cfg.model.path,
-                                             "dtype": cfg.model.dtype, "steps": steps, "rows": rows}, indent=1))
+              root: str) -> None:
+    for combo in combos:
+        row = one_combo(ctx, overrides, combo, Path(root), steps, resume)
+        if ctx.is_main:
+            (Path(root) / f"{combo.replace('/', '-')}.row.json").write_text(json.dumps(row))
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -139,6 +136,9 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="also resume each run from its checkpoint for one step")
     parser.add_argument("--out", default="", help="JSON file for the rows")
     parser.add_argument("--root", default="", help="run directories go here (default: a new temporary directory)")
+    parser.add_argument("--isolate", action="store_true",
+                        help="start fresh ranks for every combination (needed with rollout.sleep=true on CUDA: vLLM's "
+                             "sleep-mode allocator serves one engine per process)")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     combos = all_combos() if args.combos == "all" else args.combos.split(",")
@@ -150,9 +150,17 @@ def main(argv: Sequence[str] | None = None) -> None:
     from recipe.assets import ensure_model
 
     ensure_model(cfg)
-    root = args.root or tempfile.mkdtemp(prefix="combo-matrix-")
-    launch(functools.partial(rank_main, overrides=base, combos=combos, steps=args.steps, resume=args.resume,
-                             out=args.out, root=root), cfg)
+    root = Path(args.root or tempfile.mkdtemp(prefix="combo-matrix-"))
+    root.mkdir(parents=True, exist_ok=True)
+    for batch in ([[c] for c in combos] if args.isolate else [combos]):
+        launch(functools.partial(rank_main, overrides=base, combos=batch, steps=args.steps, resume=args.resume,
+                                 root=str(root)), cfg)
+    rows = [json.loads((root / f"{c.replace('/', '-')}.row.json").read_text()) for c in combos]
+    print(table(rows, cfg), flush=True)
+    if args.out:
+        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.out).write_text(json.dumps({"world_size": cfg.trainer.world_size, "model": cfg.model.path,
+                                              "dtype": cfg.model.dtype, "steps": args.steps, "rows": rows}, indent=1))
 
 
 if __name__ == "__main__":

@@ -62,9 +62,9 @@ def test_each_rank_engine_on_its_own_gpu_and_sleep_releases_memory(tiny_model_di
 def test_every_combination_runs_checks_and_resumes_at_world_2(tmp_path, tiny_model_dir):
     _needs(2)
     out = tmp_path / "matrix.json"
-    cmd = [sys.executable, "-m", "tools.combo_matrix", "--resume", "--out", str(out), "--root", str(tmp_path / "runs"),
+    cmd = [sys.executable, "-m", "tools.combo_matrix", "--isolate", "--resume", "--out", str(out), "--root", str(tmp_path / "runs"),
            f"model.path={tiny_model_dir}", "trainer.device=cuda", "trainer.world_size=2", "rollout.sleep=true",
-           "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.2", "debug=tiny"]
+           "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.2", "debug=tiny", "model.dtype=bfloat16"]
     subprocess.run(cmd, cwd=REPO, check=True, timeout=1800)
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 18
