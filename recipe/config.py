@@ -28,6 +28,7 @@ LOGGER_MODES = ("offline", "online", "disabled")
 LOSS_AGG_CHOICES = ("token_mean", "seq_mean")
 # Reference strategies the benchmark may name; "auto" means the dispatch-table entry.
 SYNC_STRATEGY_CHOICES = ("auto", "naive", "dcp_full_cpu", "dtensor_stream")
+SYNC_LOAD_CHOICES = ("auto", "direct", "reload")
 
 
 class ConfigError(ValueError):
@@ -125,6 +126,9 @@ class SyncConfig:
     # Tensors are grouped into buckets of at most this many MiB before loading.
     bucket_mb: int = 64
     num_probe_prompts: int = 4
+    # How the engine takes the stream: "direct" (copies into its parameters through a map built once;
+    # CUDA), "reload" (vLLM's own reload and weight loaders), "auto" (direct where it applies).
+    load: str = "auto"
 
 
 @dataclass
@@ -233,6 +237,10 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "logger.mode", LOGGER_MODES)
     _choice(cfg, "algo.loss_agg", LOSS_AGG_CHOICES)
     _choice(cfg, "sync.strategy", SYNC_STRATEGY_CHOICES)
+    _choice(cfg, "sync.load", SYNC_LOAD_CHOICES)
+    if not 0 < cfg.rollout.gpu_memory_utilization < 1:
+        raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1): the engine's share of the GPU, the "
+                          f"trainer keeps the rest; got {cfg.rollout.gpu_memory_utilization}")
     verify = str(cfg.sync.verify)
     if verify not in ("every", "first", "off") and not (verify.isdigit() and int(verify) > 0):
         raise ConfigError(f"sync.verify={verify!r} is not valid; choose one of: every, first, off, or a positive integer N")

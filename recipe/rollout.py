@@ -147,6 +147,71 @@ def base_layer_name(name: str, wrapped: set, packed: Dict[str, List[str]]) -> st
     return f"{module}.base_layer.{param}" if holder in wrapped else name
 
 
+def streamed_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
+    """Names and shapes of the checkpoint's tensors that a full sync streams (a tied head is not streamed)."""
+    import json
+    from pathlib import Path
+
+    from safetensors import safe_open
+
+    shapes: Dict[str, Tuple[int, ...]] = {}
+    for file in sorted(Path(model_dir).glob("*.safetensors")):
+        with safe_open(str(file), framework="pt") as f:
+            for key in f.keys():
+                shapes[key] = tuple(f.get_slice(key).get_shape())
+    if json.loads((Path(model_dir) / "config.json").read_text()).get("tie_word_embeddings"):
+        shapes.pop("lm_head.weight", None)
+    return shapes
+
+
+def weight_destinations(model: nn.Module, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+    """Where each checkpoint tensor lives in the engine's model: a view of the parameter that holds it.
+
+    Built once from the engine's model and the checkpoint's names and shapes, for a tensor-parallel
+    group of one: a tensor of a fused layer (`q_proj` in `qkv_proj`, `gate_proj` in `gate_up_proj`,
+    through the model's `packed_modules_mapping`) is rows [offset, offset + rows) of the fused
+    parameter, the parts stacked in the map's order (what vLLM's own weight loaders write at TP 1);
+    a LoRA-wrapped layer holds its weight under `base_layer`; a vocabulary embedding may hold padding
+    rows after the real ones. Returns (destinations, reasons): a name whose place cannot be derived
+    exactly is left out, with the reason, and the engine then loads through vLLM's reload instead.
+    """
+    params = dict(model.named_parameters())
+    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    dest: Dict[str, torch.Tensor] = {}
+    reasons: List[str] = []
+
+    def held(module: str, attr: str) -> Optional[torch.Tensor]:
+        return params.get(f"{module}.{attr}", params.get(f"{module}.base_layer.{attr}"))
+
+    for name, shape in shapes.items():
+        module, _, attr = name.rpartition(".")
+        parent, _, leaf = module.rpartition(".")
+        fused = next((f for f, parts in packed.items() if leaf in parts), None)
+        if fused is None:
+            target = held(module, attr)
+            if target is None:
+                reasons.append(f"{name}: no parameter of that name")
+            elif tuple(target.shape) == tuple(shape):
+                dest[name] = target.data
+            elif target.shape[1:] == shape[1:] and target.shape[0] > shape[0] and ("embed" in name or "lm_head" in name):
+                dest[name] = target.data.narrow(0, 0, shape[0])  # padded vocabulary rows stay as loaded
+            else:
+                reasons.append(f"{name}: shape {tuple(shape)} vs the engine's {tuple(target.shape)}")
+            continue
+        target = held(f"{parent}.{fused}" if parent else fused, attr)
+        siblings = [f"{parent}.{part}.{attr}" if parent else f"{part}.{attr}" for part in packed[fused]]
+        if target is None or any(s not in shapes for s in siblings):
+            reasons.append(f"{name}: no fused parameter {fused} with all of {packed[fused]}")
+            continue
+        rows = [shapes[s][0] for s in siblings]
+        if sum(rows) != target.shape[0] or tuple(target.shape[1:]) != tuple(shape[1:]):
+            reasons.append(f"{name}: parts {rows} do not stack into the engine's {tuple(target.shape)}")
+            continue
+        offset = sum(rows[:packed[fused].index(leaf)])
+        dest[name] = target.data.narrow(0, offset, shape[0])
+    return dest, reasons
+
+
 def _refresh_embedding_kernels(model: nn.Module) -> int:
     """Re-run weight post-processing of vocab embeddings / LM heads after a reload (vLLM CPU).
 
@@ -271,6 +336,30 @@ class VllmEngine(Engine):
         _quiet_vllm_logs()  # again: building the engine imported more vLLM modules
         self._lora = None  # (LoRARequest, tensors, config) of the live adapter version
         self._asleep = False
+        self._dest = self._direct_destinations(model_dir)  # name -> view of the engine's parameter, or None
+        self.load_path = "direct" if self._dest is not None else "reload"
+
+    def _direct_destinations(self, model_dir: str) -> Optional[Dict[str, torch.Tensor]]:
+        """`sync.load`: "direct" writes each streamed tensor straight into its place in the engine's
+        parameters (a map built once here); "reload" runs vLLM's own reload (its per-tensor weight
+        loaders); "auto" takes direct where it applies (CUDA, every name placed) and reload otherwise."""
+        from recipe.config import ConfigError
+
+        mode = self.cfg.sync.load
+        if mode == "reload" or (mode == "auto" and self.on_cpu):
+            return None
+        if self.on_cpu:
+            raise ConfigError("sync.load=direct needs CUDA: vLLM's CPU backend repacks its linear weights after "
+                              "every load, so they cannot be written in place; use sync.load=auto or reload")
+        model = self.llm.apply_model(lambda m: m)[0]  # in-process: the engine's own module
+        dest, reasons = weight_destinations(model, streamed_shapes(model_dir))
+        if reasons:
+            if mode == "direct":
+                raise ConfigError(f"sync.load=direct: {len(reasons)} checkpoint tensors have no exact place in the "
+                                  f"engine's parameters ({'; '.join(reasons[:3])}); use sync.load=auto or reload")
+            log.info("sync.load=auto: vLLM's reload (%d tensors without a direct place, e.g. %s)", len(reasons), reasons[0])
+            return None
+        return dest
 
     def _request(self):
         return self._lora[0] if self._lora is not None else None
@@ -314,6 +403,10 @@ class VllmEngine(Engine):
         return result
 
     def load_weights(self, weights):
+        if self._dest is not None:
+            self._write_direct(weights)
+            self.llm.reset_prefix_cache()
+            return
         self.llm.collective_rpc(_reload_in_worker, args=(iter(weights),))
         if self.on_cpu:
             self.llm.apply_model(_refresh_embedding_kernels)
@@ -321,6 +414,18 @@ class VllmEngine(Engine):
         if self._lora is not None:  # reload_weights drops adapters (they were built on the old base)
             req, tensors, config = self._lora
             self.llm.collective_rpc(_add_lora_in_worker, args=(req.lora_int_id, tensors, config, None))
+
+    @torch.no_grad()
+    def _write_direct(self, weights: WeightIter) -> None:
+        """One device copy per streamed tensor into its view of the engine's parameters; no weight loader,
+        no post-processing (unquantized CUDA layers use their parameters as loaded). Nothing else in the
+        engine changes, so a live LoRA adapter stays registered."""
+        for name, tensor in weights:
+            dst = self._dest.get(name)
+            if dst is None:
+                raise KeyError(f"sync.load=direct: the engine has no place for {name!r} (the checkpoint's tensors "
+                               f"are {len(self._dest)} names such as {next(iter(self._dest))!r})")
+            dst.copy_(tensor, non_blocking=True)
 
     def load_adapter(self, tensors, adapter_config, version):
         from vllm.lora.request import LoRARequest

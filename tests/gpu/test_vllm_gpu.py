@@ -70,3 +70,40 @@ def test_every_combination_runs_checks_and_resumes_at_world_2(tmp_path, tiny_mod
     assert len(rows) == 18
     bad = [(r["combo"], r["status"], r["error"]) for r in rows if r["status"] != "ok" or not r["resumed"]]
     assert not bad, bad
+
+
+def direct_vs_reload(rank: int, world: int, model_dir: str, lora: str) -> dict:
+    """The direct path and vLLM's reload write the same bytes into every engine parameter."""
+    from recipe.dist import DistContext
+    from recipe.rollout import VllmEngine, _reload_in_worker, streamed_shapes
+
+    cfg = compose([f"model.path={model_dir}", "trainer.device=cuda", "model.dtype=bfloat16", "sync.load=direct",
+                   "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.2", f"+lora={lora}"])
+    ctx = DistContext(rank, world, rank, torch.device("cuda", rank))
+    engine = VllmEngine(cfg, ctx, model_dir)
+    try:
+        g = torch.Generator(device=ctx.device).manual_seed(1)
+        new = {n: torch.randn(s, generator=g, device=ctx.device).to(torch.bfloat16)
+               for n, s in streamed_shapes(model_dir).items()}
+        params = lambda: {n: p.detach().clone() for n, p in  # noqa: E731
+                          engine.llm.apply_model(lambda m: dict(m.named_parameters()))[0].items()}
+        engine.load_weights(iter(new.items()))
+        torch.cuda.synchronize()
+        direct = params()
+        for p in engine.llm.apply_model(lambda m: list(m.parameters()))[0]:
+            p.data.zero_()
+        engine.llm.collective_rpc(_reload_in_worker, args=(iter(new.items()),))
+        torch.cuda.synchronize()
+        reloaded = params()
+        return {"path": engine.load_path, "names": len(direct),
+                "differ": sorted(n for n in direct if not torch.equal(direct[n], reloaded[n]))}
+    finally:
+        engine.close()
+
+
+@pytest.mark.parametrize("lora", ["none", "adapter"])
+def test_direct_load_writes_what_vllm_reload_writes(tiny_model_dir, lora):
+    _needs(1)
+    (r,) = run_world(direct_vs_reload, 1, str(tiny_model_dir), lora, backend="nccl", timeout_s=600)
+    assert r["path"] == "direct" and r["names"] > 0
+    assert r["differ"] == [], r

@@ -169,3 +169,75 @@ def test_base_layer_name_follows_the_engines_fused_lora_layers():
     for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight",
                  "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight"):
         assert base_layer_name(name, wrapped, packed) == name
+
+
+class _Linear(torch.nn.Module):
+    def __init__(self, rows: int, cols: int, bias: bool = False):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.zeros(rows, cols))
+        self.bias = torch.nn.Parameter(torch.zeros(rows)) if bias else None
+
+
+class _Wrapped(torch.nn.Module):  # a LoRA-wrapped engine layer keeps its weight under base_layer
+    def __init__(self, rows: int, cols: int):
+        super().__init__()
+        self.base_layer = _Linear(rows, cols)
+
+
+def _engine_like(vocab_rows: int = 10):
+    """vLLM's layout of a one-layer Qwen2 at tensor-parallel 1: fused qkv (with bias) and gate_up."""
+    root = torch.nn.Module()
+    root.packed_modules_mapping = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
+    root.model = torch.nn.Module()
+    root.model.embed_tokens = _Linear(vocab_rows, 4)
+    layer = torch.nn.Module()
+    layer.self_attn = torch.nn.Module()
+    layer.self_attn.qkv_proj = _Linear(4 + 2 + 2, 4, bias=True)
+    layer.mlp = torch.nn.Module()
+    layer.mlp.gate_up_proj = _Wrapped(6 + 6, 4)
+    layer.mlp.down_proj = _Linear(4, 6)
+    root.model.layers = torch.nn.ModuleList([layer])
+    return root
+
+
+def _hf_like(vocab: int = 8):
+    g = torch.Generator().manual_seed(0)
+    shapes = {"model.embed_tokens.weight": (vocab, 4), "model.layers.0.self_attn.q_proj.weight": (4, 4),
+              "model.layers.0.self_attn.k_proj.weight": (2, 4), "model.layers.0.self_attn.v_proj.weight": (2, 4),
+              "model.layers.0.self_attn.q_proj.bias": (4,), "model.layers.0.self_attn.k_proj.bias": (2,),
+              "model.layers.0.self_attn.v_proj.bias": (2,), "model.layers.0.mlp.gate_proj.weight": (6, 4),
+              "model.layers.0.mlp.up_proj.weight": (6, 4), "model.layers.0.mlp.down_proj.weight": (4, 6)}
+    return {n: torch.randn(s, generator=g) for n, s in shapes.items()}
+
+
+def test_direct_destinations_place_every_tensor_where_the_fused_layout_has_it():
+    from recipe.rollout import weight_destinations
+
+    engine, hf = _engine_like(), _hf_like()
+    dest, reasons = weight_destinations(engine, {n: tuple(t.shape) for n, t in hf.items()})
+    assert reasons == [] and set(dest) == set(hf)
+    for name, tensor in hf.items():
+        dest[name].copy_(tensor)
+    attn, mlp = engine.model.layers[0].self_attn, engine.model.layers[0].mlp
+    p = "model.layers.0."
+    # The fused parameters hold the parts stacked in packed order, bit for bit.
+    assert torch.equal(attn.qkv_proj.weight, torch.cat([hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]))
+    assert torch.equal(attn.qkv_proj.bias, torch.cat([hf[p + f"self_attn.{x}_proj.bias"] for x in "qkv"]))
+    assert torch.equal(mlp.gate_up_proj.base_layer.weight,
+                       torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]))
+    assert torch.equal(mlp.down_proj.weight, hf[p + "mlp.down_proj.weight"])
+    # Padded vocabulary: the real rows are written, the padding rows are left alone.
+    emb = engine.model.embed_tokens.weight
+    assert torch.equal(emb[:8], hf["model.embed_tokens.weight"]) and not emb[8:].any()
+
+
+def test_direct_destinations_refuse_what_they_cannot_place_exactly():
+    from recipe.rollout import weight_destinations
+
+    hf = _hf_like()
+    shapes = {n: tuple(t.shape) for n, t in hf.items()}
+    shapes["model.layers.0.self_attn.k_proj.weight"] = (3, 4)  # parts no longer stack into qkv_proj
+    shapes["model.norm.weight"] = (4,)  # a name the engine does not hold
+    dest, reasons = weight_destinations(_engine_like(), shapes)
+    assert any("k_proj" in r for r in reasons) and any("model.norm.weight" in r for r in reasons)
+    assert "model.layers.0.mlp.down_proj.weight" in dest
