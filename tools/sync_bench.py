@@ -18,7 +18,8 @@ For one model shape (`bench_model`) and one world size (`trainer.world_size`) ev
 The sink is what the engine would do with the stream. `copy`: a preallocated destination laid
 out as the engine's weights (an HF model's state dict on the device, `dest[name].copy_(t)`),
 so the figure includes the load; adapter tensors get their slot on the cold run. `vllm`
-(CPU only, needs a checkpoint directory): the real in-process engine's `reload_weights`;
+(needs a checkpoint: the tiny model on CPU, `bench.engine_dir` for a random shape on GPU): the
+real in-process engine's load (`sync.load`: direct copies on CUDA, vLLM's reload on CPU);
 adapter rows still use the copy sink there.
 
 Limit of one sync of B bytes at world W (every rank receives the whole B):
@@ -68,6 +69,9 @@ class BenchSettings:
     warm_iters: int = 5
     max_cell_s: float = 20.0
     sink: str = "auto"
+    # The checkpoint the vLLM sink's engine starts from when bench_model is a random shape (written by
+    # `python -m tools.make_random_model <shape> <dir>`); empty: model.path (tiny) on CPU only.
+    engine_dir: str = ""
     limit_mb: int = 1024
     limit_reps: int = 10
     out_dir: str = "outputs/bench"
@@ -341,11 +345,19 @@ def resolve_sink(cfg: DictConfig, device: torch.device) -> str:
         raise ConfigError(f"bench.sink={cfg.bench.sink!r} is not valid; choose one of: {', '.join(SINKS)}")
     sink = cfg.bench.sink
     if sink == "auto":
-        sink = "vllm" if device.type == "cpu" and not cfg.bench_model.qwen2 else "copy"
-    if sink == "vllm" and (device.type != "cpu" or cfg.bench_model.qwen2):
-        raise ConfigError("bench.sink=vllm needs trainer.device=cpu and a checkpoint (bench_model=tiny); "
-                          "use bench.sink=copy")
+        sink = "vllm" if engine_dir(cfg) else "copy"
+    if sink == "vllm" and not engine_dir(cfg):
+        raise ConfigError("bench.sink=vllm needs a checkpoint for the engine: bench_model=tiny on CPU, or "
+                          "bench.engine_dir=<python -m tools.make_random_model <shape> <dir>> for a random shape; "
+                          "or use bench.sink=copy")
     return sink
+
+
+def engine_dir(cfg: DictConfig) -> str:
+    """The checkpoint the vLLM sink's engine is built from ("" when there is none)."""
+    if cfg.bench.engine_dir:
+        return cfg.bench.engine_dir
+    return cfg.model.path if not cfg.bench_model.qwen2 and resolve_device(cfg) == "cpu" else ""
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -516,7 +528,7 @@ def bench_rank(cfg: DictConfig, ctx) -> None:
     limits = measure_limits(ctx.device, cfg.bench.limit_mb * MiB, cfg.bench.limit_reps, bucket_bytes)
     base = build_base(cfg, ctx.device)
     dest = {n: t for n, t in copy.deepcopy(base).to(ctx.device).state_dict().items()}  # the engine's weights
-    engine = VllmSink(cfg, ctx, Path(cfg.model.path)) if sink_name == "vllm" else None
+    engine = VllmSink(cfg, ctx, Path(engine_dir(cfg))) if sink_name == "vllm" else None
     meta = {"model": cfg.bench_model.name, "world_size": ctx.world_size, "device": ctx.device.type,
             "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
             "torch": torch.__version__, "sink": sink_name, "dtype": cfg.model.dtype, "limits": limits,
