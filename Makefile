@@ -15,11 +15,12 @@ help: ## list the targets
 $(STAMP): pyproject.toml
 	python3 -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
-	# torch first: on a CPU machine this takes the local CPU wheel instead of a multi-GB CUDA build
-	$(PY) -m pip install -q torch==2.13.0
 ifeq ($(HAS_CUDA),1)
+	$(PY) -m pip install -q torch==2.11.0
 	$(PY) -m pip install -q -e '.[cuda,dev]'
 else
+	# torch first: on a CPU machine this takes the local CPU wheel instead of a multi-GB CUDA build
+	$(PY) -m pip install -q torch==2.13.0
 	$(PY) -m pip install -q -e '.[cpu,dev]'
 	# PyPI's torchvision breaks transformers' model imports beside the CPU torch wheel
 	$(PY) -m pip uninstall -q -y torchvision torchaudio torchcodec || true
