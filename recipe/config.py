@@ -136,6 +136,8 @@ class LoggerConfig:
     backend: str = "wandb"
     project: str = "grpo-recipe"
     mode: str = "offline"
+    # Console: false shows the progress bar and errors; true adds the libraries' start-up logs and warnings.
+    verbose: bool = False
 
 
 @dataclass

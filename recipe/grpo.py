@@ -362,9 +362,9 @@ def summarize(history: List[Dict]) -> Dict[str, float]:
 
 def run(cfg: DictConfig, ctx: DistContext) -> Dict[str, float]:
     """Entry of every rank (recipe/train.py launches it)."""
-    import warnings
+    from recipe.progress import configure_console
 
-    warnings.filterwarnings("ignore", message=".*all_gather_into_tensor.* is deprecated")
+    configure_console(cfg.logger.verbose)
     trainer = GRPOTrainer(cfg, ctx)
     try:
         summary = trainer.run()

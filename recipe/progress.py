@@ -1,4 +1,9 @@
-"""Rank-0 progress bar: step, reward, accuracy, sync time, rollout tokens/s."""
+"""Rank-0 progress bar (step, reward, accuracy, step time, sync time, rollout tokens/s) and a quiet console.
+
+Unless `logger.verbose=true`, the console shows the bar and errors only: the library warnings
+every rank prints at start-up (FSDP's deprecations and frozen-parameter notes, vLLM's start-up
+log) are left out. Everything still goes to metrics.jsonl and wandb.
+"""
 
 from __future__ import annotations
 
@@ -13,10 +18,39 @@ class Progress:
         if self.bar is None:
             return
         self.bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m['reward/accuracy']:.2f}",
-                             sync_s=f"{m['sync/total_s']:.3f}", tok_s=f"{m['rollout/tokens_per_s']:.0f}",
+                             step_s=f"{m['time/step_s']:.2f}", sync_s=f"{m['sync/total_s']:.3f}", tok_s=f"{m['rollout/tokens_per_s']:.0f}",
                              refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+# Start-up warnings of the libraries that say nothing a user of this recipe can act on.
+QUIET_WARNINGS = (
+    r".*all_gather_into_tensor.* is deprecated",
+    r".*_get_pg_default_device.*",
+    r"Multiple backends are registered with this ProcessGroup.*",
+    r"(?s).*The following parameters have requires_grad=True.*",
+    r".*torch.distributed.reduce_op.* is deprecated.*",
+)
+
+
+def configure_console(verbose: bool) -> None:
+    """Called on every rank before anything is built; see the module docstring."""
+    import os
+    import warnings
+
+    import logging
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
+    if verbose:
+        return
+    for pattern in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=pattern)
+    # Some of vLLM's modules log before its logger is configured; the level set here covers them too.
+    logging.getLogger("vllm").setLevel(os.environ["VLLM_LOGGING_LEVEL"])
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()  # the per-rank "Loading weights" bars

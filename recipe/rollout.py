@@ -236,7 +236,8 @@ def _vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:
                   seed=cfg.trainer.seed + ctx.rank, enable_prefix_caching=True,
                   # logprobs of the distribution actually sampled from (after temperature), which is
                   # what the trainer's importance ratio divides by (recipe/grpo.py token_logprobs)
-                  logprobs_mode="processed_logprobs")
+                  logprobs_mode="processed_logprobs",
+                  use_tqdm_on_load=cfg.logger.verbose)
     if _in_trainer_world():
         # One engine per rank beside torch.distributed, as TRL's colocate mode and verl start it: vLLM
         # joins the trainer's world (RANK / LOCAL_RANK / MASTER_* from the launcher) instead of making
@@ -307,7 +308,8 @@ class _DropHarmless(logging.Filter):
 
 
 def _quiet_vllm_logs() -> None:
-    """Keep the console readable: vLLM at WARNING (unless VLLM_LOGGING_LEVEL is set) minus the repeats."""
+    """Keep the console readable: vLLM at WARNING (unless VLLM_LOGGING_LEVEL is set, as `logger.verbose`
+    does through recipe.progress.configure_console) minus the repeats."""
     os.environ.setdefault("VLLM_LOGGING_LEVEL", "WARNING")
     import vllm  # noqa: F401  (configures the "vllm" logger and its handler)
 
