@@ -101,12 +101,35 @@ def one_combo(ctx, overrides: Sequence[str], combo: str, root: Path, steps: int,
     return row
 
 
+def _row_file(root: Path, combo: str) -> Path:
+    return root / f"{combo.replace('/', '-')}.row.json"
+
+
+def write_rows(root: Path, combos: Sequence[str], cfg: DictConfig, steps: int, out: str) -> List[dict]:
+    """The rows finished so far, in `combos` order; rewritten to `out` after every combination, so a run
+    stopped by a time limit still leaves the rows it finished."""
+    rows = [json.loads(_row_file(root, c).read_text()) for c in combos if _row_file(root, c).exists()]
+    if out:
+        Path(out).parent.mkdir(parents=True, exist_ok=True)
+        Path(out).write_text(json.dumps({"world_size": cfg.trainer.world_size, "model": cfg.model.path,
+                                         "dtype": cfg.model.dtype, "steps": steps, "rows": rows}, indent=1))
+    return rows
+
+
 def rank_main(cfg: DictConfig, ctx, overrides: Sequence[str], combos: Sequence[str], steps: int, resume: bool,
-              root: str) -> None:
+              root: str, all_combos: Sequence[str], out: str, keep_runs: bool) -> None:
+    import shutil
+
+    import torch.distributed as dist
+
     for combo in combos:
         row = one_combo(ctx, overrides, combo, Path(root), steps, resume)
+        dist.barrier()  # every rank is done with the run directory
         if ctx.is_main:
-            (Path(root) / f"{combo.replace('/', '-')}.row.json").write_text(json.dumps(row))
+            _row_file(Path(root), combo).write_text(json.dumps(row))
+            write_rows(Path(root), all_combos, cfg, steps, out)
+            if not keep_runs:  # this tool made it; the checkpoints of a large model fill a disk fast
+                shutil.rmtree(Path(root) / combo.replace("/", "-"), ignore_errors=True)
 
 
 def _fmt(value, digits: int = 3) -> str:
@@ -139,6 +162,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--isolate", action="store_true",
                         help="start fresh ranks for every combination (needed with rollout.sleep=true on CUDA: vLLM's "
                              "sleep-mode allocator serves one engine per process)")
+    parser.add_argument("--keep-runs", action="store_true", help="keep each combination's run directory")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
     combos = all_combos() if args.combos == "all" else args.combos.split(",")
@@ -154,13 +178,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     root.mkdir(parents=True, exist_ok=True)
     for batch in ([[c] for c in combos] if args.isolate else [combos]):
         launch(functools.partial(rank_main, overrides=base, combos=batch, steps=args.steps, resume=args.resume,
-                                 root=str(root)), cfg)
-    rows = [json.loads((root / f"{c.replace('/', '-')}.row.json").read_text()) for c in combos]
-    print(table(rows, cfg), flush=True)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps({"world_size": cfg.trainer.world_size, "model": cfg.model.path,
-                                              "dtype": cfg.model.dtype, "steps": args.steps, "rows": rows}, indent=1))
+                                 root=str(root), all_combos=combos, out=args.out, keep_runs=args.keep_runs), cfg)
+    print(table(write_rows(root, combos, cfg, args.steps, args.out), cfg), flush=True)
 
 
 if __name__ == "__main__":
