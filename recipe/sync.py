@@ -341,8 +341,8 @@ def compare_digests(held: Dict[str, tuple], streamed: Dict[str, Digest]) -> Tupl
         want = Digest.concat([streamed[p] for p in parts])
         have = _orient(have, want)
         if have is None:
-            problems.append(f"{name}: the engine has no readable copy since this load (not re-processed: a stale "
-                            f"kernel, e.g. a tied head not refreshed)")
+            problems.append(f"{name}: not loaded or not re-processed by the engine in this load (it keeps an "
+                            f"old kernel: a dropped tensor, or a tied head not refreshed)")
         elif not _same(have, want, name):
             problems.append(f"{name}: engine {have.short()} != streamed {want.short()}")
         checked += 1
