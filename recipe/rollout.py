@@ -31,6 +31,7 @@ import contextlib
 import logging
 import math
 import os
+import time
 from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
@@ -65,6 +66,7 @@ class Engine:
     backend = "none"
     shares_policy = False  # True only when the engine generates with the trainer's own module
     lora_version: Optional[int] = None
+    load_digest_seconds = 0.0  # digest time spent inside the last load_weights (vLLM CPU), else 0
 
     def generate(self, prompt_token_ids: List[List[int]], n: int, max_new_tokens: int, temperature: float,
                  top_p: float, seed: int) -> List[Sample]:
@@ -157,6 +159,7 @@ def _refresh_embedding_kernels(model: nn.Module) -> int:
 
 _CAPTURES = "_recipe_digest_captures"  # attribute on the vLLM model: {param name: (shape info, sums)}
 _HOOKED = "_recipe_digest_hooked"      # attribute on the vLLM model: names of hooked modules
+_CAPTURE_S = "_recipe_digest_capture_s"  # attribute on the vLLM model: [seconds spent capturing]
 
 
 def _engine_name(name: str) -> str:
@@ -168,13 +171,15 @@ def _vllm_model(worker) -> nn.Module:
     return worker.model_runner.get_model()
 
 
-def _capturing(original: Callable, names: Dict[int, str], captures: dict) -> Callable:
+def _capturing(original: Callable, names: Dict[int, str], captures: dict, seconds: List[float]) -> Callable:
     def process_weights_after_loading(layer, *args, **kwargs):
         prefix = names.get(id(layer))
         if prefix is not None:
+            t0 = time.perf_counter()
             for attr, param in layer._parameters.items():
                 if param is not None and param.numel() > 0:
                     captures[f"{prefix}.{attr}"] = (digest_mod.shape_info(param), digest_mod.digest_sums(param))
+            seconds[0] += time.perf_counter() - t0
         return original(layer, *args, **kwargs)
 
     return process_weights_after_loading
@@ -186,20 +191,29 @@ def _install_digest_hooks_in_worker(worker) -> int:
     if getattr(model, _CAPTURES, None) is not None:
         return 0
     captures: dict = {}
+    seconds = [0.0]
     names = {id(m): _engine_name(n) for n, m in model.named_modules()
              if hasattr(getattr(m, "quant_method", None), "process_weights_after_loading")}
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if id(module) in names and not getattr(method, "_recipe_digest_hook", False):
-            method.process_weights_after_loading = _capturing(method.process_weights_after_loading, names, captures)
+            method.process_weights_after_loading = _capturing(method.process_weights_after_loading, names, captures,
+                                                              seconds)
             method._recipe_digest_hook = True
     setattr(model, _CAPTURES, captures)
     setattr(model, _HOOKED, set(names.values()))
+    setattr(model, _CAPTURE_S, seconds)
     return len(names)
 
 
 def _clear_captures_in_worker(worker) -> None:
-    getattr(_vllm_model(worker), _CAPTURES).clear()
+    model = _vllm_model(worker)
+    getattr(model, _CAPTURES).clear()
+    getattr(model, _CAPTURE_S)[0] = 0.0
+
+
+def _capture_seconds_in_worker(worker) -> float:
+    return getattr(_vllm_model(worker), _CAPTURE_S, [0.0])[0]
 
 
 def _held_digests_in_worker(worker, use_captures: bool) -> Dict[str, Optional[digest_mod.Digest]]:
@@ -400,6 +414,8 @@ class VllmEngine(Engine):
         self.llm.reset_prefix_cache()
 
     def weight_digests(self):
+        if self.on_cpu:
+            self.load_digest_seconds = self.llm.collective_rpc(_capture_seconds_in_worker)[0]
         held = self.llm.collective_rpc(_held_digests_in_worker, args=(self.on_cpu,))[0]
         embed = next((n for n in held if n.endswith("embed_tokens.weight")), None)
         return {name: (self._parts(name, embed), d) for name, d in held.items()}

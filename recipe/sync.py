@@ -139,14 +139,15 @@ class WeightSync:
         self.num_syncs += 1
         t1 = time.perf_counter()
         checked = self._check_digests(loads, step) if self.digest else {}
-        verify_s = time.perf_counter() - t1 + sum(s.digest_seconds for s, _ in loads)
+        in_load = checked.get("in_load_s", 0.0)  # engine digests taken inside its load (vLLM CPU)
+        verify_s = time.perf_counter() - t1 + sum(s.digest_seconds for s, _ in loads) + in_load
         probe = self._should_verify()
         t2 = time.perf_counter()
         engine_lps = self.engine.prompt_logprobs(self.probe) if probe else []
         diff = self._parity(engine_lps, step) if probe else float("nan")
         probe_s = time.perf_counter() - t2 if probe else 0.0
         gather_s = sum(s.seconds for s, _ in loads)
-        load_s = sum(load for _, load in loads)
+        load_s = sum(load for _, load in loads) - in_load
         nbytes = sum(s.num_bytes for s, _ in loads)
         move_s = gather_s + load_s
         return {
@@ -230,19 +231,21 @@ class WeightSync:
         problems: List[str] = []
         tensors = nbytes = 0
         combined: Dict[str, Digest] = {}
+        in_load = 0.0
         for stream, _ in loads:
             adapter = self.adapter and stream.names and all(is_lora_param(n) for n in stream.names)
             expected = self.expected_adapter if adapter else self.expected
             streamed = stream.digests()
             problems += name_problems(expected, stream.names)
             held = self.engine.adapter_digests() if adapter else self.engine.weight_digests()
+            in_load += 0.0 if adapter else self.engine.load_digest_seconds
             found, count = compare_digests(held, streamed)
             problems += found
             tensors += count
             nbytes += stream.num_bytes
             combined.update(streamed)
         self._agree(problems, step)
-        return {"tensors": tensors, "bytes": nbytes, "hex": combined_hex(combined)}
+        return {"tensors": tensors, "bytes": nbytes, "hex": combined_hex(combined), "in_load_s": in_load}
 
     def _agree(self, problems: List[str], step: int) -> None:
         """All ranks see every rank's problems, then all raise together (or none does)."""
