@@ -255,15 +255,15 @@ def _adapter_digests_in_worker(worker, lora_id: int) -> Dict[str, List[Optional[
     lora = adapters.get_adapter(lora_id) if hasattr(adapters, "get_adapter") else adapters._registered_adapters[lora_id]
     if lora is None:
         raise RuntimeError(f"the engine has no adapter registered under id {lora_id}")
-    out: Dict[str, List[Optional[tuple]]] = {}
+    slots: Dict[str, List[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = {}
     for module_name, weights in lora.loras.items():
         pairs = zip(*(w if isinstance(w, list) else [w] for w in (weights.lora_a, weights.lora_b)))
-        out[module_name] = [None if a is None else (_both_ways(a), _both_ways(b)) for a, b in pairs]
-    return out
-
-
-def _both_ways(t: torch.Tensor) -> Tuple[digest_mod.Digest, ...]:
-    return tuple(digest_mod.digests([t, t.t()] if t.dim() == 2 else [t]))
+        slots[module_name] = [None if a is None else (a, b) for a, b in pairs]
+    tensors = [t for subs in slots.values() for sub in subs if sub is not None for t in sub]
+    both = [(t, t.t()) if t.dim() == 2 else (t,) for t in tensors]
+    flat = iter(digest_mod.digests([x for ways in both for x in ways]))  # one host sync for all
+    done = iter([tuple(next(flat) for _ in ways) for ways in both])
+    return {name: [None if sub is None else (next(done), next(done)) for sub in subs] for name, subs in slots.items()}
 
 
 def _vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:

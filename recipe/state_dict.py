@@ -678,7 +678,8 @@ class WeightStream:
         self._live = self.peak_live_bytes = 0
         self._digest, self._held_form = digest, held_form
         self._info: List[Tuple[int, int, str]] = []
-        self._sums: List[torch.Tensor] = []
+        self._sums: List[Optional[torch.Tensor]] = []  # None: a small tensor, digested in a batch later
+        self._small: List[Tuple[int, torch.Tensor]] = []
 
     def __iter__(self) -> "WeightStream":
         return self
@@ -707,16 +708,26 @@ class WeightStream:
 
     @torch.no_grad()
     def _add_digest(self, name: str, tensor: torch.Tensor) -> None:
+        """Large tensors are digested now (sums stay on the device); small ones are copied and
+        digested in batches at `digests()` (a copy costs less than a handful of small ops)."""
         t0 = time.perf_counter()
         held = self._held_form(name, tensor) if self._held_form is not None else tensor
-        self._info.append(digest_mod.shape_info(held))
-        self._sums.append(digest_mod.digest_sums(held))
+        if held.numel() * held.element_size() <= digest_mod.SMALL_BYTES:
+            self._small.append((len(self._info), held.detach().clone() if held is tensor else held))
+            self._info.append(digest_mod.shape_info(held))
+            self._sums.append(None)
+        else:
+            self._info.append(digest_mod.shape_info(held))
+            self._sums.append(digest_mod.digest_sums(held))
         self.digest_seconds += time.perf_counter() - t0
 
     def digests(self) -> Dict[str, "digest_mod.Digest"]:
         """{name: Digest} of everything yielded so far (one host sync; timed in `digest_seconds`)."""
         t0 = time.perf_counter()
-        out = dict(zip(self.names, digest_mod.finish(self._info, self._sums)))
+        large = [i for i, s in enumerate(self._sums) if s is not None]
+        done = dict(zip(large, digest_mod.finish([self._info[i] for i in large], [self._sums[i] for i in large])))
+        done.update(zip([i for i, _ in self._small], digest_mod.digests([t for _, t in self._small])))
+        out = {name: done[i] for i, name in enumerate(self.names) if i in done}
         self.digest_seconds += time.perf_counter() - t0
         return out
 

@@ -188,6 +188,15 @@ def test_digest_composes_over_concatenation(dtype):
     assert Digest.concat(digests(list(big.chunk(3)))) == digest(big)
 
 
+def test_batched_digests_equal_one_by_one():
+    """`digests` stacks small tensors of one shape; the numbers are those of `digest` on each."""
+    g = torch.Generator().manual_seed(3)
+    tensors = ([torch.randn(8, 64, generator=g).bfloat16() for _ in range(5)] + [torch.randn(7, generator=g)] * 3
+               + [torch.randn(1024, 1024, generator=g), torch.randn(3, 5, generator=g).t()])
+    assert digests(tensors) == [digest(t) for t in tensors]
+    assert len(set(digests(tensors[:5]))) == 5
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_digest_catches_small_and_positional_changes(dtype):
     g = torch.Generator().manual_seed(1)
