@@ -341,7 +341,8 @@ class VllmEngine(Engine):
         self._packed = self.llm.collective_rpc(_packed_modules_in_worker)[0]
         hf_config = self.llm.llm_engine.vllm_config.model_config.hf_config
         self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
-        if self.on_cpu:  # CPU packs linear weights after a load: digest them just before (see above)
+        self._hooked = self.on_cpu and bool(cfg.sync.get("digest", True))
+        if self._hooked:  # CPU packs linear weights after a load: digest them just before (see above)
             self.llm.collective_rpc(_install_digest_hooks_in_worker)
 
     def _request(self):
@@ -386,7 +387,7 @@ class VllmEngine(Engine):
         return result
 
     def load_weights(self, weights):
-        if self.on_cpu:
+        if self._hooked:
             self.llm.collective_rpc(_clear_captures_in_worker)
         self.llm.collective_rpc("reload_weights", kwargs={"weights_iterator": iter(weights)})
         if self.on_cpu:
@@ -414,9 +415,11 @@ class VllmEngine(Engine):
         self.llm.reset_prefix_cache()
 
     def weight_digests(self):
-        if self.on_cpu:
+        if self.on_cpu and not self._hooked:
+            raise RuntimeError("weight_digests on CPU needs the engine built with sync.digest=true (the load hooks)")
+        if self._hooked:
             self.load_digest_seconds = self.llm.collective_rpc(_capture_seconds_in_worker)[0]
-        held = self.llm.collective_rpc(_held_digests_in_worker, args=(self.on_cpu,))[0]
+        held = self.llm.collective_rpc(_held_digests_in_worker, args=(self._hooked,))[0]
         embed = next((n for n in held if n.endswith("embed_tokens.weight")), None)
         return {name: (self._parts(name, embed), d) for name, d in held.items()}
 

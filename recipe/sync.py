@@ -137,25 +137,22 @@ class WeightSync:
         loads = self._transfer()
         self.weight_version += 1
         self.num_syncs += 1
-        t1 = time.perf_counter()
         checked = self._check_digests(loads, step) if self.digest else {}
+        probed = self._probe(step) if self._should_verify() else {}
+        return self._metrics(time.perf_counter() - t0, loads, checked, probed)
+
+    def _metrics(self, total_s: float, loads, checked: dict, probed: dict) -> Dict[str, object]:
         in_load = checked.get("in_load_s", 0.0)  # engine digests taken inside its load (vLLM CPU)
-        verify_s = time.perf_counter() - t1 + sum(s.digest_seconds for s, _ in loads) + in_load
-        probe = self._should_verify()
-        t2 = time.perf_counter()
-        engine_lps = self.engine.prompt_logprobs(self.probe) if probe else []
-        diff = self._parity(engine_lps, step) if probe else float("nan")
-        probe_s = time.perf_counter() - t2 if probe else 0.0
         gather_s = sum(s.seconds for s, _ in loads)
         load_s = sum(load for _, load in loads) - in_load
         nbytes = sum(s.num_bytes for s, _ in loads)
         move_s = gather_s + load_s
         return {
-            "sync/total_s": time.perf_counter() - t0,
+            "sync/total_s": total_s,
             "sync/gather_s": gather_s,
             "sync/load_s": load_s,
-            "sync/verify_s": verify_s,
-            "sync/probe_s": probe_s,
+            "sync/verify_s": checked.get("seconds", 0.0),
+            "sync/probe_s": probed.get("seconds", 0.0),
             "sync/bytes": nbytes,
             "sync/gbps": nbytes / move_s / 1e9 if move_s > 0 else 0.0,
             "sync/peak_mem_bytes": self._peak,
@@ -164,8 +161,8 @@ class WeightSync:
             "sync/verified_tensors": checked.get("tensors", 0),
             "sync/verified_bytes": checked.get("bytes", 0),
             "sync/digest": checked.get("hex", ""),
-            "sync/parity_max_abs_diff": diff,
-            "sync/fingerprint": fingerprint(engine_lps) if probe else float("nan"),
+            "sync/parity_max_abs_diff": probed.get("diff", float("nan")),
+            "sync/fingerprint": probed.get("fingerprint", float("nan")),
         }
 
     def strategy_name(self) -> str:
@@ -228,6 +225,7 @@ class WeightSync:
     # -- digest check
     def _check_digests(self, loads: List[Tuple[WeightStream, float]], step: int) -> Dict[str, object]:
         """Every tensor the engine holds == what was streamed (exact digests), and the name sets match."""
+        t0 = time.perf_counter()
         problems: List[str] = []
         tensors = nbytes = 0
         combined: Dict[str, Digest] = {}
@@ -245,7 +243,9 @@ class WeightSync:
             nbytes += stream.num_bytes
             combined.update(streamed)
         self._agree(problems, step)
-        return {"tensors": tensors, "bytes": nbytes, "hex": combined_hex(combined), "in_load_s": in_load}
+        seconds = time.perf_counter() - t0 + sum(s.digest_seconds for s, _ in loads) + in_load
+        return {"tensors": tensors, "bytes": nbytes, "hex": combined_hex(combined), "in_load_s": in_load,
+                "seconds": seconds}
 
     def _agree(self, problems: List[str], step: int) -> None:
         """All ranks see every rank's problems, then all raise together (or none does)."""
@@ -271,6 +271,13 @@ class WeightSync:
         if mode == "off":
             return False
         return (self.num_syncs - 1) % int(mode) == 0  # the first sync, then every N-th
+
+    def _probe(self, step: int) -> Dict[str, float]:
+        """The logprob probe: the engine's prompt logprobs against the trainer's (collective)."""
+        t0 = time.perf_counter()
+        engine_lps = self.engine.prompt_logprobs(self.probe)
+        diff = self._parity(engine_lps, step)
+        return {"diff": diff, "fingerprint": fingerprint(engine_lps), "seconds": time.perf_counter() - t0}
 
     def _parity(self, engine_lps: List[List[float]], step: int) -> float:
         """Compare this rank's engine with the trainer; all ranks agree on the verdict before raising."""
