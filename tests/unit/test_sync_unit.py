@@ -124,6 +124,15 @@ def test_stale_engine_fails_probe_without_digest(setup):
         sync.sync(1)
 
 
+def test_digest_off_checks_nothing(setup):
+    sync, trainer, engine = setup
+    sync.digest = False
+    stats = sync.sync(1)
+    assert "digests" not in engine.calls
+    assert (stats["sync/verified_tensors"], stats["sync/verified_bytes"], stats["sync/digest"]) == (0, 0, "")
+    assert stats["sync/verify_s"] == 0.0
+
+
 def test_skipped_tensor_fails_name_check(setup):
     sync, trainer, _ = setup
     gone = "model.layers.1.mlp.down_proj.weight"
