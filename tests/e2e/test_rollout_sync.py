@@ -14,8 +14,14 @@ LoRA enabled) and the tests below assert on what it returns:
   exactly what HF generate on the unsharded copy gives;
 - the adapter path generates with the new adapter: its logprobs move with each version and
   differ from the base model's;
-- faults (a skipped tensor, a stale tensor, a tensor under the wrong name) are caught by the
-  parity probe with a WeightSyncError on both ranks, and a correct sync afterwards passes;
+- engine-side faults (a skipped tensor, a stale one, one under another name, one element one
+  ulp off on one rank, a tensor scaled by 1 + 2^-7, a transposed square tensor, the tied head
+  not refreshed; LoRA B not scaled or scaled twice) are caught by the digest check on both
+  ranks, naming the tensor, in float32 and bfloat16 (separate bf16 engines); a correct sync
+  afterwards passes; 100 correct syncs (20 for adapters) with an update before each are never
+  flagged;
+- stream faults: a missing name fails the name check, a stale value in the stream itself
+  passes the digest and is caught by the probe (float32);
 - the sync metrics reach metrics.jsonl and the offline wandb files.
 """
 
