@@ -119,6 +119,8 @@ class AlgoConfig:
 class SyncConfig:
     # "auto" = the dispatch-table entry for (fsdp, offload, lora); others are references.
     strategy: str = "auto"
+    # Exact digest of every tensor the engine holds vs what was streamed, every sync.
+    digest: bool = True
     # Parity probe: "every", "first", "off", or an integer N (every N-th sync).
     verify: str = "every"
     # Max abs difference of probe logprobs tolerated; null = dtype-aware default.

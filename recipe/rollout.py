@@ -29,19 +29,25 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import math
 import os
+import time
 from dataclasses import dataclass
-from typing import Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
+from recipe import digest as digest_mod
 from recipe.config import resolve_device
 
 log = logging.getLogger(__name__)
 
 WeightIter = Iterable[Tuple[str, torch.Tensor]]
+# An engine tensor: the streamed names it is made of (dim-0 concatenation order) and the Digest of
+# what the engine holds (None: the engine has no readable copy of it since the last load).
+Held = Tuple[Tuple[str, ...], Optional[digest_mod.Digest]]
 
 
 @dataclass
@@ -60,6 +66,7 @@ class Engine:
     backend = "none"
     shares_policy = False  # True only when the engine generates with the trainer's own module
     lora_version: Optional[int] = None
+    load_digest_seconds = 0.0  # digest time spent inside the last load_weights (vLLM CPU), else 0
 
     def generate(self, prompt_token_ids: List[List[int]], n: int, max_new_tokens: int, temperature: float,
                  top_p: float, seed: int) -> List[Sample]:
@@ -73,6 +80,18 @@ class Engine:
 
     def load_adapter(self, tensors: WeightIter, adapter_config: dict, version: int) -> None:
         raise NotImplementedError
+
+    def weight_digests(self) -> Dict[str, Held]:
+        """{engine tensor name: (streamed names it is made of, Digest of what it holds now)}."""
+        raise NotImplementedError(f"{type(self).__name__} cannot digest its weights; set sync.digest=false")
+
+    def adapter_digests(self) -> Dict[str, Held]:
+        """The same for the live adapter, keyed by peft's saved names."""
+        raise NotImplementedError(f"{type(self).__name__} cannot digest its adapter; set sync.digest=false")
+
+    def adapter_held_form(self, adapter_config: dict) -> Optional[Callable[[str, torch.Tensor], torch.Tensor]]:
+        """Maps a streamed adapter tensor to the form this engine holds it in (None: as streamed)."""
+        return None
 
     def sleep(self) -> None:
         pass
@@ -231,6 +250,125 @@ def _refresh_embedding_kernels(model: nn.Module) -> int:
     return count
 
 
+# ----------------------------------------------------------------------------- engine-side digests
+# These run inside the vLLM worker (collective_rpc) and read what the engine holds after a load.
+# On CUDA the unquantized linear weights stay plain parameters in vLLM's fused layout (qkv_proj,
+# gate_up_proj), so they are digested directly. On CPU, processing after a load packs every linear
+# weight into an opaque cpu_linear kernel and leaves `weight` empty: there the digest is taken
+# inside the load, from the layer's parameters the moment before `process_weights_after_loading`
+# packs them (a hook on each layer's quant method), and the packed kernels themselves are checked
+# end to end by the logprob probe. Captures are cleared before every load, so a layer that was not
+# processed after this load (a tied head never refreshed) has no digest and is reported.
+
+_CAPTURES = "_recipe_digest_captures"  # attribute on the vLLM model: {param name: (shape info, sums)}
+_HOOKED = "_recipe_digest_hooked"      # attribute on the vLLM model: names of hooked modules
+_CAPTURE_S = "_recipe_digest_capture_s"  # attribute on the vLLM model: [seconds spent capturing]
+
+
+def _engine_name(name: str) -> str:
+    """vLLM parameter name without LoRA wrapper segments (what reload_weights itself strips)."""
+    return name.replace(".base_layer.", ".").removesuffix(".base_layer")
+
+
+def _vllm_model(worker) -> nn.Module:
+    return worker.model_runner.get_model()
+
+
+def _capturing(original: Callable, names: Dict[int, str], captures: dict, seconds: List[float]) -> Callable:
+    def process_weights_after_loading(layer, *args, **kwargs):
+        prefix = names.get(id(layer))
+        if prefix is not None:
+            t0 = time.perf_counter()
+            for attr, param in layer._parameters.items():
+                if param is not None and param.numel() > 0:
+                    captures[f"{prefix}.{attr}"] = (digest_mod.shape_info(param), digest_mod.digest_sums(param))
+            seconds[0] += time.perf_counter() - t0
+        return original(layer, *args, **kwargs)
+
+    return process_weights_after_loading
+
+
+def _install_digest_hooks_in_worker(worker) -> int:
+    """Wrap every layer's `quant_method.process_weights_after_loading` to digest its parameters first."""
+    model = _vllm_model(worker)
+    if getattr(model, _CAPTURES, None) is not None:
+        return 0
+    captures: dict = {}
+    seconds = [0.0]
+    names = {id(m): _engine_name(n) for n, m in model.named_modules()
+             if hasattr(getattr(m, "quant_method", None), "process_weights_after_loading")}
+    for module in model.modules():
+        method = getattr(module, "quant_method", None)
+        if id(module) in names and not getattr(method, "_recipe_digest_hook", False):
+            method.process_weights_after_loading = _capturing(method.process_weights_after_loading, names, captures,
+                                                              seconds)
+            method._recipe_digest_hook = True
+    setattr(model, _CAPTURES, captures)
+    setattr(model, _HOOKED, set(names.values()))
+    setattr(model, _CAPTURE_S, seconds)
+    return len(names)
+
+
+def _clear_captures_in_worker(worker) -> None:
+    model = _vllm_model(worker)
+    getattr(model, _CAPTURES).clear()
+    getattr(model, _CAPTURE_S)[0] = 0.0
+
+
+def _capture_seconds_in_worker(worker) -> float:
+    return getattr(_vllm_model(worker), _CAPTURE_S, [0.0])[0]
+
+
+def _held_digests_in_worker(worker, use_captures: bool) -> Dict[str, Optional[digest_mod.Digest]]:
+    """{vLLM parameter name: Digest} of every parameter (shared ones under each owner's name)."""
+    model = _vllm_model(worker)
+    captures, hooked = getattr(model, _CAPTURES, {}), getattr(model, _HOOKED, set())
+    found: Dict[str, Tuple] = {}
+    unreadable: List[str] = []
+    for module_name, module in model.named_modules():
+        for attr, param in module._parameters.items():
+            if param is None:
+                continue
+            name = _engine_name(f"{module_name}.{attr}")
+            if use_captures and _engine_name(module_name) in hooked:
+                if name in captures:
+                    found[name] = captures[name]
+                else:
+                    unreadable.append(name)
+            elif param.numel() > 0:
+                found[name] = (digest_mod.shape_info(param), digest_mod.digest_sums(param))
+            else:
+                unreadable.append(name)
+    names = list(found)
+    done = digest_mod.finish([found[n][0] for n in names], [found[n][1] for n in names])
+    return {**dict(zip(names, done)), **{n: None for n in unreadable}}
+
+
+def _packed_modules_in_worker(worker) -> Dict[str, List[str]]:
+    """The model class's fused modules, e.g. {"qkv_proj": ["q_proj", "k_proj", "v_proj"], ...}."""
+    model = _vllm_model(worker)
+    return {k: list(v) for k, v in dict(getattr(model, "packed_modules_mapping", {}) or {}).items()}
+
+
+def _adapter_digests_in_worker(worker, lora_id: int) -> Dict[str, List[Optional[tuple]]]:
+    """{vLLM module name: [(A digests, B digests) per packed sub-module, or None]} of the registered
+    adapter after vLLM's own processing (B scaled in place, packed modules as lists). Each digest
+    comes in both orientations (as held, transposed), so the caller can match the streamed layout."""
+    adapters = worker.model_runner.lora_manager._adapter_manager
+    lora = adapters.get_adapter(lora_id) if hasattr(adapters, "get_adapter") else adapters._registered_adapters[lora_id]
+    if lora is None:
+        raise RuntimeError(f"the engine has no adapter registered under id {lora_id}")
+    slots: Dict[str, List[Optional[Tuple[torch.Tensor, torch.Tensor]]]] = {}
+    for module_name, weights in lora.loras.items():
+        pairs = zip(*(w if isinstance(w, list) else [w] for w in (weights.lora_a, weights.lora_b)))
+        slots[module_name] = [None if a is None else (a, b) for a, b in pairs]
+    tensors = [t for subs in slots.values() for sub in subs if sub is not None for t in sub]
+    both = [(t, t.t()) if t.dim() == 2 else (t,) for t in tensors]
+    flat = iter(digest_mod.digests([x for ways in both for x in ways]))  # one host sync for all
+    done = iter([tuple(next(flat) for _ in ways) for ways in both])
+    return {name: [None if sub is None else (next(done), next(done)) for sub in subs] for name, subs in slots.items()}
+
+
 def _vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:
     kwargs = dict(model=model_dir, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                   seed=cfg.trainer.seed + ctx.rank, enable_prefix_caching=True,
@@ -286,6 +424,12 @@ def check_gpu_memory_split(cfg: DictConfig, device: torch.device) -> Dict[str, f
     return {"free_gb": free / 2**30, "total_gb": total / 2**30, "engine_gb": want / 2**30}
 
 
+def lora_scaling(adapter_config: dict) -> float:
+    """vLLM's LoRA scaling factor: alpha / r, or alpha / sqrt(r) with rsLoRA (as PEFTHelper)."""
+    rank, alpha = adapter_config["r"], adapter_config["lora_alpha"]
+    return alpha / math.sqrt(rank) if adapter_config.get("use_rslora") else alpha / rank
+
+
 def _lora_rank_slot(rank: int) -> int:
     """vLLM accepts only some max_lora_rank values; take the smallest one >= rank."""
     for slot in (1, 8, 16, 32, 64, 128, 256, 320, 512):
@@ -338,6 +482,12 @@ class VllmEngine(Engine):
         _quiet_vllm_logs()  # again: building the engine imported more vLLM modules
         self._lora = None  # (LoRARequest, tensors, config) of the live adapter version
         self._asleep = False
+        self._packed = self.llm.collective_rpc(_packed_modules_in_worker)[0]
+        hf_config = self.llm.llm_engine.vllm_config.model_config.hf_config
+        self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self._hooked = self.on_cpu and cfg.sync.digest
+        if self._hooked:  # CPU packs linear weights after a load: digest them just before (see above)
+            self.llm.collective_rpc(_install_digest_hooks_in_worker)
         self._dest = self._direct_destinations(model_dir)  # name -> view of the engine's parameter, or None
         self.load_path = "direct" if self._dest is not None else "reload"
 
@@ -409,6 +559,8 @@ class VllmEngine(Engine):
             self._write_direct(weights)
             self.llm.reset_prefix_cache()
             return
+        if self._hooked:
+            self.llm.collective_rpc(_clear_captures_in_worker)
         self.llm.collective_rpc(_reload_in_worker, args=(iter(weights),))
         if self.on_cpu:
             self.llm.apply_model(_refresh_embedding_kernels)
@@ -445,6 +597,57 @@ class VllmEngine(Engine):
                       adapter_config)
         self.lora_version = version
         self.llm.reset_prefix_cache()
+
+    def weight_digests(self):
+        if self.on_cpu and not self._hooked:
+            raise RuntimeError("weight_digests on CPU needs the engine built with sync.digest=true (the load hooks)")
+        if self._hooked:
+            self.load_digest_seconds = self.llm.collective_rpc(_capture_seconds_in_worker)[0]
+        held = self.llm.collective_rpc(_held_digests_in_worker, args=(self._hooked,))[0]
+        embed = next((n for n in held if n.endswith("embed_tokens.weight")), None)
+        return {name: (self._parts(name, embed), d) for name, d in held.items()}
+
+    def _parts(self, name: str, embed: Optional[str]) -> Tuple[str, ...]:
+        """Streamed names an engine tensor is made of: fused modules by the model's
+        packed_modules_mapping (in concatenation order), a tied head by the embedding."""
+        if self._tied and name == "lm_head.weight" and embed is not None:
+            return (embed,)
+        prefix, _, attr = name.rpartition(".")
+        stem, _, leaf = prefix.rpartition(".")
+        if leaf in self._packed:
+            return tuple(f"{stem}.{part}.{attr}" if stem else f"{part}.{attr}" for part in self._packed[leaf])
+        return (name,)
+
+    def adapter_digests(self):
+        from recipe.state_dict import PEFT_PREFIX
+
+        if self._lora is None:
+            raise RuntimeError("adapter_digests: no adapter is loaded")
+        held = self.llm.collective_rpc(_adapter_digests_in_worker, args=(self._lora[0].lora_int_id,))[0]
+        out = {}
+        for module_name, subs in held.items():
+            stem, _, leaf = module_name.rpartition(".")
+            parts = [f"{stem}.{p}" for p in self._packed[leaf]] if leaf in self._packed else [module_name]
+            if len(parts) != len(subs):
+                raise RuntimeError(f"adapter module {module_name!r}: {len(subs)} packed LoRAs for parts {parts}")
+            for part, sub in zip(parts, subs):
+                if sub is not None:
+                    for kind, both in zip(("lora_A", "lora_B"), sub):
+                        name = f"{PEFT_PREFIX}{part}.{kind}.weight"
+                        out[name] = ((name,), both)  # both orientations; the caller picks the streamed one
+        return out
+
+    def adapter_held_form(self, adapter_config):
+        """vLLM folds the scaling into lora_b in place (LoRALayerWeights.optimize) in the LoRA dtype."""
+        scale = lora_scaling(adapter_config)
+        dtype = self.llm.llm_engine.vllm_config.lora_config.lora_dtype
+        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, self.cfg.model.dtype)
+
+        def held(name: str, tensor: torch.Tensor) -> torch.Tensor:
+            tensor = tensor.to(dtype)
+            return tensor * scale if ".lora_B." in name and scale != 1 else tensor
+
+        return held
 
     def sleep(self):
         if not self.cfg.rollout.sleep or self._asleep:
@@ -644,6 +847,21 @@ class HfCopyEngine(HfEngine):
     def load_adapter(self, tensors, adapter_config, version):
         self._copy_into(self._by_adapter_name, tensors, "adapter tensor")
         self.lora_version = version
+
+    def weight_digests(self):
+        held = dict(self._by_hf_name)
+        head, embed = self.module.get_output_embeddings(), self.module.get_input_embeddings()
+        tied = head is not None and head.weight is embed.weight
+        if tied:  # not streamed: the head must be the embedding (peft keeps the tie)
+            held["lm_head.weight"] = head.weight
+        names = list(held)
+        done = digest_mod.digests([held[n] for n in names])
+        embed_name = next(n for n, p in self._by_hf_name.items() if p is embed.weight)
+        return {n: ((embed_name,) if tied and n == "lm_head.weight" else (n,), d) for n, d in zip(names, done)}
+
+    def adapter_digests(self):
+        names = list(self._by_adapter_name)
+        return {n: ((n,), d) for n, d in zip(names, digest_mod.digests([self._by_adapter_name[n] for n in names]))}
 
 
 def build_engine(cfg: DictConfig, ctx, model_dir: str, policy: Optional[nn.Module] = None) -> Engine:

@@ -3,7 +3,9 @@
     sync = WeightSync(cfg, ctx, policy, engine, tokenizer)
     stats = sync.sync(step)     # every rank calls it; returns the `sync/*` metrics
 
-See docs/SYNC.md for the measured numbers, the tolerances and how the fingerprint is defined.
+Two checks (docs/SYNC.md): every sync, an exact digest of every tensor the engine holds against
+the digests of what the trainer streamed, plus the name set (`sync.digest`); at the first sync
+and every N-th, a logprob probe of the engine against the trainer (`sync.verify`).
 """
 
 from __future__ import annotations
@@ -11,15 +13,16 @@ from __future__ import annotations
 import contextlib
 import math
 import time
-import weakref
 from pathlib import Path
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from recipe.state_dict import adapter_config, stream_base_weights, stream_weights, strategy_name
+from recipe.digest import Digest, combined_hex
+from recipe.state_dict import (WeightStream, adapter_config, is_lora_param, peft_name, stream_base_weights,
+                               stream_weights, strategy_name)
 
 # Max |logprob_trainer - logprob_engine| over the probe tokens when sync.tolerance is null.
 # Measured on CPU (docs/SYNC.md): float32 noise <= 5e-5 on SmolLM2-135M, while one stale MLP
@@ -38,44 +41,6 @@ PROBE_COMPLETION = " the answer is 42."
 
 class WeightSyncError(RuntimeError):
     """The engine's weights do not match the trainer's after a sync."""
-
-
-class TimedStream:
-    """Wraps the weight stream: time spent producing tensors, bytes, names, peak live bytes.
-
-    Producing a tensor (the FSDP all-gather, a LoRA merge, a host->device copy) happens inside
-    `next()`; everything else inside the engine's load call is loading. `peak_live_bytes` is the
-    most bytes of yielded tensors alive at once (tracked with weakrefs), i.e. what the stream
-    plus the engine's buffering hold beyond the model itself.
-    """
-
-    def __init__(self, source: Iterable[Tuple[str, torch.Tensor]]):
-        self._it = iter(source)
-        self.seconds = 0.0
-        self.bytes = 0
-        self.names: List[str] = []
-        self._live = 0
-        self.peak_live_bytes = 0
-
-    def __iter__(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        return self
-
-    def __next__(self) -> Tuple[str, torch.Tensor]:
-        t0 = time.perf_counter()
-        try:
-            name, tensor = next(self._it)
-        finally:
-            self.seconds += time.perf_counter() - t0
-        size = tensor.numel() * tensor.element_size()
-        self.bytes += size
-        self.names.append(name)
-        self._live += size
-        self.peak_live_bytes = max(self.peak_live_bytes, self._live)
-        weakref.finalize(tensor, self._release, size)
-        return name, tensor
-
-    def _release(self, size: int) -> None:
-        self._live -= size
 
 
 def probe_batch(tokenizer, num: int) -> List[List[int]]:
@@ -135,17 +100,18 @@ class WeightSync:
     """Moves the trainer's weights into this rank's engine and proves they arrived.
 
     Ordering contract, per training step (every rank, same order):
-      1. ``optimizer.step()`` has finished on every rank (the stream all-gathers shards, and the
-         probe runs a sharded forward: both are collectives, so every rank must call ``sync``).
+      1. ``optimizer.step()`` has finished on every rank (the stream all-gathers shards, the
+         verdicts are all-gathered, and the probe runs a sharded forward: all collectives, so
+         every rank must call ``sync``).
       2. ``sync(step)``: wakes the engine, streams ``recipe.state_dict.stream_weights`` into it
          (full weights via ``engine.load_weights``; for lora=adapter only the adapter, as a new
-         version via ``engine.load_adapter``; the base once, on the first call), resets the
-         prefix cache, bumps ``weight_version``, fingerprints the engine and, when
-         ``sync.verify`` says so, runs the parity probe. The engine is left awake.
+         version via ``engine.load_adapter``; the base once, on the first call), bumps
+         ``weight_version``, compares the engine's digests with the streamed ones (``sync.digest``)
+         and, when ``sync.verify`` says so, runs the logprob probe. The engine is left awake.
       3. Only then may the engine generate: every sample of step ``s`` comes from weights of
          version ``s + 1`` (the first call, before any update, makes version 1).
-    A failed probe raises ``WeightSyncError`` on every rank at once (the worst gap is
-    all-reduced first), so no rank is left waiting in a collective.
+    A failed check raises ``WeightSyncError`` on every rank at once (the per-rank reports are
+    all-gathered first), so no rank is left waiting in a collective.
     """
 
     def __init__(self, cfg: DictConfig, ctx, model: torch.nn.Module, engine, tokenizer,
@@ -156,36 +122,47 @@ class WeightSync:
         self.probe = probe_batch(tokenizer, cfg.sync.num_probe_prompts)
         self.tolerance = cfg.sync.tolerance if cfg.sync.tolerance is not None else DEFAULT_TOLERANCE[cfg.model.dtype]
         self.adapter = cfg.lora.name == "adapter"
-        self.expected: Optional[List[str]] = None if self.adapter else checkpoint_names(cfg.model.path)
+        self.digest = cfg.sync.digest and not engine.shares_policy
+        self.expected = checkpoint_names(cfg.model.path)  # what a full (or base) load must cover
+        self.expected_adapter = sorted(peft_name(n) for n, _ in model.named_parameters() if is_lora_param(n))
         self.weight_version = 0
         self.num_syncs = 0
         self._base_loaded = False
+        self._peak = 0
 
     # -- public
     def sync(self, step: int) -> Dict[str, object]:
         t0 = time.perf_counter()
         self.engine.wake()
-        gather_s, load_s, nbytes, peak, names = self._transfer()
+        loads = self._transfer()
         self.weight_version += 1
         self.num_syncs += 1
-        verify = self._should_verify()
-        t1 = time.perf_counter()
-        engine_lps = self.engine.prompt_logprobs(self.probe)
-        diff = self._parity(engine_lps, names, step) if verify else float("nan")
-        verify_s = time.perf_counter() - t1 if verify else 0.0
+        checked = self._check_digests(loads, step) if self.digest else {}
+        probed = self._probe(step) if self._should_verify() else {}
+        return self._metrics(time.perf_counter() - t0, loads, checked, probed)
+
+    def _metrics(self, total_s: float, loads, checked: dict, probed: dict) -> Dict[str, object]:
+        in_load = checked.get("in_load_s", 0.0)  # engine digests taken inside its load (vLLM CPU)
+        gather_s = sum(s.seconds for s, _ in loads)
+        load_s = sum(load for _, load in loads) - in_load
+        nbytes = sum(s.num_bytes for s, _ in loads)
         move_s = gather_s + load_s
         return {
-            "sync/total_s": time.perf_counter() - t0,
+            "sync/total_s": total_s,
             "sync/gather_s": gather_s,
             "sync/load_s": load_s,
-            "sync/verify_s": verify_s,
+            "sync/verify_s": checked.get("seconds", 0.0),
+            "sync/probe_s": probed.get("seconds", 0.0),
             "sync/bytes": nbytes,
             "sync/gbps": nbytes / move_s / 1e9 if move_s > 0 else 0.0,
-            "sync/peak_mem_bytes": peak,
+            "sync/peak_mem_bytes": self._peak,
             "sync/strategy": self.strategy_name(),
             "sync/weight_version": self.weight_version,
-            "sync/parity_max_abs_diff": diff,
-            "sync/fingerprint": fingerprint(engine_lps),
+            "sync/verified_tensors": checked.get("tensors", 0),
+            "sync/verified_bytes": checked.get("bytes", 0),
+            "sync/digest": checked.get("hex", ""),
+            "sync/parity_max_abs_diff": probed.get("diff", float("nan")),
+            "sync/fingerprint": probed.get("fingerprint", float("nan")),
         }
 
     def strategy_name(self) -> str:
@@ -197,55 +174,94 @@ class WeightSync:
     def _streams(self):
         return self.stream_fn if self.stream_fn is not None else stream_weights
 
-    def _transfer(self) -> Tuple[float, float, int, int, List[str]]:
-        """Stream into the engine; returns (gather_s, load_s, bytes, peak_bytes, names)."""
+    def _transfer(self) -> List[Tuple[WeightStream, float]]:
+        """Stream into the engine; returns (stream, load seconds) per load call of this sync."""
+        self._peak = 0
         if self.engine.shares_policy:
-            return 0.0, 0.0, 0, 0, []
+            return []
         cuda = self.ctx.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
             base_mem = torch.cuda.memory_allocated()
-        gather_s = load_s = 0.0
-        nbytes = peak = 0
-        names: List[str] = []
+        loads = []
         for stream, load in self._loads():
             t0 = time.perf_counter()
             load(stream)
             if cuda:
                 torch.cuda.synchronize()
-            load_s += time.perf_counter() - t0 - stream.seconds
-            gather_s += stream.seconds
-            nbytes += stream.bytes
-            peak = max(peak, stream.peak_live_bytes)
-            names += stream.names
+            loads.append((stream, time.perf_counter() - t0 - stream.seconds - stream.digest_seconds))
+            self._peak = max(self._peak, stream.peak_live_bytes)
         if cuda:
-            peak = torch.cuda.max_memory_allocated() - base_mem
-        if nbytes == 0:
+            self._peak = torch.cuda.max_memory_allocated() - base_mem
+        if sum(s.num_bytes for s, _ in loads) == 0:
             raise WeightSyncError(f"sync {self.num_syncs + 1}: the weight stream yielded no tensors "
                                   f"(strategy {self.strategy_name()}); the engine would keep stale weights")
-        return gather_s, load_s, nbytes, peak, names
+        return loads
+
+    def _wrap(self, source, held_form=None) -> WeightStream:
+        return WeightStream(source, self.strategy_name(), digest=self.digest, held_form=held_form)
 
     def _loads(self):
-        """(TimedStream, engine loader) pairs for this sync: the base once for adapters, then the weights."""
+        """(WeightStream, engine loader) pairs for this sync: the base once for adapters, then the weights."""
         stream = self._streams()
         if not self.adapter:
-            yield TimedStream(stream(self.model, self.cfg, self.ctx.device)), self.engine.load_weights
+            yield self._wrap(stream(self.model, self.cfg, self.ctx.device)), self.engine.load_weights
             return
         if not self._base_loaded:
             base = self._base_stream()
-            yield TimedStream(base(self.model, self.cfg, self.ctx.device)), self.engine.load_weights
+            yield self._wrap(base(self.model, self.cfg, self.ctx.device)), self.engine.load_weights
             self._base_loaded = True
         config = adapter_config(self.cfg)
         version = self.weight_version + 1
-        yield TimedStream(stream(self.model, self.cfg, self.ctx.device)), \
+        held = self.engine.adapter_held_form(config) if self.digest else None
+        yield self._wrap(stream(self.model, self.cfg, self.ctx.device), held), \
             lambda s: self.engine.load_adapter(s, config, version)
 
     def _base_stream(self):
         """The base-only stream for lora=adapter (the lora=none entry of the same fsdp/offload)."""
         return self.base_stream_fn if self.base_stream_fn is not None else stream_base_weights
 
-    # -- verify
+    # -- digest check
+    def _check_digests(self, loads: List[Tuple[WeightStream, float]], step: int) -> Dict[str, object]:
+        """Every tensor the engine holds == what was streamed (exact digests), and the name sets match."""
+        t0 = time.perf_counter()
+        problems: List[str] = []
+        tensors = nbytes = 0
+        combined: Dict[str, Digest] = {}
+        in_load = 0.0
+        for stream, _ in loads:
+            adapter = self.adapter and stream.names and all(is_lora_param(n) for n in stream.names)
+            expected = self.expected_adapter if adapter else self.expected
+            streamed = stream.digests()
+            problems += name_problems(expected, stream.names)
+            held = self.engine.adapter_digests() if adapter else self.engine.weight_digests()
+            in_load += 0.0 if adapter else self.engine.load_digest_seconds
+            found, count = compare_digests(held, streamed)
+            problems += found
+            tensors += count
+            nbytes += stream.num_bytes
+            combined.update(streamed)
+        self._agree(problems, step)
+        seconds = time.perf_counter() - t0 + sum(s.digest_seconds for s, _ in loads) + in_load
+        return {"tensors": tensors, "bytes": nbytes, "hex": combined_hex(combined), "in_load_s": in_load,
+                "seconds": seconds}
+
+    def _agree(self, problems: List[str], step: int) -> None:
+        """All ranks see every rank's problems, then all raise together (or none does)."""
+        reports = [{"rank": self.ctx.rank, "problems": problems}]
+        if dist.is_initialized() and dist.get_world_size() > 1:
+            reports = [None] * dist.get_world_size()
+            dist.all_gather_object(reports, {"rank": self.ctx.rank, "problems": problems})
+        bad = [r for r in reports if r["problems"]]
+        if bad:
+            lines = [f"rank {r['rank']}: " + "; ".join(r["problems"][:8]) +
+                     (f" (+{len(r['problems']) - 8} more)" if len(r["problems"]) > 8 else "") for r in bad]
+            raise WeightSyncError(f"weight sync failed the digest check at step {step} (weight version "
+                                  f"{self.weight_version}, strategy {self.strategy_name()}): the engine does not "
+                                  f"hold exactly what was streamed. " + " | ".join(lines))
+
+    # -- probe
     def _should_verify(self) -> bool:
         mode = str(self.cfg.sync.verify)
         if mode == "every":
@@ -256,14 +272,20 @@ class WeightSync:
             return False
         return (self.num_syncs - 1) % int(mode) == 0  # the first sync, then every N-th
 
-    def _parity(self, engine_lps: List[List[float]], names: List[str], step: int) -> float:
+    def _probe(self, step: int) -> Dict[str, float]:
+        """The logprob probe: the engine's prompt logprobs against the trainer's (collective)."""
+        t0 = time.perf_counter()
+        engine_lps = self.engine.prompt_logprobs(self.probe)
+        diff = self._parity(engine_lps, step)
+        return {"diff": diff, "fingerprint": fingerprint(engine_lps), "seconds": time.perf_counter() - t0}
+
+    def _parity(self, engine_lps: List[List[float]], step: int) -> float:
         """Compare this rank's engine with the trainer; all ranks agree on the verdict before raising."""
         with self._trainer_on_device():
             trainer_lps = trainer_logprobs(self.model, self.probe, self.ctx.device)
         diff, row, pos = worst_token(trainer_lps, engine_lps)
         mine = {"rank": self.ctx.rank, "diff": diff, "row": row, "pos": pos,
-                "trainer": _at(trainer_lps, row, pos), "engine": _at(engine_lps, row, pos),
-                "tensors": self._name_report(names)}
+                "trainer": _at(trainer_lps, row, pos), "engine": _at(engine_lps, row, pos)}
         reports = [mine]
         if dist.is_initialized() and dist.get_world_size() > 1:
             reports = [None] * dist.get_world_size()
@@ -289,31 +311,74 @@ class WeightSync:
 
                 offload_to_cpu(self.model, None)
 
-    def _name_report(self, names: List[str]) -> str:
-        """Which tensors look wrong by name: expected-but-not-loaded and loaded-but-unknown."""
-        if self.expected is None:
-            self.expected = list(names)  # adapter: the first sync defines the set
-            return ""
-        got = set(names)
-        missing = [n for n in self.expected if n not in got]
-        unknown = sorted(got - set(self.expected))
-        parts = []
-        if missing:
-            parts.append(f"not loaded: {missing[:5]}" + (f" (+{len(missing) - 5} more)" if len(missing) > 5 else ""))
-        if unknown:
-            parts.append(f"unexpected names: {unknown[:5]}")
-        return "; ".join(parts)
-
     def _message(self, worst: dict, step: int) -> str:
         ids = self.probe[worst["row"]] if worst["row"] >= 0 else []
         token = ids[worst["pos"]] if 0 <= worst["pos"] < len(ids) else None
-        where = worst["tensors"] or ("every expected tensor name was loaded, so a value is wrong "
-                                     "(stale, mis-gathered or loaded under another name)")
+        where = ("every digest matched, so the engine holds what was streamed: the stream itself (gather, "
+                 "transform) or the engine's kernels are wrong" if self.digest else "digests are off (sync.digest)")
         return (f"weight sync failed the parity probe at step {step} (weight version {self.weight_version}, "
                 f"strategy {self.strategy_name()}): max |logprob trainer - engine| = {worst['diff']:.3g} > "
                 f"tolerance {self.tolerance:g} ({self.cfg.model.dtype}) on rank {worst['rank']}, probe {worst['row']} "
-                f"token {worst['pos']} (id {token}): trainer {worst['trainer']:.6g} vs engine {worst['engine']:.6g}. "
-                f"Tensors: {where}.")
+                f"token {worst['pos']} (id {token}): trainer {worst['trainer']:.6g} vs engine {worst['engine']:.6g}; "
+                f"{where}.")
+
+
+def name_problems(expected: List[str], streamed: List[str]) -> List[str]:
+    """Names that a load must cover but the stream did not yield, unknown names, and repeats."""
+    got = set(streamed)
+    missing = [n for n in expected if n not in got]
+    unknown = sorted(got - set(expected))
+    repeated = sorted({n for n in streamed if streamed.count(n) > 1}) if len(got) < len(streamed) else []
+    out = []
+    if missing:
+        out.append(f"not streamed: {_few(missing)}")
+    if unknown:
+        out.append(f"streamed under unexpected names: {_few(unknown)}")
+    if repeated:
+        out.append(f"streamed more than once: {_few(repeated)}")
+    return out
+
+
+def compare_digests(held: Dict[str, tuple], streamed: Dict[str, Digest]) -> Tuple[List[str], int]:
+    """(problems, tensors checked): each engine tensor against the concatenation of its streamed parts."""
+    problems: List[str] = []
+    checked = 0
+    for name, (parts, have) in sorted(held.items()):
+        absent = [p for p in parts if p not in streamed]
+        if absent:
+            problems.append(f"{name}: held by the engine, but {_few(absent)} not streamed")
+            continue
+        want = Digest.concat([streamed[p] for p in parts])
+        have = _orient(have, want)
+        if have is None:
+            problems.append(f"{name}: not loaded or not re-processed by the engine in this load (it keeps an "
+                            f"old kernel: a dropped tensor, or a tied head not refreshed)")
+        elif not _same(have, want, name):
+            problems.append(f"{name}: engine {have.short()} != streamed {want.short()}")
+        checked += 1
+    covered = {p for parts, _ in held.values() for p in parts}
+    unused = sorted(set(streamed) - covered)
+    if unused:
+        problems.append(f"streamed but held by no engine tensor: {_few(unused)}")
+    return problems, checked
+
+
+def _orient(have, want: Digest) -> Optional[Digest]:
+    """The engine's digest in the streamed orientation (vLLM may hold a LoRA matrix transposed)."""
+    if have is None or isinstance(have, Digest):
+        return have
+    return next((d for d in have if d.rows == want.rows), have[0])
+
+
+def _same(have: Digest, want: Digest, name: str) -> bool:
+    """Exact equality; vocab tables may carry padding rows (zeros add nothing to either sum)."""
+    padded = ("embed_tokens" in name or "lm_head" in name) and have.numel >= want.numel
+    sizes_ok = padded or (have.numel, have.rows) == (want.numel, want.rows)
+    return sizes_ok and have.dtype == want.dtype and (have.total, have.weighted) == (want.total, want.weighted)
+
+
+def _few(names: List[str], k: int = 5) -> str:
+    return str(names[:k]) + (f" (+{len(names) - k} more)" if len(names) > k else "")
 
 
 def _at(lps: List[List[float]], row: int, pos: int) -> float:

@@ -14,13 +14,20 @@ LoRA enabled) and the tests below assert on what it returns:
   exactly what HF generate on the unsharded copy gives;
 - the adapter path generates with the new adapter: its logprobs move with each version and
   differ from the base model's;
-- faults (a skipped tensor, a stale tensor, a tensor under the wrong name) are caught by the
-  parity probe with a WeightSyncError on both ranks, and a correct sync afterwards passes;
+- engine-side faults (a skipped tensor, a stale one, one under another name, one element one
+  ulp off on one rank, a tensor scaled by 1 + 2^-7, a transposed square tensor, the tied head
+  not refreshed; LoRA B not scaled or scaled twice) are caught by the digest check on both
+  ranks, naming the tensor, in float32 and bfloat16 (separate bf16 engines); a correct sync
+  afterwards passes; 100 correct syncs (20 for adapters) with an update before each are never
+  flagged;
+- stream faults: a missing name fails the name check, a stale value in the stream itself
+  passes the digest and is caught by the probe (float32);
 - the sync metrics reach metrics.jsonl and the offline wandb files.
 """
 
 from __future__ import annotations
 
+import contextlib
 import itertools
 import json
 import math
@@ -36,10 +43,19 @@ pytestmark = pytest.mark.slow
 COMBOS = [c for c in itertools.product(("fsdp1", "fsdp2"), ("none", "manual", "cpu"), ("none", "merged", "adapter"))
           if c[:2] != ("fsdp1", "cpu")]  # FSDP1 + CPU offload needs an accelerator (validate refuses it)
 GEN_PROMPTS = ["12+7=", "3*4=", "20-9="]
-SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/verify_s", "sync/bytes", "sync/gbps",
-             "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/parity_max_abs_diff",
-             "sync/fingerprint"}
+SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/verify_s", "sync/probe_s", "sync/bytes",
+             "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
+             "sync/verified_bytes", "sync/digest", "sync/parity_max_abs_diff", "sync/fingerprint"}
 FAULT_NAME = "model.layers.1.mlp.down_proj.weight"
+SQUARE_NAME = "model.layers.1.self_attn.o_proj.weight"  # 128 x 128
+DTYPES = ("float32", "bfloat16")
+# Faults injected between the trainer's stream (which digests what it yields) and the engine, i.e.
+# the engine ends up holding something else than was streamed; each must be caught by the digest
+# check on both ranks, naming the tensor. "<kind>@0": injected on rank 0 only (the ranks agree).
+WEIGHT_FAULTS = {"skip": FAULT_NAME, "stale": FAULT_NAME, "wrong_name": FAULT_NAME, "ulp@0": FAULT_NAME,
+                 "scale": FAULT_NAME, "transpose": SQUARE_NAME, "head_not_refreshed": "lm_head.weight"}
+ADAPTER_FAULTS = {"b_not_scaled": "lora_B.weight", "b_scaled_twice": "lora_B.weight"}
+NUM_CLEAN_SYNCS = 100
 
 
 def _cfg(model_dir: str, fsdp="fsdp2", offload="none", lora="none", extra=()):
@@ -126,10 +142,10 @@ def _base_gap(engine, probe, with_adapter):
         engine._lora = saved
 
 
-def _faults(ctx, model_dir, engine, tok):
-    """Break one sync in three ways; each must raise WeightSyncError (on every rank), then recover."""
-    import torch
-
+def _stream_faults(ctx, model_dir, engine, tok):
+    """Faults in the stream itself (what the trainer yields is wrong): a missing name fails the name
+    check; a stale value streamed as if current passes the digest (the engine holds what was
+    streamed) and is caught by the logprob probe (float32)."""
     from recipe.model import build_optimizer, build_policy
     from recipe.state_dict import stream_weights
     from recipe.sync import WeightSync, WeightSyncError
@@ -148,8 +164,6 @@ def _faults(ctx, model_dir, engine, tok):
     faults = {
         "skip": lambda m, c, d: ((n, t) for n, t in stream_weights(m, c, d) if n != FAULT_NAME),
         "stale": lambda m, c, d: ((n, stale[n] if n == FAULT_NAME else t) for n, t in stream_weights(m, c, d)),
-        "wrong_name": lambda m, c, d: ((n.replace("layers.1.mlp.down", "layers.0.mlp.down"), t)
-                                       for n, t in stream_weights(m, c, d) if n != "model.layers.0.mlp.down_proj.weight"),
     }
     sync = WeightSync(cfg, ctx, policy, engine, tok, stream_fn=capture)
     sync.sync(0)
@@ -157,20 +171,163 @@ def _faults(ctx, model_dir, engine, tok):
     results = {}
     for kind, fn in faults.items():
         sync.stream_fn = fn
-        try:
-            sync.sync(1)
-            results[kind] = None
-        except WeightSyncError as exc:
-            results[kind] = str(exc)
+        results[kind] = _error_of(sync, 1)
         sync.stream_fn = None
         results[kind + "_recovered"] = sync.sync(1)["sync/parity_max_abs_diff"]
     sync.stream_fn = lambda m, c, d: iter(())
-    try:
-        sync.sync(2)
-        results["empty"] = None
-    except WeightSyncError as exc:
-        results["empty"] = str(exc)
+    results["empty"] = _error_of(sync, 2)
     return results
+
+
+def _error_of(sync, step):
+    from recipe.sync import WeightSyncError
+
+    try:
+        sync.sync(step)
+        return None
+    except WeightSyncError as exc:
+        return str(exc)
+
+
+def _corrupt(kind, stale):
+    """The engine-side fault `kind`: a generator transform of the (already digested) stream."""
+    import torch
+
+    layer0 = FAULT_NAME.replace("layers.1.", "layers.0.")
+
+    def one(name, t):
+        if kind == "skip" and name == FAULT_NAME:
+            return []
+        if kind == "stale" and name == FAULT_NAME:
+            return [(name, stale[name])]
+        if kind == "wrong_name" and name in (FAULT_NAME, layer0):
+            return [(layer0, t)] if name == FAULT_NAME else []
+        if kind == "ulp" and name == FAULT_NAME:
+            t = t.clone()
+            t.view(torch.int16 if t.element_size() == 2 else torch.int32).view(-1)[7] += 1
+        if kind == "scale" and name == FAULT_NAME:
+            t = (t.float() * (1 + 2**-7)).to(t.dtype)
+        if kind == "transpose" and name == SQUARE_NAME:
+            t = t.t().contiguous()
+        return [(name, t)]
+
+    return lambda weights: (pair for name, t in weights for pair in one(name, t))
+
+
+def _engine_fault(engine, kind, stale, rank):
+    """Context: the engine holds something else than was streamed, in the way `kind` says."""
+    import contextlib
+    import unittest.mock as mock
+
+    import recipe.rollout
+
+    base, _, where = kind.partition("@")
+    if where and int(where) != rank:
+        return contextlib.nullcontext()
+    if base == "head_not_refreshed":  # vLLM CPU: the tied head keeps its old packed kernel
+        return mock.patch.object(recipe.rollout, "_refresh_embedding_kernels", lambda model: 0)
+    corrupt, load = _corrupt(base, stale), engine.load_weights
+    return mock.patch.object(engine, "load_weights", lambda weights: load(corrupt(weights)))
+
+
+def _faults(ctx, model_dir, dtype, engine, tok):
+    """Each engine-side fault raises WeightSyncError on every rank naming the tensor; a correct sync
+    afterwards passes both checks."""
+    from recipe.model import build_optimizer, build_policy
+    from recipe.state_dict import stream_weights
+    from recipe.sync import WeightSync
+
+    cfg = _cfg(model_dir, extra=[f"model.dtype={dtype}", "sync.tolerance=0.5"])
+    policy = build_policy(cfg, ctx)
+    optimizer = build_optimizer(policy, cfg)
+    stale = {}
+
+    def capture(model, cfg, device):
+        for name, t in stream_weights(model, cfg, device):
+            stale.setdefault(name, t.clone())
+            yield name, t
+
+    sync = WeightSync(cfg, ctx, policy, engine, tok, stream_fn=capture)
+    sync.sync(0)
+    sync.stream_fn = None
+    _train_step(policy, optimizer, sync.probe)
+    results = {}
+    for kind in WEIGHT_FAULTS:
+        with _engine_fault(engine, kind, stale, ctx.rank):
+            results[kind] = _error_of(sync, 1)
+        after = sync.sync(1)
+        results[kind + "_recovered"] = (after["sync/verified_tensors"], after["sync/parity_max_abs_diff"])
+    return results
+
+
+def _adapter_fault(kind):
+    """vLLM folds the LoRA scaling into lora_b (LoRALayerWeights.optimize): skip it, or do it twice."""
+    import unittest.mock as mock
+
+    from vllm.lora.lora_weights import LoRALayerWeights
+
+    def optimize(self):
+        if self.scaling != 1:
+            for _ in range(0 if kind == "b_not_scaled" else 2):
+                self.lora_b *= self.scaling
+            self.scaling = 1
+        return self
+
+    return mock.patch.object(LoRALayerWeights, "optimize", optimize)
+
+
+def _adapter_faults(ctx, model_dir, dtype, engine, tok):
+    from recipe.model import build_optimizer, build_policy
+    from recipe.sync import WeightSync
+
+    cfg = _cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}", "sync.tolerance=0.5"])
+    policy = build_policy(cfg, ctx)
+    optimizer = build_optimizer(policy, cfg)
+    sync = WeightSync(cfg, ctx, policy, engine, tok)
+    sync.sync(0)
+    _train_step(policy, optimizer, sync.probe)  # B moves away from its zero init
+    results = {}
+    for kind in ADAPTER_FAULTS:
+        with _adapter_fault(kind):
+            results[kind] = _error_of(sync, 1)
+        after = sync.sync(1)
+        results[kind + "_recovered"] = (after["sync/verified_tensors"], after["sync/parity_max_abs_diff"])
+    return results
+
+
+def _clean_syncs(ctx, model_dir, dtype, engine, tok, lora, count):
+    """`count` syncs with an optimizer step before each: none may be flagged (probe at the first only)."""
+    import time
+
+    from recipe.model import build_optimizer, build_policy
+    from recipe.sync import WeightSync
+
+    cfg = _cfg(model_dir, lora=lora, extra=[f"model.dtype={dtype}", "sync.verify=first"])
+    policy = build_policy(cfg, ctx)
+    optimizer = build_optimizer(policy, cfg)
+    sync = WeightSync(cfg, ctx, policy, engine, tok)
+    t0 = time.perf_counter()
+    digests, flagged, verify_s, move_s = set(), [], 0.0, 0.0
+    for step in range(count):
+        _train_step(policy, optimizer, sync.probe)
+        error = _error_of_stats(sync, step)
+        if isinstance(error, str):
+            flagged.append((step, error[:300]))
+            continue
+        digests.add(error["sync/digest"])
+        verify_s += error["sync/verify_s"]
+        move_s += error["sync/gather_s"] + error["sync/load_s"]
+    return {"flagged": flagged, "distinct_digests": len(digests), "seconds": time.perf_counter() - t0,
+            "verify_s": verify_s, "move_s": move_s}
+
+
+def _error_of_stats(sync, step):
+    from recipe.sync import WeightSyncError
+
+    try:
+        return sync.sync(step)
+    except WeightSyncError as exc:
+        return str(exc)
 
 
 def _log_metrics(ctx, model_dir, run_dir, records):
@@ -190,18 +347,37 @@ def _world(rank, world, model_dir, run_dir):
     from transformers import AutoTokenizer
 
     from recipe.dist import DistContext
-    from recipe.rollout import build_engine
 
     ctx = DistContext(rank, world, rank, torch.device("cpu"))
     tok = AutoTokenizer.from_pretrained(model_dir)
-    engines = {"plain": build_engine(_cfg(model_dir), ctx, model_dir),
-               "lora": build_engine(_cfg(model_dir, lora="adapter"), ctx, model_dir)}
+    out = {"faults": {}, "adapter_faults": {}, "clean": {}}
+    with _engines(ctx, model_dir, "float32") as engines:
+        out["combos"] = {combo: _one_combo(combo, ctx, model_dir, engines, tok) for combo in COMBOS}
+        out["stream_faults"] = _stream_faults(ctx, model_dir, engines["plain"], tok)
+        records = [r[k] for r in out["combos"].values() for k in ("first", "second")]
+        out["wandb_files"] = _log_metrics(ctx, model_dir, run_dir, records)
+        _digest_checks(out, ctx, model_dir, "float32", engines, tok)
+    with _engines(ctx, model_dir, "bfloat16") as engines:
+        _digest_checks(out, ctx, model_dir, "bfloat16", engines, tok)
+    return out
+
+
+def _digest_checks(out, ctx, model_dir, dtype, engines, tok):
+    out["faults"][dtype] = _faults(ctx, model_dir, dtype, engines["plain"], tok)
+    out["adapter_faults"][dtype] = _adapter_faults(ctx, model_dir, dtype, engines["lora"], tok)
+    out["clean"][dtype] = {"none": _clean_syncs(ctx, model_dir, dtype, engines["plain"], tok, "none", NUM_CLEAN_SYNCS),
+                           "adapter": _clean_syncs(ctx, model_dir, dtype, engines["lora"], tok, "adapter", 20)}
+
+
+@contextlib.contextmanager
+def _engines(ctx, model_dir, dtype):
+    """One plain and one LoRA-enabled vLLM engine of `dtype` on this rank, closed after use."""
+    from recipe.rollout import build_engine
+
+    engines = {"plain": build_engine(_cfg(model_dir, extra=[f"model.dtype={dtype}"]), ctx, model_dir),
+               "lora": build_engine(_cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}"]), ctx, model_dir)}
     try:
-        combos = {combo: _one_combo(combo, ctx, model_dir, engines, tok) for combo in COMBOS}
-        faults = _faults(ctx, model_dir, engines["plain"], tok)
-        records = [r[k] for r in combos.values() for k in ("first", "second")]
-        files = _log_metrics(ctx, model_dir, run_dir, records)
-        return {"combos": combos, "faults": faults, "wandb_files": files}
+        yield engines
     finally:
         for engine in engines.values():
             engine.close()
@@ -210,7 +386,7 @@ def _world(rank, world, model_dir, run_dir):
 @pytest.fixture(scope="module")
 def world(tiny_model_dir, tmp_path_factory):
     run_dir = tmp_path_factory.mktemp("run")
-    results = run_world(_world, 2, str(tiny_model_dir), str(run_dir), timeout_s=300)
+    results = run_world(_world, 2, str(tiny_model_dir), str(run_dir), timeout_s=1200)
     return results, run_dir
 
 
@@ -222,6 +398,9 @@ def test_engine_matches_trained_model(world, combo):
         assert set(r["second"]) == SYNC_KEYS
         assert r["second"]["sync/weight_version"] == r["first"]["sync/weight_version"] + 1
         assert r["second"]["sync/bytes"] > 0
+        # every tensor was digest-checked, and the digest moved with the update
+        assert r["second"]["sync/verified_tensors"] > 0 and r["second"]["sync/verified_bytes"] == r["second"]["sync/bytes"]
+        assert r["second"]["sync/digest"] != r["first"]["sync/digest"]
         # the step changed the engine's weights, and they now equal the trained model's
         assert r["moved"] > r["tolerance"], f"rank {rank}: the engine did not change after the update"
         assert r["second"]["sync/fingerprint"] != r["first"]["sync/fingerprint"]
@@ -244,6 +423,7 @@ def test_hf_copy_engine_syncs_by_name(world, combo):
     for res in results:
         r = res["combos"][combo]
         assert r["copy_sync"]["sync/parity_max_abs_diff"] <= r["tolerance"]
+        assert r["copy_sync"]["sync/verified_tensors"] > 0
         if combo[2] == "adapter":  # the copy's first sync loads the base, then the adapter
             assert r["copy_sync"]["sync/bytes"] > r["second"]["sync/bytes"]
         else:
@@ -260,22 +440,56 @@ def test_adapter_generates_with_latest_version(world, combo):
         assert r["base_vs_adapter"] > r["tolerance"], "the adapter does not change the engine's outputs"
 
 
-@pytest.mark.parametrize("kind", ["skip", "stale", "wrong_name"])
-def test_fault_is_caught_by_parity_probe(world, kind):
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", list(WEIGHT_FAULTS))
+def test_engine_fault_is_caught_by_digest(world, kind, dtype):
     results, _ = world
     for res in results:
-        message = res["faults"][kind]
-        assert message is not None, f"a {kind} sync passed the parity probe"
-        assert "parity probe" in message and "token" in message
-        if kind in ("skip", "wrong_name"):
-            assert "not loaded" in message  # the probe names the tensor it can tell is missing
-        assert res["faults"][kind + "_recovered"] <= 1e-3
+        message = res["faults"][dtype][kind]
+        assert message is not None, f"{kind} ({dtype}) passed the digest check"
+        assert "digest check" in message and WEIGHT_FAULTS[kind] in message, message
+        if "@" in kind:  # injected on rank 0 only: both ranks raise, naming rank 0
+            assert "rank 0:" in message and "rank 1:" not in message
+        tensors, diff = res["faults"][dtype][kind + "_recovered"]
+        assert tensors > 0 and diff <= 0.5  # the next correct sync passes both checks
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("kind", list(ADAPTER_FAULTS))
+def test_adapter_fault_is_caught_by_digest(world, kind, dtype):
+    results, _ = world
+    for res in results:
+        message = res["adapter_faults"][dtype][kind]
+        assert message is not None, f"{kind} ({dtype}) passed the digest check"
+        assert "digest check" in message and ADAPTER_FAULTS[kind] in message, message
+        assert res["adapter_faults"][dtype][kind + "_recovered"][0] > 0
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("lora", ["none", "adapter"])
+def test_correct_syncs_are_never_flagged(world, dtype, lora):
+    results, _ = world
+    for res in results:
+        clean = res["clean"][dtype][lora]
+        assert clean["flagged"] == []
+        assert clean["distinct_digests"] == (NUM_CLEAN_SYNCS if lora == "none" else 20)  # every update moved it
+
+
+def test_stream_faults(world):
+    """A stream that skips a name fails the name check; a stale value in the stream itself is what
+    the probe is for (the engine holds exactly what was streamed)."""
+    results, _ = world
+    for res in results:
+        faults = res["stream_faults"]
+        assert "digest check" in faults["skip"] and f"not streamed: ['{FAULT_NAME}']" in faults["skip"]
+        assert "parity probe" in faults["stale"] and "every digest matched" in faults["stale"]
+        assert faults["skip_recovered"] <= 1e-3 and faults["stale_recovered"] <= 1e-3
 
 
 def test_empty_sync_fails(world):
     results, _ = world
     for res in results:
-        assert res["faults"]["empty"] is not None and "no tensors" in res["faults"]["empty"]
+        assert res["stream_faults"]["empty"] is not None and "no tensors" in res["stream_faults"]["empty"]
 
 
 def read_wandb_history(path: Path) -> list:

@@ -67,6 +67,11 @@ def test_vllm_sink_loads_the_stream_into_the_engine(tiny_model_dir, tmp_path):
     assert [(r["label"], r["status"], r["sink"]) for r in rows] == [
         ("fsdp2/cpu/merged", "ok", "vllm"), ("fsdp2/manual/adapter", "ok", "copy")]
     assert all(r["bytes"] > 0 for r in rows)
+    # the verify cost: every engine tensor digest-checked (the tied head too), with its time and ratio
+    assert rows[0]["verified_tensors"] == 17 and rows[0]["verify_problems"] == []
+    assert all(r["verify_s"] > 0 and r["verify_ratio"] > 0 for r in rows)
+    checks = json.loads((tmp_path / "sync_bench_tiny_w1.json").read_text())["checks"]
+    assert "max verify / (gather + load)" in {c["target"] for c in checks}
 
 
 def test_bad_choice_names_the_field(tmp_path):
@@ -90,3 +95,17 @@ def test_copy_sink_catches_unwritten_and_wrong_weights():
     assert sink.wrong(expected) == ["b"] and sink.missing() == []
     with pytest.raises(KeyError, match="'c'"):
         sink.load(iter([("c", torch.ones(1))]))
+
+
+def test_copy_sink_digest_check_names_a_wrong_weight():
+    import torch
+
+    from recipe.digest import digest
+    from tools.sync_bench import CopySink
+
+    sink = CopySink({"a": torch.zeros(3), "b": torch.zeros(2)}, torch.device("cpu"), strict=True)
+    sink.load(iter([("a", torch.ones(3)), ("b", torch.ones(2))]))
+    assert sink.check({"a": digest(torch.ones(3)), "b": digest(torch.ones(2))}) == ([], 2, 0.0)
+    sink.dest["b"][1] = 2.0
+    problems, _, _ = sink.check({"a": digest(torch.ones(3)), "b": digest(torch.ones(2))})
+    assert len(problems) == 1 and problems[0].startswith("b: engine")

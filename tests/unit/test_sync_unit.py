@@ -12,36 +12,41 @@ from types import SimpleNamespace
 import pytest
 import torch
 
+from recipe.digest import Digest, digest, digests
 from recipe.metrics import MetricsLogger
-from recipe.rollout import Engine
-from recipe.sync import DEFAULT_TOLERANCE, TimedStream, WeightSync, WeightSyncError, trainer_logprobs, worst_token
+from recipe.rollout import HfCopyEngine
+from recipe.state_dict import WeightStream
+from recipe.sync import (DEFAULT_TOLERANCE, WeightSync, WeightSyncError, compare_digests, name_problems,
+                         trainer_logprobs, worst_token)
 
-SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/verify_s", "sync/bytes", "sync/gbps",
-             "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/parity_max_abs_diff",
-             "sync/fingerprint"}
+SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/verify_s", "sync/probe_s", "sync/bytes",
+             "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
+             "sync/verified_bytes", "sync/digest", "sync/parity_max_abs_diff", "sync/fingerprint"}
 
 
-class FakeEngine(Engine):
-    """An engine whose weights are a plain HF model; records the calls WeightSync makes, in order."""
+class FakeEngine(HfCopyEngine):
+    """rollout=hf's own-copy engine that records the calls WeightSync makes, in order."""
 
     backend = "fake"
 
-    def __init__(self, model):
-        self.model, self.calls = model, []
+    def __init__(self, cfg, ctx, model_dir):
+        super().__init__(cfg, ctx, model_dir)
+        self.calls = []
 
     def wake(self):
         self.calls.append("wake")
 
     def load_weights(self, weights):
         self.calls.append("load")
-        params = dict(self.model.named_parameters())
-        with torch.no_grad():
-            for name, tensor in weights:
-                params[name].copy_(tensor)
+        super().load_weights(weights)
+
+    def weight_digests(self):
+        self.calls.append("digests")
+        return super().weight_digests()
 
     def prompt_logprobs(self, ids):
         self.calls.append("prompt_logprobs")
-        return trainer_logprobs(self.model, ids, torch.device("cpu"))
+        return trainer_logprobs(self.module, ids, torch.device("cpu"))
 
 
 def _stream(model, cfg, device):
@@ -50,16 +55,18 @@ def _stream(model, cfg, device):
             yield name, tensor.detach().clone()
 
 
-@pytest.fixture()
-def setup(tiny_model_dir):
+@pytest.fixture(params=["float32", "bfloat16"])
+def setup(tiny_model_dir, request):
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
+    from recipe.model import torch_dtype
     from tests.helpers import compose
 
-    cfg = compose([f"model.path={tiny_model_dir}", "trainer.device=cpu", "sync.verify=2"])
-    trainer = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
-    engine = FakeEngine(AutoModelForCausalLM.from_pretrained(tiny_model_dir))
+    cfg = compose([f"model.path={tiny_model_dir}", "trainer.device=cpu", "sync.verify=2",
+                   f"model.dtype={request.param}"])
+    trainer = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype(request.param))
     ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    engine = FakeEngine(cfg, ctx, str(tiny_model_dir))
     sync = WeightSync(cfg, ctx, trainer, engine, AutoTokenizer.from_pretrained(tiny_model_dir), stream_fn=_stream)
     return sync, trainer, engine
 
@@ -75,30 +82,62 @@ def test_sync_moves_weights_and_reports_metrics(setup):
     _perturb(trainer)
     stats = sync.sync(1)
     assert set(stats) == SYNC_KEYS
-    assert engine.calls == ["wake", "load", "prompt_logprobs"]  # wake -> load -> read back (+ verify)
+    assert engine.calls == ["wake", "load", "digests", "prompt_logprobs"]  # wake -> load -> digests -> probe
     assert stats["sync/weight_version"] == 1 and stats["sync/parity_max_abs_diff"] == 0.0
-    assert stats["sync/bytes"] == sum(t.numel() * 4 for _, t in _stream(trainer, None, None))
+    streamed = list(_stream(trainer, None, None))
+    assert stats["sync/bytes"] == sum(t.numel() * t.element_size() for _, t in streamed)
+    assert stats["sync/verified_tensors"] == len(streamed) + 1  # + the tied head, checked against the embedding
+    assert stats["sync/verified_bytes"] == stats["sync/bytes"] and len(stats["sync/digest"]) == 16
     assert stats["sync/peak_mem_bytes"] > 0 and stats["sync/gather_s"] >= 0 and stats["sync/load_s"] >= 0
+    assert stats["sync/verify_s"] > 0 and stats["sync/probe_s"] > 0
     assert stats["sync/strategy"] == "fsdp2/none/none"
 
 
-def test_verify_every_n_and_fingerprint_changes(setup):
+def test_verify_every_n_and_digest_changes(setup):
     sync, trainer, _ = setup
-    diffs, prints = [], []
+    diffs, prints, probes = [], [], []
     for step in range(4):
         _perturb(trainer)
         stats = sync.sync(step)
         diffs.append(stats["sync/parity_max_abs_diff"])
-        prints.append(stats["sync/fingerprint"])
+        prints.append(stats["sync/digest"])
+        probes.append(stats["sync/probe_s"])
     assert [math.isnan(d) for d in diffs] == [False, True, False, True]  # sync.verify=2: 1st, 3rd, ...
+    assert [p > 0 for p in probes] == [True, False, True, False]
     assert len(set(prints)) == 4
 
 
-def test_stale_engine_raises_naming_token(setup):
+def test_stale_engine_fails_digest_naming_tensors(setup):
     sync, trainer, engine = setup
     engine.load_weights = lambda weights: [None for _ in weights]  # drains the stream, loads nothing
     _perturb(trainer)
+    with pytest.raises(WeightSyncError, match=r"digest check.*model\.embed_tokens\.weight: engine .* != streamed"):
+        sync.sync(1)
+
+
+def test_stale_engine_fails_probe_without_digest(setup):
+    sync, trainer, engine = setup
+    sync.digest = False
+    engine.load_weights = lambda weights: [None for _ in weights]
+    _perturb(trainer)
     with pytest.raises(WeightSyncError, match=r"parity probe.*probe \d+ token \d+ \(id \d+\)"):
+        sync.sync(1)
+
+
+def test_digest_off_checks_nothing(setup):
+    sync, trainer, engine = setup
+    sync.digest = False
+    stats = sync.sync(1)
+    assert "digests" not in engine.calls
+    assert (stats["sync/verified_tensors"], stats["sync/verified_bytes"], stats["sync/digest"]) == (0, 0, "")
+    assert stats["sync/verify_s"] == 0.0
+
+
+def test_skipped_tensor_fails_name_check(setup):
+    sync, trainer, _ = setup
+    gone = "model.layers.1.mlp.down_proj.weight"
+    sync.stream_fn = lambda m, c, d: ((n, t) for n, t in _stream(m, c, d) if n != gone)
+    with pytest.raises(WeightSyncError, match=rf"not streamed: \['{gone}'\]"):
         sync.sync(1)
 
 
@@ -128,16 +167,87 @@ def test_worst_token_and_tolerances():
     assert DEFAULT_TOLERANCE["float32"] < DEFAULT_TOLERANCE["float16"] < DEFAULT_TOLERANCE["bfloat16"]
 
 
-def test_timed_stream_counts_and_releases():
-    stream = TimedStream((name, torch.zeros(n)) for name, n in [("a", 4), ("b", 8)])
+def test_weight_stream_counts_releases_and_digests():
+    stream = WeightStream(((name, torch.arange(n, dtype=torch.float32)) for name, n in [("a", 4), ("b", 8)]),
+                          digest=True)
     names = []
     for name, tensor in stream:
         names.append(name)
         del tensor  # dropped before the next one is produced
-    assert names == ["a", "b"] and stream.bytes == 48 and stream.peak_live_bytes == 32
-    held = TimedStream((name, torch.zeros(n)) for name, n in [("a", 4), ("b", 8)])
+    assert names == ["a", "b"] and stream.num_bytes == 48 and stream.peak_live_bytes == 32
+    assert stream.num_tensors == 2 and stream.max_tensor_bytes == 32
+    assert stream.digests() == {"a": digest(torch.arange(4.0)), "b": digest(torch.arange(8.0))}
+    held = WeightStream((name, torch.zeros(n)) for name, n in [("a", 4), ("b", 8)])
     kept = list(held)  # a consumer that buffers everything: peak = all bytes
-    assert held.peak_live_bytes == 48 and len(kept) == 2
+    assert held.peak_live_bytes == 48 and len(kept) == 2 and held.digests() == {}
+    scaled = WeightStream([("x.lora_B.weight", torch.ones(2, 2))], digest=True, held_form=lambda n, t: t * 2)
+    list(scaled)
+    assert scaled.digests()["x.lora_B.weight"] == digest(torch.full((2, 2), 2.0))
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_digest_composes_over_concatenation(dtype):
+    """vLLM's qkv_proj is cat([q, k, v]) along dim 0: its digest composes from the parts', for
+    matrices (8-byte words per row) and for 1-D biases (an element per row), and for odd widths."""
+    g = torch.Generator().manual_seed(0)
+    for shapes in ([(8, 16), (4, 16), (4, 16)], [(8,), (4,), (4,)], [(3, 5), (2, 5)], [(6, 12), (6, 12)]):
+        parts = [torch.randn(*s, generator=g).to(dtype) for s in shapes]
+        assert Digest.concat(digests(parts)) == digest(torch.cat(parts)), shapes
+    big = torch.randn(64, 32, generator=g).to(dtype)  # a tensor split across ranks by rows
+    assert Digest.concat(digests(list(big.chunk(3)))) == digest(big)
+
+
+def test_batched_digests_equal_one_by_one():
+    """`digests` stacks small tensors of one shape; the numbers are those of `digest` on each."""
+    g = torch.Generator().manual_seed(3)
+    tensors = ([torch.randn(8, 64, generator=g).bfloat16() for _ in range(5)] + [torch.randn(7, generator=g)] * 3
+               + [torch.randn(1024, 1024, generator=g), torch.randn(3, 5, generator=g).t()])
+    assert digests(tensors) == [digest(t) for t in tensors]
+    assert len(set(digests(tensors[:5]))) == 5
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_digest_catches_small_and_positional_changes(dtype):
+    g = torch.Generator().manual_seed(1)
+    w = torch.randn(16, 16, generator=g).to(dtype)
+    base = digest(w)
+    assert digest(w.clone()) == base
+    ulp = w.clone()
+    ulp.view(torch.int16 if dtype == torch.bfloat16 else torch.int32)[3, 5] += 1  # one unit in the last place
+    scaled = (w.float() * (1 + 2**-7)).to(dtype)
+    shuffled = w.flatten()[torch.randperm(w.numel(), generator=g)].view(16, 16)
+    rows_swapped = w[[1, 0, *range(2, 16)]]
+    for other in (ulp, scaled, w.t().contiguous(), w.t(), shuffled, rows_swapped):
+        assert digest(other) != base
+    assert digest(w.t()) == digest(w.t().contiguous())  # strides do not matter, only values and shape
+    assert digest(torch.zeros(4)) != digest(torch.zeros(4, dtype=torch.bfloat16))  # dtype counts
+
+
+def test_compare_digests_maps_fused_and_tied_names():
+    g = torch.Generator().manual_seed(2)
+    q, k, v, emb = (torch.randn(*s, generator=g) for s in [(8, 4), (4, 4), (4, 4), (10, 4)])
+    streamed = dict(zip(["l.q_proj.weight", "l.k_proj.weight", "l.v_proj.weight", "embed_tokens.weight"],
+                        digests([q, k, v, emb])))
+    padded = torch.cat([emb, torch.zeros(6, 4)])  # vocab padded with zero rows
+    held = {"l.qkv_proj.weight": (("l.q_proj.weight", "l.k_proj.weight", "l.v_proj.weight"), digest(torch.cat([q, k, v]))),
+            "embed_tokens.weight": (("embed_tokens.weight",), digest(padded)),
+            "lm_head.weight": (("embed_tokens.weight",), digest(emb))}
+    assert compare_digests(held, streamed) == ([], 3)
+    swapped = dict(held, **{"l.qkv_proj.weight": (held["l.qkv_proj.weight"][0], digest(torch.cat([k, q, v])))})
+    problems, _ = compare_digests(swapped, streamed)
+    assert len(problems) == 1 and problems[0].startswith("l.qkv_proj.weight: engine")
+    stale_head = dict(held, **{"lm_head.weight": (("embed_tokens.weight",), None)})
+    assert "lm_head.weight: not loaded or not re-processed" in compare_digests(stale_head, streamed)[0][0]
+    partial = {n: d for n, d in streamed.items() if n != "l.k_proj.weight"}
+    assert "['l.k_proj.weight'] not streamed" in compare_digests(held, partial)[0][0]
+    extra = dict(streamed, **{"l.x.weight": digest(q)})
+    assert compare_digests(held, extra)[0] == ["streamed but held by no engine tensor: ['l.x.weight']"]
+
+
+def test_name_problems():
+    assert name_problems(["a", "b"], ["a", "b"]) == []
+    assert name_problems(["a", "b"], ["a", "c", "c"]) == ["not streamed: ['b']", "streamed under unexpected names: ['c']",
+                                                          "streamed more than once: ['c']"]
 
 
 def test_metrics_logger_rank0_writes_jsonl_rank1_noop(tmp_path, tiny_model_dir):
