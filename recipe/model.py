@@ -40,21 +40,17 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def master_dtype(cfg: DictConfig) -> torch.dtype:
-    """dtype of the trained (sharded) parameters and optimizer state: `model.master_dtype`."""
-    return torch_dtype(cfg.model.master_dtype)
-
-
 def mixed_precision(cfg: DictConfig) -> bool:
     """True when FSDP computes in `model.dtype` over masters of another dtype."""
     return cfg.model.master_dtype != cfg.model.dtype
 
 
-def load_hf_model(cfg: DictConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """AutoModelForCausalLM from `model.path` in the master dtype (`model.master_dtype`), on `device`."""
+def load_hf_model(cfg: DictConfig, device: str | torch.device = "cpu", dtype: Optional[str] = None) -> nn.Module:
+    """AutoModelForCausalLM from `model.path` on `device`, in `dtype` (default `model.dtype`, the
+    engine's; the policy loads its masters in `model.master_dtype`)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=master_dtype(cfg))
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch_dtype(dtype or cfg.model.dtype))
     return model.to(device)
 
 
@@ -148,7 +144,7 @@ def build_policy(cfg: DictConfig, ctx) -> nn.Module:
             "smaller than about 2^-9 (bfloat16) of a weight is rounded away; model.master_dtype=float32 keeps "
             "float32 masters", cfg.model.master_dtype, cfg.model.dtype)
     torch.manual_seed(cfg.trainer.seed)
-    model = apply_lora(load_hf_model(cfg, "cpu"), cfg)
+    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg)
     if cfg.fsdp.name == "fsdp1":
         return _shard_fsdp1(model, cfg, ctx.device)
     return _shard_fsdp2(model, cfg, ctx.device)

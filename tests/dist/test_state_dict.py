@@ -82,7 +82,7 @@ def reference(cfg, device) -> Dict[str, torch.Tensor]:
     from recipe.model import apply_lora, build_optimizer, load_hf_model, mixed_precision, torch_dtype
 
     torch.manual_seed(cfg.trainer.seed)  # same LoRA init as build_policy: on the host RNG
-    model = apply_lora(load_hf_model(cfg, "cpu"), cfg).to(device)
+    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg).to(device)
     dtype = torch_dtype(cfg.model.dtype)
     _train_step(model, build_optimizer(model, cfg), device, host_update=cfg.offload.name == "cpu",
                 compute_dtype=dtype if mixed_precision(cfg) else None)
@@ -119,7 +119,7 @@ def unit_bytes_bound(cfg) -> int:
     """Largest FSDP unit (a decoder layer, or the root's leftovers) plus the largest tensor."""
     from recipe.model import apply_lora, decoder_layers, load_hf_model
 
-    model = apply_lora(load_hf_model(cfg), cfg)
+    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg)
     size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
     layers = [size(layer.parameters()) for layer in decoder_layers(model)]
     largest = max(p.numel() * p.element_size() for p in model.parameters())
@@ -218,7 +218,7 @@ def initial_state(cfg) -> Dict[str, torch.Tensor]:
     if cfg.lora.name != "adapter":
         return checkpoint_state(cfg.model.path, cfg.model.dtype)
     torch.manual_seed(cfg.trainer.seed)
-    state = get_peft_model_state_dict(apply_lora(load_hf_model(cfg), cfg))
+    state = get_peft_model_state_dict(apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg))
     return {n: t.to(getattr(torch, cfg.model.dtype)) for n, t in state.items()}
 
 
@@ -241,7 +241,8 @@ def assert_combo(result: dict, cfg, model_dir) -> None:
     if cfg.fsdp.name == "fsdp2":  # the shards are cast before the all-gather (merged: LoRA layers excepted)
         engine, master = f"torch.{cfg.model.dtype}", f"torch.{cfg.model.master_dtype}"
         allowed = {engine, master} if cfg.lora.name == "merged" else {engine}
-        assert engine in result["wire"] and set(result["wire"]) <= allowed, f"{key}: all-gathered {dict(result['wire'])}"
+        wire = result["wire"]
+        assert engine in wire and set(wire) <= allowed, f"{key}: all-gathered {dict(wire)}"
     assert got["peak"] <= result["bound"], f"{key}: stream held {got['peak']} B at once > bound {result['bound']} B"
 
 
