@@ -463,11 +463,13 @@ def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes
     named = [(n, p) for _, members in units for n, p in _unique(members) if select(n)]
     if not named:
         return
-    locals_ = [p.to_local() for _, p in named]
-    if named[0][1].device_mesh.size() == 1 and all(t.device == device for t in locals_):
-        # One rank, shards already on the engine device: the local shards are the full tensors
-        # (cast to the wire dtype: a copy when it differs from the master dtype).
-        yield {n: t.detach().to(wire(n, p)) for (n, p), t in zip(named, locals_)}
+    if named[0][1].device_mesh.size() == 1 and all(p.to_local().device == device for _, p in named):
+        # One rank, shards already on the engine device: the local shards are the full tensors,
+        # cast to the wire dtype unit by unit (a copy where it differs from the master dtype).
+        for _, members in units:
+            group = {n: p.to_local().detach().to(wire(n, p)) for n, p in _unique(members) if select(n)}
+            if group:
+                yield group
         return
     budget = _largest_unit_bytes(units) + bucket_bytes
     yield from _ShardGather(named, device, bucket_bytes, budget, wire)

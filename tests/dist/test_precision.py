@@ -163,6 +163,7 @@ def bf16_step(rank: int, world: int, model_dir: str, master: str) -> dict:
     from recipe.grpo import backward_mini_batch
     from recipe.model import build_optimizer, build_policy, clip_grad_norm
     from recipe.state_dict import hf_name, stream_weights
+    from tests.dist.test_state_dict import check_stream
 
     device = torch.device("cpu")
     cfg = _cfg(model_dir, "fsdp2", ["model.dtype=bfloat16", f"model.master_dtype={master}", f"trainer.lr={LR}"])
@@ -179,20 +180,12 @@ def bf16_step(rank: int, world: int, model_dir: str, master: str) -> dict:
     total = sum(t.numel() for t in after.values())
     # The engine's view: every streamed tensor against the master rounded to bf16.
     rounded = {hf_name(n): t.to(torch.bfloat16) for n, t in after.items()}
-    streamed = mismatched = engine_moved = engine_total = 0
-    for name, tensor in stream_weights(policy, cfg, device):
-        streamed += 1
-        mismatched += tensor.dtype != torch.bfloat16 or not torch.equal(tensor, rounded[name])
-        engine_moved += (tensor != before[_raw(name, before)].to(torch.bfloat16)).sum().item()
-        engine_total += tensor.numel()
-    return dict(moved=moved, total=total, masters={str(t.dtype) for t in after.values()}, streamed=streamed,
-                mismatched=mismatched, engine_moved=engine_moved, engine_total=engine_total)
-
-
-def _raw(hf: str, params: Dict[str, torch.Tensor]) -> str:
-    from recipe.state_dict import hf_name
-
-    return next(n for n in params if hf_name(n) == hf)
+    old = {hf_name(n): t.to(torch.bfloat16) for n, t in before.items()}
+    got = check_stream(stream_weights(policy, cfg, device), rounded, device, old)
+    engine_elements = sum(rounded[n].numel() for n in got["names"])
+    engine_moved = sum((rounded[n] != old[n]).sum().item() for n in got["names"])
+    return dict(moved=moved, total=total, masters={str(t.dtype) for t in after.values()}, streamed=len(got["names"]),
+                mismatched=len(got["bad"]), engine_moved=engine_moved / engine_elements)
 
 
 @pytest.fixture(scope="module")
@@ -208,7 +201,7 @@ def test_bf16_step_moves_float32_masters_and_streams_them_rounded(bf16_steps, wo
         assert fp32["masters"] == {"torch.float32"} and bf16["masters"] == {"torch.bfloat16"}
         moved32, moved16 = fp32["moved"] / fp32["total"], bf16["moved"] / bf16["total"]
         print(f"world {world}: lr {LR:g} moves {moved32:.1%} of float32 masters, {moved16:.1%} of bf16 masters; "
-              f"the bf16 engine weights change in {fp32['engine_moved'] / fp32['engine_total']:.2%} of elements")
+              f"the bf16 engine weights change in {fp32['engine_moved']:.2%} of elements")
         assert moved32 > 0.5, f"only {moved32:.1%} of the float32 masters moved"
         assert moved16 < 0.1, f"{moved16:.1%} of the bf16 masters moved: the update was not below bf16 rounding"
         assert fp32["streamed"] > 0 and fp32["mismatched"] == 0, \
