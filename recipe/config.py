@@ -46,8 +46,15 @@ class ModelConfig:
     path: str = MISSING
     # How the directory is made when missing: "tiny", "smollm2" or "none" (must exist).
     builder: str = "none"
-    # dtype of the trainer's parameters and of the rollout engine's weights.
+    # Compute dtype: the trainer's forward/backward and the rollout engine's weights.
     dtype: str = "float32"
+    # dtype of the trained (sharded) parameters, their gradients and AdamW's state. float32
+    # (default) or equal to `dtype` (saves memory; small updates are then rounded away).
+    master_dtype: str = "float32"
+    # The model group's learning rate and warm-up steps; trainer.lr / trainer.warmup_steps
+    # default to these (conf/trainer/default.yaml).
+    lr: float = 1e-3
+    warmup_steps: int = 2
 
 
 @dataclass
@@ -149,9 +156,10 @@ class TrainerConfig:
     world_size: int = 2
     seed: int = 0
     device: str = "auto"
-    lr: float = 1e-3
+    # Default: the model group's `model.lr` / `model.warmup_steps`.
+    lr: float = "${model.lr}"  # type: ignore[assignment]  (an interpolation; resolves to a float)
     weight_decay: float = 0.0
-    warmup_steps: int = 2
+    warmup_steps: int = "${model.warmup_steps}"  # type: ignore[assignment]
     grad_clip: float = 1.0
     # Optimizer steps per rollout batch.
     updates_per_batch: int = 2
@@ -235,6 +243,10 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "lora.name", LORA_CHOICES)
     _choice(cfg, "trainer.device", DEVICE_CHOICES)
     _choice(cfg, "model.dtype", DTYPE_CHOICES)
+    _choice(cfg, "model.master_dtype", DTYPE_CHOICES)
+    if cfg.model.master_dtype not in ("float32", cfg.model.dtype):
+        raise ConfigError(f"model.master_dtype={cfg.model.master_dtype!r} with model.dtype={cfg.model.dtype!r} is not "
+                          f"valid; choose one of: float32, {cfg.model.dtype} (masters at least as precise as compute)")
     _choice(cfg, "model.builder", ("tiny", "smollm2", "none"))
     _choice(cfg, "rollout.backend", ROLLOUT_CHOICES)
     _choice(cfg, "logger.backend", LOGGER_CHOICES)

@@ -18,9 +18,14 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   L_t = -min(rho_t * A, clip(rho_t, 1 - eps, 1 + eps) * A).
 - KL (off by default, `algo.kl_coef`): k3 estimator to a frozen reference,
   KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (unbiased, always >= 0).
-- Aggregation (`algo.loss_agg`): `token_mean` averages over all completion tokens of the
-  mini-batch (long answers weigh more); `seq_mean` averages within each sequence first,
-  then over sequences (every sample weighs the same).
+- Aggregation (`algo.loss_agg`), over the *global* mini-batch (the mini-batches of all ranks
+  together): `token_mean` averages L_t over all its completion tokens (long answers weigh
+  more); `seq_mean` averages within each sequence first, then over all its sequences (every
+  sample weighs the same). The token (or sequence) count is all-reduced, so world 1 and
+  world N train the same way on the same global batch (see `backward_mini_batch`).
+- Precision: the trainer's logprobs, the loss and the advantages are float32 (the logits come
+  in the compute dtype `model.dtype`, as the engine's do, and are cast before log_softmax);
+  parameters and AdamW state are in `model.master_dtype` (recipe/model.py).
 - `trainer.updates_per_batch` optimizer steps per rollout batch: the batch is split into
   that many mini-batches; the first is on-policy (rho = 1 up to engine drift), later
   ones are slightly off-policy, which the clip bounds.
@@ -55,7 +60,7 @@ class NonFiniteError(RuntimeError):
 
 def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool, eps: float = 1e-6) -> torch.Tensor:
     """Group-relative advantages; `rewards` is prompt-major: [p0s0, p0s1, ..., p1s0, ...]."""
-    grouped = rewards.view(-1, group_size)
+    grouped = rewards.float().view(-1, group_size)
     centred = grouped - grouped.mean(dim=1, keepdim=True)
     if scale_by_std:
         centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
@@ -94,6 +99,20 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
         "tokens": mask.sum().item(),
     }
     return loss_sum, norm, stats
+
+
+def global_count(local: float) -> float:
+    """Sum of `local` over all ranks (at least 1): the global mini-batch's token or sequence count."""
+    count = torch.tensor([float(local)], dtype=torch.float64)
+    dist.all_reduce(count)
+    return max(count.item(), 1.0)
+
+
+def local_count(batch: Batch, mini: Sequence[int], loss_agg: str) -> float:
+    """What this rank's part of the mini-batch adds to the normaliser: tokens or sequences."""
+    if loss_agg == "seq_mean":
+        return float(len(mini))
+    return float(sum(len(batch.old_logprobs[i]) for i in mini))
 
 
 def warmup_lambda(warmup_steps: int):
@@ -136,6 +155,46 @@ def micro_batch_tensors(batch: Batch, idx: Sequence[int], device) -> Dict[str, t
     adv = batch.advantages[list(idx)]
     return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attn, old_logp=old,
                                               mask=mask, adv=adv).items()}
+
+
+def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConfig, device, world_size: int,
+                        reference=None) -> Dict[str, float]:
+    """Backpropagate this rank's share of the global mini-batch objective; grads accumulate.
+
+    The objective is J = (sum of L over the global mini-batch) / N, N = the global token count
+    (`token_mean`) or sequence count (`seq_mean`), L per token or per sequence as in the module
+    docstring. FSDP averages gradients over ranks (its reduce-scatter divides by the world size
+    W), so each rank backpropagates W * loss_sum_r / N: the average over ranks of that is
+    sum_r loss_sum_r / N = J, and the gradient the optimizer sees is dJ/dtheta.
+
+    Returns this rank's sums: `loss` (its part of J; J is the sum over ranks), `clip_frac` and
+    `kl` (sums over tokens), `tokens`, and the on-policy gap of trainer and engine logprobs
+    (`gap_sum` over tokens, `gap_max`).
+    """
+    norm = global_count(local_count(batch, mini, cfg.algo.loss_agg)) / world_size
+    size = cfg.trainer.micro_batch_size
+    stats = dict(loss=0.0, clip_frac=0.0, kl=0.0, tokens=0.0, gap_sum=0.0, gap_max=0.0)
+    for idx in (mini[i:i + size] for i in range(0, len(mini), size)):
+        t = micro_batch_tensors(batch, idx, device)
+        logits = policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+        logp = token_logprobs(logits, t["input_ids"], cfg.rollout.temperature)
+        ref_logp = reference_logprobs(reference, t, cfg.rollout.temperature) if reference is not None else None
+        loss_sum, _, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
+                                           cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef)
+        (loss_sum / norm).backward()
+        stats["loss"] += loss_sum.item() / (norm * world_size)
+        for key in ("clip_frac", "kl", "tokens"):
+            stats[key] += s[key]
+        gap = (logp.detach() - t["old_logp"]).abs() * t["mask"]
+        stats["gap_sum"] += gap.sum().item()
+        stats["gap_max"] = max(stats["gap_max"], gap.max().item())
+    return stats
+
+
+@torch.no_grad()
+def reference_logprobs(reference, t: Dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
+    logits = reference(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+    return token_logprobs(logits, t["input_ids"], temperature)
 
 
 # ----------------------------------------------------------------------------- phases
@@ -218,61 +277,42 @@ class GRPOTrainer:
         order = list(range(len(batch.input_ids)))
         random.Random(cfg.trainer.seed + self.step).shuffle(order)
         minis = [order[i::cfg.trainer.updates_per_batch] for i in range(cfg.trainer.updates_per_batch)]
-        totals: Dict[str, float] = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0, "grad_norm": 0.0}
-        gap = None
-        for k, mini in enumerate(minis):
-            stats, mini_gap = self._optimizer_step(batch, mini)
-            gap = mini_gap if k == 0 else gap
-            for key in totals:
-                totals[key] += stats[key]
+        per_mini = [self._optimizer_step(batch, mini) for mini in minis]
         if manual:
             offload_to_cpu(self.policy, self.optimizer)
-        tokens = max(totals.pop("tokens"), 1.0)
-        return {
-            "train/loss": totals["loss"] / len(minis),
-            "train/grad_norm": totals["grad_norm"] / len(minis),
-            "train/clip_frac": totals["clip_frac"] / tokens,
-            "train/kl": totals["kl"] / tokens,
-            "train/lr": self.scheduler.get_last_lr()[0],
-            # mean |log pi_trainer - log pi_engine| on the first (on-policy) mini-batch: the drift
-            "train/logprob_gap": gap,
-        }
+        return self._update_metrics(per_mini)
 
-    def _optimizer_step(self, batch: Batch, mini: List[int]):
-        cfg = self.cfg
-        micro = [mini[i:i + cfg.trainer.micro_batch_size] for i in range(0, len(mini), cfg.trainer.micro_batch_size)]
-        norm = self._mini_batch_norm(batch, mini)
-        stats = {"loss": 0.0, "clip_frac": 0.0, "kl": 0.0, "tokens": 0.0}
-        gap_sum = gap_tokens = 0.0
-        for idx in micro:
-            t = micro_batch_tensors(batch, idx, self.ctx.device)
-            logits = self.policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-            logp = token_logprobs(logits, t["input_ids"], cfg.rollout.temperature)
-            ref_logp = self._reference_logprobs(t) if self.reference is not None else None
-            loss_sum, _, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
-                                               cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef)
-            (loss_sum / norm).backward()
-            stats["loss"] += (loss_sum / norm).item()
-            for key in ("clip_frac", "kl", "tokens"):
-                stats[key] += s[key]
-            gap_sum += ((logp.detach() - t["old_logp"]).abs() * t["mask"]).sum().item()
-            gap_tokens += t["mask"].sum().item()
+    def _optimizer_step(self, batch: Batch, mini: List[int]) -> Dict[str, float]:
+        stats = backward_mini_batch(self.policy, batch, mini, self.cfg, self.ctx.device, self.ctx.world_size,
+                                    self.reference)
         self._check_finite(stats["loss"], "loss")
         stats["grad_norm"] = self._clip_grad()
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
-        return stats, gap_sum / max(gap_tokens, 1.0)
+        return stats
 
-    def _mini_batch_norm(self, batch: Batch, mini: List[int]) -> float:
-        if self.cfg.algo.loss_agg == "seq_mean":
-            return float(len(mini))
-        return float(max(1, sum(len(batch.old_logprobs[i]) for i in mini)))
-
-    @torch.no_grad()
-    def _reference_logprobs(self, t):
-        logits = self.reference(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-        return token_logprobs(logits, t["input_ids"], self.cfg.rollout.temperature)
+    def _update_metrics(self, per_mini: List[Dict[str, float]]) -> Dict[str, float]:
+        """Global (all-ranks) update metrics; the logprob gap is of the first, on-policy mini-batch."""
+        keys = ("loss", "clip_frac", "kl", "tokens")
+        sums = torch.tensor([[s[k] for k in keys] for s in per_mini], dtype=torch.float64)
+        first = torch.tensor([per_mini[0]["gap_sum"], per_mini[0]["tokens"]], dtype=torch.float64)
+        gap_max = torch.tensor([per_mini[0]["gap_max"]], dtype=torch.float64)
+        dist.all_reduce(sums)
+        dist.all_reduce(first)
+        dist.all_reduce(gap_max, op=dist.ReduceOp.MAX)
+        loss, clip, kl, tokens = sums.sum(0).tolist()
+        tokens = max(tokens, 1.0)
+        return {
+            "train/loss": loss / len(per_mini),  # the objective J, mean over the mini-batches
+            "train/grad_norm": sum(s["grad_norm"] for s in per_mini) / len(per_mini),
+            "train/clip_frac": clip / tokens,
+            "train/kl": kl / tokens,
+            "train/lr": self.scheduler.get_last_lr()[0],
+            # |log pi_trainer - log pi_engine| on the first (on-policy) mini-batch: the drift
+            "train/logprob_gap": first[0].item() / max(first[1].item(), 1.0),
+            "train/logprob_gap_max": gap_max.item(),
+        }
 
     def _clip_grad(self) -> float:
         from recipe.model import clip_grad_norm

@@ -4,6 +4,15 @@
     model = build_policy(cfg, ctx)          # sharded, on ctx.device (or CPU for offload=cpu)
     optim = build_optimizer(model, cfg)
 
+Precision (`model.dtype`, `model.master_dtype`): the checkpoint is loaded in the master dtype
+(float32 by default), so the sharded parameters, their gradients after the reduce-scatter and
+AdamW's state are float32; FSDP casts each unit's parameters to the compute dtype `model.dtype`
+when it all-gathers them for forward/backward (FSDP2 `MixedPrecisionPolicy`, FSDP1
+`MixedPrecision`), computes in it, and reduces the gradients in float32. Buffers (rotary
+frequencies) keep the dtype they are loaded in, as HF keeps them for a bf16 model. With
+`master_dtype == dtype` there is no policy: parameters, gradients and optimizer state are all
+in that dtype (an update smaller than about 2^-9 of a bf16 weight is then rounded away).
+
 Offload modes (conf/offload/):
 - ``none``: shards live on the training device.
 - ``cpu``: FSDP keeps the shards on the host itself (FSDP1 ``CPUOffload(offload_params=True)``,
@@ -16,6 +25,7 @@ Offload modes (conf/offload/):
 
 from __future__ import annotations
 
+import logging
 from typing import List, Optional, Set, Type
 
 import torch
@@ -30,11 +40,17 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def load_hf_model(cfg: DictConfig, device: str | torch.device = "cpu") -> nn.Module:
-    """AutoModelForCausalLM from `model.path` in `model.dtype`, on `device`."""
+def mixed_precision(cfg: DictConfig) -> bool:
+    """True when FSDP computes in `model.dtype` over masters of another dtype."""
+    return cfg.model.master_dtype != cfg.model.dtype
+
+
+def load_hf_model(cfg: DictConfig, device: str | torch.device = "cpu", dtype: Optional[str] = None) -> nn.Module:
+    """AutoModelForCausalLM from `model.path` on `device`, in `dtype` (default `model.dtype`, the
+    engine's; the policy loads its masters in `model.master_dtype`)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch_dtype(cfg.model.dtype))
+    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch_dtype(dtype or cfg.model.dtype))
     return model.to(device)
 
 
@@ -59,8 +75,9 @@ def apply_lora(model: nn.Module, cfg: DictConfig) -> nn.Module:
     from peft import get_peft_model
 
     config = lora_config(cfg)
-    # Adapters in the base dtype: FSDP needs one dtype per sharded group (peft would upcast
-    # bf16 models' adapters to fp32 by default).
+    # Adapters in the base's dtype, the master dtype: FSDP needs one dtype per sharded group
+    # (peft would upcast the adapters of a bf16 base to fp32 by default). With float32
+    # masters (the default) adapters and base are float32 alike.
     return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
@@ -81,10 +98,13 @@ def decoder_layers(model: nn.Module) -> List[nn.Module]:
 
 
 def _shard_fsdp1(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
-    from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel as FSDP, ShardingStrategy
+    from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel as FSDP, MixedPrecision, ShardingStrategy
     from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     strategy = ShardingStrategy.FULL_SHARD if cfg.fsdp.reshard_after_forward else ShardingStrategy.SHARD_GRAD_OP
+    policy = None
+    if mixed_precision(cfg):  # buffer_dtype unset: buffers keep their dtype, as under FSDP2
+        policy = MixedPrecision(param_dtype=torch_dtype(cfg.model.dtype), reduce_dtype=torch.float32)
     return FSDP(
         model,
         auto_wrap_policy=ModuleWrapPolicy(decoder_layer_classes(model)),
@@ -92,16 +112,19 @@ def _shard_fsdp1(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.
         cpu_offload=CPUOffload(offload_params=cfg.offload.name == "cpu"),
         use_orig_params=True,  # LoRA: frozen and trainable params share a flat parameter
         device_id=device,
+        mixed_precision=policy,
     )
 
 
 def _shard_fsdp2(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.fsdp import CPUOffloadPolicy, OffloadPolicy, fully_shard
+    from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
     offload = CPUOffloadPolicy(pin_memory=pin_memory(cfg)) if cfg.offload.name == "cpu" else OffloadPolicy()
     kwargs = dict(mesh=mesh, reshard_after_forward=cfg.fsdp.reshard_after_forward, offload_policy=offload)
+    if mixed_precision(cfg):
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(cfg.model.dtype), reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)  # moves shards to the mesh device, or keeps them on the host (cpu)
@@ -112,10 +135,16 @@ def build_policy(cfg: DictConfig, ctx) -> nn.Module:
     """Load, apply LoRA, shard (FSDP1 or FSDP2 per `fsdp.name`) with the offload of `offload.name`.
 
     Every rank loads the same checkpoint (and seeds LoRA init from `trainer.seed`), so the
-    shards agree without a broadcast.
+    shards agree without a broadcast. Parameters are in `model.master_dtype`; FSDP computes in
+    `model.dtype` (see the module docstring).
     """
+    if not mixed_precision(cfg) and cfg.model.dtype != "float32" and ctx.rank == 0:
+        logging.getLogger(__name__).warning(
+            "model.master_dtype=%s equals model.dtype: parameters and AdamW state are kept in %s, so an update "
+            "smaller than about 2^-9 (bfloat16) of a weight is rounded away; model.master_dtype=float32 keeps "
+            "float32 masters", cfg.model.master_dtype, cfg.model.dtype)
     torch.manual_seed(cfg.trainer.seed)
-    model = apply_lora(load_hf_model(cfg, "cpu"), cfg)
+    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg)
     if cfg.fsdp.name == "fsdp1":
         return _shard_fsdp1(model, cfg, ctx.device)
     return _shard_fsdp2(model, cfg, ctx.device)

@@ -29,10 +29,19 @@ tensors (twice for a moment: the summon buffer and the clone); FSDP2, what is la
 consumed, bounded by the largest FSDP unit + one bucket. Never the whole model: tensors are popped
 as they are yielded.
 
+dtypes: the trained parameters are in `model.master_dtype` (float32 by default), the engine
+takes `model.dtype`. Each tensor is cast to the engine dtype on the rank that holds it, before
+it moves: FSDP2 casts each local shard as it packs the send buffer, so the all-gather and the
+engine get bf16 bytes; FSDP1 summons the unit's full parameters in the master dtype (its
+all-gather is float32, which FSDP1 does not let us change) and casts each one on the spot,
+before the copy. The stream therefore equals `master.to(model.dtype)`, bit for bit.
+
 LoRA merge dtype: the merge is computed in float32 (W.float() + (B.float() @ A.float()) * scale)
-into a new tensor and then cast to `model.dtype`; for float32 models that is bit-identical to
-peft's `merge_and_unload`, for bf16 models it rounds once instead of after each op. The trained
-weights are never modified (merge -> unmerge in bf16 drifts).
+from the master tensors (a LoRA layer's base weight, A and B are gathered in the master dtype;
+for bf16 engines those base weights move twice the bytes) into a new tensor and then cast to
+`model.dtype`, once. For float32 models that is bit-identical to peft's `merge_and_unload`; for
+bf16 masters it rounds once instead of after each op. The trained weights are never modified
+(merge -> unmerge in bf16 drifts).
 
 Base weights for the engine's first load (LoRA adapter mode) come from `stream_base_weights`:
 the lora=none entry of the same (fsdp, offload), which streams the base layers of a peft model
@@ -62,6 +71,7 @@ Key = Tuple[str, str, str]
 Named = Tuple[str, torch.Tensor]
 Strategy = Callable[[nn.Module, DictConfig, torch.device], Iterator[Named]]
 Group = Dict[str, torch.Tensor]  # raw module name -> full tensor, one FSDP unit
+Wire = Callable[[str, torch.Tensor], torch.dtype]  # (raw name, parameter) -> dtype it is gathered in
 Member = Tuple[str, nn.Module, str]  # (raw name, owning module, attribute)
 
 ADAPTER = "default"  # peft's adapter name; it is dropped from the saved-adapter keys
@@ -247,25 +257,33 @@ def _shard_rows(total: int, world: int, rank: int) -> int:
     return max(0, min(chunk, total - rank * chunk))
 
 
-def _fsdp1_summon(unit: nn.Module, members: List[Member], device: torch.device) -> Group:
+def _copy_as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A fresh copy of `tensor` in `dtype` on `device`, cast where it lies (a narrower cast moves fewer bytes)."""
+    out = tensor.detach().to(dtype).to(device)
+    return out.clone() if out.data_ptr() == tensor.data_ptr() else out
+
+
+def _fsdp1_summon(unit: nn.Module, members: List[Member], device: torch.device, wire: Wire) -> Group:
+    """The unit's full parameters (FSDP1 summons them in the master dtype, mixed precision or
+    not), each cast to its `wire` dtype right away, before it is copied anywhere."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
     with FSDP.summon_full_params(unit, recurse=False, writeback=False):
-        return {name: t.detach().to(device).clone() for name, t in _unique(members)}
+        return {name: _copy_as(t, wire(name, t), device) for name, t in _unique(members)}
 
 
-def _fsdp1_summon_groups(model: nn.Module, device: torch.device) -> Iterator[Group]:
+def _fsdp1_summon_groups(model: nn.Module, device: torch.device, wire: Wire) -> Iterator[Group]:
     """FSDP1 per-unit summon (with CPUOffload, FSDP copies the host shard in for the all-gather)."""
     for unit, members in _units(model, _is_fsdp1):
-        yield _fsdp1_summon(unit, members, device)
+        yield _fsdp1_summon(unit, members, device, wire)
 
 
-def _fsdp1_manual_groups(model: nn.Module, device: torch.device) -> Iterator[Group]:
+def _fsdp1_manual_groups(model: nn.Module, device: torch.device, wire: Wire) -> Iterator[Group]:
     """FSDP1 with manually offloaded shards: one unit's shard at a time visits the device."""
     for unit, members in _units(model, _is_fsdp1):
         home = move_fsdp1_unit(unit, device)
         try:
-            group = _fsdp1_summon(unit, members, device)
+            group = _fsdp1_summon(unit, members, device, wire)
         finally:
             move_fsdp1_unit(unit, home)
         yield group
@@ -292,14 +310,15 @@ def _row_numel(p: torch.Tensor) -> int:
     return p.numel() // p.shape[0]
 
 
-def _plan_pieces(params: List[torch.Tensor], world: int, piece_bytes: int) -> List[List[int]]:
+def _plan_pieces(params: List[torch.Tensor], dtypes: List[torch.dtype], world: int,
+                 piece_bytes: int) -> List[List[int]]:
     """Greedy packing of whole parameters (never split) into all-gather pieces of at most
-    `piece_bytes` gathered bytes, one dtype per piece; a larger parameter is a piece of its own."""
+    `piece_bytes` gathered bytes, one (wire) dtype per piece; a larger parameter is a piece of its own."""
     pieces: List[List[int]] = []
     size = 0
     for i, p in enumerate(params):
-        nbytes = -(-p.shape[0] // world) * world * _row_numel(p) * p.element_size()
-        if not pieces or size + nbytes > piece_bytes or p.dtype != params[pieces[-1][0]].dtype:
+        nbytes = -(-p.shape[0] // world) * world * _row_numel(p) * dtypes[i].itemsize
+        if not pieces or size + nbytes > piece_bytes or dtypes[i] != dtypes[pieces[-1][0]]:
             pieces.append([])
             size = 0
         pieces[-1].append(i)
@@ -315,17 +334,21 @@ class _Piece:
 
 
 class _ShardGather:
-    """Gathers Shard(0) DTensor parameters piece by piece; `__iter__` yields Groups of whole atoms."""
+    """Gathers Shard(0) DTensor parameters piece by piece; `__iter__` yields Groups of whole atoms.
+
+    Each local shard is cast to its `wire` dtype as it is packed into the send buffer, so with
+    float32 masters and a bf16 engine the all-gather and everything after it move bf16 bytes."""
 
     def __init__(self, named: List[Tuple[str, torch.Tensor]], device: torch.device, piece_bytes: int,
-                 budget_bytes: int):
+                 budget_bytes: int, wire: Wire):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
+        self.dtypes = [wire(n, p) for n, p in named]
         self.locals = [p.to_local() for p in self.params]
         self.group = self.params[0].device_mesh.get_group()
         self.world = dist.get_world_size(self.group)
         self.device, self.budget = device, budget_bytes
-        self.pieces = _plan_pieces(self.params, self.world, piece_bytes)
+        self.pieces = _plan_pieces(self.params, self.dtypes, self.world, piece_bytes)
         self.cuda = device.type == "cuda"
         if self.cuda:
             self.caller = torch.cuda.current_stream(device)
@@ -344,12 +367,13 @@ class _ShardGather:
 
     def _launch(self, idx: List[int]) -> _Piece:
         sizes = [self._rows(i) * _row_numel(self.params[i]) for i in idx]
-        numel, dtype = sum(sizes), self.params[idx[0]].dtype
+        numel, dtype = sum(sizes), self.dtypes[idx[0]]
         with self._stream(self.copy_stream if self.cuda else None):
             send = torch.empty(numel, dtype=dtype, device=self.device)
             offset = 0
             for i, size in zip(idx, sizes):
                 local = self.locals[i].reshape(-1)  # this rank's rows; fewer (or none) on the last ranks
+                # copy_ casts (master -> wire dtype); from the host it moves the master bytes, then casts
                 send[offset:offset + local.numel()].copy_(local, non_blocking=True)
                 offset += size
         if self.world == 1:
@@ -426,32 +450,56 @@ class _ShardGather:
 
     def _launch_cost(self, idx: List[int]) -> int:
         numel = sum(self._rows(i) * _row_numel(self.params[i]) for i in idx)
-        return numel * (self.world + 1) * self.params[idx[0]].element_size() * (1 if self._whole(idx) else 2)
+        return numel * (self.world + 1) * self.dtypes[idx[0]].itemsize * (1 if self._whole(idx) else 2)
 
 
 def _largest_unit_bytes(units) -> int:
     return max(sum(p.numel() * p.element_size() for _, p in _unique(members)) for _, members in units)
 
 
-def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes: int,
+def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes: int, wire: Wire,
                             select: Callable[[str], bool] = lambda name: True) -> Iterator[Group]:
     """FSDP2, any offload: the local shards (device, pinned host or pageable host) are gathered
-    in pieces of one bucket, overlapping copy-in, all-gather and the caller's use (see above)."""
+    in pieces of one bucket, in their `wire` dtype, overlapping copy-in, all-gather and the
+    caller's use (see above)."""
     units = _units(model, _is_fsdp2)
     named = [(n, p) for _, members in units for n, p in _unique(members) if select(n)]
     if not named:
         return
-    locals_ = [p.to_local() for _, p in named]
-    if named[0][1].device_mesh.size() == 1 and all(t.device == device for t in locals_):
-        # One rank, shards already on the engine device: the local shards are the full tensors.
-        yield {n: t.detach() for (n, _), t in zip(named, locals_)}
+    if named[0][1].device_mesh.size() == 1 and all(p.to_local().device == device for _, p in named):
+        # One rank, shards already on the engine device: the local shards are the full tensors,
+        # cast to the wire dtype unit by unit (a copy where it differs from the master dtype).
+        for _, members in units:
+            group = {n: p.to_local().detach().to(wire(n, p)) for n, p in _unique(members) if select(n)}
+            if group:
+                yield group
         return
     budget = _largest_unit_bytes(units) + bucket_bytes
-    yield from _ShardGather(named, device, bucket_bytes, budget)
+    yield from _ShardGather(named, device, bucket_bytes, budget, wire)
 
 
 def _bucket_bytes(cfg: DictConfig) -> int:
     return cfg.sync.bucket_mb * 2**20
+
+
+# ----------------------------------------------------------------------------- wire dtypes
+# What each tensor is gathered in. The engine's dtype (`model.dtype`) wherever the value is
+# final, so float32 masters are cast once, on the rank that holds them, before any copy or
+# collective; merged LoRA's inputs in their own (master) dtype, because the merge is computed
+# in float32 from them and rounds once at the end.
+
+def _engine_wire(cfg: DictConfig) -> Wire:
+    dtype = torch_dtype(cfg.model.dtype)
+    return lambda name, param: dtype
+
+
+def _merge_wire(cfg: DictConfig) -> Wire:
+    dtype = torch_dtype(cfg.model.dtype)
+    return lambda name, param: param.dtype if _merge_input(name) else dtype
+
+
+def _merge_input(name: str) -> bool:
+    return is_lora_param(name) or name.endswith(".base_layer.weight")
 
 
 # ----------------------------------------------------------------------------- transforms
@@ -510,97 +558,115 @@ def _adapter_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
 
 
 # ----------------------------------------------------------------------------- the table
-# One line of composition per entry: which gather, which transform. FSDP2 adapter syncs gather
+# Each entry composes a gather (with the dtype each tensor travels in) and a transform. FSDP2 adapter syncs gather
 # only the LoRA shards; FSDP1 cannot gather part of a flat parameter, so it summons the unit.
 
 @register("fsdp2", "none", "none")
 def _fsdp2_none_none(model, cfg, device):
-    return _full_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
+    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg))
+    return _full_weights(groups, model, cfg, device)
 
 
 @register("fsdp2", "none", "merged")
 def _fsdp2_none_merged(model, cfg, device):
-    return _merged_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
+    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _merge_wire(cfg))
+    return _merged_weights(groups, model, cfg, device)
 
 
 @register("fsdp2", "none", "adapter")
 def _fsdp2_none_adapter(model, cfg, device):
-    return _adapter_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), is_lora_param), model, cfg, device)
+    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg), is_lora_param)
+    return _adapter_weights(groups, model, cfg, device)
 
 
 @register("fsdp2", "cpu", "none")
 def _fsdp2_cpu_none(model, cfg, device):
-    return _full_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
+    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg))
+    return _full_weights(groups, model, cfg, device)
 
 
 @register("fsdp2", "cpu", "merged")
 def _fsdp2_cpu_merged(model, cfg, device):
-    return _merged_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
+    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _merge_wire(cfg))
+    return _merged_weights(groups, model, cfg, device)
 
 
 @register("fsdp2", "cpu", "adapter")
 def _fsdp2_cpu_adapter(model, cfg, device):
-    return _adapter_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), is_lora_param), model, cfg, device)
+    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg), is_lora_param)
+    return _adapter_weights(groups, model, cfg, device)
 
 
 @register("fsdp2", "manual", "none")
 def _fsdp2_manual_none(model, cfg, device):
-    return _full_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
+    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg))
+    return _full_weights(groups, model, cfg, device)
 
 
 @register("fsdp2", "manual", "merged")
 def _fsdp2_manual_merged(model, cfg, device):
-    return _merged_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg)), model, cfg, device)
+    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _merge_wire(cfg))
+    return _merged_weights(groups, model, cfg, device)
 
 
 @register("fsdp2", "manual", "adapter")
 def _fsdp2_manual_adapter(model, cfg, device):
-    return _adapter_weights(_fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), is_lora_param), model, cfg, device)
+    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg), is_lora_param)
+    return _adapter_weights(groups, model, cfg, device)
 
 
 @register("fsdp1", "none", "none")
 def _fsdp1_none_none(model, cfg, device):
-    return _full_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+    groups = _fsdp1_summon_groups(model, device, _engine_wire(cfg))
+    return _full_weights(groups, model, cfg, device)
 
 
 @register("fsdp1", "none", "merged")
 def _fsdp1_none_merged(model, cfg, device):
-    return _merged_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+    groups = _fsdp1_summon_groups(model, device, _merge_wire(cfg))
+    return _merged_weights(groups, model, cfg, device)
 
 
 @register("fsdp1", "none", "adapter")
 def _fsdp1_none_adapter(model, cfg, device):
-    return _adapter_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+    groups = _fsdp1_summon_groups(model, device, _engine_wire(cfg))
+    return _adapter_weights(groups, model, cfg, device)
 
 
 @register("fsdp1", "cpu", "none")
 def _fsdp1_cpu_none(model, cfg, device):
-    return _full_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+    groups = _fsdp1_summon_groups(model, device, _engine_wire(cfg))
+    return _full_weights(groups, model, cfg, device)
 
 
 @register("fsdp1", "cpu", "merged")
 def _fsdp1_cpu_merged(model, cfg, device):
-    return _merged_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+    groups = _fsdp1_summon_groups(model, device, _merge_wire(cfg))
+    return _merged_weights(groups, model, cfg, device)
 
 
 @register("fsdp1", "cpu", "adapter")
 def _fsdp1_cpu_adapter(model, cfg, device):
-    return _adapter_weights(_fsdp1_summon_groups(model, device), model, cfg, device)
+    groups = _fsdp1_summon_groups(model, device, _engine_wire(cfg))
+    return _adapter_weights(groups, model, cfg, device)
 
 
 @register("fsdp1", "manual", "none")
 def _fsdp1_manual_none(model, cfg, device):
-    return _full_weights(_fsdp1_manual_groups(model, device), model, cfg, device)
+    groups = _fsdp1_manual_groups(model, device, _engine_wire(cfg))
+    return _full_weights(groups, model, cfg, device)
 
 
 @register("fsdp1", "manual", "merged")
 def _fsdp1_manual_merged(model, cfg, device):
-    return _merged_weights(_fsdp1_manual_groups(model, device), model, cfg, device)
+    groups = _fsdp1_manual_groups(model, device, _merge_wire(cfg))
+    return _merged_weights(groups, model, cfg, device)
 
 
 @register("fsdp1", "manual", "adapter")
 def _fsdp1_manual_adapter(model, cfg, device):
-    return _adapter_weights(_fsdp1_manual_groups(model, device), model, cfg, device)
+    groups = _fsdp1_manual_groups(model, device, _engine_wire(cfg))
+    return _adapter_weights(groups, model, cfg, device)
 
 
 # ----------------------------------------------------------------------------- references

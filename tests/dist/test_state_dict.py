@@ -3,15 +3,22 @@
     .venv/bin/python -m pytest tests/dist/test_state_dict.py -q
 
 One spawned world runs all 15 combinations (fsdp1 + offload=cpu needs an accelerator; see
-tests/gpu/test_state_dict_gpu.py). Per combination each rank: builds the policy, checks the base
-weights against the checkpoint, takes one AdamW step on a fixed batch (the same on both ranks),
-streams, and compares with an unsharded copy given the same step: bit for bit, same dtype,
-same names as the HF checkpoint (full / merged) or as peft's saved adapter (adapter).
+tests/gpu/test_state_dict_gpu.py), in two precisions: float32 throughout, and bf16 compute over
+float32 masters (FSDP mixed precision, the engine in bf16). Per combination each rank: builds the
+policy, checks the base weights against the checkpoint, takes one AdamW step on a fixed batch
+(the same on both ranks), streams, and compares with an unsharded copy given the same step: bit
+for bit, same dtype, same names as the HF checkpoint (full / merged) or as peft's saved adapter
+(adapter). For mixed precision the copy keeps float32 masters, runs forward/backward on a bf16
+copy of them (as FSDP does), steps the masters with the float32 grads, and the engine should
+get the masters cast to bf16 (merged: the float32 merge formula on the masters, cast once).
 The rank function is shared with the GPU test (NCCL, all 18 combinations).
 """
 
 from __future__ import annotations
 
+import collections
+import contextlib
+import copy
 import weakref
 from typing import Dict, List
 
@@ -21,25 +28,33 @@ import torch
 from recipe.state_dict import all_keys
 
 CPU_COMBOS = [k for k in all_keys() if k[:2] != ("fsdp1", "cpu")]
+# fp32: float32 throughout; bf16: bf16 compute and engine over float32 masters (the default
+# for bf16 models).
+PRECISIONS = {"fp32": [], "bf16": ["model.dtype=bfloat16", "model.master_dtype=float32"]}
 
 
-def combo_cfg(model_dir, key, device: str = "cpu"):
+def combo_cfg(model_dir, key, device: str = "cpu", precision: str = "fp32"):
     from tests.helpers import compose
 
     fsdp, offload, lora = key
     return compose([f"model.path={model_dir}", "model.builder=none", f"fsdp={fsdp}", f"+offload={offload}",
-                    f"+lora={lora}", f"trainer.device={device}", "trainer.lr=0.01"])
+                    f"+lora={lora}", f"trainer.device={device}", "trainer.lr=0.01", *PRECISIONS[precision]])
 
 
 def _batch(device) -> torch.Tensor:
     return torch.randint(2, 64, (2, 12), generator=torch.Generator().manual_seed(0)).to(device)
 
 
-def _train_step(model, optimizer, device, host_update: bool = False) -> None:
+def _train_step(model, optimizer, device, host_update: bool = False, compute_dtype=None) -> None:
     """One AdamW step on the fixed batch. `host_update` (unsharded reference only) runs the
-    step on the host like FSDP's CPU offload does, so the arithmetic matches bit for bit."""
+    step on the host like FSDP's CPU offload does, so the arithmetic matches bit for bit.
+    `compute_dtype` (unsharded reference only): forward/backward on a copy with the parameters
+    in that dtype, grads cast back to the masters' dtype, as FSDP mixed precision does."""
     ids = _batch(device)
-    model(input_ids=ids, labels=ids).loss.backward()
+    if compute_dtype is None:
+        model(input_ids=ids, labels=ids).loss.backward()
+    else:
+        _mixed_backward(model, ids, compute_dtype)
     if host_update:
         model.to("cpu")  # moves the grads too
     optimizer.step()
@@ -48,28 +63,42 @@ def _train_step(model, optimizer, device, host_update: bool = False) -> None:
         model.to(device)
 
 
+def _mixed_backward(model, ids, dtype) -> None:
+    """Backward on a copy whose parameters (not buffers: FSDP casts only parameters) are in
+    `dtype`; the masters get the copy's grads cast to their dtype (FSDP's float32 reduce)."""
+    compute = copy.deepcopy(model)
+    for p in compute.parameters():
+        p.data = p.data.to(dtype)
+    compute(input_ids=ids, labels=ids).loss.backward()
+    for master, p in zip(model.parameters(), compute.parameters()):
+        if p.grad is not None:
+            master.grad = p.grad.to(master.dtype)
+
+
 def reference(cfg, device) -> Dict[str, torch.Tensor]:
-    """What the engine should receive: an unsharded copy given the same step."""
+    """What the engine should receive: an unsharded copy given the same step, in the engine dtype."""
     from peft import get_peft_model_state_dict
 
-    from recipe.model import apply_lora, build_optimizer, load_hf_model
+    from recipe.model import apply_lora, build_optimizer, load_hf_model, mixed_precision, torch_dtype
 
     torch.manual_seed(cfg.trainer.seed)  # same LoRA init as build_policy: on the host RNG
-    model = apply_lora(load_hf_model(cfg, "cpu"), cfg).to(device)
-    _train_step(model, build_optimizer(model, cfg), device, host_update=cfg.offload.name == "cpu")
+    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg).to(device)
+    dtype = torch_dtype(cfg.model.dtype)
+    _train_step(model, build_optimizer(model, cfg), device, host_update=cfg.offload.name == "cpu",
+                compute_dtype=dtype if mixed_precision(cfg) else None)
     with torch.no_grad():
         if cfg.lora.name == "adapter":
-            return {n: t.detach().clone() for n, t in get_peft_model_state_dict(model).items()}
-        if cfg.lora.name == "merged" and cfg.model.dtype != "float32":
+            return {n: t.detach().to(dtype).clone() for n, t in get_peft_model_state_dict(model).items()}
+        if cfg.lora.name == "merged" and (cfg.model.dtype != "float32" or mixed_precision(cfg)):
             return _merged_fp32(model, cfg)
         if cfg.lora.name == "merged":
             model = model.merge_and_unload()  # in float32 our merge is peft's, bit for bit
-        return {n: p.detach().clone() for n, p in model.named_parameters()}
+        return {n: p.detach().to(dtype).clone() for n, p in model.named_parameters()}
 
 
 def _merged_fp32(model, cfg) -> Dict[str, torch.Tensor]:
-    """bf16/fp16: peft merges in the low dtype; we merge the unsharded tensors in float32 and
-    cast once (recipe/state_dict.py), so the reference applies that formula to the copy."""
+    """bf16/fp16 engine: peft merges in the low dtype; we merge the unsharded (master) tensors in
+    float32 and cast once (recipe/state_dict.py), so the reference applies that formula to the copy."""
     from recipe.model import torch_dtype
     from recipe.state_dict import hf_name, is_lora_param
 
@@ -81,8 +110,8 @@ def _merged_fp32(model, cfg) -> Dict[str, torch.Tensor]:
         if name.endswith(".base_layer.weight"):  # the documented formula, written out here
             stem = name[: -len("base_layer.weight")]
             a, b = params[stem + "lora_A.default.weight"], params[stem + "lora_B.default.weight"]
-            p = (p.float() + (b.float() @ a.float()) * scale).to(torch_dtype(cfg.model.dtype))
-        out[hf_name(name)] = p.detach().clone()
+            p = (p.float() + (b.float() @ a.float()) * scale)
+        out[hf_name(name)] = p.detach().to(torch_dtype(cfg.model.dtype)).clone()
     return out
 
 
@@ -90,7 +119,7 @@ def unit_bytes_bound(cfg) -> int:
     """Largest FSDP unit (a decoder layer, or the root's leftovers) plus the largest tensor."""
     from recipe.model import apply_lora, decoder_layers, load_hf_model
 
-    model = apply_lora(load_hf_model(cfg), cfg)
+    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg)
     size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
     layers = [size(layer.parameters()) for layer in decoder_layers(model)]
     largest = max(p.numel() * p.element_size() for p in model.parameters())
@@ -146,16 +175,38 @@ def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) ->
         if cfg.offload.name == "manual":
             offload_to_cpu(model, optimizer)
         before = local_state(model)
-        got = check_stream(stream_weights(model, cfg, device), reference(cfg, device), device, initial_state(cfg))
+        expected = reference(cfg, device)
+        with record_all_gathers() as wire:
+            got = check_stream(stream_weights(model, cfg, device), expected, device, initial_state(cfg))
         after = local_state(model)
         unchanged = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
         if cfg.offload.name == "manual":
             load_to_device(model, optimizer, device)
             _train_step(model, optimizer, device)  # the moved-back state still trains
         results.append(dict(key=combo_key(cfg), base=base, got=got, unchanged=unchanged,
-                            bound=unit_bytes_bound(cfg)))
+                            bound=unit_bytes_bound(cfg), masters={str(t.dtype) for t in after.values()},
+                            wire=wire))
         del model, optimizer
     return results
+
+
+@contextlib.contextmanager
+def record_all_gathers():
+    """Bytes per dtype that `dist.all_gather_into_tensor` receives inside the block (what crosses the wire)."""
+    import torch.distributed as dist
+
+    seen: Dict[str, int] = collections.Counter()
+    original = dist.all_gather_into_tensor
+
+    def recording(output, input, *args, **kwargs):
+        seen[str(output.dtype)] += output.numel() * output.element_size()
+        return original(output, input, *args, **kwargs)
+
+    dist.all_gather_into_tensor = recording
+    try:
+        yield seen
+    finally:
+        dist.all_gather_into_tensor = original
 
 
 def initial_state(cfg) -> Dict[str, torch.Tensor]:
@@ -167,7 +218,8 @@ def initial_state(cfg) -> Dict[str, torch.Tensor]:
     if cfg.lora.name != "adapter":
         return checkpoint_state(cfg.model.path, cfg.model.dtype)
     torch.manual_seed(cfg.trainer.seed)
-    return get_peft_model_state_dict(apply_lora(load_hf_model(cfg), cfg))
+    state = get_peft_model_state_dict(apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg))
+    return {n: t.to(getattr(torch, cfg.model.dtype)) for n, t in state.items()}
 
 
 def expected_names(cfg) -> set:
@@ -185,6 +237,12 @@ def assert_combo(result: dict, cfg, model_dir) -> None:
     # weight, or every merged target (norms and biases are not LoRA targets).
     assert got["changed"] >= len(got["names"]) // 2, f"{key}: only {got['changed']} tensors changed"
     assert result["unchanged"], f"{key}: the gather changed the trained (sharded) parameters"
+    assert result["masters"] == {f"torch.{cfg.model.master_dtype}"}, f"{key}: parameters in {result['masters']}"
+    if cfg.fsdp.name == "fsdp2":  # the shards are cast before the all-gather (merged: LoRA layers excepted)
+        engine, master = f"torch.{cfg.model.dtype}", f"torch.{cfg.model.master_dtype}"
+        allowed = {engine, master} if cfg.lora.name == "merged" else {engine}
+        wire = result["wire"]
+        assert engine in wire and set(wire) <= allowed, f"{key}: all-gathered {dict(wire)}"
     assert got["peak"] <= result["bound"], f"{key}: stream held {got['peak']} B at once > bound {result['bound']} B"
 
 
@@ -194,16 +252,18 @@ def cpu_results(tiny_model_dir):
 
     from tests.helpers import run_world
 
-    yamls = [OmegaConf.to_yaml(combo_cfg(tiny_model_dir, key)) for key in CPU_COMBOS]
-    ranks = run_world(run_combos, 2, yamls, "cpu", timeout_s=300)
-    return {tuple(r0["key"]): (r0, r1) for r0, r1 in zip(ranks[0], ranks[1])}
+    cases = [(key, precision) for precision in PRECISIONS for key in CPU_COMBOS]
+    yamls = [OmegaConf.to_yaml(combo_cfg(tiny_model_dir, key, precision=precision)) for key, precision in cases]
+    ranks = run_world(run_combos, 2, yamls, "cpu", timeout_s=600)
+    return {case: (r0, r1) for case, r0, r1 in zip(cases, ranks[0], ranks[1])}
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
 @pytest.mark.parametrize("key", CPU_COMBOS, ids=lambda k: "-".join(k))
-def test_stream_equals_reference(cpu_results, tiny_model_dir, key):
-    for result in cpu_results[key]:  # both ranks receive every tensor
-        assert_combo(result, combo_cfg(tiny_model_dir, key), tiny_model_dir)
+def test_stream_equals_reference(cpu_results, tiny_model_dir, key, precision):
+    for result in cpu_results[(key, precision)]:  # both ranks receive every tensor
+        assert_combo(result, combo_cfg(tiny_model_dir, key, precision=precision), tiny_model_dir)
 
 
 def reference_strategies(rank: int, world: int, cfg_yaml: str) -> dict:

@@ -5,6 +5,7 @@ with messages that name the field and the choices; every YAML under conf/ compos
 """
 
 import itertools
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -180,3 +181,22 @@ def test_fsdp1_lora_at_world_one_is_refused_with_the_reason(tiny_model_dir):
         validate(cfg)
     validate(compose(["fsdp=fsdp2", "+lora=merged", "trainer.world_size=1", f"model.path={tiny_model_dir}"]))
     validate(compose(["fsdp=fsdp1", "+lora=merged", "trainer.world_size=2", f"model.path={tiny_model_dir}"]))
+
+
+@pytest.mark.parametrize("overrides,message", [
+    (["model.master_dtype=fp8"], "model.master_dtype='fp8' is not valid; choose one of: float32, bfloat16, float16"),
+    (["model.dtype=bfloat16", "model.master_dtype=float16"], "is not valid; choose one of: float32, bfloat16"),
+])
+def test_master_dtype_is_float32_or_the_compute_dtype(overrides, message):
+    with pytest.raises(ConfigError, match=re.escape(message)):
+        validate(compose(overrides + [CPU]))
+    validate(compose(["model.dtype=bfloat16", "model.master_dtype=bfloat16", CPU]))  # allowed (memory-bound users)
+
+
+def test_lr_and_warmup_default_to_the_model_group():
+    local = compose(["model=local", "model.path=."])
+    assert (local.trainer.lr, local.trainer.warmup_steps) == (1e-6, 10)
+    assert (local.model.dtype, local.model.master_dtype) == ("bfloat16", "float32")
+    assert compose(["model=smollm2"]).trainer.lr == 1e-5
+    assert (compose([]).trainer.lr, compose([]).trainer.warmup_steps) == (1e-3, 2)  # tiny
+    assert compose(["model=local", "model.path=.", "trainer.lr=3e-6"]).trainer.lr == 3e-6  # an explicit value wins

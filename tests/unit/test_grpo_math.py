@@ -5,7 +5,8 @@ import math
 import pytest
 import torch
 
-from recipe.grpo import Batch, clipped_surrogate, group_advantages, micro_batch_tensors, token_logprobs, warmup_lambda
+from recipe.grpo import (Batch, clipped_surrogate, group_advantages, local_count, micro_batch_tensors, token_logprobs,
+                         warmup_lambda)
 
 
 def test_group_advantages_centre_and_scale_per_group():
@@ -87,3 +88,21 @@ def test_warmup_ramps_to_one():
     f = warmup_lambda(4)
     assert [f(s) for s in range(6)] == [0.25, 0.5, 0.75, 1.0, 1.0, 1.0]
     assert math.isclose(warmup_lambda(0)(0), 1.0)
+
+
+def test_logprobs_and_advantages_are_float32_from_bf16_inputs():
+    torch.manual_seed(0)
+    logits, ids = torch.randn(2, 5, 7), torch.randint(0, 7, (2, 5))
+    lp = token_logprobs(logits.bfloat16(), ids)
+    assert lp.dtype == torch.float32
+    assert torch.equal(lp, token_logprobs(logits.bfloat16().float(), ids))  # cast first, then log_softmax
+    adv = group_advantages(torch.tensor([1.0, 0.0, 0.0, 1.0], dtype=torch.bfloat16), 2, scale_by_std=True)
+    assert adv.dtype == torch.float32
+
+
+def test_local_count_is_this_ranks_tokens_or_sequences():
+    batch = Batch(input_ids=[[1, 2, 3], [1, 2, 3, 4, 5], [1, 2]], prompt_lens=[1, 1, 1],
+                  old_logprobs=[[-1.0, -1.0], [-1.0] * 4, [-1.0]], rewards=torch.zeros(3), advantages=torch.zeros(3),
+                  correct=torch.zeros(3), completion_lens=torch.tensor([2.0, 4.0, 1.0]))
+    assert local_count(batch, [0, 1], "token_mean") == 6
+    assert local_count(batch, [0, 1], "seq_mean") == 2
