@@ -145,9 +145,15 @@ def build_policy(cfg: DictConfig, ctx) -> nn.Module:
             "float32 masters", cfg.model.master_dtype, cfg.model.dtype)
     torch.manual_seed(cfg.trainer.seed)
     model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg)
+    return shard(model, cfg, ctx.device)
+
+
+def shard(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
+    """Wrap an unsharded (peft) model with FSDP1 or FSDP2 per `fsdp.name`, with the offload and
+    mixed-precision policies of `cfg`."""
     if cfg.fsdp.name == "fsdp1":
-        return _shard_fsdp1(model, cfg, ctx.device)
-    return _shard_fsdp2(model, cfg, ctx.device)
+        return _shard_fsdp1(model, cfg, device)
+    return _shard_fsdp2(model, cfg, device)
 
 
 def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:

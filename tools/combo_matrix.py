@@ -33,7 +33,8 @@ from recipe.config import UnsupportedError, validate
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 MEDIANS = {"step_s": "time/step_s", "gather_s": "sync/gather_s", "load_s": "sync/load_s",
            "verify_s": "sync/verify_s"}
-MAXIMA = {"parity_max": "sync/parity_max_abs_diff", "logprob_gap_max": "train/logprob_gap"}
+MAXIMA = {"parity_max": "sync/parity_max_abs_diff", "logprob_gap_max": "train/logprob_gap",
+          "logprob_gap_token_max": "train/logprob_gap_max"}
 MEMORY = {"free_gb_before_engine": "rollout/mem_free_before_engine_gb", "free_gb_asleep": "rollout/mem_free_asleep_gb",
           "free_gb_awake": "rollout/mem_free_awake_gb"}
 
@@ -138,7 +139,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 def table(rows: List[dict], cfg: DictConfig) -> str:
     head = ("| combination | status | step s | gather s | load s | verify s | probe max gap | logprob gap max "
-            "| resumed | free GiB before engine / asleep / awake |")
+            "| token gap max | resumed | free GiB before engine / asleep / awake |")
     lines = [f"model {cfg.model.path} ({cfg.model.dtype}), world {cfg.trainer.world_size}, device {cfg.trainer.device}",
              head, "|" + "---|" * (head.count("|") - 1)]
     for r in rows:
@@ -146,7 +147,8 @@ def table(rows: List[dict], cfg: DictConfig) -> str:
         status = r["status"] + (f" ({r['error'][:80]})" if r["error"] else "")
         lines.append(f"| {r['combo']} | {status} | {_fmt(r.get('step_s'))} | {_fmt(r.get('gather_s'), 4)} "
                      f"| {_fmt(r.get('load_s'), 4)} | {_fmt(r.get('verify_s'), 4)} | {_fmt(r.get('parity_max'), 4)} "
-                     f"| {_fmt(r.get('logprob_gap_max'), 4)} | {_fmt(r.get('resumed'))} | {mem} |")
+                     f"| {_fmt(r.get('logprob_gap_max'), 4)} | {_fmt(r.get('logprob_gap_token_max'), 4)} "
+                     f"| {_fmt(r.get('resumed'))} | {mem} |")
     return "\n".join(lines)
 
 

@@ -223,18 +223,19 @@ def limit_times(nbytes: int, offloaded: bool, limits: Dict[str, float], world: i
 
 
 def build_base(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
-    """The unsharded HF model every cell starts from: random weights of `bench_model.qwen2`
-    made directly on the device (GPU shapes: seconds, no disk), or the checkpoint of `model.path`."""
+    """The unsharded HF model every cell starts from, in the trainer's master dtype (`model.master_dtype`,
+    as the trainer holds it): random weights of `bench_model.qwen2` made directly on the device (GPU
+    shapes: seconds, no disk), or the checkpoint of `model.path`."""
     from recipe.model import load_hf_model, torch_dtype
 
     if not cfg.bench_model.qwen2:
         from recipe.assets import ensure_model
 
         ensure_model(cfg)
-        return load_hf_model(cfg, device)
+        return load_hf_model(cfg, device, cfg.model.master_dtype)
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    dtype = torch_dtype(cfg.model.dtype)
+    dtype = torch_dtype(cfg.model.master_dtype)
     config = Qwen2Config(**OmegaConf.to_container(cfg.bench_model.qwen2), dtype=dtype)
     torch.manual_seed(cfg.trainer.seed)
     with torch.device(device):
@@ -261,8 +262,7 @@ def build_policy_from(base: torch.nn.Module, cfg: DictConfig, ctx) -> Tuple[torc
     torch.manual_seed(cfg.trainer.seed)
     model = policy.apply_lora(copy.deepcopy(base), cfg)
     unit = largest_unit_bytes(model)
-    shard = policy._shard_fsdp1 if cfg.fsdp.name == "fsdp1" else policy._shard_fsdp2
-    model = shard(model, cfg, ctx.device)
+    model = policy.shard(model, cfg, ctx.device)
     if cfg.offload.name == "manual":
         _train_like(model, ctx.device)
         policy.offload_to_cpu(model, None)
@@ -308,8 +308,9 @@ class CopySink:
                 tensor.fill_(float("nan"))
 
     def wrong(self, expected: Dict[str, torch.Tensor]) -> List[str]:
-        """Destination weights that differ from `expected` (bit for bit)."""
-        return [n for n, t in self.dest.items() if not torch.equal(t, expected[n])]
+        """Destination weights that differ from `expected` cast to the destination's dtype (bit for bit:
+        the stream rounds float32 masters to the engine dtype the same way)."""
+        return [n for n, t in self.dest.items() if not torch.equal(t, expected[n].to(t.dtype))]
 
     def check(self, streamed: Dict[str, Any]) -> Tuple[List[str], int, float]:
         """(problems, tensors checked, digest seconds inside the load) of the engine-side digest check."""
@@ -610,12 +611,17 @@ def write_json(path: str, meta, rows, checks) -> None:
 
 def bench_rank(cfg: DictConfig, ctx) -> None:
     """Body of every rank (module level so spawn can pickle it)."""
+    from recipe.model import torch_dtype
+
     cells = select_cells(cfg)
     sink_name = resolve_sink(cfg, ctx.device)
     bucket_bytes = cfg.sync.bucket_mb * MiB
     limits = measure_limits(ctx.device, cfg.bench.limit_mb * MiB, cfg.bench.limit_reps, bucket_bytes)
     base = build_base(cfg, ctx.device)
-    dest = {n: t for n, t in copy.deepcopy(base).to(ctx.device).state_dict().items()}  # the engine's weights
+    engine_dtype = torch_dtype(cfg.model.dtype)  # the engine's weights, in the engine's dtype; tied ones stay one
+    converted: Dict[int, torch.Tensor] = {}
+    dest = {n: converted.setdefault(t.data_ptr(), t.to(ctx.device, engine_dtype, copy=True))
+            for n, t in base.state_dict().items()}
     engine = VllmSink(cfg, ctx, Path(engine_dir(cfg))) if sink_name == "vllm" else None
     meta = {"model": cfg.bench_model.name, "world_size": ctx.world_size, "device": ctx.device.type,
             "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
