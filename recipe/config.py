@@ -252,6 +252,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"rollout.n must be >= 2 (GRPO compares samples within a group), got {cfg.rollout.n}")
     if OmegaConf.is_missing(cfg.model, "path"):
         raise ConfigError("model.path is missing; set model.path=/path/to/hf_checkpoint (a local HF directory)")
+    if cfg.model.builder != "none":
+        _check_builtin_model_path(cfg)
     if cfg.model.builder == "none" and not Path(cfg.model.path).expanduser().is_dir():
         raise ConfigError(f"model.path={cfg.model.path!r} does not exist; give a local HF checkpoint directory "
                           "or use model=tiny / model=smollm2, which are created on first use")
@@ -280,6 +282,16 @@ def validate(cfg: DictConfig) -> None:
         )
     if device == "cpu" and _pin_setting(cfg) == "true":
         raise ConfigError("offload.pin_memory=true needs CUDA; on CPU use offload.pin_memory=auto or false")
+
+
+def _check_builtin_model_path(cfg: DictConfig) -> None:
+    """A built-in model is never built over a directory the project did not make (no I/O but stat)."""
+    from recipe.builtin_models import NotOursError, check_buildable
+
+    try:
+        check_buildable(cfg.model.path, cfg.model.builder)
+    except NotOursError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _pin_setting(cfg: DictConfig) -> str:
