@@ -146,6 +146,9 @@ class TrainerConfig:
     updates_per_batch: int = 2
     micro_batch_size: int = 16
     checkpoint_every: int = 0
+    # Complete checkpoints kept (the newest); older ones are removed only after a newer one is
+    # complete. 0 keeps all.
+    keep_checkpoints: int = 3
     resume: bool = False
     # Seconds a collective may wait before the process group gives up.
     timeout_s: int = 300
@@ -239,8 +242,9 @@ def validate(cfg: DictConfig) -> None:
                 "sync.num_probe_prompts", "task.num_prompts"):
         _positive(cfg, key)
     for key in ("trainer.weight_decay", "trainer.warmup_steps", "trainer.grad_clip",
-                "trainer.checkpoint_every", "algo.clip_eps", "algo.kl_coef", "rollout.temperature"):
+                "trainer.checkpoint_every", "trainer.keep_checkpoints", "algo.clip_eps", "algo.kl_coef"):
         _positive(cfg, key, allow_zero=True)
+    _sampling(cfg)
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.lora.name != "none":
@@ -282,6 +286,20 @@ def validate(cfg: DictConfig) -> None:
         )
     if device == "cpu" and _pin_setting(cfg) == "true":
         raise ConfigError("offload.pin_memory=true needs CUDA; on CPU use offload.pin_memory=auto or false")
+
+
+def _sampling(cfg: DictConfig) -> None:
+    """Values that pass one by one but cannot sample or train together."""
+    if not cfg.rollout.temperature > 0:
+        raise ConfigError(f"rollout.temperature must be > 0, got {cfg.rollout.temperature}: the trainer divides "
+                          "logits by it, and GRPO needs sampled (different) completions within a group")
+    samples = cfg.trainer.prompts_per_step * cfg.rollout.n
+    if cfg.trainer.updates_per_batch > samples:
+        raise ConfigError(f"trainer.updates_per_batch={cfg.trainer.updates_per_batch} is more than the samples per "
+                          f"rank (trainer.prompts_per_step * rollout.n = {samples}): a mini-batch would be empty")
+    if cfg.rollout.max_model_len <= cfg.rollout.max_new_tokens:
+        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} leaves no room for a prompt before "
+                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}; it must hold prompt + completion")
 
 
 def _check_builtin_model_path(cfg: DictConfig) -> None:

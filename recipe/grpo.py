@@ -259,6 +259,7 @@ class GRPOTrainer:
             gap_tokens += t["mask"].sum().item()
         self._check_finite(stats["loss"], "loss")
         stats["grad_norm"] = self._clip_grad()
+        self._check_finite(stats["grad_norm"], "gradient norm")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
