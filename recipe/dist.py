@@ -86,7 +86,10 @@ def init_process_group(device_type: str, timeout_s: int) -> DistContext:
 
 
 def _die_with_parent(parent: int) -> None:
-    """End this process when the launcher `parent` dies, however it dies (no orphan ranks)."""
+    """End this process when the launcher `parent` dies, however it dies (no orphan ranks).
+
+    torch's spawn already asks for SIGINT on parent death, but a rank started with SIGINT ignored
+    (a job a script put in the background, nohup) inherits that and never acts on it: SIGKILL."""
     if sys.platform.startswith("linux"):
         import ctypes
 
