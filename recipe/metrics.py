@@ -20,6 +20,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
@@ -112,11 +113,9 @@ def _keep(line: str, step: int, last: bool) -> bool:
 
 def _run_id(run_dir: Path, resume: bool) -> str:
     """The wandb run id of this run directory: kept in `wandb_run_id`, reused on resume."""
-    import wandb
-
     path = run_dir / "wandb_run_id"
     if resume and path.is_file():
         return path.read_text().strip()
-    run_id = wandb.util.generate_id()
+    run_id = uuid.uuid4().hex[:8]  # wandb's own ids: 8 characters of [a-z0-9]
     path.write_text(run_id)
     return run_id
