@@ -1,5 +1,5 @@
-"""A non-finite gradient norm on one rank stops every rank together, before the optimizer step,
-like a non-finite loss (grpo.py's `_check_finite` all-reduces the verdict first).
+"""A non-finite reward, loss or gradient norm on one rank stops every rank together, before the
+optimizer step (grpo.py's `_check_finite` all-reduces the verdict first, so no rank hangs).
 
     .venv/bin/python -m pytest tests/dist/test_nonfinite.py
 """
@@ -10,7 +10,23 @@ import torch
 from tests.helpers import run_world
 
 
-def nan_grad_norm_on_rank1(rank, world, model_dir, run_dir):
+def _poison(trainer, what: str) -> None:
+    """Make this rank's `what` non-finite."""
+    import recipe.grpo
+    import recipe.model
+
+    inf = float("inf")
+    if what == "reward":
+        trainer.task.reward = lambda prompt, text: float("nan")
+    elif what == "loss":
+        real_loss = recipe.grpo.clipped_surrogate
+        recipe.grpo.clipped_surrogate = lambda *a, **k: (lambda s, n, st: (s * inf, n, st))(*real_loss(*a, **k))
+    else:  # as if this rank's gradients held an inf: clip_grad_norm returns a non-finite norm
+        real_clip = recipe.model.clip_grad_norm
+        recipe.model.clip_grad_norm = lambda model, max_norm: real_clip(model, max_norm) * inf
+
+
+def nonfinite_on_rank1(rank, world, model_dir, run_dir, what):
     from omegaconf import open_dict
 
     from recipe.dist import DistContext
@@ -23,11 +39,8 @@ def nan_grad_norm_on_rank1(rank, world, model_dir, run_dir):
     with open_dict(cfg):
         cfg.run_dir = run_dir
     trainer = GRPOTrainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
-    if rank == 1:  # as if this rank's gradients held an inf: clip_grad_norm returns a non-finite norm
-        import recipe.model
-
-        real_clip = recipe.model.clip_grad_norm
-        recipe.model.clip_grad_norm = lambda model, max_norm: real_clip(model, max_norm) * float("inf")
+    if rank == 1:
+        _poison(trainer, what)
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}
     try:
         trainer.run()
@@ -40,9 +53,10 @@ def nan_grad_norm_on_rank1(rank, world, model_dir, run_dir):
 
 
 @pytest.mark.slow
-def test_nonfinite_grad_norm_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path):
-    for rank, result in enumerate(run_world(nan_grad_norm_on_rank1, 2, str(tiny_model_dir), str(tmp_path),
-                                            timeout_s=300)):
+@pytest.mark.parametrize("what,named", [("reward", "reward"), ("loss", "loss"), ("grad_norm", "gradient norm")])
+def test_nonfinite_value_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path, what, named):
+    results = run_world(nonfinite_on_rank1, 2, str(tiny_model_dir), str(tmp_path), what, timeout_s=300)
+    for rank, result in enumerate(results):
         assert result["error"] is not None, f"rank {rank} kept training"
-        assert "non-finite gradient norm at step 0" in result["error"], result["error"]
-        assert result["unchanged"], f"rank {rank}: the optimizer stepped on a non-finite gradient"
+        assert f"non-finite {named} at step 0" in result["error"], result["error"]
+        assert result["unchanged"], f"rank {rank}: the optimizer stepped on a non-finite {named}"
