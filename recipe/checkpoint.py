@@ -228,7 +228,7 @@ def load(path: Path, model, optimizer, scheduler, ctx, manual_offload: bool = Fa
     extra, error = None, None
     try:
         extra = _read_rank_file(path, ctx.rank)
-    except CheckpointError as exc:
+    except FAILURES as exc:  # CheckpointError names the file; anything else is wrapped by _agree
         error = exc
     _agree(error, f"checkpoint {path} cannot be loaded")
     try:
