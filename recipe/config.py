@@ -244,7 +244,7 @@ def validate(cfg: DictConfig) -> None:
     for key in ("trainer.weight_decay", "trainer.warmup_steps", "trainer.grad_clip",
                 "trainer.checkpoint_every", "trainer.keep_checkpoints", "algo.clip_eps", "algo.kl_coef"):
         _positive(cfg, key, allow_zero=True)
-    _sampling(cfg)
+    _rollout_and_batch(cfg)
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.lora.name != "none":
@@ -288,7 +288,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("offload.pin_memory=true needs CUDA; on CPU use offload.pin_memory=auto or false")
 
 
-def _sampling(cfg: DictConfig) -> None:
+def _rollout_and_batch(cfg: DictConfig) -> None:
     """Values that pass one by one but cannot sample or train together."""
     if not cfg.rollout.temperature > 0:
         raise ConfigError(f"rollout.temperature must be > 0, got {cfg.rollout.temperature}: the trainer divides "
