@@ -17,9 +17,9 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import socket
 import sys
-import signal
 import tempfile
 import threading
 import time

@@ -1,12 +1,14 @@
 """Checks at start that need the filesystem, the tokenizer or the network.
 
-`validate(cfg)` (recipe/config.py) checks values on their own; `preflight(cfg, model_dir)`
-runs after it, in the launching process, before any rank starts or any model is built:
-- the run directory is writable, and a fresh run does not write over an earlier run there;
-- a resumed run keeps every field that changes the math (the run directory's config.yaml);
-- the longest prompt of the task plus `rollout.max_new_tokens` fits `rollout.max_model_len`,
-  and that fits the model's `max_position_embeddings`;
-- `logger.mode=online` can reach the wandb server, else the run falls back to offline.
+`validate(cfg)` (recipe/config.py) checks values on their own; these run after it, in the
+launching process, before any rank starts or any model is built (recipe/train.py):
+- `preflight(cfg)`, before the model directory is even made: the run directory is writable, and
+  a fresh run does not write over an earlier run there; a resumed run keeps every field that
+  changes the math (the run directory's config.yaml); `logger.mode=online` can reach the wandb
+  server, else the run falls back to offline;
+- `check_context_length(cfg, model_dir)`, once the model directory exists: the longest prompt of
+  the task plus `rollout.max_new_tokens` fits `rollout.max_model_len`, and that fits the model's
+  `max_position_embeddings`.
 Each failure is a ConfigError that names the field.
 """
 
@@ -34,10 +36,9 @@ RUN_FILES = ("checkpoints", "metrics.jsonl")
 WANDB_TIMEOUT_S = 10.0
 
 
-def preflight(cfg: DictConfig, model_dir: Path) -> None:
+def preflight(cfg: DictConfig) -> None:
     check_run_dir(cfg)
     check_resume_config(cfg)
-    check_context_length(cfg, model_dir)
     check_wandb(cfg)
 
 

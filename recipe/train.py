@@ -37,10 +37,11 @@ def train(cfg: DictConfig) -> None:
     Tests call this directly."""
     from recipe.assets import ensure_model
     from recipe.dist import launch
-    from recipe.preflight import preflight
+    from recipe.preflight import check_context_length, preflight
 
     validate(cfg)
-    preflight(cfg, ensure_model(cfg))
+    preflight(cfg)  # run directory, resumed config, wandb: before anything is built or downloaded
+    check_context_length(cfg, ensure_model(cfg))
     saved = Path(cfg.run_dir) / "config.yaml"
     OmegaConf.save(cfg, saved.with_suffix(".yaml.tmp"), resolve=True)
     os.replace(saved.with_suffix(".yaml.tmp"), saved)  # a resumed run compares against this file
