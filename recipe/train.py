@@ -49,8 +49,11 @@ def train(cfg: DictConfig) -> None:
 
 
 def _write_status(run_dir: Path, status: str, error: str = "") -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "status.json").write_text(json.dumps({"status": status, "error": error}, indent=1))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "status.json").write_text(json.dumps({"status": status, "error": error}, indent=1))
+    except OSError as exc:  # an unwritable run directory: the run's own error is the one to show
+        print(f"warning: cannot write {run_dir / 'status.json'}: {exc}", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -7,13 +7,15 @@ a model directory the trainer cannot read is refused at start with what is missi
 import json
 import os
 import shutil
+import subprocess
+import sys
 
 import pytest
 from omegaconf import open_dict
 
 from recipe.assets import check_model_dir, ensure_model
 from recipe.config import ConfigError, validate
-from tests.helpers import compose
+from tests.helpers import REPO, compose
 
 CPU = "trainer.device=cpu"
 
@@ -53,6 +55,18 @@ def test_user_model_path_is_refused_at_start(tmp_path):
     with pytest.raises(ConfigError):
         ensure_model(cfg)  # the builder checks again even when validate is skipped
     assert _contents(mine) == before
+
+
+def test_user_model_path_from_the_cli_exits_with_the_message(tmp_path):
+    """The issue's command, as a user types it: it exits non-zero at start and deletes nothing."""
+    mine = tmp_path / "my_model"
+    before = _user_model(mine)
+    out = subprocess.run([sys.executable, "-m", "recipe.train", f"model.path={mine}", "trainer.device=cpu",
+                          "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "use model=local model.path=" in out.stderr, out.stderr[-2000:]
+    assert _contents(mine) == before
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
 
 
 def test_checkout_as_model_path_is_refused(tmp_path, monkeypatch):

@@ -8,6 +8,8 @@ filesystem or the network (preflight).
 import os
 import socket
 import stat
+import subprocess
+import sys
 import time
 
 import pytest
@@ -15,7 +17,7 @@ from omegaconf import OmegaConf, open_dict
 
 from recipe.config import ConfigError, validate
 from recipe.preflight import check_context_length, check_resume_config, check_run_dir, check_wandb
-from tests.helpers import compose
+from tests.helpers import REPO, compose
 
 CPU = "trainer.device=cpu"
 
@@ -87,6 +89,15 @@ def test_unwritable_run_directory_is_refused(tmp_path):
     finally:
         if (tmp_path / "locked").exists():
             (tmp_path / "locked").chmod(stat.S_IRWXU)
+
+
+def test_unwritable_run_directory_from_the_cli(tmp_path):
+    """From the command line Hydra makes the run directory first, and fails naming it."""
+    (tmp_path / "file").write_text("x")
+    target = tmp_path / "file" / "run"
+    out = subprocess.run([sys.executable, "-m", "recipe.train", f"hydra.run.dir={target}", "logger=none"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and f"Not a directory: '{target}'" in out.stderr, out.stderr[-2000:]
 
 
 def test_fresh_run_into_a_directory_holding_a_run_is_refused(tmp_path):
