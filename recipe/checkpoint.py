@@ -242,4 +242,4 @@ def load(path: Path, model, optimizer, scheduler, ctx, manual_offload: bool = Fa
     _agree(error, f"checkpoint {path} cannot be loaded")
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
-    return {"step": int(extra["step"]), "state": extra["state"]}
+    return {"step": int(extra["step"]), "state": extra.get("state", {})}

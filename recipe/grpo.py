@@ -311,9 +311,10 @@ class GRPOTrainer:
         loaded = load(path, self.policy, self.optimizer, self.scheduler, self.ctx,
                       manual_offload=self.cfg.offload.name == "manual")
         self.step, counters = loaded["step"], loaded["state"]
-        # The first sync after resume loads the checkpoint's weights again: it remakes the saved version.
-        self.sync.weight_version = counters["weight_version"] - 1
-        self.sync.num_syncs = counters["num_syncs"] - 1
+        if counters:  # (checkpoints written before the counters were saved have none)
+            # The first sync after resume loads the checkpoint's weights again: it remakes the saved version.
+            self.sync.weight_version = counters["weight_version"] - 1
+            self.sync.num_syncs = counters["num_syncs"] - 1
         self.logger.rewind(self.step)
         self.resumed = True
 
