@@ -1,4 +1,10 @@
-"""Model directories named by the config: created on first use for the built-in models."""
+"""Model directories named by the config: built on first use for the built-in models, and
+checked at start (before any rank starts) for what the trainer and the engine will read.
+
+A built-in model (`model.builder` tiny / smollm2) is (re)built only where `model.path` is
+absent, empty, or a copy this project built (recipe/builtin_models.py's marker); any other
+directory is refused at start and never touched.
+"""
 
 from __future__ import annotations
 
@@ -6,18 +12,38 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
+from recipe.builtin_models import NotOursError, fetch_default_model, make_tiny_model
+from recipe.config import ConfigError
+
+WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
+
+
+def check_model_dir(path: Path) -> None:
+    """A directory the trainer and engine can read: config.json, weights and a tokenizer."""
+    missing = []
+    if not (path / "config.json").is_file():
+        missing.append("config.json")
+    if not any(any(path.glob(p)) for p in WEIGHT_PATTERNS):
+        missing.append(f"weights ({', '.join(WEIGHT_PATTERNS)})")
+    if not any((path / f).is_file() for f in TOKENIZER_FILES):
+        missing.append(f"a tokenizer ({', '.join(TOKENIZER_FILES)})")
+    if missing:
+        raise ConfigError(f"model.path={str(path)!r} is not a usable HF checkpoint directory; it lacks: "
+                          f"{'; '.join(missing)}. Give a directory saved with save_pretrained (model and tokenizer).")
+
 
 def ensure_model(cfg: DictConfig) -> Path:
-    """Return the local HF directory of `cfg.model`, building `tiny` / `smollm2` if missing."""
+    """Return the local HF directory of `cfg.model`, building `tiny` / `smollm2` if absent; check it."""
     path = Path(cfg.model.path).expanduser().resolve()
-    if cfg.model.builder == "tiny":  # rebuilt when the cached copy is of an older version
-        from tools.make_tiny_model import make_tiny_model
-
-        return make_tiny_model(path)
-    if (path / "config.json").exists():
-        return path
-    if cfg.model.builder == "smollm2":
-        from tools.fetch_default_model import fetch_default_model
-
-        return fetch_default_model(path)
-    raise FileNotFoundError(f"model.path={str(path)!r} holds no config.json; give a local HF checkpoint directory")
+    try:
+        if cfg.model.builder == "tiny":  # rebuilt when the cached copy is of an older version
+            path = make_tiny_model(path)
+        elif cfg.model.builder == "smollm2":
+            path = fetch_default_model(path)
+    except NotOursError as exc:  # validate() refuses this already; the builders check again
+        raise ConfigError(str(exc)) from None
+    if not path.is_dir():
+        raise ConfigError(f"model.path={str(path)!r} is not a directory; give a local HF checkpoint directory")
+    check_model_dir(path)
+    return path

@@ -1,26 +1,55 @@
-"""Checkpoints: sharded model + optimizer (torch.distributed.checkpoint), step, scheduler, RNG.
+"""Checkpoints: sharded model + optimizer (torch.distributed.checkpoint), step, scheduler, RNG
+and the trainer's other counters.
 
 Layout: `<run_dir>/checkpoints/step_<N>/` holds the DCP shards and one `rank<R>.pt` per rank
-(step, scheduler state, RNG states). A checkpoint is written to `step_<N>.tmp` and renamed
-when every rank has finished, so a crash mid-save never leaves a checkpoint that looks whole.
+(step, scheduler state, RNG states, the caller's `state`, and a sha256 of every file that rank
+wrote). Every file is loaded with `torch.load(weights_only=True)`: tensors, numbers, strings,
+lists and dicts only, so a planted file cannot run code.
+
+A save is atomic at every point; the previous checkpoint stays loadable until the new one is
+complete:
+1. every rank writes into `step_<N>.tmp` (a leftover `.tmp` from a killed save is removed first);
+2. all ranks agree that every write succeeded (else every rank raises, and `.tmp` stays behind);
+3. rank 0 renames an existing `step_<N>` to `step_<N>.old`, renames `.tmp` to `step_<N>`, and
+   only then removes `.old`; a kill between the two renames leaves `.old`, which `latest()`
+   treats as `step_<N>`;
+4. with `keep` > 0, complete checkpoints older than the newest `keep` are removed.
+Loading checks each file against its sha256 first, so a truncated or corrupted checkpoint
+gives a `CheckpointError` that names the file.
 Resume: `python -m recipe.train trainer.resume=true hydra.run.dir=<run dir>`.
 """
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import random
+import re
 import shutil
 from pathlib import Path
-from typing import Optional
+from typing import Dict, Optional
 
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+# DCP's CheckpointException derives from BaseException, not Exception.
+FAILURES = (Exception, CheckpointException)
+STEP_DIR = re.compile(r"^step_(\d+)(\.old|\.tmp)?$")
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be written or read; the message names the file."""
+
+
+# ----------------------------------------------------------------------------- RNG
 
 
 def _rng_state() -> dict:
-    state = {"torch": torch.get_rng_state(), "python": random.getstate()}
+    version, internal, gauss = random.getstate()  # weights_only-safe: lists of ints
+    state = {"torch": torch.get_rng_state(), "python": [version, list(internal), gauss]}
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state()
     return state
@@ -28,41 +57,189 @@ def _rng_state() -> dict:
 
 def _set_rng_state(state: dict) -> None:
     torch.set_rng_state(state["torch"])
-    random.setstate(state["python"])
+    version, internal, gauss = state["python"]
+    random.setstate((version, tuple(internal), gauss))
     if "cuda" in state and torch.cuda.is_available():
         torch.cuda.set_rng_state(state["cuda"])
 
 
-def save(root: Path, model, optimizer, scheduler, step: int, ctx) -> Path:
-    final = root / f"step_{step}"
-    tmp = root / f"step_{step}.tmp"
+# ----------------------------------------------------------------------------- helpers
+
+
+def _agree(error: Optional[BaseException], what: str) -> None:
+    """Every rank raises if any rank failed (no rank is left waiting in a collective)."""
+    failed = torch.tensor([0 if error is None else dist.get_rank() + 1])
+    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if isinstance(error, CheckpointError):
+        raise error
+    if error is not None:
+        raise CheckpointError(f"{what}: {_describe(error)}") from error
+    if failed.item():
+        raise CheckpointError(f"{what}: rank {failed.item() - 1} failed (its error is reported there)")
+
+
+def _describe(error: BaseException) -> str:
+    """One line per failure; DCP wraps each rank's error with its traceback, which the cause keeps."""
+    if isinstance(error, CheckpointException):
+        return "; ".join(f"rank {r}: {_describe(exc)}" for r, (exc, _) in error.failures.items())
+    return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
+
+
+@contextlib.contextmanager
+def _on_device(model, optimizer, device: torch.device, manual_offload: bool):
+    """Manual offload keeps shards on the host between phases; DCP wants them on the compute device."""
+    from recipe.model import load_to_device, offload_to_cpu
+
+    move = manual_offload and torch.device(device).type == "cuda"
+    if move:
+        load_to_device(model, optimizer, device)
+    try:
+        yield
+    finally:
+        if move:
+            offload_to_cpu(model, optimizer)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def _own_files(directory: Path, rank: int) -> Dict[str, str]:
+    """sha256 of the DCP files this rank wrote (rank 0 also owns `.metadata`)."""
+    names = [p for p in directory.glob(f"__{rank}_*.distcp")]
+    if rank == 0 and (directory / ".metadata").exists():
+        names.append(directory / ".metadata")
+    return {p.name: _sha256(p) for p in sorted(names)}
+
+
+def _step_dirs(root: Path) -> Dict[int, Dict[str, Path]]:
+    """{step: {"": complete dir, ".old": moved-aside copy, ".tmp": unfinished}} under `root`."""
+    found: Dict[int, Dict[str, Path]] = {}
+    for p in root.glob("step_*") if root.is_dir() else []:
+        m = STEP_DIR.match(p.name)
+        if m and p.is_dir():
+            found.setdefault(int(m.group(1)), {})[m.group(2) or ""] = p
+    return found
+
+
+def _tidy(root: Path) -> None:
+    """Rank 0, before a save: finish a publish a kill interrupted, drop unfinished writes (all ours)."""
+    for step, kinds in _step_dirs(root).items():
+        if ".old" in kinds:
+            if "" in kinds:
+                shutil.rmtree(kinds[".old"])
+            else:
+                kinds[".old"].rename(root / f"step_{step}")
+        if ".tmp" in kinds:
+            shutil.rmtree(kinds[".tmp"])
+
+
+def _publish(tmp: Path, final: Path) -> None:
+    """Rename the complete `tmp` to `final`; an existing `final` goes aside first and is removed last."""
+    old = final.with_name(final.name + ".old")
+    if final.exists():
+        final.rename(old)
+    tmp.rename(final)
+    if old.exists():
+        shutil.rmtree(old)
+
+
+def _prune(root: Path, keep: int, newest: Path) -> None:
+    if keep <= 0:
+        return
+    complete = sorted((s, k[""]) for s, k in _step_dirs(root).items() if "" in k)
+    for _, path in complete[:-keep]:
+        if path != newest:
+            shutil.rmtree(path)
+
+
+# ----------------------------------------------------------------------------- API
+
+
+def save(root: Path, model, optimizer, scheduler, step: int, ctx, state: Optional[dict] = None, keep: int = 0,
+         manual_offload: bool = False) -> Path:
+    """Write checkpoint `step` under `root` (see the module docstring); returns its directory.
+
+    `state`: more weights_only-safe values to restore on resume (returned by `load`)."""
+    root = Path(root)
+    final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
+    error = None
     if ctx.is_main:
-        shutil.rmtree(tmp, ignore_errors=True)
-        tmp.mkdir(parents=True, exist_ok=True)
-    dist.barrier()
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
-    torch.save({"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state()}, tmp / f"rank{ctx.rank}.pt")
-    dist.barrier()
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            _tidy(root)
+            tmp.mkdir()
+        except OSError as exc:
+            error = exc
+    _agree(error, f"cannot prepare checkpoint directory {tmp}")
+    try:
+        with _on_device(model, optimizer, ctx.device, manual_offload):
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+        extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), "state": state or {},
+                 "files": _own_files(tmp, ctx.rank)}
+        torch.save(extra, tmp / f"rank{ctx.rank}.pt")
+    except FAILURES as exc:  # agreed on, then raised on every rank
+        error = exc
+    _agree(error, f"writing checkpoint {tmp} failed; the previous checkpoints are untouched")
     if ctx.is_main:
-        shutil.rmtree(final, ignore_errors=True)
-        tmp.rename(final)
-    dist.barrier()
+        try:
+            _publish(tmp, final)
+            _prune(root, keep, final)
+        except OSError as exc:
+            error = exc
+    _agree(error, f"publishing checkpoint {final} failed")
     return final
 
 
 def latest(root: Path) -> Optional[Path]:
-    done = [p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")]
-    return max(done, key=lambda p: int(p.name.split("_")[1]), default=None)
+    """The newest complete checkpoint (a `step_<N>.old` counts when `step_<N>` is missing)."""
+    complete = {s: k.get("", k.get(".old")) for s, k in _step_dirs(Path(root)).items() if "" in k or ".old" in k}
+    return complete[max(complete)] if complete else None
 
 
-def load(path: Path, model, optimizer, scheduler, ctx) -> int:
-    """Load a checkpoint in place; returns its step."""
-    model_sd, optim_sd = get_state_dict(model, optimizer)
-    state = {"model": model_sd, "optim": optim_sd}
-    dcp.load(state, checkpoint_id=str(path))
-    set_state_dict(model, optimizer, model_state_dict=state["model"], optim_state_dict=state["optim"])
-    extra = torch.load(path / f"rank{ctx.rank}.pt", weights_only=False)
+def _read_rank_file(path: Path, rank: int) -> dict:
+    rank_file = path / f"rank{rank}.pt"
+    try:
+        extra = torch.load(rank_file, weights_only=True)
+    except FileNotFoundError:
+        raise CheckpointError(f"checkpoint file {rank_file} is missing (written by rank {rank} of the saving "
+                              f"world; is the world size the same as when it was saved?)") from None
+    except Exception as exc:  # noqa: BLE001  (truncated, corrupted, or not weights-only)
+        raise CheckpointError(f"checkpoint file {rank_file} cannot be read (truncated or corrupted?): "
+                              f"{_describe(exc)}") from None
+    for name, digest in extra.get("files", {}).items():
+        file = path / name
+        if not file.is_file():
+            raise CheckpointError(f"checkpoint file {file} is missing")
+        if _sha256(file) != digest:
+            raise CheckpointError(f"checkpoint file {file} is truncated or corrupted (sha256 differs from the one "
+                                  "recorded when it was saved)")
+    return extra
+
+
+def load(path: Path, model, optimizer, scheduler, ctx, manual_offload: bool = False) -> dict:
+    """Load a checkpoint in place; returns {"step": N, "state": the `state` given to save}."""
+    path = Path(path)
+    extra, error = None, None
+    try:
+        extra = _read_rank_file(path, ctx.rank)
+    except FAILURES as exc:  # CheckpointError names the file; anything else is wrapped by _agree
+        error = exc
+    _agree(error, f"checkpoint {path} cannot be loaded")
+    try:
+        with _on_device(model, optimizer, ctx.device, manual_offload):
+            model_sd, optim_sd = get_state_dict(model, optimizer)
+            sds = {"model": model_sd, "optim": optim_sd}
+            dcp.load(sds, checkpoint_id=str(path))
+            set_state_dict(model, optimizer, model_state_dict=sds["model"], optim_state_dict=sds["optim"])
+    except FAILURES as exc:
+        error = CheckpointError(f"checkpoint {path} cannot be loaded into this model: {_describe(exc)}")
+    _agree(error, f"checkpoint {path} cannot be loaded")
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
-    return int(extra["step"])
+    return {"step": int(extra["step"]), "state": extra.get("state", {})}

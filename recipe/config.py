@@ -165,6 +165,9 @@ class TrainerConfig:
     updates_per_batch: int = 2
     micro_batch_size: int = 16
     checkpoint_every: int = 0
+    # Complete checkpoints kept (the newest); older ones are removed only after a newer one is
+    # complete. 0 keeps all.
+    keep_checkpoints: int = 3
     resume: bool = False
     # Seconds a collective may wait before the process group gives up.
     timeout_s: int = 300
@@ -266,8 +269,9 @@ def validate(cfg: DictConfig) -> None:
                 "sync.num_probe_prompts", "task.num_prompts"):
         _positive(cfg, key)
     for key in ("trainer.weight_decay", "trainer.warmup_steps", "trainer.grad_clip",
-                "trainer.checkpoint_every", "algo.clip_eps", "algo.kl_coef", "rollout.temperature"):
+                "trainer.checkpoint_every", "trainer.keep_checkpoints", "algo.clip_eps", "algo.kl_coef"):
         _positive(cfg, key, allow_zero=True)
+    _rollout_and_batch(cfg)
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.lora.name != "none":
@@ -279,6 +283,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"rollout.n must be >= 2 (GRPO compares samples within a group), got {cfg.rollout.n}")
     if OmegaConf.is_missing(cfg.model, "path"):
         raise ConfigError("model.path is missing; set model.path=/path/to/hf_checkpoint (a local HF directory)")
+    if cfg.model.builder != "none":
+        _check_builtin_model_path(cfg)
     if cfg.model.builder == "none" and not Path(cfg.model.path).expanduser().is_dir():
         raise ConfigError(f"model.path={cfg.model.path!r} does not exist; give a local HF checkpoint directory "
                           "or use model=tiny / model=smollm2, which are created on first use")
@@ -307,6 +313,34 @@ def validate(cfg: DictConfig) -> None:
         )
     if device == "cpu" and _pin_setting(cfg) == "true":
         raise ConfigError("offload.pin_memory=true needs CUDA; on CPU use offload.pin_memory=auto or false")
+
+
+def _rollout_and_batch(cfg: DictConfig) -> None:
+    """Values that pass one by one but cannot sample or train together."""
+    if not cfg.rollout.temperature > 0:
+        raise ConfigError(f"rollout.temperature must be > 0, got {cfg.rollout.temperature}: the trainer divides "
+                          "logits by it, and GRPO needs sampled (different) completions within a group")
+    samples = cfg.trainer.prompts_per_step * cfg.rollout.n
+    if cfg.trainer.updates_per_batch > samples:
+        raise ConfigError(f"trainer.updates_per_batch={cfg.trainer.updates_per_batch} is more than the samples per "
+                          f"rank (trainer.prompts_per_step * rollout.n = {samples}): a mini-batch would be empty")
+    if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
+        raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1], got {cfg.rollout.gpu_memory_utilization}")
+    if cfg.rollout.backend == "vllm" and cfg.rollout.kv_cache_gb <= 0:
+        raise ConfigError(f"rollout.kv_cache_gb must be > 0 for rollout=vllm, got {cfg.rollout.kv_cache_gb}")
+    if cfg.rollout.max_model_len <= cfg.rollout.max_new_tokens:
+        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} leaves no room for a prompt before "
+                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}; it must hold prompt + completion")
+
+
+def _check_builtin_model_path(cfg: DictConfig) -> None:
+    """A built-in model is never built over a directory the project did not make (no I/O but stat)."""
+    from recipe.builtin_models import NotOursError, check_buildable
+
+    try:
+        check_buildable(cfg.model.path, cfg.model.builder)
+    except NotOursError as exc:
+        raise ConfigError(str(exc)) from None
 
 
 def _pin_setting(cfg: DictConfig) -> str:

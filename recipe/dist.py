@@ -8,6 +8,8 @@ Process groups have a timeout (`trainer.timeout_s`). If any rank raises, the oth
 terminated and the failing rank's traceback is re-raised in the parent as `RankError`:
 a crash on one rank never hangs the rest. The rank blamed is the root cause: ranks that
 failed only because a peer died (connection reset, collective timeout) are passed over.
+The ranks it starts end with it: if the launching process dies, even by SIGKILL, the kernel
+kills them (Linux `PR_SET_PDEATHSIG`; elsewhere a thread watches the parent pid).
 """
 
 from __future__ import annotations
@@ -15,9 +17,11 @@ from __future__ import annotations
 import datetime
 import json
 import os
+import signal
 import socket
 import sys
 import tempfile
+import threading
 import time
 import traceback
 from dataclasses import dataclass
@@ -81,7 +85,30 @@ def init_process_group(device_type: str, timeout_s: int) -> DistContext:
     return DistContext(rank=rank, world_size=world, local_rank=local_rank, device=device)
 
 
-def _worker(local_rank: int, fn: Callable, cfg_yaml: str, world: int, port: int, error_dir: str) -> None:
+def _die_with_parent(parent: int) -> None:
+    """End this process when the launcher `parent` dies, however it dies (no orphan ranks).
+
+    torch's spawn already asks for SIGINT on parent death, but a rank started with SIGINT ignored
+    (a job a script put in the background, nohup) inherits that and never acts on it: SIGKILL."""
+    if sys.platform.startswith("linux"):
+        import ctypes
+
+        PR_SET_PDEATHSIG = 1
+        ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    else:
+        def watch():
+            while os.getppid() == parent:
+                time.sleep(1.0)
+            os._exit(1)
+
+        threading.Thread(target=watch, daemon=True).start()
+    if os.getppid() != parent:  # the launcher died before the line above took effect
+        os._exit(1)
+
+
+def _worker(local_rank: int, fn: Callable, cfg_yaml: str, world: int, port: int, error_dir: str,
+            parent: int) -> None:
+    _die_with_parent(parent)
     os.environ.update(
         RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -141,8 +168,8 @@ def launch(fn: Callable[[DictConfig, DistContext], Any], cfg: DictConfig) -> Non
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     with tempfile.TemporaryDirectory(prefix="rank-errors-") as error_dir:
         try:
-            mp.start_processes(_worker, args=(fn, cfg_yaml, world, free_port(), error_dir), nprocs=world,
-                               join=True, start_method="spawn")
+            mp.start_processes(_worker, args=(fn, cfg_yaml, world, free_port(), error_dir, os.getpid()),
+                               nprocs=world, join=True, start_method="spawn")
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             root = _root_cause(error_dir)
             if root is not None:

@@ -225,6 +225,7 @@ class GRPOTrainer:
         self.sync = WeightSync(cfg, ctx, self.policy, self.engine, self.tokenizer)
         self.logger = MetricsLogger(cfg, cfg.run_dir, ctx.rank)
         self.step = 0
+        self.resumed = False
 
     def _build_reference(self):
         from recipe.model import build_policy
@@ -287,6 +288,7 @@ class GRPOTrainer:
                                     self.reference)
         self._check_finite(stats["loss"], "loss")
         stats["grad_norm"] = self._clip_grad()
+        self._check_finite(stats["grad_norm"], "gradient norm")
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.scheduler.step()
@@ -330,18 +332,31 @@ class GRPOTrainer:
     def save_checkpoint(self) -> None:
         from recipe.checkpoint import save
 
-        save(Path(self.cfg.run_dir) / "checkpoints", self.policy, self.optimizer, self.scheduler, self.step, self.ctx)
+        cfg = self.cfg
+        counters = {"weight_version": self.sync.weight_version, "num_syncs": self.sync.num_syncs}
+        save(Path(cfg.run_dir) / "checkpoints", self.policy, self.optimizer, self.scheduler, self.step, self.ctx,
+             state=counters, keep=cfg.trainer.keep_checkpoints, manual_offload=cfg.offload.name == "manual")
 
     def maybe_resume(self) -> None:
+        """With trainer.resume: model, optimizer, scheduler, RNG, step and weight version from the
+        newest complete checkpoint; metrics.jsonl loses the records after that step."""
         from recipe.checkpoint import load, latest
 
-        if not self.cfg.trainer.resume:
+        if not self.cfg.trainer.resume or self.resumed:
             return
         path = latest(Path(self.cfg.run_dir) / "checkpoints")
         if path is None:
             raise FileNotFoundError(f"trainer.resume=true but no checkpoint under {self.cfg.run_dir}/checkpoints; "
                                     "start the run with hydra.run.dir=<the run directory to continue>")
-        self.step = load(path, self.policy, self.optimizer, self.scheduler, self.ctx)
+        loaded = load(path, self.policy, self.optimizer, self.scheduler, self.ctx,
+                      manual_offload=self.cfg.offload.name == "manual")
+        self.step, counters = loaded["step"], loaded["state"]
+        if counters:  # (checkpoints written before the counters were saved have none)
+            # The first sync after resume loads the checkpoint's weights again: it remakes the saved version.
+            self.sync.weight_version = counters["weight_version"] - 1
+            self.sync.num_syncs = counters["num_syncs"] - 1
+        self.logger.rewind(self.step)
+        self.resumed = True
 
     # -- the loop
     def run(self) -> Dict[str, float]:
@@ -351,7 +366,6 @@ class GRPOTrainer:
         self.maybe_resume()
         self.sync.sync(self.step)  # engine starts from the trainer's weights (and loads the adapter base)
         progress = Progress(cfg.trainer.steps, initial=self.step, enabled=self.ctx.is_main)
-        history = []
         while self.step < cfg.trainer.steps:
             t0 = time.perf_counter()
             prompts, samples = self.rollout(self.step)  # 1. rollout
@@ -364,12 +378,11 @@ class GRPOTrainer:
             sync_stats = self.sync.sync(self.step)  # 5. sync (gather -> load -> verify)
             metrics = self.metrics(batch, train_stats, sync_stats, t_rollout, time.perf_counter() - t0, texts)
             self.logger.log(metrics, step=self.step)  # 6. log
-            history.append(metrics)
             progress.update(metrics)
             if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
                 self.save_checkpoint()
         progress.close()
-        return summarize(history)
+        return summarize(self.logger.records())  # the whole run, across resumes (rank 0; {} elsewhere)
 
     def metrics(self, batch, train_stats, sync_stats, t_rollout, t_step, texts):
         """Per-step metrics, averaged over ranks (reward, accuracy, lengths) so rank 0 logs the global view."""
@@ -391,6 +404,7 @@ class GRPOTrainer:
 
 
 def summarize(history: List[Dict]) -> Dict[str, float]:
+    """First and last 10 steps' reward, step count and median sync time of metrics.jsonl's records."""
     if not history:
         return {}
     k = min(10, len(history))
@@ -413,6 +427,8 @@ def run(cfg: DictConfig, ctx: DistContext) -> Dict[str, float]:
     finally:
         trainer.close()
     if ctx.is_main:
-        (Path(cfg.run_dir) / "summary.json").write_text(json.dumps(summary, indent=1))
+        path = Path(cfg.run_dir) / "summary.json"
+        path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=1))
+        path.with_suffix(".json.tmp").replace(path)
         print(f"\nrun directory: {cfg.run_dir}\nsummary: {json.dumps(summary)}", flush=True)
     return summary

@@ -8,14 +8,21 @@ Ranks > 0 get the same object with every method a no-op, so the loop calls `log(
 unconditionally. `logger.backend=none` writes only the JSONL file. With `logger.mode=offline`
 wandb writes its files under `<run_dir>/wandb/` (sync them later with `wandb sync`);
 `logger.mode=online` sends the run.
+
+Resume (`trainer.resume=true`): the wandb run continues under the id kept in
+`<run_dir>/wandb_run_id`, and `rewind(step)` drops the records after the checkpoint's step
+from metrics.jsonl (rewritten atomically; earlier lines are kept as they are), so the file
+holds every step once and `records()` covers the whole run.
 """
 
 from __future__ import annotations
 
 import json
 import math
+import os
+import uuid
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
@@ -45,7 +52,8 @@ class MetricsLogger:
             import wandb
 
             self.run = wandb.init(dir=str(run_dir), mode=cfg.logger.mode, project=cfg.logger.project,
-                                  config=OmegaConf.to_container(cfg, resolve=True))
+                                  config=OmegaConf.to_container(cfg, resolve=True),
+                                  id=_run_id(run_dir, cfg.trainer.resume), resume="allow")
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -54,6 +62,32 @@ class MetricsLogger:
         self._file.write(json.dumps(record) + "\n")
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+
+    def rewind(self, step: int) -> None:
+        """Keep only the records of steps <= `step` (a resumed run logs the later ones again)."""
+        if not self.enabled:
+            return
+        self._file.close()
+        lines = self.path.read_text().splitlines(keepends=True)
+        kept = [line for i, line in enumerate(lines) if _keep(line, step, last=i == len(lines) - 1)]
+        if kept != lines:
+            tmp = self.path.with_suffix(".jsonl.tmp")
+            tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept))
+            os.replace(tmp, self.path)
+        self._file = open(self.path, "a", buffering=1)
+
+    def records(self) -> List[Dict[str, Any]]:
+        """Every record in metrics.jsonl (the whole run, across resumes); [] on ranks > 0."""
+        if not self.enabled:
+            return []
+        self._file.flush()
+        out = []
+        for line in self.path.read_text().splitlines():
+            try:
+                out.append(json.loads(line))
+            except ValueError:
+                continue  # a line cut short by a kill
+        return out
 
     @property
     def run_files_dir(self) -> Optional[Path]:
@@ -67,3 +101,21 @@ class MetricsLogger:
         if self._file is not None:
             self._file.close()
             self._file = None
+
+
+def _keep(line: str, step: int, last: bool) -> bool:
+    """A record of a step <= `step`; a last line cut short by a kill is dropped, any other line kept."""
+    try:
+        return json.loads(line)["step"] <= step
+    except (ValueError, KeyError, TypeError):
+        return not last
+
+
+def _run_id(run_dir: Path, resume: bool) -> str:
+    """The wandb run id of this run directory: kept in `wandb_run_id`, reused on resume."""
+    path = run_dir / "wandb_run_id"
+    if resume and path.is_file():
+        return path.read_text().strip()
+    run_id = uuid.uuid4().hex[:8]  # wandb's own ids: 8 characters of [a-z0-9]
+    path.write_text(run_id)
+    return run_id

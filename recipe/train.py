@@ -13,6 +13,7 @@ single run re-raises so the command exits non-zero.
 from __future__ import annotations
 
 import json
+import os
 import traceback
 from pathlib import Path
 
@@ -32,20 +33,27 @@ def run_rank(cfg: DictConfig, ctx) -> None:
 
 
 def train(cfg: DictConfig) -> None:
-    """Validate, make the model directory if needed, start the ranks. Tests call this directly."""
+    """Validate, make the model directory if needed, check what needs I/O, start the ranks.
+    Tests call this directly."""
     from recipe.assets import ensure_model
     from recipe.dist import launch
+    from recipe.preflight import check_context_length, preflight
 
     validate(cfg)
-    ensure_model(cfg)
-    Path(cfg.run_dir).mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, Path(cfg.run_dir) / "config.yaml", resolve=True)
+    preflight(cfg)  # run directory, resumed config, wandb: before anything is built or downloaded
+    check_context_length(cfg, ensure_model(cfg))
+    saved = Path(cfg.run_dir) / "config.yaml"
+    OmegaConf.save(cfg, saved.with_suffix(".yaml.tmp"), resolve=True)
+    os.replace(saved.with_suffix(".yaml.tmp"), saved)  # a resumed run compares against this file
     launch(run_rank, cfg)
 
 
 def _write_status(run_dir: Path, status: str, error: str = "") -> None:
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "status.json").write_text(json.dumps({"status": status, "error": error}, indent=1))
+    try:
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "status.json").write_text(json.dumps({"status": status, "error": error}, indent=1))
+    except OSError as exc:  # an unwritable run directory: the run's own error is the one to show
+        print(f"warning: cannot write {run_dir / 'status.json'}: {exc}", flush=True)
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")

@@ -12,7 +12,7 @@ os.environ.setdefault("WANDB_SILENT", "true")
 def tiny_model_dir(tmp_path_factory):
     """The tiny model, built once per session (cached under .cache/ like a real run)."""
     from tests.helpers import REPO
-    from tools.make_tiny_model import make_tiny_model
+    from recipe.builtin_models import make_tiny_model
 
     return make_tiny_model(os.environ.get("GRPO_CACHE", str(REPO / ".cache")) + "/models/tiny")
 

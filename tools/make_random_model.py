@@ -23,7 +23,7 @@ def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: in
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, Qwen2Config
 
-    from tools.make_tiny_model import build_tokenizer
+    from recipe.builtin_models import build_tokenizer
 
     out = Path(out).expanduser().resolve()
     marker = {"shape": shape, "seed": seed, "dtype": dtype}

@@ -1,0 +1,155 @@
+"""Faults during a real run (`python -m recipe.train`, world 2, gloo, rollout=hf on CPU):
+- a rank SIGKILLed mid-run, then `trainer.resume=true`, ends with the same weights and optimizer
+  state bit for bit as an uninterrupted run, the same per-step metrics once each, the weight
+  version continuing, summary.json over the whole run and the same wandb run id;
+- the launcher SIGKILLed: its ranks die with it (no orphans).
+
+    .venv/bin/python -m pytest tests/e2e/test_faults.py
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.helpers import REPO
+
+SMALL = ["rollout=hf", "trainer.device=cpu", "trainer.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=4",
+         "trainer.micro_batch_size=4", "sync.num_probe_prompts=2", "trainer.timeout_s=60"]
+STEPS = 8
+
+
+def _cli(model_dir, run_dir, *extra):
+    return [sys.executable, "-m", "recipe.train", f"model.path={model_dir}", *SMALL, f"hydra.run.dir={run_dir}", *extra]
+
+
+def _children(pid: int):
+    """Pids of the processes started by `pid` as multiprocessing spawn children (the ranks)."""
+    found = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+            cmdline = (stat.parent / "cmdline").read_bytes()
+        except OSError:
+            continue
+        if int(fields[1]) == pid and b"spawn_main" in cmdline:
+            found.append(int(stat.parent.name))
+    return sorted(found)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state != "Z"  # a zombie has exited
+
+
+def _wait_for_records(run_dir: Path, count: int, proc, timeout_s: float = 300) -> None:
+    deadline = time.monotonic() + timeout_s
+    path = run_dir / "metrics.jsonl"
+    while time.monotonic() < deadline and proc.poll() is None:
+        if path.exists() and len(path.read_text().splitlines()) >= count:
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"the run never logged {count} steps (exit code {proc.poll()})")
+
+
+def _records(run_dir: Path):
+    return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+
+
+def _checkpoint_tensors(path: Path, out: Path):
+    """Every tensor of a DCP checkpoint (model and optimizer), read without a process group."""
+    from torch.distributed.checkpoint.format_utils import dcp_to_torch_save
+
+    dcp_to_torch_save(str(path), str(out))
+    flat = {}
+
+    def walk(node, prefix):
+        if isinstance(node, dict):
+            for k, v in node.items():
+                walk(v, f"{prefix}{k}/")
+        elif torch.is_tensor(node):
+            flat[prefix] = node
+
+    walk(torch.load(out, weights_only=True), "")
+    return flat
+
+
+@pytest.mark.slow
+def test_sigkill_of_a_rank_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
+    straight, broken = tmp_path / "straight", tmp_path / "broken"
+    args = [f"trainer.steps={STEPS}", "trainer.checkpoint_every=1"]
+    subprocess.run(_cli(tiny_model_dir, straight, *args, "logger=none"), cwd=REPO, check=True, timeout=600,
+                   capture_output=True)
+    proc = subprocess.Popen(_cli(tiny_model_dir, broken, *args), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE, text=True)
+    try:
+        _wait_for_records(broken, 3, proc)
+        ranks = _children(proc.pid)
+        assert len(ranks) == 2, ranks
+        os.kill(ranks[1], signal.SIGKILL)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        proc.kill()
+    assert proc.returncode != 0 and "RankError: rank" in err
+    run_id = (broken / "wandb_run_id").read_text()
+    before = [r["step"] for r in _records(broken)]
+    assert before[-1] < STEPS, "the run finished before the kill; nothing was interrupted"
+
+    subprocess.run(_cli(tiny_model_dir, broken, *args, "trainer.resume=true"), cwd=REPO, check=True, timeout=600,
+                   capture_output=True)
+    a, b = _records(straight), _records(broken)
+    assert [r["step"] for r in b] == list(range(1, STEPS + 1))  # every step once, none lost or doubled
+    for key in ("reward/mean", "train/loss", "train/grad_norm", "sync/weight_version", "sync/fingerprint"):
+        assert [r[key] for r in b] == [r[key] for r in a], key
+    summary_a, summary_b = (json.loads((d / "summary.json").read_text()) for d in (straight, broken))
+    assert summary_b["steps"] == STEPS
+    assert (summary_b["reward/first10"], summary_b["reward/last10"]) == \
+        (summary_a["reward/first10"], summary_a["reward/last10"])
+    final_a = _checkpoint_tensors(straight / "checkpoints" / f"step_{STEPS}", tmp_path / "a.pt")
+    final_b = _checkpoint_tensors(broken / "checkpoints" / f"step_{STEPS}", tmp_path / "b.pt")
+    assert final_a.keys() == final_b.keys() and any("optim" in k for k in final_a)
+    differ = [k for k in final_a if not torch.equal(final_a[k], final_b[k])]
+    assert not differ, f"{len(differ)} tensors differ after kill + resume, e.g. {differ[:3]}"
+    assert (broken / "wandb_run_id").read_text() == run_id
+    runs = sorted(p.name for p in (broken / "wandb").glob("offline-run-*"))
+    assert len(runs) == 2 and all(name.endswith(run_id) for name in runs), runs
+    kept = sorted(p.name for p in (broken / "checkpoints").iterdir())
+    assert kept == [f"step_{s}" for s in range(STEPS - 2, STEPS + 1)]  # trainer.keep_checkpoints=3
+
+
+def _ignore_sigint():
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.slow
+def test_killing_the_launcher_leaves_no_orphan_ranks(tiny_model_dir, tmp_path):
+    """Started the way a script starts a job in the background (`cmd &`) or nohup does: SIGINT
+    ignored, which the ranks inherit, so torch's own parent-death signal (SIGINT) does nothing."""
+    proc = subprocess.Popen(_cli(tiny_model_dir, tmp_path / "run", "trainer.steps=100000", "logger=none"), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_ignore_sigint)
+    ranks = []
+    try:
+        _wait_for_records(tmp_path / "run", 1, proc)
+        ranks = _children(proc.pid)
+        assert len(ranks) == 2, ranks
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=30)
+        deadline = time.monotonic() + 10
+        while any(_alive(r) for r in ranks) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        orphans = [r for r in ranks if _alive(r)]
+        assert not orphans, f"rank processes {orphans} outlived the launcher"
+    finally:
+        proc.kill()
+        for r in ranks:  # the ranks this test started, if the launcher left them running
+            if _alive(r):
+                os.kill(r, signal.SIGKILL)

@@ -1,0 +1,125 @@
+"""Model directories: a built-in model is never built over a directory the project did not make;
+a model directory the trainer cannot read is refused at start with what is missing.
+
+    .venv/bin/python -m pytest tests/unit/test_assets.py
+"""
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+from omegaconf import open_dict
+
+from recipe.assets import check_model_dir, ensure_model
+from recipe.config import ConfigError, validate
+from tests.helpers import REPO, compose
+
+CPU = "trainer.device=cpu"
+
+
+def _user_model(path):
+    path.mkdir(parents=True)
+    (path / "config.json").write_text('{"model_type": "mine"}')
+    (path / "model.safetensors").write_bytes(b"my weights")
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def _contents(path):
+    return {p.name: p.read_bytes() for p in path.iterdir()}
+
+
+def test_builder_refuses_a_directory_it_did_not_build(tmp_path):
+    """The issue's case: `model.path=/data/my_model` without `model=local` used to delete the directory."""
+    from tools.make_tiny_model import make_tiny_model  # the CLI's import path, as before the fix
+
+    mine = tmp_path / "my_model"
+    before = _user_model(mine)
+    with pytest.raises(ValueError, match="model=local"):
+        make_tiny_model(mine)
+    assert _contents(mine) == before  # nothing deleted or overwritten
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["my_model"]  # no stray temp dirs
+
+
+def test_user_model_path_is_refused_at_start(tmp_path):
+    mine = tmp_path / "my_model"
+    before = _user_model(mine)
+    cfg = compose([f"model.path={mine}", CPU])  # model=tiny (the default) keeps builder: tiny
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    msg = str(err.value)
+    assert "model.path=" in msg and "without recipe_model.json" in msg
+    assert f"model=local model.path={str(mine)!r}" in msg  # what to use instead
+    with pytest.raises(ConfigError):
+        ensure_model(cfg)  # the builder checks again even when validate is skipped
+    assert _contents(mine) == before
+
+
+def test_user_model_path_from_the_cli_exits_with_the_message(tmp_path):
+    """The issue's command, as a user types it: it exits non-zero at start and deletes nothing."""
+    mine = tmp_path / "my_model"
+    before = _user_model(mine)
+    out = subprocess.run([sys.executable, "-m", "recipe.train", f"model.path={mine}", "trainer.device=cpu",
+                          "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0 and "use model=local model.path=" in out.stderr, out.stderr[-2000:]
+    assert _contents(mine) == before
+    assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
+
+
+def test_checkout_as_model_path_is_refused(tmp_path, monkeypatch):
+    (tmp_path / "README.md").write_text("a checkout")
+    monkeypatch.chdir(tmp_path)
+    with pytest.raises(ConfigError, match="model=local"):
+        validate(compose(["model.path=.", CPU]))
+    assert (tmp_path / "README.md").read_text() == "a checkout"
+
+
+def test_a_file_or_another_builders_directory_is_refused(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ConfigError, match="is a file"):
+        validate(compose([f"model.path={tmp_path / 'file'}", CPU]))
+    other = tmp_path / "smol"
+    other.mkdir()
+    (other / "recipe_model.json").write_text(json.dumps({"builder": "smollm2"}))
+    with pytest.raises(ConfigError, match="built by 'smollm2'"):
+        validate(compose([f"model.path={other}", CPU]))
+    assert (other / "recipe_model.json").exists()
+
+
+def test_empty_directory_and_older_copy_of_ours_are_built(tmp_path, tiny_model_dir):
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    cfg = compose([f"model.path={empty}", CPU])
+    validate(cfg)
+    assert (ensure_model(cfg) / "model.safetensors").is_file()
+    old = tmp_path / "old"
+    shutil.copytree(tiny_model_dir, old)
+    (old / "recipe_model.json").write_text(json.dumps({"builder": "tiny", "version": 1}))
+    cfg = compose([f"model.path={old}", CPU])
+    validate(cfg)
+    ensure_model(cfg)
+    assert json.loads((old / "recipe_model.json").read_text())["version"] > 1  # rebuilt in place
+
+
+@pytest.mark.parametrize("remove,missing", [
+    (["model.safetensors"], "lacks: weights"),
+    (["tokenizer.json", "tokenizer_config.json"], "a tokenizer (tokenizer.json"),
+    (["config.json"], "lacks: config.json"),
+])
+def test_model_directory_without_weights_or_tokenizer_is_refused(tmp_path, tiny_model_dir, remove, missing):
+    local = tmp_path / "local"
+    shutil.copytree(tiny_model_dir, local)
+    os.remove(local / "recipe_model.json")
+    for name in remove:
+        os.remove(local / name)
+    cfg = compose(["model=local", f"model.path={local}", CPU])
+    with open_dict(cfg):
+        cfg.run_dir = str(tmp_path / "run")
+    validate(cfg)
+    with pytest.raises(ConfigError) as err:
+        ensure_model(cfg)
+    assert f"model.path={str(local)!r}" in str(err.value) and missing in str(err.value)
+    check_model_dir(tiny_model_dir)  # the complete directory passes
