@@ -324,8 +324,6 @@ def _rollout_and_batch(cfg: DictConfig) -> None:
     if cfg.trainer.updates_per_batch > samples:
         raise ConfigError(f"trainer.updates_per_batch={cfg.trainer.updates_per_batch} is more than the samples per "
                           f"rank (trainer.prompts_per_step * rollout.n = {samples}): a mini-batch would be empty")
-    if not 0 < cfg.rollout.gpu_memory_utilization <= 1:
-        raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1], got {cfg.rollout.gpu_memory_utilization}")
     if cfg.rollout.backend == "vllm" and cfg.rollout.kv_cache_gb <= 0:
         raise ConfigError(f"rollout.kv_cache_gb must be > 0 for rollout=vllm, got {cfg.rollout.kv_cache_gb}")
     if cfg.rollout.max_model_len <= cfg.rollout.max_new_tokens:
