@@ -33,6 +33,7 @@ CPU = "trainer.device=cpu"
     (["trainer.micro_batch_size=0"], "trainer.micro_batch_size", "> 0"),
     (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every", ">= 0"),
     (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization", "(0, 1)"),
+    (["rollout.gpu_memory_utilization=0"], "rollout.gpu_memory_utilization", "got 0"),
     (["rollout.kv_cache_gb=0"], "rollout.kv_cache_gb", "> 0"),
 ])
 def test_bad_values_are_refused_with_the_field(overrides, field, hint):
