@@ -65,11 +65,11 @@ def _cfg(model_dir: str, fsdp="fsdp2", offload="none", lora="none", extra=()):
                     "trainer.device=cpu", "rollout.max_model_len=128", *extra])
 
 
-def _train_step(policy, optimizer, probe):
+def _train_step(policy, optimizer, probe, device="cpu"):
     """One AdamW step on a fixed batch (same on every rank), so the weights really change."""
     import torch
 
-    ids = torch.tensor([p[:6] for p in probe])
+    ids = torch.tensor([p[:6] for p in probe], device=device)
     logits = policy(input_ids=ids).logits.float()
     loss = -torch.log_softmax(logits, -1)[:, :-1].gather(-1, ids[:, 1:, None]).mean()
     loss.backward()

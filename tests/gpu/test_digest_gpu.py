@@ -58,7 +58,7 @@ def _run(rank, world, model_dir, lora):
         out["first"] = sync.sync(0)
         sync.stream_fn = None
         for step in range(5):
-            _train_step(policy, optimizer, sync.probe)
+            _train_step(policy, optimizer, sync.probe, ctx.device)
             out["clean"].append(_error_of(sync, step + 1) or "")
         if lora == "adapter":
             for kind in ADAPTER_FAULTS:
