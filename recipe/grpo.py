@@ -70,8 +70,8 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool,
 def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str, ref_logp=None, kl_coef=0.0):
     """The GRPO loss of one micro-batch and its stats; see the module docstring.
 
-    Returns (loss_sum, norm, stats): `loss_sum / norm` is the mean the aggregation asks for;
-    returning the parts lets the caller normalise by the whole mini-batch, not the micro-batch.
+    Returns (loss_sum, stats): the sum over tokens (`token_mean`) or of per-sequence token means
+    (`seq_mean`); the caller divides by the global mini-batch's token or sequence count.
     """
     ratio = torch.exp(logp - old_logp)
     per_token = -torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
@@ -82,17 +82,16 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
         per_token = per_token + kl_coef * kl
     mask = mask.float()
     if loss_agg == "token_mean":
-        loss_sum, norm = (per_token * mask).sum(), mask.sum()
+        loss_sum = (per_token * mask).sum()
     else:  # seq_mean: each sequence's token mean, summed; normalised by the sequence count
         loss_sum = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
-        norm = torch.tensor(float(mask.shape[0]))
     clipped = ((ratio - 1).abs() > clip_eps).float()
     stats = {
         "clip_frac": (clipped * mask).sum().item(),
         "kl": (kl * mask).sum().item(),
         "tokens": mask.sum().item(),
     }
-    return loss_sum, norm, stats
+    return loss_sum, stats
 
 
 def global_count(local: float) -> float:
@@ -173,7 +172,7 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
         logits = policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
         logp = token_logprobs(logits, t["input_ids"], cfg.rollout.temperature)
         ref_logp = reference_logprobs(reference, t, cfg.rollout.temperature) if reference is not None else None
-        loss_sum, _, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
+        loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
                                            cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef)
         (loss_sum / norm).backward()
         stats["loss"] += loss_sum.item() / (norm * world_size)
