@@ -154,3 +154,18 @@ def test_imports_follow_the_layers(module):
 def test_a_wrong_arrow_is_caught(module, source, expected):
     found = violations(module, source)
     assert any(expected in v for v in found), found
+
+
+def test_docs_table_is_this_table():
+    """docs/ARCHITECTURE.md's allowed-imports table says what ALLOWED says."""
+    text = (ROOT / "docs" / "ARCHITECTURE.md").read_text()
+    rows = {}
+    for line in text.splitlines():
+        cells = [c.strip() for c in line.strip().strip("|").split("|")]
+        if len(cells) == 3 and cells[0].startswith("`recipe/") and cells[1] in {name for name, _ in LAYERS}:
+            module = "recipe." + cells[0].strip("`")[len("recipe/"):-len(".py")]
+            rows[module] = (cells[1], {f"recipe.{m.strip()}" for m in cells[2].split(",") if m.strip() != "-"})
+    assert set(rows) == set(ALLOWED)
+    for module, (layer, targets) in rows.items():
+        assert targets == ALLOWED[module], module
+        assert layer == LAYERS[layer_of(module)][0], module
