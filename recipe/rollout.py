@@ -374,7 +374,7 @@ def _vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:
     kwargs = dict(model=model_dir, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                   seed=cfg.trainer.seed + ctx.rank, enable_prefix_caching=True,
                   # logprobs of the distribution actually sampled from (after temperature), which is
-                  # what the trainer's importance ratio divides by (recipe/grpo.py token_logprobs)
+                  # what the trainer's importance ratio divides by (recipe/model.py token_logprobs)
                   logprobs_mode="processed_logprobs",
                   use_tqdm_on_load=cfg.logger.verbose)
     if _in_trainer_world():
