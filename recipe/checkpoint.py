@@ -35,6 +35,8 @@ import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
 
+from recipe.model import Residency
+
 # DCP's CheckpointException derives from BaseException, not Exception.
 FAILURES = (Exception, CheckpointException)
 STEP_DIR = re.compile(r"^step_(\d+)(\.old|\.tmp)?$")
@@ -83,21 +85,6 @@ def _describe(error: BaseException) -> str:
     if isinstance(error, CheckpointException):
         return "; ".join(f"rank {r}: {_describe(exc)}" for r, (exc, _) in error.failures.items())
     return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
-
-
-@contextlib.contextmanager
-def _on_device(model, optimizer, device: torch.device, manual_offload: bool):
-    """Manual offload keeps shards on the host between phases; DCP wants them on the compute device."""
-    from recipe.model import load_to_device, offload_to_cpu
-
-    move = manual_offload and torch.device(device).type == "cuda"
-    if move:
-        load_to_device(model, optimizer, device)
-    try:
-        yield
-    finally:
-        if move:
-            offload_to_cpu(model, optimizer)
 
 
 def _sha256(path: Path) -> str:
@@ -161,10 +148,11 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
 
 
 def save(root: Path, model, optimizer, scheduler, step: int, ctx, state: Optional[dict] = None, keep: int = 0,
-         manual_offload: bool = False) -> Path:
+         residency: Optional[Residency] = None) -> Path:
     """Write checkpoint `step` under `root` (see the module docstring); returns its directory.
 
-    `state`: more weights_only-safe values to restore on resume (returned by `load`)."""
+    `state`: more weights_only-safe values to restore on resume (returned by `load`). `residency`
+    (offload=manual): the shards come to the device for DCP, which wants them there, and go back after."""
     root = Path(root)
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
     error = None
@@ -177,7 +165,7 @@ def save(root: Path, model, optimizer, scheduler, step: int, ctx, state: Optiona
             error = exc
     _agree(error, f"cannot prepare checkpoint directory {tmp}")
     try:
-        with _on_device(model, optimizer, ctx.device, manual_offload):
+        with residency.on_device() if residency is not None else contextlib.nullcontext():
             model_sd, optim_sd = get_state_dict(model, optimizer)
             dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
         extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), "state": state or {},
@@ -222,7 +210,7 @@ def _read_rank_file(path: Path, rank: int) -> dict:
     return extra
 
 
-def load(path: Path, model, optimizer, scheduler, ctx, manual_offload: bool = False) -> dict:
+def load(path: Path, model, optimizer, scheduler, ctx, residency: Optional[Residency] = None) -> dict:
     """Load a checkpoint in place; returns {"step": N, "state": the `state` given to save}."""
     path = Path(path)
     extra, error = None, None
@@ -232,7 +220,7 @@ def load(path: Path, model, optimizer, scheduler, ctx, manual_offload: bool = Fa
         error = exc
     _agree(error, f"checkpoint {path} cannot be loaded")
     try:
-        with _on_device(model, optimizer, ctx.device, manual_offload):
+        with residency.on_device() if residency is not None else contextlib.nullcontext():
             model_sd, optim_sd = get_state_dict(model, optimizer)
             sds = {"model": model_sd, "optim": optim_sd}
             dcp.load(sds, checkpoint_id=str(path))

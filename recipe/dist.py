@@ -52,11 +52,6 @@ class DistContext:
         return self.rank == 0
 
 
-def print0(*args, **kwargs) -> None:
-    if int(os.environ.get("RANK", "0")) == 0:
-        print(*args, **kwargs, flush=True)
-
-
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

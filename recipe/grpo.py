@@ -45,10 +45,10 @@ from typing import Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from recipe.dist import DistContext
+from recipe.model import token_logprobs
 
 
 class NonFiniteError(RuntimeError):
@@ -67,17 +67,11 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool,
     return centred.reshape(-1)
 
 
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(x_t | x_<t) for t >= 1: shape [B, T-1], in fp32."""
-    logits = logits[:, :-1].float() / temperature
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:, None]).squeeze(-1)
-
-
 def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str, ref_logp=None, kl_coef=0.0):
     """The GRPO loss of one micro-batch and its stats; see the module docstring.
 
-    Returns (loss_sum, norm, stats): `loss_sum / norm` is the mean the aggregation asks for;
-    returning the parts lets the caller normalise by the whole mini-batch, not the micro-batch.
+    Returns (loss_sum, stats): the sum over tokens (`token_mean`) or of per-sequence token means
+    (`seq_mean`); the caller divides by the global mini-batch's token or sequence count.
     """
     ratio = torch.exp(logp - old_logp)
     per_token = -torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
@@ -88,17 +82,16 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
         per_token = per_token + kl_coef * kl
     mask = mask.float()
     if loss_agg == "token_mean":
-        loss_sum, norm = (per_token * mask).sum(), mask.sum()
+        loss_sum = (per_token * mask).sum()
     else:  # seq_mean: each sequence's token mean, summed; normalised by the sequence count
         loss_sum = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
-        norm = torch.tensor(float(mask.shape[0]))
     clipped = ((ratio - 1).abs() > clip_eps).float()
     stats = {
         "clip_frac": (clipped * mask).sum().item(),
         "kl": (kl * mask).sum().item(),
         "tokens": mask.sum().item(),
     }
-    return loss_sum, norm, stats
+    return loss_sum, stats
 
 
 def global_count(local: float) -> float:
@@ -179,7 +172,7 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
         logits = policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
         logp = token_logprobs(logits, t["input_ids"], cfg.rollout.temperature)
         ref_logp = reference_logprobs(reference, t, cfg.rollout.temperature) if reference is not None else None
-        loss_sum, _, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
+        loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
                                            cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef)
         (loss_sum / norm).backward()
         stats["loss"] += loss_sum.item() / (norm * world_size)
@@ -207,7 +200,7 @@ class GRPOTrainer:
         from transformers import AutoTokenizer
 
         from recipe.metrics import MetricsLogger
-        from recipe.model import build_optimizer, build_policy
+        from recipe.model import Residency, build_optimizer, build_policy
         from recipe.rollout import build_engine
         from recipe.sync import WeightSync
         from recipe.tasks import build_task
@@ -221,8 +214,9 @@ class GRPOTrainer:
         self.reference = self._build_reference() if cfg.algo.kl_coef > 0 else None
         self.optimizer = build_optimizer(self.policy, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.trainer.warmup_steps))
-        self.engine = build_engine(cfg, ctx, self.model_dir, policy=self.policy)
-        self.sync = WeightSync(cfg, ctx, self.policy, self.engine, self.tokenizer)
+        self.residency = Residency(cfg, self.policy, self.optimizer, ctx.device)  # offload=manual: host between phases
+        self.engine = build_engine(cfg, ctx, self.model_dir)
+        self.sync = WeightSync(cfg, ctx, self.policy, self.engine, self.tokenizer, residency=self.residency)
         self.logger = MetricsLogger(cfg, cfg.run_dir, ctx.rank)
         self.step = 0
         self.resumed = False
@@ -268,19 +262,14 @@ class GRPOTrainer:
 
     # -- phase 4: update
     def update(self, batch: Batch) -> Dict[str, float]:
-        from recipe.model import load_to_device, offload_to_cpu
-
-        cfg, device = self.cfg, self.ctx.device
-        manual = cfg.offload.name == "manual"
-        if manual:
-            load_to_device(self.policy, self.optimizer, device)
+        cfg = self.cfg
+        self.residency.to_device()  # offload=manual: parameters and optimizer state to the device for the update
         self.policy.train()
         order = list(range(len(batch.input_ids)))
         random.Random(cfg.trainer.seed + self.step).shuffle(order)
         minis = [order[i::cfg.trainer.updates_per_batch] for i in range(cfg.trainer.updates_per_batch)]
         per_mini = [self._optimizer_step(batch, mini) for mini in minis]
-        if manual:
-            offload_to_cpu(self.policy, self.optimizer)
+        self.residency.to_host()
         return self._update_metrics(per_mini)
 
     def _optimizer_step(self, batch: Batch, mini: List[int]) -> Dict[str, float]:
@@ -335,7 +324,7 @@ class GRPOTrainer:
         cfg = self.cfg
         counters = {"weight_version": self.sync.weight_version, "num_syncs": self.sync.num_syncs}
         save(Path(cfg.run_dir) / "checkpoints", self.policy, self.optimizer, self.scheduler, self.step, self.ctx,
-             state=counters, keep=cfg.trainer.keep_checkpoints, manual_offload=cfg.offload.name == "manual")
+             state=counters, keep=cfg.trainer.keep_checkpoints, residency=self.residency)
 
     def maybe_resume(self) -> None:
         """With trainer.resume: model, optimizer, scheduler, RNG, step and weight version from the
@@ -348,8 +337,7 @@ class GRPOTrainer:
         if path is None:
             raise FileNotFoundError(f"trainer.resume=true but no checkpoint under {self.cfg.run_dir}/checkpoints; "
                                     "start the run with hydra.run.dir=<the run directory to continue>")
-        loaded = load(path, self.policy, self.optimizer, self.scheduler, self.ctx,
-                      manual_offload=self.cfg.offload.name == "manual")
+        loaded = load(path, self.policy, self.optimizer, self.scheduler, self.ctx, residency=self.residency)
         self.step, counters = loaded["step"], loaded["state"]
         if counters:  # (checkpoints written before the counters were saved have none)
             # The first sync after resume loads the checkpoint's weights again: it remakes the saved version.

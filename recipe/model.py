@@ -1,8 +1,11 @@
 """The policy model: HF checkpoint -> optional peft LoRA -> FSDP1 or FSDP2 (+ offload).
 
-    from recipe.model import build_policy, build_optimizer
+    from recipe.model import build_policy, build_optimizer, Residency
     model = build_policy(cfg, ctx)          # sharded, on ctx.device (or CPU for offload=cpu)
     optim = build_optimizer(model, cfg)
+    residency = Residency(cfg, model, optim, ctx.device)
+    with residency.on_device():             # offload=manual: the update's shards on the device
+        ...
 
 Precision (`model.dtype`, `model.master_dtype`): the checkpoint is loaded in the master dtype
 (float32 by default), so the sharded parameters, their gradients after the reduce-scatter and
@@ -17,19 +20,23 @@ Offload modes (conf/offload/):
 - ``none``: shards live on the training device.
 - ``cpu``: FSDP keeps the shards on the host itself (FSDP1 ``CPUOffload(offload_params=True)``,
   FSDP2 ``CPUOffloadPolicy``) and copies them in for each forward/backward.
-- ``manual``: shards live on the device while training; the trainer calls
-  ``offload_to_cpu(model, optim)`` after the update and ``load_to_device(model, optim, device)``
-  before the next one, so rollout has the device memory. The weight sync runs while they are
-  on the host (recipe/state_dict.py streams each shard to the device and gathers it there).
+- ``manual``: shards live on the device while training and on the host between phases, so
+  rollout has the device memory; `Residency` owns the moves (``offload_to_cpu`` /
+  ``load_to_device``), and each phase that computes with the shards (update, parity probe,
+  checkpoint) asks it for them. The weight sync runs while they are on the host
+  (recipe/state_dict.py streams each shard to the device and gathers it there).
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import logging
-from typing import List, Optional, Set, Type
+from typing import Iterator, List, Optional, Set, Type
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from recipe.config import pin_memory
@@ -68,6 +75,16 @@ def lora_config(cfg: DictConfig):
     )
 
 
+def adapter_config(cfg: DictConfig) -> dict:
+    """The adapter_config.json that peft's `save_pretrained` writes for `cfg.lora` on `model.path`."""
+    config = lora_config(cfg)
+    config.base_model_name_or_path = cfg.model.path
+    config.inference_mode = True
+    out = config.to_dict()
+    out["target_modules"] = sorted(out["target_modules"])  # a set in peft; saved as a list
+    return json.loads(json.dumps(out))
+
+
 def apply_lora(model: nn.Module, cfg: DictConfig) -> nn.Module:
     """Wrap with peft LoRA when `lora.name` is merged or adapter; only LoRA params then train."""
     if cfg.lora.name == "none":
@@ -86,7 +103,8 @@ def decoder_layer_classes(model: nn.Module) -> Set[Type[nn.Module]]:
     names: Set[str] = set()
     for module in model.modules():
         names.update(getattr(module, "_no_split_modules", None) or ())
-    classes = {type(m) for m in model.modules() if type(m).__name__ in names}
+    # By the class or a base of it: FSDP2 makes a subclass (FSDPQwen2DecoderLayer) of each layer it shards.
+    classes = {type(m) for m in model.modules() if any(c.__name__ in names for c in type(m).__mro__)}
     if not classes:
         raise ValueError(f"found no decoder layer class (looked for {sorted(names)}) in {type(model).__name__}")
     return classes
@@ -95,6 +113,15 @@ def decoder_layer_classes(model: nn.Module) -> Set[Type[nn.Module]]:
 def decoder_layers(model: nn.Module) -> List[nn.Module]:
     classes = tuple(decoder_layer_classes(model))
     return [m for m in model.modules() if isinstance(m, classes)]
+
+
+def largest_unit_bytes(model: nn.Module) -> int:
+    """Bytes of the largest FSDP unit as `shard` wraps the model: each decoder layer, and the root
+    (everything else: embeddings, final norm, an untied lm_head; a tied weight counts once). Works on
+    the unsharded model and on an FSDP2-sharded one (a DTensor's numel is the full tensor's)."""
+    nbytes = lambda params: sum(p.numel() * p.element_size() for p in params)  # noqa: E731
+    per_layer = [nbytes(layer.parameters()) for layer in decoder_layers(model)]
+    return max([nbytes(model.parameters()) - sum(per_layer)] + per_layer)
 
 
 def _shard_fsdp1(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
@@ -220,6 +247,40 @@ def load_to_device(model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
     _move_optimizer_state(optimizer, torch.device(device))
 
 
+class Residency:
+    """Where the policy's parameters (and optimizer state) live between phases: the one owner of
+    manual offload.
+
+    With `offload=manual` on a GPU they live on the host between phases; `on_device()` brings them
+    to the device for a phase that computes with them (the update, the sync's parity probe, a
+    checkpoint's save or load) and sends them back after. Under every other offload mode FSDP
+    decides where the shards live, and on a CPU run host and device are one: every method is then a
+    no-op. (The weight sync itself reads the host shards: recipe/state_dict.py moves one unit at a time.)
+    """
+
+    def __init__(self, cfg: DictConfig, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+                 device: torch.device):
+        self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
+        self.manual = cfg.offload.name == "manual" and self.device.type != "cpu"
+
+    def to_device(self, optimizer: bool = True) -> None:
+        if self.manual:
+            load_to_device(self.model, self.optimizer if optimizer else None, self.device)
+
+    def to_host(self, optimizer: bool = True) -> None:
+        if self.manual:
+            offload_to_cpu(self.model, self.optimizer if optimizer else None)
+
+    @contextlib.contextmanager
+    def on_device(self, optimizer: bool = True) -> Iterator[None]:
+        """The parameters (and, with `optimizer`, its state) on the device inside the block, on the host after."""
+        self.to_device(optimizer)
+        try:
+            yield
+        finally:
+            self.to_host(optimizer)
+
+
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     """Clip the global gradient norm across shards (max_norm 0 = only measure it); returns the norm."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
@@ -232,3 +293,31 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):  # FSDP2: DTensor grads give a DTensor norm
         norm = norm.full_tensor()
     return float(norm)
+
+
+def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """log pi(x_t | x_<t) for t >= 1 from the logits of `input_ids`: shape [B, T-1], in fp32."""
+    logits = logits[:, :-1].float() / temperature
+    return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:, None]).squeeze(-1)
+
+
+@torch.no_grad()
+def sequence_logprobs(model: nn.Module, batch: List[List[int]], device: torch.device) -> List[List[float]]:
+    """For each token list, the logprob of token i given tokens < i (i >= 1), from one eval-mode
+    (and, when sharded, collective) forward of `model` over the right-padded batch. With causal
+    attention the real tokens never see the pad."""
+    width = max(len(ids) for ids in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    mask = torch.zeros(len(batch), width, dtype=torch.long)
+    for row, seq in enumerate(batch):
+        ids[row, :len(seq)] = torch.tensor(seq)
+        mask[row, :len(seq)] = 1
+    ids = ids.to(device)
+    was_training = model.training
+    model.eval()
+    try:
+        logits = model(input_ids=ids, attention_mask=mask.to(device)).logits
+    finally:
+        model.train(was_training)
+    lp = token_logprobs(logits, ids).cpu()
+    return [lp[row, :len(seq) - 1].tolist() for row, seq in enumerate(batch)]

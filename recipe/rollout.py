@@ -1,6 +1,6 @@
 """The rollout engine: vLLM in the trainer's process (or HF generate), one engine per rank.
 
-    engine = build_engine(cfg, ctx, model_dir, policy=model)
+    engine = build_engine(cfg, ctx, model_dir)
     samples = engine.generate(prompt_ids, n=8, max_new_tokens=16, temperature=1.0, top_p=1.0, seed=0)
     engine.load_weights(iter([(hf_name, tensor), ...]))          # full weights, no disk
     engine.load_adapter(iter(adapter_tensors), adapter_cfg, version)   # lora=adapter
@@ -33,7 +33,7 @@ import math
 import os
 import time
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -41,6 +41,7 @@ from omegaconf import DictConfig
 
 from recipe import digest as digest_mod
 from recipe.config import resolve_device
+from recipe.names import PEFT_PREFIX, hf_name, is_lora_param, peft_name
 
 log = logging.getLogger(__name__)
 
@@ -373,7 +374,7 @@ def _vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:
     kwargs = dict(model=model_dir, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
                   seed=cfg.trainer.seed + ctx.rank, enable_prefix_caching=True,
                   # logprobs of the distribution actually sampled from (after temperature), which is
-                  # what the trainer's importance ratio divides by (recipe/grpo.py token_logprobs)
+                  # what the trainer's importance ratio divides by (recipe/model.py token_logprobs)
                   logprobs_mode="processed_logprobs",
                   use_tqdm_on_load=cfg.logger.verbose)
     if _in_trainer_world():
@@ -559,6 +560,10 @@ class VllmEngine(Engine):
             self._write_direct(weights)
             self.llm.reset_prefix_cache()
             return
+        self.reload_weights(weights)
+
+    def reload_weights(self, weights: WeightIter) -> None:
+        """vLLM's own reload (its per-tensor weight loaders and post-processing), whatever `sync.load` says."""
         if self._hooked:
             self.llm.collective_rpc(_clear_captures_in_worker)
         self.llm.collective_rpc(_reload_in_worker, args=(iter(weights),))
@@ -619,8 +624,6 @@ class VllmEngine(Engine):
         return (name,)
 
     def adapter_digests(self):
-        from recipe.state_dict import PEFT_PREFIX
-
         if self._lora is None:
             raise RuntimeError("adapter_digests: no adapter is loaded")
         held = self.llm.collective_rpc(_adapter_digests_in_worker, args=(self._lora[0].lora_int_id,))[0]
@@ -779,11 +782,11 @@ class HfEngine(Engine):
         return Sample(prompt, new, lps, "length")
 
     def prompt_logprobs(self, token_id_lists):
-        from recipe.sync import trainer_logprobs
+        from recipe.model import sequence_logprobs
 
         ctx, module, _ = self._full_params()
         with ctx:
-            return trainer_logprobs(module, token_id_lists, self.device)
+            return sequence_logprobs(module, token_id_lists, self.device)
 
     def load_weights(self, weights):
         """The engine is the policy: nothing to copy. The iterator is still drained (the gather is collective)."""
@@ -827,8 +830,6 @@ class HfCopyEngine(HfEngine):
         module.eval().requires_grad_(False)
         super().__init__(module, ctx.device, hf_cfg.eos_token_id,
                          hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0)
-        from recipe.state_dict import hf_name, is_lora_param, peft_name
-
         params = dict(module.named_parameters())
         self._by_hf_name = {hf_name(n): p for n, p in params.items() if not is_lora_param(n)}
         self._by_adapter_name = {peft_name(n): p for n, p in params.items() if is_lora_param(n)}
@@ -864,11 +865,9 @@ class HfCopyEngine(HfEngine):
         return {n: ((n,), d) for n, d in zip(names, digest_mod.digests([self._by_adapter_name[n] for n in names]))}
 
 
-def build_engine(cfg: DictConfig, ctx, model_dir: str, policy: Optional[nn.Module] = None) -> Engine:
+def build_engine(cfg: DictConfig, ctx, model_dir: str) -> Engine:
     """The engine named by `rollout.backend`: "vllm", or "hf" (an own HF copy the sync loads into).
-
-    `policy` is accepted for symmetry; `HfEngine(policy, ...)` generates with the policy itself.
-    """
+    (`HfEngine(policy, ...)` generates with the policy itself.)"""
     if cfg.rollout.backend == "vllm":
         return VllmEngine(cfg, ctx, str(model_dir))
     if cfg.rollout.backend == "hf":

@@ -1,6 +1,6 @@
 """The dispatch table of weight-sync strategies: (fsdp, offload, lora) -> gather strategy.
 
-    from recipe.state_dict import stream_weights, stream_base_weights, adapter_config
+    from recipe.state_dict import stream_weights, stream_base_weights
     for name, tensor in stream_weights(model, cfg, device):   # HF names, engine dtype, on `device`
         engine_weights[name].copy_(tensor)
 
@@ -10,7 +10,7 @@ same tuples `recipe.config` validates against, so config and code cannot drift: 
 missing key lists the registered ones. `sync.strategy` other than "auto" picks a reference
 strategy (`naive`, `dcp_full_cpu`, `dtensor_stream`) for comparison; they are never a fallback.
 
-Each strategy is two steps, composed explicitly in its table entry:
+Each strategy is two steps, composed in the table (`GATHERS` per (fsdp, offload) x `TRANSFORMS` per lora):
 1. a *gather* yields full tensors as fresh tensors on the engine device (or, on one rank whose
    shards are already there, the local shards themselves), keyed by raw module names:
    - FSDP2, every offload mode and LoRA mode: `_fsdp2_pipelined_groups` -- each local shard
@@ -53,9 +53,9 @@ from __future__ import annotations
 import collections
 import contextlib
 import itertools
-import json
 import time
 import weakref
+from dataclasses import dataclass
 from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
@@ -65,7 +65,8 @@ from omegaconf import DictConfig
 
 from recipe import digest as digest_mod
 from recipe.config import FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, combo_key
-from recipe.model import lora_config, move_fsdp1_unit, torch_dtype
+from recipe.model import largest_unit_bytes, move_fsdp1_unit, torch_dtype
+from recipe.names import ADAPTER, hf_name, is_lora_param, peft_name
 
 Key = Tuple[str, str, str]
 Named = Tuple[str, torch.Tensor]
@@ -73,10 +74,6 @@ Strategy = Callable[[nn.Module, DictConfig, torch.device], Iterator[Named]]
 Group = Dict[str, torch.Tensor]  # raw module name -> full tensor, one FSDP unit
 Wire = Callable[[str, torch.Tensor], torch.dtype]  # (raw name, parameter) -> dtype it is gathered in
 Member = Tuple[str, nn.Module, str]  # (raw name, owning module, attribute)
-
-ADAPTER = "default"  # peft's adapter name; it is dropped from the saved-adapter keys
-PEFT_PREFIX = "base_model.model."
-WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
 
 _TABLE: Dict[Key, Strategy] = {}
 _REFERENCES: Dict[str, Strategy] = {}
@@ -140,46 +137,7 @@ def get_reference(name: str) -> Strategy:
     return _REFERENCES[name]
 
 
-# ----------------------------------------------------------------------------- names
-
-def strip_wrappers(name: str) -> str:
-    """Drop FSDP1 / activation-checkpoint / torch.compile wrapper segments."""
-    for segment in WRAPPER_SEGMENTS:
-        name = name.replace(segment, "")
-    return name
-
-
-def is_lora_param(name: str) -> bool:
-    return ".lora_A." in name or ".lora_B." in name
-
-
-def hf_name(name: str) -> str:
-    """Trainer parameter name -> HF checkpoint name (what vLLM's `load_weights` takes).
-
-    `_fsdp_wrapped_module.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`
-    -> `model.layers.0.self_attn.q_proj.weight`.
-    """
-    name = strip_wrappers(name)
-    if is_lora_param(name):
-        raise ValueError(f"{name!r} is a LoRA tensor: it has no HF base name (use peft_name)")
-    if name.startswith(PEFT_PREFIX):
-        name = name[len(PEFT_PREFIX):]
-    return name.replace(".base_layer.", ".")
-
-
-def peft_name(name: str) -> str:
-    """Trainer LoRA parameter name -> key of peft's adapter_model.safetensors.
-
-    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`
-    -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
-    """
-    name = strip_wrappers(name)
-    if not is_lora_param(name):
-        raise ValueError(f"{name!r} is not a LoRA tensor")
-    for part in ("lora_A", "lora_B"):
-        name = name.replace(f".{part}.{ADAPTER}.", f".{part}.")
-    return name
-
+# ----------------------------------------------------------------------------- names and configs
 
 def _hf_config(model: nn.Module):
     for module in model.modules():
@@ -192,16 +150,6 @@ def _hf_config(model: nn.Module):
 def _skipped_names(model: nn.Module) -> set:
     # A tied head has no key of its own in the HF checkpoint; the engine ties it itself.
     return {"lm_head.weight"} if _hf_config(model).tie_word_embeddings else set()
-
-
-def adapter_config(cfg: DictConfig) -> dict:
-    """The adapter_config.json that peft's `save_pretrained` writes for `cfg.lora` on `model.path`."""
-    config = lora_config(cfg)
-    config.base_model_name_or_path = cfg.model.path
-    config.inference_mode = True
-    out = config.to_dict()
-    out["target_modules"] = sorted(out["target_modules"])  # a set in peft; saved as a list
-    return json.loads(json.dumps(out))
 
 
 # ----------------------------------------------------------------------------- gathers
@@ -249,12 +197,6 @@ def _is_fsdp1(module: nn.Module) -> bool:
     from torch.distributed.fsdp import FullyShardedDataParallel
 
     return isinstance(module, FullyShardedDataParallel)
-
-
-def _shard_rows(total: int, world: int, rank: int) -> int:
-    """Rows of dim 0 that `rank` holds under FSDP2's torch.chunk sharding."""
-    chunk = -(-total // world)
-    return max(0, min(chunk, total - rank * chunk))
 
 
 def _copy_as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
@@ -453,12 +395,8 @@ class _ShardGather:
         return numel * (self.world + 1) * self.dtypes[idx[0]].itemsize * (1 if self._whole(idx) else 2)
 
 
-def _largest_unit_bytes(units) -> int:
-    return max(sum(p.numel() * p.element_size() for _, p in _unique(members)) for _, members in units)
-
-
 def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes: int, wire: Wire,
-                            select: Callable[[str], bool] = lambda name: True) -> Iterator[Group]:
+                            select: Callable[[str], bool]) -> Iterator[Group]:
     """FSDP2, any offload: the local shards (device, pinned host or pageable host) are gathered
     in pieces of one bucket, in their `wire` dtype, overlapping copy-in, all-gather and the
     caller's use (see above)."""
@@ -474,7 +412,7 @@ def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes
             if group:
                 yield group
         return
-    budget = _largest_unit_bytes(units) + bucket_bytes
+    budget = largest_unit_bytes(model) + bucket_bytes
     yield from _ShardGather(named, device, bucket_bytes, budget, wire)
 
 
@@ -558,115 +496,72 @@ def _adapter_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
 
 
 # ----------------------------------------------------------------------------- the table
-# Each entry composes a gather (with the dtype each tensor travels in) and a transform. FSDP2 adapter syncs gather
-# only the LoRA shards; FSDP1 cannot gather part of a flat parameter, so it summons the unit.
+# Entry (fsdp, offload, lora) = the gather of (fsdp, offload) + the transform of lora, so each behaviour
+# is written once. FSDP2 gathers alike under every offload mode (the pipelined gather reads device,
+# pinned host and pageable host shards the same way); FSDP1 none and cpu are the same summon (with
+# CPUOffload, FSDP copies the host shard in itself); FSDP1 manual brings each unit's shard to the
+# device for its summon. A transform names the dtype each tensor travels in and the tensors it needs:
+# FSDP2 adapter syncs gather only the LoRA shards; FSDP1 cannot gather part of a flat parameter, so it
+# summons the whole unit and the transform drops the rest.
 
-@register("fsdp2", "none", "none")
-def _fsdp2_none_none(model, cfg, device):
-    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg))
-    return _full_weights(groups, model, cfg, device)
-
-
-@register("fsdp2", "none", "merged")
-def _fsdp2_none_merged(model, cfg, device):
-    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _merge_wire(cfg))
-    return _merged_weights(groups, model, cfg, device)
+Gather = Callable[[nn.Module, DictConfig, torch.device, Wire, Callable[[str], bool]], Iterator[Group]]
 
 
-@register("fsdp2", "none", "adapter")
-def _fsdp2_none_adapter(model, cfg, device):
-    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg), is_lora_param)
-    return _adapter_weights(groups, model, cfg, device)
+@dataclass(frozen=True)
+class Transform:
+    wire: Callable[[DictConfig], Wire]  # the dtype each tensor is gathered in
+    select: Callable[[str], bool]  # the raw names it needs (a gather may hand it more)
+    apply: Callable[[Iterable[Group], nn.Module, DictConfig, torch.device], Iterator[Named]]
 
 
-@register("fsdp2", "cpu", "none")
-def _fsdp2_cpu_none(model, cfg, device):
-    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg))
-    return _full_weights(groups, model, cfg, device)
+def _fsdp2_gather(model, cfg, device, wire, select):
+    return _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), wire, select)
 
 
-@register("fsdp2", "cpu", "merged")
-def _fsdp2_cpu_merged(model, cfg, device):
-    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _merge_wire(cfg))
-    return _merged_weights(groups, model, cfg, device)
+def _fsdp1_summon_gather(model, cfg, device, wire, select):
+    return _fsdp1_summon_groups(model, device, wire)
 
 
-@register("fsdp2", "cpu", "adapter")
-def _fsdp2_cpu_adapter(model, cfg, device):
-    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg), is_lora_param)
-    return _adapter_weights(groups, model, cfg, device)
+def _fsdp1_manual_gather(model, cfg, device, wire, select):
+    return _fsdp1_manual_groups(model, device, wire)
 
 
-@register("fsdp2", "manual", "none")
-def _fsdp2_manual_none(model, cfg, device):
-    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg))
-    return _full_weights(groups, model, cfg, device)
+def _everything(name: str) -> bool:
+    return True
 
 
-@register("fsdp2", "manual", "merged")
-def _fsdp2_manual_merged(model, cfg, device):
-    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _merge_wire(cfg))
-    return _merged_weights(groups, model, cfg, device)
+GATHERS: Dict[Tuple[str, str], Gather] = {
+    ("fsdp2", "none"): _fsdp2_gather,
+    ("fsdp2", "cpu"): _fsdp2_gather,
+    ("fsdp2", "manual"): _fsdp2_gather,
+    ("fsdp1", "none"): _fsdp1_summon_gather,
+    ("fsdp1", "cpu"): _fsdp1_summon_gather,
+    ("fsdp1", "manual"): _fsdp1_manual_gather,
+}
+TRANSFORMS: Dict[str, Transform] = {
+    "none": Transform(_engine_wire, _everything, _full_weights),
+    "merged": Transform(_merge_wire, _everything, _merged_weights),
+    "adapter": Transform(_engine_wire, is_lora_param, _adapter_weights),
+}
 
 
-@register("fsdp2", "manual", "adapter")
-def _fsdp2_manual_adapter(model, cfg, device):
-    groups = _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), _engine_wire(cfg), is_lora_param)
-    return _adapter_weights(groups, model, cfg, device)
+def compose(gather: Gather, transform: Transform) -> Strategy:
+    """The strategy that runs `gather` with the transform's dtypes and selection, then the transform."""
+    def strategy(model: nn.Module, cfg: DictConfig, device: torch.device) -> Iterator[Named]:
+        groups = gather(model, cfg, device, transform.wire(cfg), transform.select)
+        return transform.apply(groups, model, cfg, device)
+
+    strategy.__name__ = f"{gather.__name__.lstrip('_')}+{transform.apply.__name__.lstrip('_')}"
+    return strategy
 
 
-@register("fsdp1", "none", "none")
-def _fsdp1_none_none(model, cfg, device):
-    groups = _fsdp1_summon_groups(model, device, _engine_wire(cfg))
-    return _full_weights(groups, model, cfg, device)
+def _register_table() -> None:
+    for (fsdp, offload), gather in GATHERS.items():
+        for lora, transform in TRANSFORMS.items():
+            register(fsdp, offload, lora)(compose(gather, transform))
 
 
-@register("fsdp1", "none", "merged")
-def _fsdp1_none_merged(model, cfg, device):
-    groups = _fsdp1_summon_groups(model, device, _merge_wire(cfg))
-    return _merged_weights(groups, model, cfg, device)
-
-
-@register("fsdp1", "none", "adapter")
-def _fsdp1_none_adapter(model, cfg, device):
-    groups = _fsdp1_summon_groups(model, device, _engine_wire(cfg))
-    return _adapter_weights(groups, model, cfg, device)
-
-
-@register("fsdp1", "cpu", "none")
-def _fsdp1_cpu_none(model, cfg, device):
-    groups = _fsdp1_summon_groups(model, device, _engine_wire(cfg))
-    return _full_weights(groups, model, cfg, device)
-
-
-@register("fsdp1", "cpu", "merged")
-def _fsdp1_cpu_merged(model, cfg, device):
-    groups = _fsdp1_summon_groups(model, device, _merge_wire(cfg))
-    return _merged_weights(groups, model, cfg, device)
-
-
-@register("fsdp1", "cpu", "adapter")
-def _fsdp1_cpu_adapter(model, cfg, device):
-    groups = _fsdp1_summon_groups(model, device, _engine_wire(cfg))
-    return _adapter_weights(groups, model, cfg, device)
-
-
-@register("fsdp1", "manual", "none")
-def _fsdp1_manual_none(model, cfg, device):
-    groups = _fsdp1_manual_groups(model, device, _engine_wire(cfg))
-    return _full_weights(groups, model, cfg, device)
-
-
-@register("fsdp1", "manual", "merged")
-def _fsdp1_manual_merged(model, cfg, device):
-    groups = _fsdp1_manual_groups(model, device, _merge_wire(cfg))
-    return _merged_weights(groups, model, cfg, device)
-
-
-@register("fsdp1", "manual", "adapter")
-def _fsdp1_manual_adapter(model, cfg, device):
-    groups = _fsdp1_manual_groups(model, device, _engine_wire(cfg))
-    return _adapter_weights(groups, model, cfg, device)
+_register_table()
 
 
 # ----------------------------------------------------------------------------- references

@@ -10,7 +10,6 @@ and every N-th, a logprob probe of the engine against the trainer (`sync.verify`
 
 from __future__ import annotations
 
-import contextlib
 import math
 import time
 from pathlib import Path
@@ -21,8 +20,9 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from recipe.digest import Digest, combined_hex
-from recipe.state_dict import (WeightStream, adapter_config, is_lora_param, peft_name, stream_base_weights,
-                               stream_weights, strategy_name)
+from recipe.model import Residency, adapter_config, sequence_logprobs
+from recipe.names import is_lora_param, peft_name
+from recipe.state_dict import WeightStream, stream_base_weights, stream_weights, strategy_name
 
 # Max |logprob_trainer - logprob_engine| over the probe tokens when sync.tolerance is null.
 # Measured on CPU (docs/SYNC.md): float32 noise <= 5e-5 on SmolLM2-135M, while one stale MLP
@@ -47,28 +47,6 @@ def probe_batch(tokenizer, num: int) -> List[List[int]]:
     """`num` fixed token sequences: a probe prompt + the fixed completion (cycled if num > 8)."""
     texts = [PROBE_PROMPTS[i % len(PROBE_PROMPTS)] + PROBE_COMPLETION for i in range(num)]
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
-
-
-@torch.no_grad()
-def trainer_logprobs(model: torch.nn.Module, batch: List[List[int]], device: torch.device) -> List[List[float]]:
-    """logprob of token i given tokens < i, for i >= 1, from one (collective) forward of `model`.
-
-    Right padding: with causal attention the real tokens never see the pad.
-    """
-    width = max(len(ids) for ids in batch)
-    ids = torch.zeros(len(batch), width, dtype=torch.long)
-    mask = torch.zeros(len(batch), width, dtype=torch.long)
-    for row, seq in enumerate(batch):
-        ids[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = 1
-    was_training = model.training
-    model.eval()
-    try:
-        logits = model(input_ids=ids.to(device), attention_mask=mask.to(device)).logits.float()
-    finally:
-        model.train(was_training)
-    lp = torch.log_softmax(logits[:, :-1], -1).gather(-1, ids[:, 1:, None].to(device))[..., 0].cpu()
-    return [lp[row, :len(seq) - 1].tolist() for row, seq in enumerate(batch)]
 
 
 def worst_token(trainer: List[List[float]], engine: List[List[float]]) -> Tuple[float, int, int]:
@@ -115,8 +93,10 @@ class WeightSync:
     """
 
     def __init__(self, cfg: DictConfig, ctx, model: torch.nn.Module, engine, tokenizer,
-                 stream_fn: Optional[Callable] = None, base_stream_fn: Optional[Callable] = None):
+                 stream_fn: Optional[Callable] = None, base_stream_fn: Optional[Callable] = None,
+                 residency: Optional[Residency] = None):
         self.cfg, self.ctx, self.model, self.engine = cfg, ctx, model, engine
+        self.residency = residency if residency is not None else Residency(cfg, model, None, ctx.device)
         self.stream_fn = stream_fn
         self.base_stream_fn = base_stream_fn
         self.probe = probe_batch(tokenizer, cfg.sync.num_probe_prompts)
@@ -281,8 +261,8 @@ class WeightSync:
 
     def _parity(self, engine_lps: List[List[float]], step: int) -> float:
         """Compare this rank's engine with the trainer; all ranks agree on the verdict before raising."""
-        with self._trainer_on_device():
-            trainer_lps = trainer_logprobs(self.model, self.probe, self.ctx.device)
+        with self.residency.on_device(optimizer=False):  # offload=manual: the probe's forward needs the shards
+            trainer_lps = sequence_logprobs(self.model, self.probe, self.ctx.device)
         diff, row, pos = worst_token(trainer_lps, engine_lps)
         mine = {"rank": self.ctx.rank, "diff": diff, "row": row, "pos": pos,
                 "trainer": _at(trainer_lps, row, pos), "engine": _at(engine_lps, row, pos)}
@@ -294,22 +274,6 @@ class WeightSync:
         if not worst["diff"] <= self.tolerance:
             raise WeightSyncError(self._message(worst, step))
         return worst["diff"]
-
-    @contextlib.contextmanager
-    def _trainer_on_device(self):
-        """Manual offload keeps shards on the host between phases; the probe forward needs them on the device."""
-        manual = self.cfg.offload.name == "manual" and self.ctx.device.type == "cuda"
-        if manual:
-            from recipe.model import load_to_device
-
-            load_to_device(self.model, None, self.ctx.device)
-        try:
-            yield
-        finally:
-            if manual:
-                from recipe.model import offload_to_cpu
-
-                offload_to_cpu(self.model, None)
 
     def _message(self, worst: dict, step: int) -> str:
         ids = self.probe[worst["row"]] if worst["row"] >= 0 else []

@@ -49,7 +49,7 @@ import time
 import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import hydra
 import torch
@@ -242,17 +242,6 @@ def build_base(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config, dtype=dtype)
 
 
-def largest_unit_bytes(model: torch.nn.Module) -> int:
-    """Bytes of the largest FSDP unit as recipe/model.py wraps: each decoder layer, and the root
-    (everything else: embeddings, final norm, untied lm_head)."""
-    from recipe.model import decoder_layers
-
-    layers = decoder_layers(model)
-    per_layer = [sum(nbytes_of(p) for p in layer.parameters()) for layer in layers]
-    total = sum(nbytes_of(p) for p in model.parameters())
-    return max([total - sum(per_layer)] + per_layer)
-
-
 def build_policy_from(base: torch.nn.Module, cfg: DictConfig, ctx) -> Tuple[torch.nn.Module, int]:
     """`recipe.model.build_policy` on a copy of `base` (no reload from disk per cell); also
     returns the largest FSDP unit's bytes. Manual offload leaves the shards on the host, as
@@ -261,11 +250,11 @@ def build_policy_from(base: torch.nn.Module, cfg: DictConfig, ctx) -> Tuple[torc
 
     torch.manual_seed(cfg.trainer.seed)
     model = policy.apply_lora(copy.deepcopy(base), cfg)
-    unit = largest_unit_bytes(model)
+    unit = policy.largest_unit_bytes(model)
     model = policy.shard(model, cfg, ctx.device)
     if cfg.offload.name == "manual":
         _train_like(model, ctx.device)
-        policy.offload_to_cpu(model, None)
+        policy.Residency(cfg, model, None, ctx.device).to_host()
     return model, unit
 
 

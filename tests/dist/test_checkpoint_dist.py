@@ -32,7 +32,7 @@ def save_and_load_manual_offload(rank: int, world: int, cfg_yamls: List[str], ro
 
     from recipe.checkpoint import load, save
     from recipe.dist import DistContext
-    from recipe.model import build_optimizer, build_policy, load_to_device, offload_to_cpu
+    from recipe.model import Residency, build_optimizer, build_policy
     from tests.dist.test_state_dict import _train_step
 
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
@@ -43,18 +43,18 @@ def save_and_load_manual_offload(rank: int, world: int, cfg_yamls: List[str], ro
         model = build_policy(cfg, ctx)
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
+        residency = Residency(cfg, model, optimizer, device)
 
         def step():  # as GRPOTrainer.update: device for the update, host between phases
-            load_to_device(model, optimizer, device)
-            _train_step(model, optimizer, device)
-            offload_to_cpu(model, optimizer)
+            with residency.on_device():
+                _train_step(model, optimizer, device)
 
         step()
-        path = save(f"{root}/{i}", model, optimizer, scheduler, 1, ctx, manual_offload=True)
+        path = save(f"{root}/{i}", model, optimizer, scheduler, 1, ctx, residency=residency)
         saved, host_after_save = _local(model), _on_host(model, optimizer)
         step()
         changed = any(not torch.equal(saved[k], v) for k, v in _local(model).items())
-        load(path, model, optimizer, scheduler, ctx, manual_offload=True)
+        load(path, model, optimizer, scheduler, ctx, residency=residency)
         loaded = _local(model)
         results.append(dict(changed=changed, same=all(torch.equal(saved[k], loaded[k]) for k in saved),
                             host_after_save=host_after_save, host_after_load=_on_host(model, optimizer)))

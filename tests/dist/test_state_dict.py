@@ -100,7 +100,7 @@ def _merged_fp32(model, cfg) -> Dict[str, torch.Tensor]:
     """bf16/fp16 engine: peft merges in the low dtype; we merge the unsharded (master) tensors in
     float32 and cast once (recipe/state_dict.py), so the reference applies that formula to the copy."""
     from recipe.model import torch_dtype
-    from recipe.state_dict import hf_name, is_lora_param
+    from recipe.names import hf_name, is_lora_param
 
     params, scale = dict(model.named_parameters()), cfg.lora.alpha / cfg.lora.rank
     out = {}
@@ -117,13 +117,11 @@ def _merged_fp32(model, cfg) -> Dict[str, torch.Tensor]:
 
 def unit_bytes_bound(cfg) -> int:
     """Largest FSDP unit (a decoder layer, or the root's leftovers) plus the largest tensor."""
-    from recipe.model import apply_lora, decoder_layers, load_hf_model
+    from recipe.model import apply_lora, largest_unit_bytes, load_hf_model
 
     model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg)
-    size = lambda ps: sum(p.numel() * p.element_size() for p in ps)  # noqa: E731
-    layers = [size(layer.parameters()) for layer in decoder_layers(model)]
     largest = max(p.numel() * p.element_size() for p in model.parameters())
-    return max(layers + [size(model.parameters()) - sum(layers)]) + largest
+    return largest_unit_bytes(model) + largest
 
 
 def local_state(model) -> Dict[str, torch.Tensor]:

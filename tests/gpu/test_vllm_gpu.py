@@ -75,7 +75,7 @@ def test_every_combination_runs_checks_and_resumes_at_world_2(tmp_path, tiny_mod
 def direct_vs_reload(rank: int, world: int, model_dir: str, lora: str) -> dict:
     """The direct path and vLLM's reload write the same bytes into every engine parameter."""
     from recipe.dist import DistContext
-    from recipe.rollout import VllmEngine, _reload_in_worker, streamed_shapes
+    from recipe.rollout import VllmEngine, streamed_shapes
 
     cfg = compose([f"model.path={model_dir}", "trainer.device=cuda", "model.dtype=bfloat16", "sync.load=direct",
                    "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.2", f"+lora={lora}"])
@@ -92,7 +92,7 @@ def direct_vs_reload(rank: int, world: int, model_dir: str, lora: str) -> dict:
         direct = params()
         for p in engine.llm.apply_model(lambda m: list(m.parameters()))[0]:
             p.data.zero_()
-        engine.llm.collective_rpc(_reload_in_worker, args=(iter(new.items()),))
+        engine.reload_weights(iter(new.items()))
         torch.cuda.synchronize()
         reloaded = params()
         return {"path": engine.load_path, "names": len(direct),

@@ -38,15 +38,15 @@ def test_surrogate_on_policy_is_minus_mean_advantage():
     logp = torch.log(torch.tensor([[0.5, 0.2, 0.9]]))
     adv = torch.tensor([2.0])
     mask = torch.tensor([[True, True, False]])
-    loss, norm, stats = clipped_surrogate(logp, logp.clone(), adv, mask, 0.2, "token_mean")
-    assert norm.item() == 2 and loss.item() == pytest.approx(-4.0)
+    loss, stats = clipped_surrogate(logp, logp.clone(), adv, mask, 0.2, "token_mean")
+    assert loss.item() == pytest.approx(-4.0) and stats["tokens"] == 2  # -A per token, summed
     assert stats["clip_frac"] == 0
 
 
 def test_surrogate_clips_large_ratio_for_positive_advantage():
     old = torch.log(torch.tensor([[0.1]]))
     logp = torch.log(torch.tensor([[0.5]])).requires_grad_()  # ratio 5
-    loss, _, stats = clipped_surrogate(logp, old, torch.tensor([1.0]), torch.tensor([[True]]), 0.2, "token_mean")
+    loss, stats = clipped_surrogate(logp, old, torch.tensor([1.0]), torch.tensor([[True]]), 0.2, "token_mean")
     assert loss.item() == pytest.approx(-1.2)  # clip(5) = 1.2
     loss.backward()
     assert logp.grad.abs().sum() == 0  # clipped: no gradient pushes the ratio further
@@ -57,17 +57,17 @@ def test_seq_mean_weighs_sequences_equally():
     logp = torch.zeros(2, 4)
     adv = torch.tensor([1.0, 1.0])
     mask = torch.tensor([[1, 0, 0, 0], [1, 1, 1, 1]], dtype=torch.bool)
-    loss, norm, _ = clipped_surrogate(logp, logp, adv, mask, 0.2, "seq_mean")
-    assert loss.item() / norm.item() == pytest.approx(-1.0)
-    loss_t, norm_t, _ = clipped_surrogate(logp, logp, torch.tensor([1.0, 0.0]), mask, 0.2, "token_mean")
-    assert loss_t.item() / norm_t.item() == pytest.approx(-1 / 5)
+    loss, _ = clipped_surrogate(logp, logp, adv, mask, 0.2, "seq_mean")
+    assert loss.item() / 2 == pytest.approx(-1.0)  # over the 2 sequences: each weighs 1/2
+    loss_t, stats = clipped_surrogate(logp, logp, torch.tensor([1.0, 0.0]), mask, 0.2, "token_mean")
+    assert loss_t.item() / stats["tokens"] == pytest.approx(-1 / 5)  # over the 5 tokens: the 1-token one weighs 1/5
 
 
 def test_kl_k3_is_zero_at_reference_and_positive_elsewhere():
     logp = torch.log(torch.tensor([[0.5, 0.5]]))
     mask = torch.ones(1, 2, dtype=torch.bool)
-    _, _, same = clipped_surrogate(logp, logp, torch.zeros(1), mask, 0.2, "token_mean", ref_logp=logp, kl_coef=0.1)
-    _, _, diff = clipped_surrogate(logp, logp, torch.zeros(1), mask, 0.2, "token_mean",
+    _, same = clipped_surrogate(logp, logp, torch.zeros(1), mask, 0.2, "token_mean", ref_logp=logp, kl_coef=0.1)
+    _, diff = clipped_surrogate(logp, logp, torch.zeros(1), mask, 0.2, "token_mean",
                                    ref_logp=torch.log(torch.tensor([[0.9, 0.1]])), kl_coef=0.1)
     assert same["kl"] == 0 and diff["kl"] > 0
 

@@ -10,6 +10,7 @@ import itertools
 import pytest
 import torch
 
+from recipe import names
 from recipe import state_dict as sd
 from recipe.config import FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError
 
@@ -65,7 +66,7 @@ def test_reference_lookup_miss_lists_choices():
     ("_orig_mod.model.norm.weight", "model.norm.weight"),
 ])
 def test_hf_name(raw, expected):
-    assert sd.hf_name(raw) == expected
+    assert names.hf_name(raw) == expected
 
 
 @pytest.mark.parametrize("raw, expected", [
@@ -75,28 +76,28 @@ def test_hf_name(raw, expected):
      "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight"),
 ])
 def test_peft_name(raw, expected):
-    assert sd.peft_name(raw) == expected
+    assert names.peft_name(raw) == expected
 
 
 def test_names_refuse_the_wrong_kind():
     with pytest.raises(ValueError, match="LoRA tensor"):
-        sd.hf_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
+        names.hf_name("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight")
     with pytest.raises(ValueError, match="not a LoRA tensor"):
-        sd.peft_name("model.layers.0.self_attn.q_proj.weight")
+        names.peft_name("model.layers.0.self_attn.q_proj.weight")
 
 
 def test_peft_names_match_peft(tiny_model_dir):
     """Our adapter names are the keys peft saves, for a real peft model."""
     from peft import get_peft_model_state_dict
 
-    from recipe.model import apply_lora, load_hf_model
+    from recipe.model import adapter_config, apply_lora, load_hf_model
     from tests.helpers import compose
 
     cfg = compose([f"model.path={tiny_model_dir}", "+lora=adapter"])
     model = apply_lora(load_hf_model(cfg), cfg)
-    ours = {sd.peft_name(n) for n, _ in model.named_parameters() if sd.is_lora_param(n)}
+    ours = {names.peft_name(n) for n, _ in model.named_parameters() if names.is_lora_param(n)}
     assert ours == set(get_peft_model_state_dict(model))
-    base = {sd.hf_name(n) for n, _ in model.named_parameters() if not sd.is_lora_param(n)}
+    base = {names.hf_name(n) for n, _ in model.named_parameters() if not names.is_lora_param(n)}
     from safetensors import safe_open
 
     with safe_open(str(tiny_model_dir / "model.safetensors"), "pt") as f:
@@ -106,14 +107,14 @@ def test_peft_names_match_peft(tiny_model_dir):
 def test_adapter_config_equals_peft_save(tiny_model_dir, tmp_path):
     import json
 
-    from recipe.model import apply_lora, load_hf_model
+    from recipe.model import adapter_config, apply_lora, load_hf_model
     from tests.helpers import compose
 
     cfg = compose([f"model.path={tiny_model_dir}", "+lora=adapter"])
     apply_lora(load_hf_model(cfg), cfg).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     saved["target_modules"] = sorted(saved["target_modules"])  # peft saves a set in hash order
-    assert sd.adapter_config(cfg) == saved
+    assert adapter_config(cfg) == saved
 
 
 def test_merge_lora_is_fp32_and_leaves_inputs_alone():
@@ -125,3 +126,28 @@ def test_merge_lora_is_fp32_and_leaves_inputs_alone():
     assert merged.dtype == torch.bfloat16 and torch.equal(w, w0)
     expected = (w.float() + (b.float() @ a.float()) * 2.0).bfloat16()
     assert torch.equal(merged, expected)
+
+
+def test_table_is_one_gather_per_fsdp_offload_and_one_transform_per_lora():
+    assert set(sd.GATHERS) == set(itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES))
+    assert set(sd.TRANSFORMS) == set(LORA_CHOICES)
+    # Three gather behaviours: FSDP2 under any offload, FSDP1's summon (none and cpu), FSDP1 manual.
+    assert len({id(g) for g in sd.GATHERS.values()}) == 3
+    assert sd.GATHERS[("fsdp2", "none")] is sd.GATHERS[("fsdp2", "cpu")] is sd.GATHERS[("fsdp2", "manual")]
+    assert sd.GATHERS[("fsdp1", "none")] is sd.GATHERS[("fsdp1", "cpu")] is not sd.GATHERS[("fsdp1", "manual")]
+
+
+def test_composed_entry_passes_the_transforms_dtype_and_selection_to_its_gather(tiny_model_dir):
+    from tests.helpers import compose as compose_cfg
+
+    cfg = compose_cfg([f"model.path={tiny_model_dir}", "+lora=adapter", "model.dtype=bfloat16"])
+    seen = {}
+
+    def gather(model, cfg, device, wire, select):
+        seen.update(wire=wire("x.lora_A.default.weight", torch.zeros(1)), lora=select("x.lora_A.default.weight"),
+                    base=select("x.base_layer.weight"))
+        yield {"m.q_proj.lora_A.default.weight": torch.ones(2, 2), "m.q_proj.base_layer.weight": torch.ones(2, 2)}
+
+    out = list(sd.compose(gather, sd.TRANSFORMS["adapter"])(None, cfg, torch.device("cpu")))
+    assert seen == {"wire": torch.bfloat16, "lora": True, "base": False}  # adapter syncs gather LoRA shards only
+    assert [(n, t.dtype) for n, t in out] == [("m.q_proj.lora_A.weight", torch.bfloat16)]

@@ -16,8 +16,8 @@ from recipe.digest import Digest, digest, digests
 from recipe.metrics import MetricsLogger
 from recipe.rollout import HfCopyEngine
 from recipe.state_dict import WeightStream
-from recipe.sync import (DEFAULT_TOLERANCE, WeightSync, WeightSyncError, compare_digests, name_problems,
-                         trainer_logprobs, worst_token)
+from recipe.model import sequence_logprobs
+from recipe.sync import DEFAULT_TOLERANCE, WeightSync, WeightSyncError, compare_digests, name_problems, worst_token
 
 SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/verify_s", "sync/probe_s", "sync/bytes",
              "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
@@ -46,7 +46,7 @@ class FakeEngine(HfCopyEngine):
 
     def prompt_logprobs(self, ids):
         self.calls.append("prompt_logprobs")
-        return trainer_logprobs(self.module, ids, torch.device("cpu"))
+        return sequence_logprobs(self.module, ids, torch.device("cpu"))
 
 
 def _stream(model, cfg, device):

@@ -1,0 +1,54 @@
+"""Weight names: the trainer's parameter names -> the names that leave the trainer.
+
+    from recipe.names import hf_name, peft_name, is_lora_param
+
+The one place where peft prefixes (`base_model.model.`, `.base_layer`, `.lora_A.default`) and
+wrapper segments (FSDP1's `_fsdp_wrapped_module.`, activation checkpointing, torch.compile) are
+mapped: the dispatch table (recipe/state_dict.py), the sync's name checks (recipe/sync.py) and the
+engine's own copy (recipe/rollout.py) all use these functions.
+"""
+
+from __future__ import annotations
+
+ADAPTER = "default"  # peft's adapter name; it is dropped from the saved-adapter keys
+PEFT_PREFIX = "base_model.model."
+WRAPPER_SEGMENTS = ("_fsdp_wrapped_module.", "_checkpoint_wrapped_module.", "_orig_mod.")
+
+
+def strip_wrappers(name: str) -> str:
+    """Drop FSDP1 / activation-checkpoint / torch.compile wrapper segments."""
+    for segment in WRAPPER_SEGMENTS:
+        name = name.replace(segment, "")
+    return name
+
+
+def is_lora_param(name: str) -> bool:
+    return ".lora_A." in name or ".lora_B." in name
+
+
+def hf_name(name: str) -> str:
+    """Trainer parameter name -> HF checkpoint name (what vLLM's `load_weights` takes).
+
+    `_fsdp_wrapped_module.base_model.model.model.layers.0.self_attn.q_proj.base_layer.weight`
+    -> `model.layers.0.self_attn.q_proj.weight`.
+    """
+    name = strip_wrappers(name)
+    if is_lora_param(name):
+        raise ValueError(f"{name!r} is a LoRA tensor: it has no HF base name (use peft_name)")
+    if name.startswith(PEFT_PREFIX):
+        name = name[len(PEFT_PREFIX):]
+    return name.replace(".base_layer.", ".")
+
+
+def peft_name(name: str) -> str:
+    """Trainer LoRA parameter name -> key of peft's adapter_model.safetensors.
+
+    `base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight`
+    -> `base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight`.
+    """
+    name = strip_wrappers(name)
+    if not is_lora_param(name):
+        raise ValueError(f"{name!r} is not a LoRA tensor")
+    for part in ("lora_A", "lora_B"):
+        name = name.replace(f".{part}.{ADAPTER}.", f".{part}.")
+    return name
