@@ -9,8 +9,9 @@ task and its reward (recipe.tasks.Arithmetic with conf/task/arith.yaml's seed, p
 the prompts of every step (this recipe's rank r draws batch `step * world + r` of the pool; TRL gets
 those prompts in that order, unshuffled), 8 completions per prompt (`--n`), `--max-new-tokens` new
 tokens at temperature 1, `--updates` optimizer steps per rollout batch (TRL: steps_per_generation),
-AdamW at `--lr` with 2 warm-up steps and gradient clip 1.0, no KL, group-std-scaled advantages and
-the token mean over the mini-batch (TRL: loss_type "dapo").
+AdamW at `--lr` with 2 warm-up steps and gradient clip 1.0, no KL, the advantage scaling of
+`algo.scale_by_std` (TRL: scale_rewards "group" or "none") and the token mean over the mini-batch
+(TRL: loss_type "dapo"). TRL has no entropy bonus: with `algo.entropy_coef` > 0 the two differ there.
 
 TRL runs one process with HF generate on the CPU, in its own virtual environment (`--trl-python`,
 default /work/trl-venv/bin/python or $TRL_PYTHON), since its pins differ from the project's:
@@ -102,7 +103,7 @@ def trl_worker(spec_path: str, out_path: str) -> None:
         steps_per_generation=spec["updates"], num_iterations=1, num_generations=spec["n"],
         max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=spec["lr"], lr_scheduler_type="constant_with_warmup", warmup_steps=spec["warmup_steps"],
-        weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", scale_rewards="group",
+        weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", scale_rewards=spec["scale_rewards"],
         shuffle_dataset=False, use_cpu=True, bf16=False, seed=0, report_to=[], save_strategy="no",
         logging_steps=spec["updates"], disable_tqdm=True,
     )
@@ -118,11 +119,14 @@ def trl_worker(spec_path: str, out_path: str) -> None:
 
 
 def run_trl(args, prompts, cfg) -> dict:
+    from omegaconf import OmegaConf
+
     with tempfile.TemporaryDirectory(prefix="trl-compare-") as tmp:
         spec = {"model": str(Path(cfg.model.path).resolve()), "prompts": prompts, "steps": args.steps,
                 "n": args.n, "max_new_tokens": args.max_new_tokens, "updates": args.updates, "lr": args.lr,
                 "warmup_steps": int(cfg.trainer.warmup_steps), "task_seed": int(cfg.task.seed),
-                "num_prompts": int(cfg.task.num_prompts), "task_params": dict(cfg.task.params),
+                "scale_rewards": "group" if cfg.algo.scale_by_std else "none",
+                "num_prompts": int(cfg.task.num_prompts), "task_params": OmegaConf.to_container(cfg.task.params, resolve=True),
                 "output_dir": str(Path(tmp) / "out")}
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
