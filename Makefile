@@ -29,8 +29,8 @@ endif
 
 install: $(STAMP) ## make the virtual environment (.venv) with everything pinned in pyproject.toml
 
-train: $(STAMP) ## the default GRPO run: tiny model, FSDP2, world 2, vLLM, wandb offline
-	$(PY) -m recipe.train $(ARGS)
+train: $(STAMP) ## the default GRPO run: tiny model learns addition (experiment=default_tiny: FSDP2, vLLM, wandb offline)
+	$(PY) -m recipe.train experiment=default_tiny $(ARGS)
 
 test: $(STAMP) ## the whole CPU test suite (GPU tests are skipped without CUDA)
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)

@@ -117,6 +117,8 @@ class AlgoConfig:
     clip_eps: float = 0.2
     # KL penalty to a frozen reference; 0 disables it (and the reference model).
     kl_coef: float = 0.0
+    # Entropy bonus: the loss subtracts entropy_coef x the per-token entropy of the tempered policy.
+    entropy_coef: float = 0.0
     # Divide group-centred rewards by the group std (GRPO paper) or not (Dr. GRPO).
     scale_by_std: bool = True
     loss_agg: str = "token_mean"
@@ -163,7 +165,10 @@ class TrainerConfig:
     grad_clip: float = 1.0
     # Optimizer steps per rollout batch.
     updates_per_batch: int = 2
-    micro_batch_size: int = 16
+    # A micro-batch (one forward/backward) holds at most micro_batch_size sequences and, when
+    # micro_batch_tokens > 0, at most that many padded tokens (sequences x the longest one).
+    micro_batch_size: int = 256
+    micro_batch_tokens: int = 4096
     checkpoint_every: int = 0
     # Complete checkpoints kept (the newest); older ones are removed only after a newer one is
     # complete. 0 keeps all.
@@ -269,7 +274,8 @@ def validate(cfg: DictConfig) -> None:
                 "sync.num_probe_prompts", "task.num_prompts"):
         _positive(cfg, key)
     for key in ("trainer.weight_decay", "trainer.warmup_steps", "trainer.grad_clip",
-                "trainer.checkpoint_every", "trainer.keep_checkpoints", "algo.clip_eps", "algo.kl_coef"):
+                "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.micro_batch_tokens", "algo.clip_eps",
+                "algo.kl_coef", "algo.entropy_coef"):
         _positive(cfg, key, allow_zero=True)
     _rollout_and_batch(cfg)
     if not 0 < cfg.rollout.top_p <= 1:

@@ -45,6 +45,7 @@ from typing import Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
+import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from recipe.dist import DistContext
@@ -67,7 +68,14 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool,
     return centred.reshape(-1)
 
 
-def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str, ref_logp=None, kl_coef=0.0):
+def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """Entropy of softmax(logits / T) at the positions that predict tokens 1..T-1: [B, T-1], fp32."""
+    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
+    return -(logp.exp() * logp).sum(-1)
+
+
+def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str, ref_logp=None, kl_coef=0.0,
+                      entropy=None, entropy_coef=0.0):
     """The GRPO loss of one micro-batch and its stats; see the module docstring.
 
     Returns (loss_sum, stats): the sum over tokens (`token_mean`) or of per-sequence token means
@@ -80,6 +88,8 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
         log_r = ref_logp - logp
         kl = torch.exp(log_r) - log_r - 1
         per_token = per_token + kl_coef * kl
+    if entropy is not None and entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy
     mask = mask.float()
     if loss_agg == "token_mean":
         loss_sum = (per_token * mask).sum()
@@ -89,6 +99,7 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
     stats = {
         "clip_frac": (clipped * mask).sum().item(),
         "kl": (kl * mask).sum().item(),
+        "entropy": (entropy.detach() * mask).sum().item() if entropy is not None else 0.0,
         "tokens": mask.sum().item(),
     }
     return loss_sum, stats
@@ -128,24 +139,35 @@ class Batch:
     completion_lens: torch.Tensor
 
 
-def _pad(seqs: Sequence[Sequence[float]], value, dtype) -> torch.Tensor:
-    width = max(len(s) for s in seqs)
-    return torch.tensor([list(s) + [value] * (width - len(s)) for s in seqs], dtype=dtype)
+def micro_batches(batch: Batch, mini: Sequence[int], max_seqs: int, max_tokens: int) -> List[List[int]]:
+    """`mini` cut in order into micro-batches of at most `max_seqs` sequences and, with
+    `max_tokens` > 0, at most `max_tokens` padded tokens (sequences x the longest one); a
+    sequence longer than `max_tokens` goes alone."""
+    out, current, width = [], [], 0
+    for i in mini:
+        wider = max(width, len(batch.input_ids[i]))
+        if current and (len(current) >= max_seqs or (max_tokens and (len(current) + 1) * wider > max_tokens)):
+            out.append(current)
+            current, wider = [], len(batch.input_ids[i])
+        current.append(i)
+        width = wider
+    return out + [current] if current else out
 
 
 def micro_batch_tensors(batch: Batch, idx: Sequence[int], device) -> Dict[str, torch.Tensor]:
     """Right-padded tensors for samples `idx`; logprob tensors are aligned to input_ids[:, 1:]."""
-    ids = [batch.input_ids[i] for i in idx]
-    input_ids = _pad(ids, 0, torch.long)
-    attn = _pad([[1] * len(s) for s in ids], 0, torch.long)
-    old = torch.zeros(len(idx), input_ids.shape[1] - 1)
-    mask = torch.zeros_like(old, dtype=torch.bool)
-    for row, i in enumerate(idx):
-        start = batch.prompt_lens[i] - 1  # position t-1 predicts token t
-        lp = batch.old_logprobs[i]
-        old[row, start:start + len(lp)] = torch.tensor(lp)
-        mask[row, start:start + len(lp)] = True
-    adv = batch.advantages[list(idx)]
+    idx = list(idx)
+    lens = torch.tensor([len(batch.input_ids[i]) for i in idx])
+    input_ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(batch.input_ids[i]) for i in idx], batch_first=True)
+    width = input_ids.shape[1]
+    attn = (torch.arange(width)[None] < lens[:, None]).long()
+    start = torch.tensor([batch.prompt_lens[i] - 1 for i in idx])[:, None]  # position t-1 predicts token t
+    end = start + torch.tensor([len(batch.old_logprobs[i]) for i in idx])[:, None]
+    positions = torch.arange(width - 1)[None]
+    mask = (positions >= start) & (positions < end)
+    old = torch.zeros(mask.shape)
+    old[mask] = torch.tensor([lp for i in idx for lp in batch.old_logprobs[i]])  # row-major, as mask orders them
+    adv = batch.advantages[idx]
     return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attn, old_logp=old,
                                               mask=mask, adv=adv).items()}
 
@@ -165,18 +187,20 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
     (`gap_sum` over tokens, `gap_max`).
     """
     norm = global_count(local_count(batch, mini, cfg.algo.loss_agg)) / world_size
-    size = cfg.trainer.micro_batch_size
-    stats = dict(loss=0.0, clip_frac=0.0, kl=0.0, tokens=0.0, gap_sum=0.0, gap_max=0.0)
-    for idx in (mini[i:i + size] for i in range(0, len(mini), size)):
+    stats = dict(loss=0.0, clip_frac=0.0, kl=0.0, entropy=0.0, tokens=0.0, gap_sum=0.0, gap_max=0.0)
+    for idx in micro_batches(batch, mini, cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_tokens):
         t = micro_batch_tensors(batch, idx, device)
         logits = policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
         logp = token_logprobs(logits, t["input_ids"], cfg.rollout.temperature)
         ref_logp = reference_logprobs(reference, t, cfg.rollout.temperature) if reference is not None else None
+        with torch.set_grad_enabled(cfg.algo.entropy_coef > 0):  # else only measured
+            entropy = token_entropy(logits, cfg.rollout.temperature)
         loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
-                                           cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef)
+                                        cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef, entropy,
+                                        cfg.algo.entropy_coef)
         (loss_sum / norm).backward()
         stats["loss"] += loss_sum.item() / (norm * world_size)
-        for key in ("clip_frac", "kl", "tokens"):
+        for key in ("clip_frac", "kl", "entropy", "tokens"):
             stats[key] += s[key]
         gap = (logp.detach() - t["old_logp"]).abs() * t["mask"]
         stats["gap_sum"] += gap.sum().item()
@@ -268,9 +292,11 @@ class GRPOTrainer:
         order = list(range(len(batch.input_ids)))
         random.Random(cfg.trainer.seed + self.step).shuffle(order)
         minis = [order[i::cfg.trainer.updates_per_batch] for i in range(cfg.trainer.updates_per_batch)]
+        t0 = time.perf_counter()
         per_mini = [self._optimizer_step(batch, mini) for mini in minis]
+        t_update = time.perf_counter() - t0  # forward, backward and optimizer steps
         self.residency.to_host()
-        return self._update_metrics(per_mini)
+        return {**self._update_metrics(per_mini), "time/update_s": t_update}
 
     def _optimizer_step(self, batch: Batch, mini: List[int]) -> Dict[str, float]:
         stats = backward_mini_batch(self.policy, batch, mini, self.cfg, self.ctx.device, self.ctx.world_size,
@@ -285,20 +311,21 @@ class GRPOTrainer:
 
     def _update_metrics(self, per_mini: List[Dict[str, float]]) -> Dict[str, float]:
         """Global (all-ranks) update metrics; the logprob gap is of the first, on-policy mini-batch."""
-        keys = ("loss", "clip_frac", "kl", "tokens")
+        keys = ("loss", "clip_frac", "kl", "entropy", "tokens")
         sums = torch.tensor([[s[k] for k in keys] for s in per_mini], dtype=torch.float64)
         first = torch.tensor([per_mini[0]["gap_sum"], per_mini[0]["tokens"]], dtype=torch.float64)
         gap_max = torch.tensor([per_mini[0]["gap_max"]], dtype=torch.float64)
         dist.all_reduce(sums)
         dist.all_reduce(first)
         dist.all_reduce(gap_max, op=dist.ReduceOp.MAX)
-        loss, clip, kl, tokens = sums.sum(0).tolist()
+        loss, clip, kl, entropy, tokens = sums.sum(0).tolist()
         tokens = max(tokens, 1.0)
         return {
             "train/loss": loss / len(per_mini),  # the objective J, mean over the mini-batches
             "train/grad_norm": sum(s["grad_norm"] for s in per_mini) / len(per_mini),
             "train/clip_frac": clip / tokens,
             "train/kl": kl / tokens,
+            "train/entropy": entropy / tokens,  # of the trainer's tempered distribution, per completion token
             "train/lr": self.scheduler.get_last_lr()[0],
             # |log pi_trainer - log pi_engine| on the first (on-policy) mini-batch: the drift
             "train/logprob_gap": first[0].item() / max(first[1].item(), 1.0),

@@ -1,12 +1,13 @@
 """The GRPO math in recipe/grpo.py, checked against hand-computed values."""
 
 import math
+import random
 
 import pytest
 import torch
 
-from recipe.grpo import (Batch, clipped_surrogate, group_advantages, local_count, micro_batch_tensors, token_logprobs,
-                         warmup_lambda)
+from recipe.grpo import (Batch, clipped_surrogate, group_advantages, local_count, micro_batch_tensors, micro_batches,
+                         token_entropy, token_logprobs, warmup_lambda)
 
 
 def test_group_advantages_centre_and_scale_per_group():
@@ -82,6 +83,60 @@ def test_micro_batch_aligns_engine_logprobs_with_predicting_positions():
     # sample 0: tokens 8 and 9 (index 3, 4) are predicted at positions 2 and 3
     assert t["mask"].tolist() == [[False, False, True, True], [False, True, False, False]]
     assert t["old_logp"][0, 2].item() == pytest.approx(-0.1) and t["old_logp"][1, 1].item() == pytest.approx(-0.3)
+
+
+def test_micro_batch_tensors_match_a_row_by_row_build():
+    """The vectorised assembly puts every engine logprob where a per-row loop would, bit for bit."""
+    rng = random.Random(0)
+    ids, plens, lps = [], [], []
+    for _ in range(9):
+        plen, clen = rng.randint(1, 6), rng.randint(1, 5)
+        ids.append([rng.randint(1, 50) for _ in range(plen + clen)])
+        plens.append(plen)
+        lps.append([-rng.random() for _ in range(clen)])
+    batch = Batch(input_ids=ids, prompt_lens=plens, old_logprobs=lps, rewards=torch.zeros(9),
+                  advantages=torch.randn(9), correct=torch.zeros(9), completion_lens=torch.zeros(9))
+    idx = [4, 0, 7, 2]
+    t = micro_batch_tensors(batch, idx, "cpu")
+    width = max(len(ids[i]) for i in idx)
+    for row, i in enumerate(idx):
+        assert t["input_ids"][row].tolist() == ids[i] + [0] * (width - len(ids[i]))
+        assert t["attention_mask"][row].tolist() == [1] * len(ids[i]) + [0] * (width - len(ids[i]))
+        expect = torch.zeros(width - 1)
+        expect[plens[i] - 1:plens[i] - 1 + len(lps[i])] = torch.tensor(lps[i])
+        assert torch.equal(t["old_logp"][row], expect)
+        assert t["mask"][row].nonzero().flatten().tolist() == list(range(plens[i] - 1, plens[i] - 1 + len(lps[i])))
+    assert torch.equal(t["adv"], batch.advantages[idx])
+
+
+def test_micro_batches_cap_sequences_and_padded_tokens():
+    lens = [4, 4, 10, 3, 3, 3, 30]
+    batch = Batch(input_ids=[[1] * n for n in lens], prompt_lens=[1] * 7, old_logprobs=[[0.0]] * 7,
+                  rewards=torch.zeros(7), advantages=torch.zeros(7), correct=torch.zeros(7),
+                  completion_lens=torch.zeros(7))
+    order = list(range(7))
+    assert micro_batches(batch, order, 3, 0) == [[0, 1, 2], [3, 4, 5], [6]]  # sequences only
+    # 20 padded tokens: [4, 4] (8), then 10 would make 3 x 10 = 30; [10] + 3 -> 2 x 10 = 20; ...
+    assert micro_batches(batch, order, 100, 20) == [[0, 1], [2, 3], [4, 5], [6]]
+    for size, tokens in ((2, 12), (100, 1), (1, 0), (100, 1000)):
+        parts = micro_batches(batch, order, size, tokens)
+        assert [i for p in parts for i in p] == order  # every sample once, in order
+        for p in parts:
+            assert len(p) <= size and (len(p) == 1 or not tokens or len(p) * max(lens[i] for i in p) <= tokens)
+
+
+def test_entropy_bonus_lowers_the_loss_by_coef_times_masked_entropy():
+    logits = torch.zeros(1, 3, 8)  # uniform over 8 tokens: entropy ln 8 at every position
+    logits[0, 1, 0] = 50.0  # near one-hot at position 1: entropy ~0
+    ent = token_entropy(logits)
+    assert ent.shape == (1, 2)
+    assert ent[0, 0].item() == pytest.approx(math.log(8)) and ent[0, 1].item() == pytest.approx(0.0, abs=1e-6)
+    logp, mask = torch.full((1, 2), -1.0), torch.tensor([[True, True]])
+    adv = torch.tensor([0.5])
+    base, _ = clipped_surrogate(logp, logp, adv, mask, 0.2, "token_mean")
+    bonus, stats = clipped_surrogate(logp, logp, adv, mask, 0.2, "token_mean", entropy=ent, entropy_coef=0.1)
+    assert bonus.item() == pytest.approx(base.item() - 0.1 * math.log(8))
+    assert stats["entropy"] == pytest.approx(math.log(8))
 
 
 def test_warmup_ramps_to_one():

@@ -1,0 +1,224 @@
+"""Side by side with TRL: the same tiny model, task, prompts and batch, trained by TRL's GRPOTrainer
+and by this recipe; prints one table (a benchmark, not a test; nothing in recipe/ imports it).
+
+    python -m tools.trl_compare                         # 60 steps each, then the table
+    python -m tools.trl_compare --out docs/trl_compare.md --ours trainer.world_size=2
+
+What is the same on both sides: the model (`.cache/models/tiny`, recipe/builtin_models.py), the
+task and its reward (recipe.tasks.Arithmetic with conf/task/arith.yaml's seed, pool and params),
+the prompts of every step (this recipe's rank r draws batch `step * world + r` of the pool; TRL gets
+those prompts in that order, unshuffled), 8 completions per prompt (`--n`), `--max-new-tokens` new
+tokens at temperature 1, `--updates` optimizer steps per rollout batch (TRL: steps_per_generation),
+AdamW at `--lr` with 2 warm-up steps and gradient clip 1.0, no KL, the advantage scaling of
+`algo.scale_by_std` (TRL: scale_rewards "group" or "none") and the token mean over the mini-batch
+(TRL: loss_type "dapo"). TRL has no entropy bonus: with `algo.entropy_coef` > 0 the two differ there.
+
+TRL runs one process with HF generate on the CPU, in its own virtual environment (`--trl-python`,
+default /work/trl-venv/bin/python or $TRL_PYTHON), since its pins differ from the project's:
+    python3 -m venv /work/trl-venv && /work/trl-venv/bin/pip install torch==2.13.0 && \
+    /work/trl-venv/bin/pip install trl==1.16.0 transformers==5.19.0 hydra-core==1.3.8 && \
+    /work/trl-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+The recipe runs `python -m recipe.train` with its defaults plus the settings above (and `--ours`).
+Columns: the training loop's wall time (TRL: `trainer.train()`; ours: the sum of time/step_s,
+which is rollout + reward + update + sync), the same with process start-up, the mean and median
+step (TRL: the time between reward calls, one per rollout batch), and
+the mean reward and exact-answer rate of the first and last 10 steps.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def project_config(overrides):
+    """The composed training config (conf/train.yaml) with `overrides`."""
+    from hydra import compose, initialize_config_dir
+
+    import recipe.config  # noqa: F401  (registers the schema)
+
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        return compose(config_name="train", overrides=list(overrides))
+
+
+def step_prompts(cfg, steps: int, world: int, per_rank: int):
+    """The prompts this recipe trains on, step by step, in rank order: [{text, answer, question}]."""
+    from recipe.tasks import build_task
+
+    task = build_task(cfg)
+    out = []
+    for step in range(steps):
+        for rank in range(world):
+            out += [vars(p) for p in task.batch(step * world + rank, per_rank)]
+    return out
+
+
+def first_last(values, k: int = 10):
+    k = min(k, len(values))
+    return sum(values[:k]) / k, sum(values[-k:]) / k
+
+
+# ----------------------------------------------------------------------------- TRL side
+
+
+def trl_worker(spec_path: str, out_path: str) -> None:
+    """Runs in the TRL environment: GRPOTrainer on the spec's prompts; writes per-step rewards and times."""
+    import torch
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+    from trl import GRPOConfig, GRPOTrainer
+
+    from recipe.tasks import Arithmetic, Prompt
+
+    spec = json.loads(Path(spec_path).read_text())
+    task = Arithmetic(seed=spec["task_seed"], num_prompts=spec["num_prompts"], **spec["task_params"])
+    torch.manual_seed(0)
+    tokenizer = AutoTokenizer.from_pretrained(spec["model"])
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    data = Dataset.from_dict({"prompt": [p["text"] for p in spec["prompts"]],
+                              "answer": [p["answer"] for p in spec["prompts"]]})
+    steps = []
+
+    def arithmetic_reward(prompts, completions, answer, **_):
+        pairs = [(Prompt(text=p, answer=a), c) for p, c, a in zip(prompts, completions, answer)]
+        rewards = [task.reward(p, c) for p, c in pairs]
+        exact = [float(task.correct(p, c)) for p, c in pairs]
+        steps.append({"t": time.perf_counter(), "reward": sum(rewards) / len(rewards),
+                      "exact": sum(exact) / len(exact), "n": len(rewards)})
+        return rewards
+
+    batch = len(spec["prompts"]) // spec["steps"] * spec["n"]  # completions per rollout batch
+    args = GRPOConfig(
+        output_dir=spec["output_dir"], max_steps=spec["steps"] * spec["updates"],
+        per_device_train_batch_size=batch // spec["updates"], gradient_accumulation_steps=1,
+        steps_per_generation=spec["updates"], num_iterations=1, num_generations=spec["n"],
+        max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
+        learning_rate=spec["lr"], lr_scheduler_type="constant_with_warmup", warmup_steps=spec["warmup_steps"],
+        weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", scale_rewards=spec["scale_rewards"],
+        shuffle_dataset=False, use_cpu=True, bf16=False, seed=0, report_to=[], save_strategy="no",
+        logging_steps=spec["updates"], disable_tqdm=True,
+    )
+    trainer = GRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=data,
+                          processing_class=tokenizer)
+    t0 = time.perf_counter()
+    trainer.train()
+    train_s = time.perf_counter() - t0
+    step_s = [b["t"] - a["t"] for a, b in zip([{"t": t0}] + steps[:-1], steps)]  # reward-to-reward
+    import trl
+
+    Path(out_path).write_text(json.dumps({"version": trl.__version__, "train_s": train_s, "steps": steps, "step_s": step_s}))
+
+
+def run_trl(args, prompts, cfg) -> dict:
+    from omegaconf import OmegaConf
+
+    with tempfile.TemporaryDirectory(prefix="trl-compare-") as tmp:
+        spec = {"model": str(Path(cfg.model.path).resolve()), "prompts": prompts, "steps": args.steps,
+                "n": args.n, "max_new_tokens": args.max_new_tokens, "updates": args.updates, "lr": args.lr,
+                "warmup_steps": int(cfg.trainer.warmup_steps), "task_seed": int(cfg.task.seed),
+                "scale_rewards": "group" if cfg.algo.scale_by_std else "none",
+                "num_prompts": int(cfg.task.num_prompts), "task_params": OmegaConf.to_container(cfg.task.params, resolve=True),
+                "output_dir": str(Path(tmp) / "out")}
+        spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
+        spec_path.write_text(json.dumps(spec))
+        env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+        log = Path(tmp) / "trl.log"  # TRL prints a dict per optimizer step; shown only on failure
+        t0 = time.perf_counter()
+        with open(log, "w") as f:
+            done = subprocess.run([args.trl_python, "-m", "tools.trl_compare", "--trl-worker", str(spec_path),
+                                   str(out_path)], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+        total = time.perf_counter() - t0
+        if done.returncode:
+            raise SystemExit(f"TRL run failed ({args.trl_python}):\n" + log.read_text()[-4000:])
+        result = json.loads(out_path.read_text())
+    rewards = [s["reward"] for s in result["steps"]]
+    exact = [s["exact"] for s in result["steps"]]
+    return {"wall_s": result["train_s"], "total_s": total, "step_s": result["train_s"] / len(rewards),
+            "step_median_s": statistics.median(result["step_s"]),
+            "reward": first_last(rewards), "exact": first_last(exact), "steps": len(rewards),
+            "version": result["version"]}
+
+
+# ----------------------------------------------------------------------------- this recipe
+
+
+def run_ours(args, overrides) -> dict:
+    run_dir = Path(tempfile.mkdtemp(prefix="ours-compare-"))
+    cmd = [sys.executable, "-m", "recipe.train", *overrides, "logger.backend=none", f"hydra.run.dir={run_dir}"]
+    print("+", " ".join(cmd), flush=True)
+    t0 = time.perf_counter()
+    subprocess.run(cmd, cwd=ROOT, check=True)
+    total = time.perf_counter() - t0
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    step_s = [r["time/step_s"] for r in records]
+    return {"wall_s": sum(step_s), "total_s": total, "step_s": sum(step_s) / len(step_s),
+            "step_median_s": statistics.median(step_s),
+            "reward": first_last([r["reward/mean"] for r in records]),
+            "exact": first_last([r["reward/accuracy"] for r in records]), "steps": len(records),
+            "run_dir": str(run_dir)}
+
+
+def table(rows, steps: int) -> str:
+    lines = [f"| | wall for {steps} steps (with start-up) | step: mean (median) | reward first 10 -> last 10 "
+             "| exact first 10 -> last 10 |", "|---|---|---|---|---|"]
+    for name, r in rows:
+        lines.append(f"| {name} | {r['wall_s']:.1f} s ({r['total_s']:.0f} s) | {r['step_s']:.3f} s ({r['step_median_s']:.3f} s) "
+                     f"| {r['reward'][0]:.3f} -> {r['reward'][1]:.3f} "
+                     f"| {100 * r['exact'][0]:.1f}% -> {100 * r['exact'][1]:.1f}% |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--steps", type=int, default=60)
+    p.add_argument("--prompts", type=int, default=32, help="prompts per step, all ranks together")
+    p.add_argument("--n", type=int, default=8, help="completions per prompt")
+    p.add_argument("--max-new-tokens", type=int, default=8)
+    p.add_argument("--updates", type=int, default=2, help="optimizer steps per rollout batch")
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--ours", action="append", default=[], metavar="OVERRIDE",
+                   help="extra Hydra override for this recipe's run (repeatable), e.g. trainer.world_size=2")
+    p.add_argument("--skip", choices=["trl", "ours"], action="append", default=[])
+    p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", "/work/trl-venv/bin/python"))
+    p.add_argument("--out", help="also write the table (markdown) and the raw numbers (.json beside it) here")
+    p.add_argument("--trl-worker", nargs=2, help=argparse.SUPPRESS)
+    args = p.parse_args(argv)
+    if args.trl_worker:
+        return trl_worker(*args.trl_worker)
+
+    from recipe.assets import ensure_model
+
+    cfg = project_config(args.ours)
+    world = int(cfg.trainer.world_size)
+    if args.prompts % world:
+        raise SystemExit(f"--prompts={args.prompts} must divide by trainer.world_size={world}")
+    ours = [f"trainer.steps={args.steps}", f"trainer.prompts_per_step={args.prompts // world}",
+            f"rollout.n={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
+            f"trainer.updates_per_batch={args.updates}", f"trainer.lr={args.lr}", *args.ours]
+    cfg = project_config(ours)
+    ensure_model(cfg)
+    rows = []
+    if "ours" not in args.skip:
+        rows.append((f"this recipe (world {world}, vLLM)", run_ours(args, ours)))
+    if "trl" not in args.skip:
+        prompts = step_prompts(cfg, args.steps, world, args.prompts // world)
+        result = run_trl(args, prompts, cfg)
+        rows.append((f"TRL {result['version']} GRPOTrainer (one process, HF generate)", result))
+    text = table(rows, args.steps)
+    print("\n" + text)
+    if args.out:
+        Path(args.out).write_text(text + "\n")
+        Path(args.out).with_suffix(".json").write_text(json.dumps(dict(rows), indent=1))
+
+
+if __name__ == "__main__":
+    main()
