@@ -65,6 +65,18 @@ def _cfg(model_dir: str, fsdp="fsdp2", offload="none", lora="none", extra=()):
                     "trainer.device=cpu", "rollout.max_model_len=128", *extra])
 
 
+def remembering_stream(stale: dict):
+    """The correct stream, keeping a copy of each tensor's first value in `stale` (for the stale-tensor fault)."""
+    from recipe.state_dict import stream_weights
+
+    def stream(model, cfg, device):
+        for name, t in stream_weights(model, cfg, device):
+            stale.setdefault(name, t.clone())
+            yield name, t
+
+    return stream
+
+
 def _train_step(policy, optimizer, probe, device="cpu"):
     """One AdamW step on a fixed batch (same on every rank), so the weights really change."""
     import torch
@@ -234,20 +246,13 @@ def _faults(ctx, model_dir, dtype, engine, tok):
     """Each engine-side fault raises WeightSyncError on every rank naming the tensor; a correct sync
     afterwards passes both checks."""
     from recipe.model import build_optimizer, build_policy
-    from recipe.state_dict import stream_weights
     from recipe.sync import WeightSync
 
     cfg = _cfg(model_dir, extra=[f"model.dtype={dtype}", "sync.tolerance=0.5"])
     policy = build_policy(cfg, ctx)
     optimizer = build_optimizer(policy, cfg)
     stale = {}
-
-    def capture(model, cfg, device):
-        for name, t in stream_weights(model, cfg, device):
-            stale.setdefault(name, t.clone())
-            yield name, t
-
-    sync = WeightSync(cfg, ctx, policy, engine, tok, stream_fn=capture)
+    sync = WeightSync(cfg, ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
     sync.sync(0)
     sync.stream_fn = None
     _train_step(policy, optimizer, sync.probe)

@@ -12,7 +12,7 @@ from __future__ import annotations
 import pytest
 
 from tests.e2e.test_rollout_sync import (ADAPTER_FAULTS, FAULT_NAME, SQUARE_NAME, _adapter_fault, _engine_fault,
-                                         _error_of, _train_step)
+                                         _error_of, _train_step, remembering_stream)
 from tests.helpers import run_world
 
 pytestmark = pytest.mark.gpu
@@ -36,7 +36,6 @@ def _run(rank, world, model_dir, lora):
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy
     from recipe.rollout import build_engine
-    from recipe.state_dict import stream_weights
     from recipe.sync import WeightSync
 
     ctx = DistContext(rank, world, rank, torch.device("cuda", rank))
@@ -48,13 +47,7 @@ def _run(rank, world, model_dir, lora):
         policy = build_policy(cfg, ctx)
         optimizer = build_optimizer(policy, cfg)
         stale = {}
-
-        def capture(model, c, device):
-            for name, t in stream_weights(model, c, device):
-                stale.setdefault(name, t.clone())
-                yield name, t
-
-        sync = WeightSync(cfg, ctx, policy, engine, tok, stream_fn=capture)
+        sync = WeightSync(cfg, ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
         out["first"] = sync.sync(0)
         sync.stream_fn = None
         for step in range(5):
