@@ -17,7 +17,7 @@ from recipe.metrics import MetricsLogger
 from recipe.rollout import HfCopyEngine
 from recipe.state_dict import WeightStream
 from recipe.model import sequence_logprobs
-from recipe.sync import DEFAULT_TOLERANCE, WeightSync, WeightSyncError, compare_digests, name_problems, worst_token
+from recipe.sync import DEFAULT_TOLERANCE, WeightSync, default_tolerance, WeightSyncError, compare_digests, name_problems, worst_token
 
 SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/verify_s", "sync/probe_s", "sync/bytes",
              "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
@@ -351,3 +351,10 @@ def test_direct_destinations_refuse_what_they_cannot_place_exactly():
     dest, reasons = weight_destinations(_engine_like(), shapes)
     assert any("k_proj" in r for r in reasons) and any("model.norm.weight" in r for r in reasons)
     assert "model.layers.0.mlp.down_proj.weight" in dest
+
+
+def test_float32_probe_tolerance_is_wider_on_cuda_only():
+    """The H200's float32 engine differed by 0.0043 on a correct sync: CPU's 1e-3 would refuse it."""
+    assert default_tolerance("float32", "cpu") == DEFAULT_TOLERANCE["float32"] < 0.0043
+    assert 0.0043 < default_tolerance("float32", "cuda") < DEFAULT_TOLERANCE["float16"]
+    assert default_tolerance("bfloat16", "cuda") == DEFAULT_TOLERANCE["bfloat16"]
