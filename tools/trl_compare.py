@@ -13,11 +13,20 @@ AdamW at `--lr` with 2 warm-up steps and gradient clip 1.0, no KL, the advantage
 `algo.scale_by_std` (TRL: scale_rewards "group" or "none") and the token mean over the mini-batch
 (TRL: loss_type "dapo"). TRL has no entropy bonus: with `algo.entropy_coef` > 0 the two differ there.
 
-TRL runs one process with HF generate on the CPU, in its own virtual environment (`--trl-python`,
-default /work/trl-venv/bin/python or $TRL_PYTHON), since its pins differ from the project's:
+With `--device cpu` (the default) TRL runs one process with HF generate on the CPU, in its own
+virtual environment (`--trl-python`, default /work/trl-venv/bin/python or $TRL_PYTHON), since its
+pins differ from the project's:
     python3 -m venv /work/trl-venv && /work/trl-venv/bin/pip install torch==2.13.0 && \
     /work/trl-venv/bin/pip install trl==1.16.0 transformers==5.19.0 hydra-core==1.3.8 && \
     /work/trl-venv/bin/pip uninstall -y torchvision torchaudio torchcodec
+With `--device cuda` both sides run in bf16 on one GPU with a vLLM engine beside the trainer: TRL in
+colocate mode (`use_vllm=True, vllm_mode="colocate"`, which reloads the engine's weights with
+`load_weights` after every optimizer step, no check), in the current Python (`--trl-python` defaults
+to it there: trl 1.16.0 installs beside vLLM 0.26), and this recipe with `trainer.device=cuda`
+(its sync verified by digest unless `--ours sync.digest=false`). Pass the model with
+`--ours model=local --ours model.path=DIR`; both sides read it from there:
+    python -m tools.trl_compare --device cuda --steps 30 --prompts 16 --updates 1 \
+        --ours model=local --ours model.path=/tmp/m/q15
 The recipe runs `python -m recipe.train` with its defaults plus the settings above (and `--ours`).
 Columns: the training loop's wall time (TRL: `trainer.train()`; ours: the sum of time/step_s,
 which is rollout + reward + update + sync), the same with process start-up, the mean and median
@@ -82,8 +91,9 @@ def trl_worker(spec_path: str, out_path: str) -> None:
     spec = json.loads(Path(spec_path).read_text())
     task = Arithmetic(seed=spec["task_seed"], num_prompts=spec["num_prompts"], **spec["task_params"])
     torch.manual_seed(0)
+    cuda = spec["device"] == "cuda"
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
-    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.float32)
+    model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16 if cuda else torch.float32)
     data = Dataset.from_dict({"prompt": [p["text"] for p in spec["prompts"]],
                               "answer": [p["answer"] for p in spec["prompts"]]})
     steps = []
@@ -104,8 +114,10 @@ def trl_worker(spec_path: str, out_path: str) -> None:
         max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
         learning_rate=spec["lr"], lr_scheduler_type="constant_with_warmup", warmup_steps=spec["warmup_steps"],
         weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", scale_rewards=spec["scale_rewards"],
-        shuffle_dataset=False, use_cpu=True, bf16=False, seed=0, report_to=[], save_strategy="no",
+        shuffle_dataset=False, use_cpu=not cuda, bf16=cuda, seed=0, report_to=[], save_strategy="no",
         logging_steps=spec["updates"], disable_tqdm=True,
+        **(dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=spec["gpu_memory_utilization"],
+                vllm_max_model_length=spec["max_model_len"]) if cuda else {}),
     )
     trainer = GRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=data,
                           processing_class=tokenizer)
@@ -127,10 +139,13 @@ def run_trl(args, prompts, cfg) -> dict:
                 "warmup_steps": int(cfg.trainer.warmup_steps), "task_seed": int(cfg.task.seed),
                 "scale_rewards": "group" if cfg.algo.scale_by_std else "none",
                 "num_prompts": int(cfg.task.num_prompts), "task_params": OmegaConf.to_container(cfg.task.params, resolve=True),
-                "output_dir": str(Path(tmp) / "out")}
+                "output_dir": str(Path(tmp) / "out"), "device": args.device,
+                "gpu_memory_utilization": float(cfg.rollout.gpu_memory_utilization),
+                "max_model_len": int(cfg.rollout.max_model_len)}
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
-        env = dict(os.environ, PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+        path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
+        env = dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false")
         log = Path(tmp) / "trl.log"  # TRL prints a dict per optimizer step; shown only on failure
         t0 = time.perf_counter()
         with open(log, "w") as f:
@@ -188,12 +203,17 @@ def main(argv=None) -> None:
     p.add_argument("--ours", action="append", default=[], metavar="OVERRIDE",
                    help="extra Hydra override for this recipe's run (repeatable), e.g. trainer.world_size=2")
     p.add_argument("--skip", choices=["trl", "ours"], action="append", default=[])
-    p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON", "/work/trl-venv/bin/python"))
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: both sides in bf16 on one GPU with vLLM (TRL in colocate mode)")
+    p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON"),
+                   help="the Python that runs TRL (default: /work/trl-venv/bin/python on cpu, this one on cuda)")
     p.add_argument("--out", help="also write the table (markdown) and the raw numbers (.json beside it) here")
     p.add_argument("--trl-worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
     if args.trl_worker:
         return trl_worker(*args.trl_worker)
+    if args.trl_python is None:
+        args.trl_python = sys.executable if args.device == "cuda" else "/work/trl-venv/bin/python"
 
     from recipe.assets import ensure_model
 
@@ -203,7 +223,8 @@ def main(argv=None) -> None:
         raise SystemExit(f"--prompts={args.prompts} must divide by trainer.world_size={world}")
     ours = [f"trainer.steps={args.steps}", f"trainer.prompts_per_step={args.prompts // world}",
             f"rollout.n={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
-            f"trainer.updates_per_batch={args.updates}", f"trainer.lr={args.lr}", *args.ours]
+            f"trainer.updates_per_batch={args.updates}", f"trainer.lr={args.lr}",
+            *([f"trainer.device=cuda", "model.dtype=bfloat16"] if args.device == "cuda" else []), *args.ours]
     cfg = project_config(ours)
     ensure_model(cfg)
     rows = []
@@ -212,7 +233,8 @@ def main(argv=None) -> None:
     if "trl" not in args.skip:
         prompts = step_prompts(cfg, args.steps, world, args.prompts // world)
         result = run_trl(args, prompts, cfg)
-        rows.append((f"TRL {result['version']} GRPOTrainer (one process, HF generate)", result))
+        how = "vLLM colocate, bf16" if args.device == "cuda" else "one process, HF generate"
+        rows.append((f"TRL {result['version']} GRPOTrainer ({how})", result))
     text = table(rows, args.steps)
     print("\n" + text)
     if args.out:
