@@ -282,11 +282,13 @@ class _ShardGather:
     float32 masters and a bf16 engine the all-gather and everything after it move bf16 bytes."""
 
     def __init__(self, named: List[Tuple[str, torch.Tensor]], device: torch.device, piece_bytes: int,
-                 budget_bytes: int, wire: Wire):
+                 budget_bytes: int, wire: Wire, sources: Optional[Dict[str, "ShardSource"]] = None):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.dtypes = [wire(n, p) for n, p in named]
         self.locals = [p.to_local() for p in self.params]
+        # Names whose local rows are computed at packing time (merged LoRA), on the copy stream.
+        self.sources = dict(sources or {})
         self.group = self.params[0].device_mesh.get_group()
         self.world = dist.get_world_size(self.group)
         self.device, self.budget = device, budget_bytes
@@ -314,7 +316,9 @@ class _ShardGather:
             send = torch.empty(numel, dtype=dtype, device=self.device)
             offset = 0
             for i, size in zip(idx, sizes):
-                local = self.locals[i].reshape(-1)  # this rank's rows; fewer (or none) on the last ranks
+                source = self.sources.pop(self.names[i], None)
+                local = (self.locals[i] if source is None else source()).reshape(-1)  # this rank's rows;
+                # fewer (or none) on the last ranks
                 # copy_ casts (master -> wire dtype); from the host it moves the master bytes, then casts
                 send[offset:offset + local.numel()].copy_(local, non_blocking=True)
                 offset += size
@@ -396,24 +400,87 @@ class _ShardGather:
 
 
 def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes: int, wire: Wire,
-                            select: Callable[[str], bool]) -> Iterator[Group]:
+                            select: Callable[[str], bool], merge_scale: Optional[float] = None) -> Iterator[Group]:
     """FSDP2, any offload: the local shards (device, pinned host or pageable host) are gathered
     in pieces of one bucket, in their `wire` dtype, overlapping copy-in, all-gather and the
-    caller's use (see above)."""
+    caller's use (see above). With `merge_scale`, LoRA layers are merged on the shards before the
+    gather (`_merge_on_shards`) and travel as plain weights in the engine dtype."""
     units = _units(model, _is_fsdp2)
     named = [(n, p) for _, members in units for n, p in _unique(members) if select(n)]
     if not named:
         return
+    budget = largest_unit_bytes(model) + bucket_bytes
+    sources: Dict[str, ShardSource] = {}
+    if merge_scale is not None:
+        named, sources = _merge_on_shards(named, device, bucket_bytes, budget, wire, merge_scale)
     if named[0][1].device_mesh.size() == 1 and all(p.to_local().device == device for _, p in named):
         # One rank, shards already on the engine device: the local shards are the full tensors,
         # cast to the wire dtype unit by unit (a copy where it differs from the master dtype).
-        for _, members in units:
-            group = {n: p.to_local().detach().to(wire(n, p)) for n, p in _unique(members) if select(n)}
-            if group:
-                yield group
+        unit_of = {id(p): k for k, (_, members) in enumerate(units) for _, p in _unique(members)}
+        for _, pairs in itertools.groupby(named, key=lambda np: unit_of[id(np[1])]):
+            yield {n: sources.pop(n)() if n in sources else p.to_local().detach().to(wire(n, p)) for n, p in pairs}
         return
-    budget = largest_unit_bytes(model) + bucket_bytes
-    yield from _ShardGather(named, device, bucket_bytes, budget, wire)
+    yield from _ShardGather(named, device, bucket_bytes, budget, wire, sources)
+
+
+# ----------------------------------------------------------------------------- merged LoRA on the shards
+# FSDP2 shards dim 0, which a LoRA layer's base weight W (out x in) and its B (out x r) share: each
+# rank holds the same rows of both. Rows of W + (B @ A) * scale need only those rows and the whole
+# (small, r x in) A, so each rank merges its own rows in float32, casts them to the engine dtype and
+# the gather moves only engine-dtype bytes, as for full weights. The A's are all-gathered first (in
+# the master dtype; r x in x 4 bytes per LoRA layer). Bit for bit the rows of `merge_lora` on the
+# full tensors: elementwise ops do not see the row count, and a matmul row does not depend on the
+# other rows as long as the library picks the same kind of kernel (`merge_lora_rows`).
+
+ShardSource = Callable[[], torch.Tensor]  # this rank's rows of a tensor, computed when packed
+
+
+def _merge_on_shards(named: List[Tuple[str, torch.Tensor]], device: torch.device, bucket_bytes: int,
+                     budget: int, wire: Wire, scale: float) -> Tuple[List[Tuple[str, torch.Tensor]],
+                                                                    Dict[str, ShardSource]]:
+    """(what to gather, sources): LoRA tensors dropped, each base weight renamed to its merged
+    name (`stem.weight`, a plain weight to the transform) with a source computing its merged rows."""
+    params = dict(named)
+    lora_a = [(n, p) for n, p in named if f".lora_A.{ADAPTER}." in n]
+    full_a: Dict[str, torch.Tensor] = {}
+    if lora_a:
+        for group in _fsdp2_pipelined_groups_of(lora_a, device, bucket_bytes, budget, wire):
+            full_a.update(group)
+    out: List[Tuple[str, torch.Tensor]] = []
+    sources: Dict[str, ShardSource] = {}
+    for name, param in named:
+        if is_lora_param(name):
+            continue
+        if name.endswith(".base_layer.weight"):
+            stem = name[: -len("base_layer.weight")]
+            lora_b = params[f"{stem}lora_B.{ADAPTER}.weight"]
+            if lora_b.to_local().shape[0] != param.to_local().shape[0]:
+                raise ValueError(f"{name}: base weight and LoRA B shards hold different rows "
+                                 f"({param.to_local().shape[0]} vs {lora_b.to_local().shape[0]})")
+            name = stem + "weight"
+            sources[name] = _merged_source(param, full_a.pop(f"{stem}lora_A.{ADAPTER}.weight"), lora_b, scale,
+                                           wire(name, param), device)
+        out.append((name, param))
+    return out, sources
+
+
+def _fsdp2_pipelined_groups_of(named, device, bucket_bytes, budget, wire) -> Iterator[Group]:
+    """Full tensors of some FSDP2 parameters (the local shards where one rank holds them all)."""
+    if named[0][1].device_mesh.size() == 1 and all(p.to_local().device == device for _, p in named):
+        return iter([{n: p.to_local().detach().to(wire(n, p)) for n, p in named}])
+    return iter(_ShardGather(named, device, bucket_bytes, budget, wire))
+
+
+def _merged_source(weight, lora_a: torch.Tensor, lora_b, scale: float, dtype: torch.dtype,
+                   device: torch.device) -> ShardSource:
+    def rows() -> torch.Tensor:
+        if device.type == "cuda":  # made on the caller's stream, used on the current (copy) stream
+            lora_a.record_stream(torch.cuda.current_stream(device))
+        w = weight.to_local().detach().to(device, non_blocking=True)
+        b = lora_b.to_local().detach().to(device, non_blocking=True)
+        return merge_lora_rows(w, lora_a, b, scale, dtype, weight.shape[0])
+
+    return rows
 
 
 def _bucket_bytes(cfg: DictConfig) -> int:
@@ -458,11 +525,25 @@ def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
     """W + (B @ A) * scale in float32, into a new tensor, cast to `dtype` (peft's op order).
 
-    Kept as written although it costs three float32 temporaries of W's size: a bf16 `addmm`
-    (W as the addend) is faster but rounds differently (fused epilogue, other summation order),
-    and the tests pin this formula bit for bit (docs/PERFORMANCE.md)."""
-    delta = (lora_b.float() @ lora_a.float()) * scale
-    return (weight.float() + delta).to(dtype)
+    Kept as written although it costs float32 temporaries of W's size: a bf16 `addmm` (W as the
+    addend) is faster but rounds differently (fused epilogue, other summation order), and the
+    tests pin this formula bit for bit (docs/PERFORMANCE.md)."""
+    return merge_lora_rows(weight, lora_a, lora_b, scale, dtype, weight.shape[0])
+
+
+def merge_lora_rows(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                    dtype: torch.dtype, full_rows: int) -> torch.Tensor:
+    """Some rows of `merge_lora` (W's rows, B's same rows, all of A; `full_rows`: W's full row
+    count), bit for bit. The in-place ops round as the out-of-place ones, and x + y == y + x.
+    One row is computed as two (a zero row added): for a single row the CPU BLAS takes a
+    matrix-vector kernel that sums in another order than the matrix-matrix one (measured:
+    tests/unit/test_state_dict_registry.py)."""
+    b = lora_b.float()
+    if b.shape[0] == 1 and full_rows > 1:
+        delta = (torch.cat([b, b.new_zeros(b.shape)]) @ lora_a.float())[:1]
+    else:
+        delta = b @ lora_a.float()
+    return delta.mul_(scale).add_(weight.float()).to(dtype)
 
 
 def _merged_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
@@ -504,7 +585,7 @@ def _adapter_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
 # FSDP2 adapter syncs gather only the LoRA shards; FSDP1 cannot gather part of a flat parameter, so it
 # summons the whole unit and the transform drops the rest.
 
-Gather = Callable[[nn.Module, DictConfig, torch.device, Wire, Callable[[str], bool]], Iterator[Group]]
+Gather = Callable[[nn.Module, DictConfig, torch.device, Wire, Callable[[str], bool], bool], Iterator[Group]]
 
 
 @dataclass(frozen=True)
@@ -512,17 +593,21 @@ class Transform:
     wire: Callable[[DictConfig], Wire]  # the dtype each tensor is gathered in
     select: Callable[[str], bool]  # the raw names it needs (a gather may hand it more)
     apply: Callable[[Iterable[Group], nn.Module, DictConfig, torch.device], Iterator[Named]]
+    # Merged LoRA: a gather that can merge on the shards does (FSDP2: the base weight then comes as
+    # a plain weight, already merged, and its LoRA tensors do not come); others hand over W, A, B.
+    merges: bool = False
 
 
-def _fsdp2_gather(model, cfg, device, wire, select):
-    return _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), wire, select)
+def _fsdp2_gather(model, cfg, device, wire, select, merge):
+    scale = cfg.lora.alpha / cfg.lora.rank if merge else None
+    return _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), wire, select, scale)
 
 
-def _fsdp1_summon_gather(model, cfg, device, wire, select):
+def _fsdp1_summon_gather(model, cfg, device, wire, select, merge):
     return _fsdp1_summon_groups(model, device, wire)
 
 
-def _fsdp1_manual_gather(model, cfg, device, wire, select):
+def _fsdp1_manual_gather(model, cfg, device, wire, select, merge):
     return _fsdp1_manual_groups(model, device, wire)
 
 
@@ -540,7 +625,7 @@ GATHERS: Dict[Tuple[str, str], Gather] = {
 }
 TRANSFORMS: Dict[str, Transform] = {
     "none": Transform(_engine_wire, _everything, _full_weights),
-    "merged": Transform(_merge_wire, _everything, _merged_weights),
+    "merged": Transform(_merge_wire, _everything, _merged_weights, merges=True),
     "adapter": Transform(_engine_wire, is_lora_param, _adapter_weights),
 }
 
@@ -548,7 +633,7 @@ TRANSFORMS: Dict[str, Transform] = {
 def compose(gather: Gather, transform: Transform) -> Strategy:
     """The strategy that runs `gather` with the transform's dtypes and selection, then the transform."""
     def strategy(model: nn.Module, cfg: DictConfig, device: torch.device) -> Iterator[Named]:
-        groups = gather(model, cfg, device, transform.wire(cfg), transform.select)
+        groups = gather(model, cfg, device, transform.wire(cfg), transform.select, transform.merges)
         return transform.apply(groups, model, cfg, device)
 
     strategy.__name__ = f"{gather.__name__.lstrip('_')}+{transform.apply.__name__.lstrip('_')}"

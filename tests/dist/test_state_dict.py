@@ -124,6 +124,14 @@ def unit_bytes_bound(cfg) -> int:
     return largest_unit_bytes(model) + largest
 
 
+def lora_a_bytes(cfg) -> int:
+    """Bytes of every LoRA A in the master dtype (the tiny model's rank divides evenly: no padding)."""
+    from recipe.model import apply_lora, load_hf_model
+
+    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg)
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora_A." in n)
+
+
 def local_state(model) -> Dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
@@ -224,7 +232,7 @@ def expected_names(cfg) -> set:
     return set(initial_state(cfg))
 
 
-def assert_combo(result: dict, cfg, model_dir) -> None:
+def assert_combo(result: dict, cfg, model_dir, world: int = 2) -> None:
     key, got, base = result["key"], result["got"], result["base"]
     assert not base["bad"], f"{key}: base weights differ from the checkpoint: {base['bad']}"
     assert set(base["names"]) == set(checkpoint_state(model_dir)), f"{key}: base names {sorted(base['names'])}"
@@ -236,11 +244,13 @@ def assert_combo(result: dict, cfg, model_dir) -> None:
     assert got["changed"] >= len(got["names"]) // 2, f"{key}: only {got['changed']} tensors changed"
     assert result["unchanged"], f"{key}: the gather changed the trained (sharded) parameters"
     assert result["masters"] == {f"torch.{cfg.model.master_dtype}"}, f"{key}: parameters in {result['masters']}"
-    if cfg.fsdp.name == "fsdp2":  # the shards are cast before the all-gather (merged: LoRA layers excepted)
+    if cfg.fsdp.name == "fsdp2" and world > 1:  # the shards are cast before the all-gather (merged: LoRA layers excepted)
         engine, master = f"torch.{cfg.model.dtype}", f"torch.{cfg.model.master_dtype}"
         allowed = {engine, master} if cfg.lora.name == "merged" else {engine}
         wire = result["wire"]
         assert engine in wire and set(wire) <= allowed, f"{key}: all-gathered {dict(wire)}"
+        if cfg.lora.name == "merged" and engine != master:  # merged on the shards: only the A's are not cast
+            assert wire[master] == lora_a_bytes(cfg), f"{key}: all-gathered {dict(wire)}"
     assert got["peak"] <= result["bound"], f"{key}: stream held {got['peak']} B at once > bound {result['bound']} B"
 
 
@@ -297,3 +307,19 @@ def test_reference_strategies_agree(tiny_model_dir):
             assert not got["bad"] and set(got["names"]) == names, f"{name}: {got['bad']}"
     # The memory probe can fail: rank 0's full DCP state dict holds the whole model at once.
     assert ranks[0]["dcp_full_cpu"]["peak"] > unit_bytes_bound(cfg)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_one_rank_merged_equals_reference(tiny_model_dir, precision):
+    """World 1 takes the gather's one-rank path (the local shards are the full tensors): merged
+    on the shards there too, bit for bit."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers import run_world
+
+    key = ("fsdp2", "none", "merged")
+    cfg = combo_cfg(tiny_model_dir, key, precision=precision)
+    (results,) = run_world(run_combos, 1, [OmegaConf.to_yaml(cfg)], "cpu", timeout_s=240)
+    assert_combo(results[0], cfg, tiny_model_dir, world=1)
+    assert not results[0]["wire"], "one rank all-gathered"
