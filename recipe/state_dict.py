@@ -20,7 +20,9 @@ Each strategy is two steps, composed in the table (`GATHERS` per (fsdp, offload)
    - FSDP1: `summon_full_params(unit, recurse=False, writeback=False)` per unit; for manual
      offload the unit's flat shard is brought to the device for the summon and sent back after.
    Nothing calls `module.state_dict()` or `model.to(device)`, and no rank builds a full copy.
-   A group holds whole "atoms": a LoRA layer's base weight comes with its A and B.
+   A group holds whole "atoms": a LoRA layer's base weight comes with its A and B -- except
+   FSDP2 merged LoRA, which merges each rank's rows before the gather (`_merge_on_shards`) and
+   hands over the merged weight alone.
 2. a *transform* maps names and values: full weights (`hf_name`), merged LoRA
    (W + alpha/r * B @ A under the base name) or adapter tensors only (peft's saved names).
 
@@ -37,9 +39,10 @@ all-gather is float32, which FSDP1 does not let us change) and casts each one on
 before the copy. The stream therefore equals `master.to(model.dtype)`, bit for bit.
 
 LoRA merge dtype: the merge is computed in float32 (W.float() + (B.float() @ A.float()) * scale)
-from the master tensors (a LoRA layer's base weight, A and B are gathered in the master dtype;
-for bf16 engines those base weights move twice the bytes) into a new tensor and then cast to
-`model.dtype`, once. For float32 models that is bit-identical to peft's `merge_and_unload`; for
+from the master tensors into a new tensor and then cast to `model.dtype`, once (`merge_lora`).
+FSDP2 computes it on each rank's rows before the all-gather (only the A's travel in the master
+dtype; the merged rows travel in the engine dtype, like full weights), bit for bit the rows of the
+full merge (`merge_lora_rows`); FSDP1 merges the summoned full tensors. For float32 models that is bit-identical to peft's `merge_and_unload`; for
 bf16 masters it rounds once instead of after each op. The trained weights are never modified
 (merge -> unmerge in bf16 drifts).
 
