@@ -59,7 +59,7 @@ import itertools
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -179,6 +179,18 @@ def _units(model: nn.Module, is_unit: Callable[[nn.Module], bool]) -> List[Tuple
     return [(unit, members) for unit, members in units if members]
 
 
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, Dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def _layout(model: nn.Module, kind: str, compute: Callable[[], Any]) -> Any:
+    """`compute()` once per model: the module tree (FSDP units, their members, the largest unit's
+    bytes) does not change after sharding, and walking it costs milliseconds a sync on a 1.5B model."""
+    per_model = _LAYOUTS.setdefault(model, {})
+    if kind not in per_model:
+        per_model[kind] = compute()
+    return per_model[kind]
+
+
 def _unique(members: List[Member]) -> List[Tuple[str, torch.Tensor]]:
     """Current tensor of each member, once per tensor (tied weights appear under one name)."""
     seen, out = set(), []
@@ -219,13 +231,13 @@ def _fsdp1_summon(unit: nn.Module, members: List[Member], device: torch.device, 
 
 def _fsdp1_summon_groups(model: nn.Module, device: torch.device, wire: Wire) -> Iterator[Group]:
     """FSDP1 per-unit summon (with CPUOffload, FSDP copies the host shard in for the all-gather)."""
-    for unit, members in _units(model, _is_fsdp1):
+    for unit, members in _layout(model, "fsdp1 units", lambda: _units(model, _is_fsdp1)):
         yield _fsdp1_summon(unit, members, device, wire)
 
 
 def _fsdp1_manual_groups(model: nn.Module, device: torch.device, wire: Wire) -> Iterator[Group]:
     """FSDP1 with manually offloaded shards: one unit's shard at a time visits the device."""
-    for unit, members in _units(model, _is_fsdp1):
+    for unit, members in _layout(model, "fsdp1 units", lambda: _units(model, _is_fsdp1)):
         home = move_fsdp1_unit(unit, device)
         try:
             group = _fsdp1_summon(unit, members, device, wire)
@@ -294,6 +306,9 @@ class _ShardGather:
         self.sources = dict(sources or {})
         self.group = self.params[0].device_mesh.get_group()
         self.world = dist.get_world_size(self.group)
+        self.atoms = [_atom(n) for n in self.names]
+        self.rows = [-(-p.shape[0] // self.world) for p in self.params]  # per rank, padded
+        self.sizes = [rows * _row_numel(p) for rows, p in zip(self.rows, self.params)]  # per rank, padded
         self.device, self.budget = device, budget_bytes
         self.pieces = _plan_pieces(self.params, self.dtypes, self.world, piece_bytes)
         self.cuda = device.type == "cuda"
@@ -302,29 +317,32 @@ class _ShardGather:
             self.copy_stream, self.gather_stream = torch.cuda.Stream(device), torch.cuda.Stream(device)
             self.copy_stream.wait_stream(self.caller)  # the shards were last written on the caller's stream
 
-    def _rows(self, i: int) -> int:
-        return -(-self.params[i].shape[0] // self.world)
-
     def _whole(self, idx: List[int]) -> bool:
         """A lone, evenly sharded parameter: the receive buffer already is the full tensor."""
-        return self.world == 1 or (len(idx) == 1 and self._rows(idx[0]) * self.world == self.params[idx[0]].shape[0])
+        return self.world == 1 or (len(idx) == 1 and self.rows[idx[0]] * self.world == self.params[idx[0]].shape[0])
 
     def _stream(self, stream):
         return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
 
     def _launch(self, idx: List[int]) -> _Piece:
-        sizes = [self._rows(i) * _row_numel(self.params[i]) for i in idx]
+        sizes = [self.sizes[i] for i in idx]
         numel, dtype = sum(sizes), self.dtypes[idx[0]]
         with self._stream(self.copy_stream if self.cuda else None):
             send = torch.empty(numel, dtype=dtype, device=self.device)
-            offset = 0
-            for i, size in zip(idx, sizes):
+            dsts, srcs = [], []
+            for i, offset in zip(idx, itertools.accumulate([0] + sizes)):
                 source = self.sources.pop(self.names[i], None)
-                local = (self.locals[i] if source is None else source()).reshape(-1)  # this rank's rows;
-                # fewer (or none) on the last ranks
-                # copy_ casts (master -> wire dtype); from the host it moves the master bytes, then casts
-                send[offset:offset + local.numel()].copy_(local, non_blocking=True)
-                offset += size
+                # this rank's rows; fewer (or none) on the last ranks
+                local = (self.locals[i] if source is None else source()).reshape(-1)
+                if source is not None:  # computed now: copied now, so its memory goes back at once
+                    send[offset:offset + local.numel()].copy_(local)
+                elif local.numel():
+                    dsts.append(send[offset:offset + local.numel()])
+                    srcs.append(local)
+            # One foreach copy for the piece (one kernel per dtype pair on CUDA rather than one per
+            # tensor); it casts (master -> wire dtype) as copy_ does; from the host it moves the
+            # master bytes, then casts.
+            torch._foreach_copy_(dsts, srcs, non_blocking=True)
         if self.world == 1:
             recv = send
         else:
@@ -348,7 +366,7 @@ class _ShardGather:
         if self.cuda:
             self.caller.wait_event(piece.done)
             piece.recv.record_stream(self.caller)
-        sizes = [self._rows(i) * _row_numel(self.params[i]) for i in piece.idx]
+        sizes = [self.sizes[i] for i in piece.idx]
         if self._whole(piece.idx):  # one rank, or one evenly sharded tensor: already param-major
             bounds = list(itertools.accumulate([0] + sizes))
             parts = [piece.recv[:, a:b].reshape(-1) for a, b in zip(bounds, bounds[1:])]
@@ -361,7 +379,7 @@ class _ShardGather:
         return {i: part[:self.params[i].numel()].view(self.params[i].shape) for i, part in zip(piece.idx, parts)}
 
     def __iter__(self) -> Iterator[Group]:
-        left = collections.Counter(_atom(n) for n in self.names)
+        left = collections.Counter(self.atoms)
         ready: Dict[str, Group] = collections.defaultdict(dict)
         inflight: collections.deque = collections.deque()  # launched, not yet consumed by the caller
         consumed: collections.deque = collections.deque()  # (event on the caller's stream, cost)
@@ -382,7 +400,7 @@ class _ShardGather:
             piece = inflight.popleft()
             group: Group = {}
             for i, tensor in self._cut(piece).items():
-                atom = _atom(self.names[i])
+                atom = self.atoms[i]
                 ready[atom][self.names[i]] = tensor
                 left[atom] -= 1
                 if left[atom] == 0:
@@ -398,7 +416,7 @@ class _ShardGather:
                 used -= piece.cost
 
     def _launch_cost(self, idx: List[int]) -> int:
-        numel = sum(self._rows(i) * _row_numel(self.params[i]) for i in idx)
+        numel = sum(self.sizes[i] for i in idx)
         return numel * (self.world + 1) * self.dtypes[idx[0]].itemsize * (1 if self._whole(idx) else 2)
 
 
@@ -408,11 +426,11 @@ def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes
     in pieces of one bucket, in their `wire` dtype, overlapping copy-in, all-gather and the
     caller's use (see above). With `merge_scale`, LoRA layers are merged on the shards before the
     gather (`_merge_on_shards`) and travel as plain weights in the engine dtype."""
-    units = _units(model, _is_fsdp2)
+    units = _layout(model, "fsdp2 units", lambda: _units(model, _is_fsdp2))
     named = [(n, p) for _, members in units for n, p in _unique(members) if select(n)]
     if not named:
         return
-    budget = largest_unit_bytes(model) + bucket_bytes
+    budget = _layout(model, "largest unit bytes", lambda: largest_unit_bytes(model)) + bucket_bytes
     sources: Dict[str, ShardSource] = {}
     if merge_scale is not None:
         named, sources = _merge_on_shards(named, device, bucket_bytes, budget, wire, merge_scale)
