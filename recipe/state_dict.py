@@ -342,7 +342,8 @@ class _ShardGather:
             # One foreach copy for the piece (one kernel per dtype pair on CUDA rather than one per
             # tensor); it casts (master -> wire dtype) as copy_ does; from the host it moves the
             # master bytes, then casts.
-            torch._foreach_copy_(dsts, srcs, non_blocking=True)
+            if dsts:  # none when this rank holds no rows of the piece (uneven shards)
+                torch._foreach_copy_(dsts, srcs, non_blocking=True)
         if self.world == 1:
             recv = send
         else:
