@@ -495,12 +495,21 @@ def _fsdp2_pipelined_groups_of(named, device, bucket_bytes, budget, wire) -> Ite
 
 def _merged_source(weight, lora_a: torch.Tensor, lora_b, scale: float, dtype: torch.dtype,
                    device: torch.device) -> ShardSource:
+    from torch.distributed.tensor import Shard
+
     def rows() -> torch.Tensor:
         if device.type == "cuda":  # made on the caller's stream, used on the current (copy) stream
             lora_a.record_stream(torch.cuda.current_stream(device))
         w = weight.to_local().detach().to(device, non_blocking=True)
         b = lora_b.to_local().detach().to(device, non_blocking=True)
-        return merge_lora_rows(w, lora_a, b, scale, dtype, weight.shape[0])
+        return merge_lora_rows(w, lora_a, b, scale, dtype, first, weight.shape[0])
+
+    # Shard(0) cuts rows as torch.chunk does: ceil(out / world) per rank, the last ones fewer or none.
+    per_rank = -(-weight.shape[0] // weight.device_mesh.size())
+    first = min(weight.shape[0], weight.device_mesh.get_coordinate()[0] * per_rank)
+    if tuple(weight.placements) != (Shard(0),) or weight.to_local().shape[0] != min(per_rank, weight.shape[0] - first):
+        raise ValueError(f"merged LoRA on the shards expects Shard(0) on a 1-D mesh, got {weight.placements} "
+                         f"with {weight.to_local().shape[0]} local rows of {weight.shape[0]}")
 
     return rows
 
@@ -550,22 +559,24 @@ def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
     Kept as written although it costs float32 temporaries of W's size: a bf16 `addmm` (W as the
     addend) is faster but rounds differently (fused epilogue, other summation order), and the
     tests pin this formula bit for bit (docs/PERFORMANCE.md)."""
-    return merge_lora_rows(weight, lora_a, lora_b, scale, dtype, weight.shape[0])
+    return merge_lora_rows(weight, lora_a, lora_b, scale, dtype, 0, weight.shape[0])
 
 
 def merge_lora_rows(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                    dtype: torch.dtype, full_rows: int) -> torch.Tensor:
-    """Some rows of `merge_lora` (W's rows, B's same rows, all of A; `full_rows`: W's full row
-    count), bit for bit. The in-place ops round as the out-of-place ones, and x + y == y + x.
-    One row is computed as two (a zero row added): for a single row the CPU BLAS takes a
-    matrix-vector kernel that sums in another order than the matrix-matrix one (measured:
-    tests/unit/test_state_dict_registry.py)."""
-    b = lora_b.float()
-    if b.shape[0] == 1 and full_rows > 1:
-        delta = (torch.cat([b, b.new_zeros(b.shape)]) @ lora_a.float())[:1]
-    else:
-        delta = b @ lora_a.float()
-    return delta.mul_(scale).add_(weight.float()).to(dtype)
+                    dtype: torch.dtype, first: int, full_rows: int) -> torch.Tensor:
+    """Rows first..first+len(weight) of `merge_lora` on the full tensors, bit for bit, from those
+    rows of W and B and all of A. The product is taken at the full shape (B's other rows zero) and
+    its rows cut out: a BLAS picks its kernel by shape, and a row block of another height can sum in
+    another order (measured on the CPU: one-row blocks, and layers with one input feature). The
+    rest is elementwise, on the rows only; in-place ops round as out-of-place ones, x + y == y + x."""
+    b, rows = lora_b.float(), weight.shape[0]
+    if rows == 0:
+        return torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    if rows != full_rows:
+        b = b.new_zeros(full_rows, b.shape[1])
+        b[first:first + rows] = lora_b
+    merged = (b @ lora_a.float())[first:first + rows].mul_(scale).add_(weight.float())
+    return merged.to(dtype) if merged.dtype != dtype or rows == full_rows else merged.clone()
 
 
 def _merged_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
