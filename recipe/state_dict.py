@@ -451,8 +451,8 @@ def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes
 # (small, r x in) A, so each rank merges its own rows in float32, casts them to the engine dtype and
 # the gather moves only engine-dtype bytes, as for full weights. The A's are all-gathered first (in
 # the master dtype; r x in x 4 bytes per LoRA layer). Bit for bit the rows of `merge_lora` on the
-# full tensors: elementwise ops do not see the row count, and a matmul row does not depend on the
-# other rows as long as the library picks the same kind of kernel (`merge_lora_rows`).
+# full tensors: the elementwise steps do not see the row count, and the product is taken at the
+# full shape, so the BLAS picks the same kernel as for the full merge (`merge_lora_rows`).
 
 ShardSource = Callable[[], torch.Tensor]  # this rank's rows of a tensor, computed when packed
 
