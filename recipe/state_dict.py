@@ -42,9 +42,9 @@ LoRA merge dtype: the merge is computed in float32 (W.float() + (B.float() @ A.f
 from the master tensors into a new tensor and then cast to `model.dtype`, once (`merge_lora`).
 FSDP2 computes it on each rank's rows before the all-gather (only the A's travel in the master
 dtype; the merged rows travel in the engine dtype, like full weights), bit for bit the rows of the
-full merge (`merge_lora_rows`); FSDP1 merges the summoned full tensors. For float32 models that is bit-identical to peft's `merge_and_unload`; for
-bf16 masters it rounds once instead of after each op. The trained weights are never modified
-(merge -> unmerge in bf16 drifts).
+full merge (`merge_lora_rows`); FSDP1 merges the summoned full tensors. For float32 models that
+is bit-identical to peft's `merge_and_unload`; for bf16 masters it rounds once instead of after
+each op. The trained weights are never modified (merge -> unmerge in bf16 drifts).
 
 Base weights for the engine's first load (LoRA adapter mode) come from `stream_base_weights`:
 the lora=none entry of the same (fsdp, offload), which streams the base layers of a peft model
