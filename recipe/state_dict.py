@@ -20,7 +20,9 @@ Each strategy is two steps, composed in the table (`GATHERS` per (fsdp, offload)
    - FSDP1: `summon_full_params(unit, recurse=False, writeback=False)` per unit; for manual
      offload the unit's flat shard is brought to the device for the summon and sent back after.
    Nothing calls `module.state_dict()` or `model.to(device)`, and no rank builds a full copy.
-   A group holds whole "atoms": a LoRA layer's base weight comes with its A and B.
+   A group holds whole "atoms": a LoRA layer's base weight comes with its A and B -- except
+   FSDP2 merged LoRA, which merges each rank's rows before the gather (`_merge_on_shards`) and
+   hands over the merged weight alone.
 2. a *transform* maps names and values: full weights (`hf_name`), merged LoRA
    (W + alpha/r * B @ A under the base name) or adapter tensors only (peft's saved names).
 
@@ -37,11 +39,12 @@ all-gather is float32, which FSDP1 does not let us change) and casts each one on
 before the copy. The stream therefore equals `master.to(model.dtype)`, bit for bit.
 
 LoRA merge dtype: the merge is computed in float32 (W.float() + (B.float() @ A.float()) * scale)
-from the master tensors (a LoRA layer's base weight, A and B are gathered in the master dtype;
-for bf16 engines those base weights move twice the bytes) into a new tensor and then cast to
-`model.dtype`, once. For float32 models that is bit-identical to peft's `merge_and_unload`; for
-bf16 masters it rounds once instead of after each op. The trained weights are never modified
-(merge -> unmerge in bf16 drifts).
+from the master tensors into a new tensor and then cast to `model.dtype`, once (`merge_lora`).
+FSDP2 computes it on each rank's rows before the all-gather (only the A's travel in the master
+dtype; the merged rows travel in the engine dtype, like full weights), bit for bit the rows of the
+full merge (`merge_lora_rows`); FSDP1 merges the summoned full tensors. For float32 models that
+is bit-identical to peft's `merge_and_unload`; for bf16 masters it rounds once instead of after
+each op. The trained weights are never modified (merge -> unmerge in bf16 drifts).
 
 Base weights for the engine's first load (LoRA adapter mode) come from `stream_base_weights`:
 the lora=none entry of the same (fsdp, offload), which streams the base layers of a peft model
@@ -56,7 +59,7 @@ import itertools
 import time
 import weakref
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -176,6 +179,18 @@ def _units(model: nn.Module, is_unit: Callable[[nn.Module], bool]) -> List[Tuple
     return [(unit, members) for unit, members in units if members]
 
 
+_LAYOUTS: "weakref.WeakKeyDictionary[nn.Module, Dict[str, Any]]" = weakref.WeakKeyDictionary()
+
+
+def _layout(model: nn.Module, kind: str, compute: Callable[[], Any]) -> Any:
+    """`compute()` once per model: the module tree (FSDP units, their members, the largest unit's
+    bytes) does not change after sharding, and walking it costs milliseconds a sync on a 1.5B model."""
+    per_model = _LAYOUTS.setdefault(model, {})
+    if kind not in per_model:
+        per_model[kind] = compute()
+    return per_model[kind]
+
+
 def _unique(members: List[Member]) -> List[Tuple[str, torch.Tensor]]:
     """Current tensor of each member, once per tensor (tied weights appear under one name)."""
     seen, out = set(), []
@@ -216,13 +231,13 @@ def _fsdp1_summon(unit: nn.Module, members: List[Member], device: torch.device, 
 
 def _fsdp1_summon_groups(model: nn.Module, device: torch.device, wire: Wire) -> Iterator[Group]:
     """FSDP1 per-unit summon (with CPUOffload, FSDP copies the host shard in for the all-gather)."""
-    for unit, members in _units(model, _is_fsdp1):
+    for unit, members in _layout(model, "fsdp1 units", lambda: _units(model, _is_fsdp1)):
         yield _fsdp1_summon(unit, members, device, wire)
 
 
 def _fsdp1_manual_groups(model: nn.Module, device: torch.device, wire: Wire) -> Iterator[Group]:
     """FSDP1 with manually offloaded shards: one unit's shard at a time visits the device."""
-    for unit, members in _units(model, _is_fsdp1):
+    for unit, members in _layout(model, "fsdp1 units", lambda: _units(model, _is_fsdp1)):
         home = move_fsdp1_unit(unit, device)
         try:
             group = _fsdp1_summon(unit, members, device, wire)
@@ -282,13 +297,18 @@ class _ShardGather:
     float32 masters and a bf16 engine the all-gather and everything after it move bf16 bytes."""
 
     def __init__(self, named: List[Tuple[str, torch.Tensor]], device: torch.device, piece_bytes: int,
-                 budget_bytes: int, wire: Wire):
+                 budget_bytes: int, wire: Wire, sources: Optional[Dict[str, "ShardSource"]] = None):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.dtypes = [wire(n, p) for n, p in named]
         self.locals = [p.to_local() for p in self.params]
+        # Names whose local rows are computed at packing time (merged LoRA), on the copy stream.
+        self.sources = dict(sources or {})
         self.group = self.params[0].device_mesh.get_group()
         self.world = dist.get_world_size(self.group)
+        self.atoms = [_atom(n) for n in self.names]
+        self.rows = [-(-p.shape[0] // self.world) for p in self.params]  # per rank, padded
+        self.sizes = [rows * _row_numel(p) for rows, p in zip(self.rows, self.params)]  # per rank, padded
         self.device, self.budget = device, budget_bytes
         self.pieces = _plan_pieces(self.params, self.dtypes, self.world, piece_bytes)
         self.cuda = device.type == "cuda"
@@ -297,27 +317,33 @@ class _ShardGather:
             self.copy_stream, self.gather_stream = torch.cuda.Stream(device), torch.cuda.Stream(device)
             self.copy_stream.wait_stream(self.caller)  # the shards were last written on the caller's stream
 
-    def _rows(self, i: int) -> int:
-        return -(-self.params[i].shape[0] // self.world)
-
     def _whole(self, idx: List[int]) -> bool:
         """A lone, evenly sharded parameter: the receive buffer already is the full tensor."""
-        return self.world == 1 or (len(idx) == 1 and self._rows(idx[0]) * self.world == self.params[idx[0]].shape[0])
+        return self.world == 1 or (len(idx) == 1 and self.rows[idx[0]] * self.world == self.params[idx[0]].shape[0])
 
     def _stream(self, stream):
         return torch.cuda.stream(stream) if self.cuda else contextlib.nullcontext()
 
     def _launch(self, idx: List[int]) -> _Piece:
-        sizes = [self._rows(i) * _row_numel(self.params[i]) for i in idx]
+        sizes = [self.sizes[i] for i in idx]
         numel, dtype = sum(sizes), self.dtypes[idx[0]]
         with self._stream(self.copy_stream if self.cuda else None):
             send = torch.empty(numel, dtype=dtype, device=self.device)
-            offset = 0
-            for i, size in zip(idx, sizes):
-                local = self.locals[i].reshape(-1)  # this rank's rows; fewer (or none) on the last ranks
-                # copy_ casts (master -> wire dtype); from the host it moves the master bytes, then casts
-                send[offset:offset + local.numel()].copy_(local, non_blocking=True)
-                offset += size
+            dsts, srcs = [], []
+            for i, offset in zip(idx, itertools.accumulate([0] + sizes)):
+                source = self.sources.pop(self.names[i], None)
+                # this rank's rows; fewer (or none) on the last ranks
+                local = (self.locals[i] if source is None else source()).reshape(-1)
+                if source is not None:  # computed now: copied now, so its memory goes back at once
+                    send[offset:offset + local.numel()].copy_(local)
+                elif local.numel():
+                    dsts.append(send[offset:offset + local.numel()])
+                    srcs.append(local)
+            # One foreach copy for the piece (one kernel per dtype pair on CUDA rather than one per
+            # tensor); it casts (master -> wire dtype) as copy_ does; from the host it moves the
+            # master bytes, then casts.
+            if dsts:  # none when this rank holds no rows of the piece (uneven shards)
+                torch._foreach_copy_(dsts, srcs, non_blocking=True)
         if self.world == 1:
             recv = send
         else:
@@ -341,7 +367,7 @@ class _ShardGather:
         if self.cuda:
             self.caller.wait_event(piece.done)
             piece.recv.record_stream(self.caller)
-        sizes = [self._rows(i) * _row_numel(self.params[i]) for i in piece.idx]
+        sizes = [self.sizes[i] for i in piece.idx]
         if self._whole(piece.idx):  # one rank, or one evenly sharded tensor: already param-major
             bounds = list(itertools.accumulate([0] + sizes))
             parts = [piece.recv[:, a:b].reshape(-1) for a, b in zip(bounds, bounds[1:])]
@@ -354,7 +380,7 @@ class _ShardGather:
         return {i: part[:self.params[i].numel()].view(self.params[i].shape) for i, part in zip(piece.idx, parts)}
 
     def __iter__(self) -> Iterator[Group]:
-        left = collections.Counter(_atom(n) for n in self.names)
+        left = collections.Counter(self.atoms)
         ready: Dict[str, Group] = collections.defaultdict(dict)
         inflight: collections.deque = collections.deque()  # launched, not yet consumed by the caller
         consumed: collections.deque = collections.deque()  # (event on the caller's stream, cost)
@@ -375,7 +401,7 @@ class _ShardGather:
             piece = inflight.popleft()
             group: Group = {}
             for i, tensor in self._cut(piece).items():
-                atom = _atom(self.names[i])
+                atom = self.atoms[i]
                 ready[atom][self.names[i]] = tensor
                 left[atom] -= 1
                 if left[atom] == 0:
@@ -391,29 +417,101 @@ class _ShardGather:
                 used -= piece.cost
 
     def _launch_cost(self, idx: List[int]) -> int:
-        numel = sum(self._rows(i) * _row_numel(self.params[i]) for i in idx)
+        numel = sum(self.sizes[i] for i in idx)
         return numel * (self.world + 1) * self.dtypes[idx[0]].itemsize * (1 if self._whole(idx) else 2)
 
 
 def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes: int, wire: Wire,
-                            select: Callable[[str], bool]) -> Iterator[Group]:
+                            select: Callable[[str], bool], merge_scale: Optional[float] = None) -> Iterator[Group]:
     """FSDP2, any offload: the local shards (device, pinned host or pageable host) are gathered
     in pieces of one bucket, in their `wire` dtype, overlapping copy-in, all-gather and the
-    caller's use (see above)."""
-    units = _units(model, _is_fsdp2)
+    caller's use (see above). With `merge_scale`, LoRA layers are merged on the shards before the
+    gather (`_merge_on_shards`) and travel as plain weights in the engine dtype."""
+    units = _layout(model, "fsdp2 units", lambda: _units(model, _is_fsdp2))
     named = [(n, p) for _, members in units for n, p in _unique(members) if select(n)]
     if not named:
         return
+    budget = _layout(model, "largest unit bytes", lambda: largest_unit_bytes(model)) + bucket_bytes
+    sources: Dict[str, ShardSource] = {}
+    if merge_scale is not None:
+        named, sources = _merge_on_shards(named, device, bucket_bytes, budget, wire, merge_scale)
     if named[0][1].device_mesh.size() == 1 and all(p.to_local().device == device for _, p in named):
         # One rank, shards already on the engine device: the local shards are the full tensors,
         # cast to the wire dtype unit by unit (a copy where it differs from the master dtype).
-        for _, members in units:
-            group = {n: p.to_local().detach().to(wire(n, p)) for n, p in _unique(members) if select(n)}
-            if group:
-                yield group
+        unit_of = {id(p): k for k, (_, members) in enumerate(units) for _, p in _unique(members)}
+        for _, pairs in itertools.groupby(named, key=lambda np: unit_of[id(np[1])]):
+            yield {n: sources.pop(n)() if n in sources else p.to_local().detach().to(wire(n, p)) for n, p in pairs}
         return
-    budget = largest_unit_bytes(model) + bucket_bytes
-    yield from _ShardGather(named, device, bucket_bytes, budget, wire)
+    yield from _ShardGather(named, device, bucket_bytes, budget, wire, sources)
+
+
+# ----------------------------------------------------------------------------- merged LoRA on the shards
+# FSDP2 shards dim 0, which a LoRA layer's base weight W (out x in) and its B (out x r) share: each
+# rank holds the same rows of both. Rows of W + (B @ A) * scale need only those rows and the whole
+# (small, r x in) A, so each rank merges its own rows in float32, casts them to the engine dtype and
+# the gather moves only engine-dtype bytes, as for full weights. The A's are all-gathered first (in
+# the master dtype; r x in x 4 bytes per LoRA layer). Bit for bit the rows of `merge_lora` on the
+# full tensors: the elementwise steps do not see the row count, and the product is taken at the
+# full shape, so the BLAS picks the same kernel as for the full merge (`merge_lora_rows`).
+
+ShardSource = Callable[[], torch.Tensor]  # this rank's rows of a tensor, computed when packed
+
+
+def _merge_on_shards(named: List[Tuple[str, torch.Tensor]], device: torch.device, bucket_bytes: int,
+                     budget: int, wire: Wire, scale: float) -> Tuple[List[Tuple[str, torch.Tensor]],
+                                                                    Dict[str, ShardSource]]:
+    """(what to gather, sources): LoRA tensors dropped, each base weight renamed to its merged
+    name (`stem.weight`, a plain weight to the transform) with a source computing its merged rows."""
+    params = dict(named)
+    lora_a = [(n, p) for n, p in named if f".lora_A.{ADAPTER}." in n]
+    full_a: Dict[str, torch.Tensor] = {}
+    if lora_a:
+        for group in _fsdp2_pipelined_groups_of(lora_a, device, bucket_bytes, budget, wire):
+            full_a.update(group)
+    out: List[Tuple[str, torch.Tensor]] = []
+    sources: Dict[str, ShardSource] = {}
+    for name, param in named:
+        if is_lora_param(name):
+            continue
+        if name.endswith(".base_layer.weight"):
+            stem = name[: -len("base_layer.weight")]
+            lora_b = params[f"{stem}lora_B.{ADAPTER}.weight"]
+            if lora_b.to_local().shape[0] != param.to_local().shape[0]:
+                raise ValueError(f"{name}: base weight and LoRA B shards hold different rows "
+                                 f"({param.to_local().shape[0]} vs {lora_b.to_local().shape[0]})")
+            name = stem + "weight"
+            sources[name] = _merged_source(param, full_a.pop(f"{stem}lora_A.{ADAPTER}.weight"), lora_b, scale,
+                                           wire(name, param), device)
+        out.append((name, param))
+    return out, sources
+
+
+def _fsdp2_pipelined_groups_of(named, device, bucket_bytes, budget, wire) -> Iterator[Group]:
+    """Full tensors of some FSDP2 parameters (the local shards where one rank holds them all)."""
+    if named[0][1].device_mesh.size() == 1 and all(p.to_local().device == device for _, p in named):
+        return iter([{n: p.to_local().detach().to(wire(n, p)) for n, p in named}])
+    return iter(_ShardGather(named, device, bucket_bytes, budget, wire))
+
+
+def _merged_source(weight, lora_a: torch.Tensor, lora_b, scale: float, dtype: torch.dtype,
+                   device: torch.device) -> ShardSource:
+    from torch.distributed.tensor import Shard
+
+    def rows() -> torch.Tensor:
+        if device.type == "cuda":  # made on the caller's stream, used on the current (copy) stream
+            lora_a.record_stream(torch.cuda.current_stream(device))
+        w = weight.to_local().detach().to(device, non_blocking=True)
+        b = lora_b.to_local().detach().to(device, non_blocking=True)
+        return merge_lora_rows(w, lora_a, b, scale, dtype, first, weight.shape[0])
+
+    # Shard(0) cuts rows as torch.chunk does: ceil(out / world) per rank, the last ones fewer or none.
+    per_rank = -(-weight.shape[0] // weight.device_mesh.size())
+    first = min(weight.shape[0], weight.device_mesh.get_coordinate()[0] * per_rank)
+    if tuple(weight.placements) != (Shard(0),) or weight.to_local().shape[0] != min(per_rank, weight.shape[0] - first):
+        raise ValueError(f"merged LoRA on the shards expects Shard(0) on a 1-D mesh, got {weight.placements} "
+                         f"with {weight.to_local().shape[0]} local rows of {weight.shape[0]}")
+
+    return rows
 
 
 def _bucket_bytes(cfg: DictConfig) -> int:
@@ -458,11 +556,27 @@ def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
                dtype: torch.dtype) -> torch.Tensor:
     """W + (B @ A) * scale in float32, into a new tensor, cast to `dtype` (peft's op order).
 
-    Kept as written although it costs three float32 temporaries of W's size: a bf16 `addmm`
-    (W as the addend) is faster but rounds differently (fused epilogue, other summation order),
-    and the tests pin this formula bit for bit (docs/PERFORMANCE.md)."""
-    delta = (lora_b.float() @ lora_a.float()) * scale
-    return (weight.float() + delta).to(dtype)
+    Kept as written although it costs float32 temporaries of W's size: a bf16 `addmm` (W as the
+    addend) is faster but rounds differently (fused epilogue, other summation order), and the
+    tests pin this formula bit for bit (docs/PERFORMANCE.md)."""
+    return merge_lora_rows(weight, lora_a, lora_b, scale, dtype, 0, weight.shape[0])
+
+
+def merge_lora_rows(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
+                    dtype: torch.dtype, first: int, full_rows: int) -> torch.Tensor:
+    """Rows first..first+len(weight) of `merge_lora` on the full tensors, bit for bit, from those
+    rows of W and B and all of A. The product is taken at the full shape (B's other rows zero) and
+    its rows cut out: a BLAS picks its kernel by shape, and a row block of another height can sum in
+    another order (measured on the CPU: one-row blocks, and layers with one input feature). The
+    rest is elementwise, on the rows only; in-place ops round as out-of-place ones, x + y == y + x."""
+    b, rows = lora_b.float(), weight.shape[0]
+    if rows == 0:
+        return torch.empty(weight.shape, dtype=dtype, device=weight.device)
+    if rows != full_rows:
+        b = b.new_zeros(full_rows, b.shape[1])
+        b[first:first + rows] = lora_b
+    merged = (b @ lora_a.float())[first:first + rows].mul_(scale).add_(weight.float())
+    return merged.to(dtype) if merged.dtype != dtype or rows == full_rows else merged.clone()
 
 
 def _merged_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
@@ -504,7 +618,7 @@ def _adapter_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
 # FSDP2 adapter syncs gather only the LoRA shards; FSDP1 cannot gather part of a flat parameter, so it
 # summons the whole unit and the transform drops the rest.
 
-Gather = Callable[[nn.Module, DictConfig, torch.device, Wire, Callable[[str], bool]], Iterator[Group]]
+Gather = Callable[[nn.Module, DictConfig, torch.device, Wire, Callable[[str], bool], bool], Iterator[Group]]
 
 
 @dataclass(frozen=True)
@@ -512,17 +626,21 @@ class Transform:
     wire: Callable[[DictConfig], Wire]  # the dtype each tensor is gathered in
     select: Callable[[str], bool]  # the raw names it needs (a gather may hand it more)
     apply: Callable[[Iterable[Group], nn.Module, DictConfig, torch.device], Iterator[Named]]
+    # Merged LoRA: a gather that can merge on the shards does (FSDP2: the base weight then comes as
+    # a plain weight, already merged, and its LoRA tensors do not come); others hand over W, A, B.
+    merges: bool = False
 
 
-def _fsdp2_gather(model, cfg, device, wire, select):
-    return _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), wire, select)
+def _fsdp2_gather(model, cfg, device, wire, select, merge):
+    scale = cfg.lora.alpha / cfg.lora.rank if merge else None
+    return _fsdp2_pipelined_groups(model, device, _bucket_bytes(cfg), wire, select, scale)
 
 
-def _fsdp1_summon_gather(model, cfg, device, wire, select):
+def _fsdp1_summon_gather(model, cfg, device, wire, select, merge):
     return _fsdp1_summon_groups(model, device, wire)
 
 
-def _fsdp1_manual_gather(model, cfg, device, wire, select):
+def _fsdp1_manual_gather(model, cfg, device, wire, select, merge):
     return _fsdp1_manual_groups(model, device, wire)
 
 
@@ -540,7 +658,7 @@ GATHERS: Dict[Tuple[str, str], Gather] = {
 }
 TRANSFORMS: Dict[str, Transform] = {
     "none": Transform(_engine_wire, _everything, _full_weights),
-    "merged": Transform(_merge_wire, _everything, _merged_weights),
+    "merged": Transform(_merge_wire, _everything, _merged_weights, merges=True),
     "adapter": Transform(_engine_wire, is_lora_param, _adapter_weights),
 }
 
@@ -548,7 +666,7 @@ TRANSFORMS: Dict[str, Transform] = {
 def compose(gather: Gather, transform: Transform) -> Strategy:
     """The strategy that runs `gather` with the transform's dtypes and selection, then the transform."""
     def strategy(model: nn.Module, cfg: DictConfig, device: torch.device) -> Iterator[Named]:
-        groups = gather(model, cfg, device, transform.wire(cfg), transform.select)
+        groups = gather(model, cfg, device, transform.wire(cfg), transform.select, transform.merges)
         return transform.apply(groups, model, cfg, device)
 
     strategy.__name__ = f"{gather.__name__.lstrip('_')}+{transform.apply.__name__.lstrip('_')}"

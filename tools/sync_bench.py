@@ -33,6 +33,11 @@ recipe.sync (the trainer digests what it streams, the sink digests what it holds
 compared); `verify s` is its median time and `x move` = verify / (gather + load) of the same
 sync (target <= 0.10). With the vLLM sink on CPU the engine's digests are taken inside its load,
 before packing, and that time is moved from the load to verify.
+Profile (`bench.profile=true`): one more warm sync per strategy runs under torch.profiler; rank 0
+writes the key_averages table (top 25 by self device time on CUDA, else self CPU time) to
+`<dir of bench.out>/profile/<out stem>__<label>.txt`, with a chrome trace beside it when
+`bench.profile_trace=true`, and prints the top five ops. Each `next()` of the stream is marked
+`stream.next (gather)`, the whole sync `sync`.
 Peak extra device memory is measured over each sync (allocated bytes above the level before it)
 and compared with the largest FSDP unit (one per decoder layer plus the root) + one bucket.
 """
@@ -81,6 +86,10 @@ class BenchSettings:
     limit_reps: int = 10
     out_dir: str = "outputs/bench"
     out: str = "outputs/bench/sync_bench.json"
+    # One more warm sync per strategy under torch.profiler; rank 0 writes its key_averages table
+    # to <dir of bench.out>/profile/ (and a chrome trace with profile_trace: large on big models).
+    profile: bool = False
+    profile_trace: bool = False
 
 
 @dataclass
@@ -433,6 +442,67 @@ def _verify_cost(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[fl
     return verify, move - in_load, count, problems
 
 
+def _annotated(stream: Iterable[Tuple[str, torch.Tensor]]):
+    """The stream with each `next()` (the gather's share of the sync) marked in the profile."""
+    from torch.profiler import record_function
+
+    it = iter(stream)
+    while True:
+        with record_function("stream.next (gather)"):
+            try:
+                item = next(it)
+            except StopIteration:
+                return
+        yield item
+
+
+def profile_paths(bench_cfg, label: str) -> Tuple[Path, Path]:
+    """(table .txt, chrome trace .json) of one strategy's profiled sync, next to `bench.out`."""
+    out = Path(bench_cfg.out)
+    stem = f"{out.stem}__{label.replace('/', '_').replace('@', '_at_')}"
+    folder = out.parent / "profile"
+    return folder / f"{stem}.txt", folder / f"{stem}.trace.json"
+
+
+def profile_sync(model, cfg: DictConfig, ctx, sink, label: str, bench_cfg) -> Optional[str]:
+    """One warm sync under torch.profiler (CPU, and CUDA on a GPU), on every rank. Rank 0 writes
+    the key_averages table (top 25 by self device time on CUDA, else self CPU time), optionally a
+    chrome trace, prints a summary line and returns the table's path."""
+    from torch.profiler import ProfilerActivity, profile, record_function
+
+    from recipe.state_dict import stream_weights
+
+    cuda = ctx.device.type == "cuda"
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
+    _sync(ctx.device)
+    dist.barrier()
+    with profile(activities=activities) as prof:
+        t0 = time.perf_counter()
+        with record_function("sync"):
+            stream = stream_weights(model, cfg, ctx.device)
+            sink.load(_annotated(stream))
+            _sync(ctx.device)
+        seconds = time.perf_counter() - t0
+    if not ctx.is_main:
+        return None
+    sort = "self_device_time_total" if cuda else "self_cpu_time_total"
+    events = prof.key_averages()
+    table_path, trace_path = profile_paths(bench_cfg, label)
+    table_path.parent.mkdir(parents=True, exist_ok=True)
+    header = (f"# {label}: one warm sync under torch.profiler, rank 0; {seconds:.4f} s wall, gather (inside "
+              f"next()) {stream.seconds:.4f} s, {stream.num_tensors} tensors, {stream.num_bytes / 1e6:.1f} MB; "
+              f"sorted by {sort}\n")
+    table_path.write_text(header + events.table(sort_by=sort, row_limit=25) + "\n")
+    if bench_cfg.profile_trace:
+        prof.export_chrome_trace(str(trace_path))
+    ops = sorted((e for e in events if not e.key.startswith(("sync", "stream.next"))),
+                 key=lambda e: getattr(e, sort), reverse=True)[:5]
+    top = ", ".join(f"{e.key} {getattr(e, sort) / 1e3:.2f} ms" for e in ops)
+    print(f"profile {label}: {seconds:.4f} s (gather {stream.seconds:.4f} s); top self "
+          f"{'device' if cuda else 'CPU'} time: {top} -> {table_path}", flush=True)
+    return str(table_path)
+
+
 def _add_verify(row: Dict[str, Any], model, ccfg: DictConfig, ctx, sink, runs: int) -> None:
     """Median over `runs` digest-checked syncs of verify / (gather + load); the slowest rank counts."""
     costs = [_verify_cost(model, ccfg, ctx.device, sink) for _ in range(runs)]
@@ -477,6 +547,8 @@ def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine) -> Dict[str, 
                 row["wrong"] = sink.wrong(dict(base.state_dict()))[:5]
             if i >= 1 and sum(times) > cfg.bench.max_cell_s:
                 break
+        if cfg.bench.profile:
+            row["profile"] = profile_sync(model, ccfg, ctx, sink, cell.label, cfg.bench)
         _add_verify(row, model, ccfg, ctx, sink, max(1, min(3, cfg.bench.warm_iters)))
     except Exception as exc:  # noqa: BLE001  reported, not hidden: the row says crashed
         row.update(status="crashed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")

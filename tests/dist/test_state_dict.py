@@ -124,6 +124,14 @@ def unit_bytes_bound(cfg) -> int:
     return largest_unit_bytes(model) + largest
 
 
+def lora_a_bytes(cfg) -> int:
+    """Bytes of every LoRA A in the master dtype (the tiny model's rank divides evenly: no padding)."""
+    from recipe.model import apply_lora, load_hf_model
+
+    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg)
+    return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora_A." in n)
+
+
 def local_state(model) -> Dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
@@ -224,7 +232,7 @@ def expected_names(cfg) -> set:
     return set(initial_state(cfg))
 
 
-def assert_combo(result: dict, cfg, model_dir) -> None:
+def assert_combo(result: dict, cfg, model_dir, world: int = 2) -> None:
     key, got, base = result["key"], result["got"], result["base"]
     assert not base["bad"], f"{key}: base weights differ from the checkpoint: {base['bad']}"
     assert set(base["names"]) == set(checkpoint_state(model_dir)), f"{key}: base names {sorted(base['names'])}"
@@ -236,11 +244,13 @@ def assert_combo(result: dict, cfg, model_dir) -> None:
     assert got["changed"] >= len(got["names"]) // 2, f"{key}: only {got['changed']} tensors changed"
     assert result["unchanged"], f"{key}: the gather changed the trained (sharded) parameters"
     assert result["masters"] == {f"torch.{cfg.model.master_dtype}"}, f"{key}: parameters in {result['masters']}"
-    if cfg.fsdp.name == "fsdp2":  # the shards are cast before the all-gather (merged: LoRA layers excepted)
+    if cfg.fsdp.name == "fsdp2" and world > 1:  # the shards are cast before the all-gather (merged: LoRA layers excepted)
         engine, master = f"torch.{cfg.model.dtype}", f"torch.{cfg.model.master_dtype}"
         allowed = {engine, master} if cfg.lora.name == "merged" else {engine}
         wire = result["wire"]
         assert engine in wire and set(wire) <= allowed, f"{key}: all-gathered {dict(wire)}"
+        if cfg.lora.name == "merged" and engine != master:  # merged on the shards: only the A's are not cast
+            assert wire[master] == lora_a_bytes(cfg), f"{key}: all-gathered {dict(wire)}"
     assert got["peak"] <= result["bound"], f"{key}: stream held {got['peak']} B at once > bound {result['bound']} B"
 
 
@@ -297,3 +307,69 @@ def test_reference_strategies_agree(tiny_model_dir):
             assert not got["bad"] and set(got["names"]) == names, f"{name}: {got['bad']}"
     # The memory probe can fail: rank 0's full DCP state dict holds the whole model at once.
     assert ranks[0]["dcp_full_cpu"]["peak"] > unit_bytes_bound(cfg)
+
+
+@pytest.mark.timeout(300)
+@pytest.mark.parametrize("precision", list(PRECISIONS))
+def test_one_rank_merged_equals_reference(tiny_model_dir, precision):
+    """World 1 takes the gather's one-rank path (the local shards are the full tensors): merged
+    on the shards there too, bit for bit."""
+    from omegaconf import OmegaConf
+
+    from tests.helpers import run_world
+
+    key = ("fsdp2", "none", "merged")
+    cfg = combo_cfg(tiny_model_dir, key, precision=precision)
+    (results,) = run_world(run_combos, 1, [OmegaConf.to_yaml(cfg)], "cpu", timeout_s=240)
+    assert_combo(results[0], cfg, tiny_model_dir, world=1)
+    assert not results[0]["wire"], "one rank all-gathered"
+
+
+def uneven_gathers(rank: int, world: int) -> List[str]:
+    """The FSDP2 gather on layers whose rows do not split evenly (3 rows: 2 + 1; 1 row: 1 + none)
+    with one piece per tensor, so rank 1 packs pieces of one row and of no rows (and merges a
+    single row: the BLAS's one-row kernel rounds otherwise at LoRA rank 8). Returns what differs from the full tensors (merged: `merge_lora` on them)."""
+    import torch.nn as nn
+    from omegaconf import OmegaConf
+    from peft import LoraConfig, get_peft_model
+    from torch.distributed.fsdp import fully_shard
+
+    from recipe.names import is_lora_param
+    from recipe.state_dict import GATHERS, merge_lora
+
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Linear(16, 3), nn.Linear(3, 1), nn.Linear(1, 5, bias=False))
+    net._no_split_modules = ["Linear"]  # the gather's memory budget looks for the "decoder layers"
+    model = get_peft_model(net, LoraConfig(r=8, lora_alpha=7.0, target_modules=["0", "1", "2"],
+                                           init_lora_weights=False))
+    for layer in net:
+        fully_shard(layer)
+    fully_shard(model)
+    full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    cfg = OmegaConf.create({"sync": {"bucket_mb": 1e-6}, "lora": {"alpha": 7.0, "rank": 8}})
+    gather, scale, bad = GATHERS[("fsdp2", "none")], 7.0 / 8, []
+    cases = {"full": (lambda n: True, False, torch.bfloat16), "adapter": (is_lora_param, False, torch.bfloat16),
+             "merged": (lambda n: True, True, torch.bfloat16), "merged-fp32": (lambda n: True, True, torch.float32)}
+    for case, (select, merge, dtype) in cases.items():
+        wire = (lambda n, p: p.dtype if is_lora_param(n) else dtype) if merge else (lambda n, p: dtype)
+        with torch.no_grad():  # as WeightStream runs the gathers
+            got = {n: t for group in gather(model, cfg, torch.device("cpu"), wire, select, merge) for n, t in group.items()}
+        want = {n: t.to(dtype) for n, t in full.items() if select(n) and not (merge and is_lora_param(n))}
+        if merge:
+            for stem in ("base_model.model.0.", "base_model.model.1.", "base_model.model.2."):
+                w = want.pop(stem + "base_layer.weight")
+                want[stem + "weight"] = merge_lora(full[stem + "base_layer.weight"], full[stem + "lora_A.default.weight"],
+                                                   full[stem + "lora_B.default.weight"], scale, dtype)
+                assert not torch.equal(want[stem + "weight"], w)  # the merge changes the weight
+        if got.keys() != want.keys():
+            bad.append(f"{case}: names {sorted(got)} != {sorted(want)}")
+        bad += [f"{case}: {n}" for n in want if n in got and not torch.equal(got[n], want[n])]
+    return bad
+
+
+@pytest.mark.timeout(120)
+def test_fsdp2_gather_uneven_shards():
+    from tests.helpers import run_world
+
+    for bad in run_world(uneven_gathers, 2, timeout_s=90):
+        assert not bad, bad

@@ -109,3 +109,18 @@ def test_copy_sink_digest_check_names_a_wrong_weight():
     sink.dest["b"][1] = 2.0
     problems, _, _ = sink.check({"a": digest(torch.ones(3)), "b": digest(torch.ones(2))})
     assert len(problems) == 1 and problems[0].startswith("b: engine")
+
+
+def test_profile_writes_a_table_per_strategy(tiny_model_dir, tmp_path):
+    proc = run_bench(tmp_path, "trainer.world_size=2", "bench.sink=copy", "bench.warm_iters=1", "bench.profile=true",
+                     "bench.profile_trace=true", "bench.strategies=[fsdp2/none/merged,fsdp1/none/none]",
+                     "bench.references=[]")
+    rows = json.loads((tmp_path / "sync_bench_tiny_w2.json").read_text())["rows"]
+    for row, stem in zip(rows, ("fsdp2_none_merged", "fsdp1_none_none")):
+        table = tmp_path / "profile" / f"sync_bench_tiny_w2__{stem}.txt"
+        assert row["status"] == "ok" and row["profile"] == str(table)
+        text = table.read_text()
+        assert "Self CPU" in text and "stream.next (gather)" in text and "aten::" in text
+        assert f"profile {row['label']}: " in proc.stdout
+        trace = json.loads(table.with_name(f"sync_bench_tiny_w2__{stem}.trace.json").read_text())
+        assert trace["traceEvents"]

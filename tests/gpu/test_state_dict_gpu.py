@@ -99,5 +99,34 @@ def test_bf16_combinations(tiny_model_dir):
     """bf16 engine dtype: merge in fp32 then cast, adapters kept in the base dtype."""
     _two_gpus()
     keys = [("fsdp2", "cpu", "merged"), ("fsdp1", "cpu", "adapter"), ("fsdp2", "manual", "none"),
-            ("fsdp1", "manual", "merged"), ("fsdp2", "none", "adapter")]
+            ("fsdp1", "manual", "merged"), ("fsdp2", "none", "adapter"), ("fsdp2", "none", "merged")]
     _run_all(tiny_model_dir, keys, extra_dtype="bfloat16")
+
+
+# LoRA layer shapes (out, in) of the benchmarked models: q/o, k/v, gate/up, down of Qwen2 1.5B and 7B.
+BENCH_LORA_SHAPES = [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960),
+                     (3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)]
+
+
+def test_merged_rows_equal_rows_of_the_full_merge_on_cuda():
+    """FSDP2 merged LoRA on CUDA: each rank's rows (Shard(0) at world 1-8) of the float32 merge
+    are bit for bit those rows of `merge_lora` on the full tensors, at the benchmarked shapes and
+    LoRA ranks 8-64 (cuBLAS may pick another kernel for another row count; this checks it sums alike)."""
+    from recipe.state_dict import merge_lora, merge_lora_rows
+
+    if not torch.cuda.is_available():
+        pytest.skip("needs CUDA")
+    g = torch.Generator(device="cuda").manual_seed(0)
+    failures = []
+    for (out, inn), r in [(shape, r) for shape in BENCH_LORA_SHAPES for r in (8, 16, 64)]:
+        w = torch.randn(out, inn, device="cuda", generator=g)
+        a, b = torch.randn(r, inn, device="cuda", generator=g), torch.randn(out, r, device="cuda", generator=g)
+        full = merge_lora(w, a, b, 2.0, torch.bfloat16)
+        for world in (2, 3, 4, 8):
+            offset = 0
+            for rows_w, rows_b in zip(torch.chunk(w, world), torch.chunk(b, world)):
+                part = merge_lora_rows(rows_w.clone(), a, rows_b.clone(), 2.0, torch.bfloat16, out)
+                if not torch.equal(part, full[offset:offset + rows_w.shape[0]]):
+                    failures.append((out, inn, r, world, offset))
+                offset += rows_w.shape[0]
+    assert not failures, f"row blocks differ from the full merge: {failures[:10]} ({len(failures)} in all)"

@@ -128,6 +128,29 @@ def test_merge_lora_is_fp32_and_leaves_inputs_alone():
     assert torch.equal(merged, expected)
 
 
+def test_merged_rows_equal_rows_of_the_full_merge():
+    """What FSDP2 merged LoRA relies on: each rank's rows of W + (B @ A) * scale (its rows of W
+    and B, all of A) are bit for bit those rows of the merge on the full tensors, for every way
+    `Shard(0)` cuts the rows (uneven, one row, none), one input feature, LoRA ranks 1-64, float32
+    and bf16 masters. (A product of the rows alone fails it: the BLAS sums a one-row block, or a
+    one-column product, in another order.)"""
+    g = torch.Generator().manual_seed(0)
+    checked = 0
+    for out, inn, r, dtype in itertools.product([2, 3, 7, 33, 96, 257], [1, 16, 33, 896], [1, 8, 16, 64],
+                                                [torch.float32, torch.bfloat16]):
+        w = torch.randn(out, inn, generator=g).to(dtype)
+        a, b = torch.randn(r, inn, generator=g).to(dtype), torch.randn(out, r, generator=g).to(dtype)
+        full = sd.merge_lora(w, a, b, 2.5, torch.bfloat16)
+        for world in (2, 3, 4, 8):
+            offset = 0
+            for rows_w, rows_b in zip(torch.chunk(w, world), torch.chunk(b, world)):
+                part = sd.merge_lora_rows(rows_w.clone(), a, rows_b.clone(), 2.5, torch.bfloat16, offset, out)
+                assert torch.equal(part, full[offset:offset + rows_w.shape[0]]), (out, inn, r, dtype, world, offset)
+                offset += rows_w.shape[0]
+                checked += 1
+    assert checked > 500
+
+
 def test_table_is_one_gather_per_fsdp_offload_and_one_transform_per_lora():
     assert set(sd.GATHERS) == set(itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES))
     assert set(sd.TRANSFORMS) == set(LORA_CHOICES)
@@ -143,11 +166,12 @@ def test_composed_entry_passes_the_transforms_dtype_and_selection_to_its_gather(
     cfg = compose_cfg([f"model.path={tiny_model_dir}", "+lora=adapter", "model.dtype=bfloat16"])
     seen = {}
 
-    def gather(model, cfg, device, wire, select):
+    def gather(model, cfg, device, wire, select, merge):
         seen.update(wire=wire("x.lora_A.default.weight", torch.zeros(1)), lora=select("x.lora_A.default.weight"),
-                    base=select("x.base_layer.weight"))
+                    base=select("x.base_layer.weight"), merge=merge)
         yield {"m.q_proj.lora_A.default.weight": torch.ones(2, 2), "m.q_proj.base_layer.weight": torch.ones(2, 2)}
 
     out = list(sd.compose(gather, sd.TRANSFORMS["adapter"])(None, cfg, torch.device("cpu")))
-    assert seen == {"wire": torch.bfloat16, "lora": True, "base": False}  # adapter syncs gather LoRA shards only
+    assert seen == {"wire": torch.bfloat16, "lora": True, "base": False,  # adapter syncs gather LoRA shards only
+                    "merge": False}
     assert [(n, t.dtype) for n, t in out] == [("m.q_proj.lora_A.weight", torch.bfloat16)]
