@@ -176,9 +176,10 @@ class TrainerConfig:
     resume: bool = False
     # Seconds a collective may wait before the process group gives up.
     timeout_s: int = 300
-    # Held-out evaluation: greedy answers to `eval_prompts` prompts outside the training pool, before
-    # training, every `eval_every` steps and at the end (`eval/exact`, `eval/reward`). 0 = off, the
-    # default: the default arithmetic task's pool holds nearly every question it can ask.
+    # Held-out evaluation: greedy answers (up to rollout.max_new_tokens) to `eval_prompts` prompts
+    # outside the training pool, before training, every `eval_every` steps and at the end
+    # (`eval/exact`, `eval/reward`). 0 = off, the default: the default arithmetic task's pool holds
+    # nearly every question it can ask.
     eval_every: int = 0
     eval_prompts: int = 64
 

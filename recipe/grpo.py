@@ -278,13 +278,13 @@ class GRPOTrainer:
 
     def evaluate(self) -> Dict[str, float]:
         """Greedy answers of the engine (which holds the weights of `self.step`) to this rank's share of
-        the held-out prompts; exact rate and mean reward over all ranks' prompts."""
+        the held-out prompts; exact rate and mean reward over all ranks' prompts. Runs right after a
+        sync and leaves the engine awake as the sync does (the next rollout would wake it anyway)."""
         t0 = time.perf_counter()
         prompt_ids = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in self.eval_prompts]
         self.engine.wake()
         samples = self.engine.generate(prompt_ids, n=1, max_new_tokens=self.cfg.rollout.max_new_tokens,
                                        temperature=0.0, top_p=1.0, seed=0)
-        self.engine.sleep()
         texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
         pairs = list(zip(self.eval_prompts, texts))
         sums = torch.tensor([sum(float(self.task.correct(p, t)) for p, t in pairs),
