@@ -176,6 +176,12 @@ class TrainerConfig:
     resume: bool = False
     # Seconds a collective may wait before the process group gives up.
     timeout_s: int = 300
+    # Held-out evaluation: greedy answers (up to rollout.max_new_tokens) to `eval_prompts` prompts
+    # outside the training pool, before training, every `eval_every` steps and at the end
+    # (`eval/exact`, `eval/reward`). 0 = off, the default: the default arithmetic task's pool holds
+    # nearly every question it can ask.
+    eval_every: int = 0
+    eval_prompts: int = 64
 
 
 @dataclass
@@ -278,6 +284,7 @@ def validate(cfg: DictConfig) -> None:
                 "algo.kl_coef", "algo.entropy_coef"):
         _positive(cfg, key, allow_zero=True)
     _rollout_and_batch(cfg)
+    _evaluation(cfg)
     if not 0 < cfg.rollout.top_p <= 1:
         raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
     if cfg.lora.name != "none":
@@ -335,6 +342,18 @@ def _rollout_and_batch(cfg: DictConfig) -> None:
     if cfg.rollout.max_model_len <= cfg.rollout.max_new_tokens:
         raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} leaves no room for a prompt before "
                           f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}; it must hold prompt + completion")
+
+
+def _evaluation(cfg: DictConfig) -> None:
+    """The held-out evaluation: off (eval_every=0), or at least one prompt per rank."""
+    _positive(cfg, "trainer.eval_every", allow_zero=True)
+    if cfg.trainer.eval_every == 0:
+        return
+    _positive(cfg, "trainer.eval_prompts")
+    world = int(os.environ.get("WORLD_SIZE", cfg.trainer.world_size))
+    if cfg.trainer.eval_prompts < world:
+        raise ConfigError(f"trainer.eval_prompts={cfg.trainer.eval_prompts} is fewer than the ranks ({world}): "
+                          "every rank evaluates its share of the held-out prompts; give at least one per rank")
 
 
 def _check_builtin_model_path(cfg: DictConfig) -> None:

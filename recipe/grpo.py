@@ -29,6 +29,10 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
 - `trainer.updates_per_batch` optimizer steps per rollout batch: the batch is split into
   that many mini-batches; the first is on-policy (rho = 1 up to engine drift), later
   ones are slightly off-policy, which the clip bounds.
+- Held-out evaluation (`trainer.eval_every` > 0): before training, every eval_every steps and after
+  the last step, each rank's engine answers its share of `trainer.eval_prompts` prompts that are
+  not in the task's training pool (`Task.heldout`) greedily; `eval/exact` and `eval/reward` are over
+  all ranks' prompts. It reads the weights the last sync loaded, and changes no RNG the training uses.
 Departures: no value model (GRPO has none); no entropy bonus; rewards come from a
 programmatic task (recipe/tasks.py), not a reward model.
 """
@@ -234,6 +238,7 @@ class GRPOTrainer:
         self.model_dir = str(Path(cfg.model.path).expanduser().resolve())
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.task = build_task(cfg, self.tokenizer)
+        self.eval_prompts = held_out_share(self.task, cfg, ctx)  # [] when trainer.eval_every=0
         self.policy = build_policy(cfg, ctx)
         self.reference = self._build_reference() if cfg.algo.kl_coef > 0 else None
         self.optimizer = build_optimizer(self.policy, cfg)
@@ -264,6 +269,30 @@ class GRPOTrainer:
                                        temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
         self.engine.sleep()
         return prompts, samples
+
+    # -- held-out evaluation
+    def eval_due(self) -> bool:
+        """Every `trainer.eval_every` steps (step 0 = before training) and after the last step."""
+        every = self.cfg.trainer.eval_every
+        return every > 0 and (self.step % every == 0 or self.step == self.cfg.trainer.steps)
+
+    def evaluate(self) -> Dict[str, float]:
+        """Greedy answers of the engine (which holds the weights of `self.step`) to this rank's share of
+        the held-out prompts; exact rate and mean reward over all ranks' prompts. Runs right after a
+        sync and leaves the engine awake as the sync does (the next rollout would wake it anyway)."""
+        t0 = time.perf_counter()
+        prompt_ids = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in self.eval_prompts]
+        self.engine.wake()
+        samples = self.engine.generate(prompt_ids, n=1, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                       temperature=0.0, top_p=1.0, seed=0)
+        texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        pairs = list(zip(self.eval_prompts, texts))
+        sums = torch.tensor([sum(float(self.task.correct(p, t)) for p, t in pairs),
+                             sum(self.task.reward(p, t) for p, t in pairs), float(len(pairs))], dtype=torch.float64)
+        dist.all_reduce(sums)
+        exact, reward, count = sums.tolist()
+        return {"eval/exact": exact / count, "eval/reward": reward / count, "eval/prompts": count,
+                "eval/time_s": time.perf_counter() - t0, "eval/example": texts[0]}
 
     # -- phase 2: reward
     def score(self, prompts, samples):
@@ -381,6 +410,10 @@ class GRPOTrainer:
         self.maybe_resume()
         self.sync.sync(self.step)  # engine starts from the trainer's weights (and loads the adapter base)
         progress = Progress(cfg.trainer.steps, initial=self.step, enabled=self.ctx.is_main)
+        if self.step == 0 and self.eval_due():
+            before = self.evaluate()  # 0. held-out accuracy before training
+            self.logger.log(before, step=0)
+            progress.update(before)
         while self.step < cfg.trainer.steps:
             t0 = time.perf_counter()
             prompts, samples = self.rollout(self.step)  # 1. rollout
@@ -392,6 +425,8 @@ class GRPOTrainer:
             self.step += 1
             sync_stats = self.sync.sync(self.step)  # 5. sync (gather -> load -> verify)
             metrics = self.metrics(batch, train_stats, sync_stats, t_rollout, time.perf_counter() - t0, texts)
+            if self.eval_due():
+                metrics.update(self.evaluate())  # held-out accuracy of the weights just synced
             self.logger.log(metrics, step=self.step)  # 6. log
             progress.update(metrics)
             if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
@@ -418,15 +453,30 @@ class GRPOTrainer:
         self.engine.close()
 
 
+def held_out_share(task, cfg: DictConfig, ctx: DistContext) -> List:
+    """This rank's share of the held-out prompts (every world_size-th, from its rank on); [] when eval is off."""
+    if cfg.trainer.eval_every == 0:
+        return []
+    return task.heldout(cfg.trainer.eval_prompts)[ctx.rank::ctx.world_size]
+
+
 def summarize(history: List[Dict]) -> Dict[str, float]:
-    """First and last 10 steps' reward, step count and median sync time of metrics.jsonl's records."""
+    """First and last 10 steps' reward, step count and median sync time of metrics.jsonl's records;
+    with the held-out evaluation on, its first (before training) and last exact rate and reward."""
+    evals = [h for h in history if "eval/exact" in h]
+    history = [h for h in history if "reward/mean" in h]  # the step-0 record holds only the evaluation
     if not history:
         return {}
     k = min(10, len(history))
     first = sum(h["reward/mean"] for h in history[:k]) / k
     last = sum(h["reward/mean"] for h in history[-k:]) / k
-    return {"reward/first10": first, "reward/last10": last, "steps": len(history),
-            "sync/total_s_median": sorted(h["sync/total_s"] for h in history)[len(history) // 2]}
+    out = {"reward/first10": first, "reward/last10": last, "steps": len(history),
+           "sync/total_s_median": sorted(h["sync/total_s"] for h in history)[len(history) // 2]}
+    if evals:
+        out.update({"eval/exact_first": evals[0]["eval/exact"], "eval/exact_last": evals[-1]["eval/exact"],
+                    "eval/reward_first": evals[0]["eval/reward"], "eval/reward_last": evals[-1]["eval/reward"],
+                    "eval/first_step": evals[0]["step"], "eval/last_step": evals[-1]["step"]})
+    return out
 
 
 def run(cfg: DictConfig, ctx: DistContext) -> Dict[str, float]:

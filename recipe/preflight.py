@@ -7,8 +7,9 @@ launching process, before any rank starts or any model is built (recipe/train.py
   changes the math (the run directory's config.yaml); `logger.mode=online` can reach the wandb
   server, else the run falls back to offline;
 - `check_context_length(cfg, model_dir)`, once the model directory exists: the longest prompt of
-  the task plus `rollout.max_new_tokens` fits `rollout.max_model_len`, and that fits the model's
-  `max_position_embeddings`.
+  the task (training pool and, with `trainer.eval_every`, the held-out prompts, which the task must
+  be able to supply) plus `rollout.max_new_tokens` fits `rollout.max_model_len`, and that fits the
+  model's `max_position_embeddings`.
 Each failure is a ConfigError that names the field.
 """
 
@@ -30,7 +31,7 @@ from recipe.config import ConfigError
 RESUMABLE = ("trainer.steps", "trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoints",
              "trainer.timeout_s", "logger.", "run_dir", "cache_dir", "sync.verify", "sync.tolerance",
              "sync.num_probe_prompts", "sync.bucket_mb", "rollout.kv_cache_gb", "rollout.gpu_memory_utilization",
-             "rollout.sleep")
+             "rollout.sleep", "trainer.eval_every", "trainer.eval_prompts")
 # What makes a directory hold a run: a fresh run there would mix with or overwrite it.
 RUN_FILES = ("checkpoints", "metrics.jsonl")
 WANDB_TIMEOUT_S = 10.0
@@ -98,7 +99,8 @@ def check_context_length(cfg: DictConfig, model_dir: Path) -> None:
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
     task = build_task(cfg, tokenizer)
-    longest = max(len(tokenizer(p.text, add_special_tokens=False).input_ids) for p in task.pool)
+    held_out = task.heldout(cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []  # too few: ConfigError
+    longest = max(len(tokenizer(p.text, add_special_tokens=False).input_ids) for p in task.pool + held_out)
     need = longest + cfg.rollout.max_new_tokens
     if cfg.rollout.max_model_len < need:
         raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} is shorter than the longest prompt of "

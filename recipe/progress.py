@@ -1,4 +1,5 @@
-"""Rank-0 progress bar (step, reward, accuracy, step time, sync time, rollout tokens/s) and a quiet console.
+"""Rank-0 progress bar (step, reward, accuracy, step time, sync time, rollout tokens/s, held-out exact
+rate when evaluated) and a quiet console.
 
 Unless `logger.verbose=true`, the console shows the bar and errors only: the library warnings
 every rank prints at start-up (FSDP's deprecations and frozen-parameter notes, vLLM's start-up
@@ -13,13 +14,16 @@ from tqdm.auto import tqdm
 class Progress:
     def __init__(self, total: int, initial: int = 0, enabled: bool = True):
         self.bar = tqdm(total=total, initial=initial, desc="grpo", unit="step", dynamic_ncols=True) if enabled else None
+        self.held_out = {}  # the last held-out exact rate (trainer.eval_every), shown until the next one
 
     def update(self, m: dict) -> None:
-        if self.bar is None:
+        if "eval/exact" in m:
+            self.held_out = {"eval": f"{m['eval/exact']:.2f}"}
+        if self.bar is None or "reward/mean" not in m:  # the step-0 record holds only the evaluation
             return
         self.bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m['reward/accuracy']:.2f}",
                              step_s=f"{m['time/step_s']:.2f}", sync_s=f"{m['sync/total_s']:.3f}", tok_s=f"{m['rollout/tokens_per_s']:.0f}",
-                             refresh=False)
+                             **self.held_out, refresh=False)
         self.bar.update(1)
 
     def close(self) -> None:

@@ -4,7 +4,8 @@
     python -m tools.plot_run RUN_A RUN_B --label "ours" --label "other" --out curve.png
 
 Each run directory (or metrics.jsonl path) is one pair of lines; the dotted line is the exact-answer
-rate. Needs matplotlib (not a dependency of the recipe: `pip install matplotlib`).
+rate on the training prompts. A run with the held-out evaluation on (`trainer.eval_every`) adds a
+third line with markers: the greedy exact rate on the held-out prompts (`eval/exact`), unsmoothed. Needs matplotlib (not a dependency of the recipe: `pip install matplotlib`).
 """
 
 from __future__ import annotations
@@ -46,12 +47,17 @@ def main(argv=None) -> None:
 
     fig, ax = plt.subplots(figsize=(6, 3.2), dpi=100)
     for i, run in enumerate(args.runs):
-        rows = load(run)
+        records = load(run)
+        rows = [r for r in records if "reward/mean" in r]  # a step-0 record holds only the evaluation
         steps = [r["step"] for r in rows]
         label = args.label[i] if i < len(args.label) else str(run)
         line, = ax.plot(steps, smooth([r["reward/mean"] for r in rows], args.smooth), label=f"{label}: reward")
         ax.plot(steps, smooth([r["reward/accuracy"] for r in rows], args.smooth), linestyle=":",
                 color=line.get_color(), label=f"{label}: exact")
+        evals = [r for r in records if r.get("eval/exact") is not None]
+        if evals:
+            ax.plot([r["step"] for r in evals], [r["eval/exact"] for r in evals], marker="o", markersize=3,
+                    linestyle="--", color=line.get_color(), label=f"{label}: held-out exact (greedy)")
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)
