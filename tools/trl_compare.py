@@ -174,6 +174,7 @@ def run_ours(args, overrides) -> dict:
     subprocess.run(cmd, cwd=ROOT, check=True)
     total = time.perf_counter() - t0
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    records = [r for r in records if "time/step_s" in r]  # training steps (not the step-0 held-out eval)
     step_s = [r["time/step_s"] for r in records]
     return {"wall_s": sum(step_s), "total_s": total, "step_s": sum(step_s) / len(step_s),
             "step_median_s": statistics.median(step_s),
