@@ -52,6 +52,17 @@ def parse_leading_int(text: str) -> Optional[tuple]:
     return (int(m.group()), m.end()) if m else None
 
 
+def leading_match(text: str, answer: str) -> float:
+    """Characters `text` and `answer` share from the start, over the longer one's length: "1" or
+    "15" for "14" gives 0.5, "14" gives 1, "9" gives 0."""
+    same = 0
+    for a, b in zip(text, answer):
+        if a != b:
+            break
+        same += 1
+    return same / max(len(text), len(answer), 1)
+
+
 class Task:
     """Base class. Subclasses implement `make_prompt(rng)` and `reward(prompt, completion)`.
 
@@ -114,14 +125,16 @@ class Arithmetic(Task):
     """
 
     def __init__(self, max_operand: int = 9, ops: str = "+", stop_window: int = 12,
-                 close_window: int = 10, **kwargs):
+                 close_window: int = 10, digit_credit: float = 0.0, **kwargs):
         super().__init__(**kwargs)
         if max_operand < 1:
             raise ConfigError(f"task.params.max_operand must be >= 1, got {max_operand}")
         if not ops or set(ops) - set("+-*"):
             raise ConfigError(f"task.params.ops={ops!r} is not valid; use a string of: + - *")
         self.max_operand, self.ops = max_operand, ops
-        self.stop_window, self.close_window = stop_window, close_window
+        if not 0.0 <= digit_credit <= 1.0:
+            raise ConfigError(f"task.params.digit_credit must be in [0, 1], got {digit_credit}")
+        self.stop_window, self.close_window, self.digit_credit = stop_window, close_window, digit_credit
         largest = max({"+": 2 * max_operand, "-": max_operand, "*": max_operand ** 2}[op] for op in ops)
         self.max_chars = len(str(largest)) + ("-" in ops)  # digits of the longest answer, plus a sign
 
@@ -143,6 +156,8 @@ class Arithmetic(Task):
         extra = len(completion) - used
         stop = max(0.0, 1.0 - extra / self.stop_window)
         close = max(0.0, 1.0 - abs(value - answer) / self.close_window)
+        if self.digit_credit:
+            close += self.digit_credit * (leading_match(completion[:used], prompt.answer) - close)
         return 0.1 + 0.2 * stop + 0.3 * close + 0.4 * float(value == answer)
 
     def correct(self, prompt: Prompt, completion: str) -> bool:
