@@ -58,8 +58,8 @@ def test_arithmetic_reward_bounds_and_ordering():
 
 def test_arithmetic_digit_credit_rewards_the_first_digit_of_a_two_digit_answer():
     p = Prompt(text="9+5=", answer="14")
-    by_value, by_digits, mixed = Arithmetic(seed=0), Arithmetic(seed=0, digit_credit=1.0), \
-        Arithmetic(seed=0, digit_credit=0.5)
+    by_value, by_digits, mixed = Arithmetic(seed=0, digit_credit=0.0), Arithmetic(seed=0, digit_credit=1.0), \
+        Arithmetic(seed=0)  # the default: 0.5
     # by value alone, "9" (5 away) beats "1" (13 away): the path to "14" starts downhill
     assert by_value.reward(p, "9") > by_value.reward(p, "1")
     assert by_digits.reward(p, "1") == pytest.approx(0.1 + 0.2 + 0.3 * 0.5)  # half the answer's digits
