@@ -49,6 +49,10 @@ def console_env(verbose: bool) -> None:
     if not verbose:
         os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # C++ warnings (TORCH_WARN); errors still show
         os.environ.setdefault("WANDB_SILENT", "true")
+        # The launcher's resource tracker (a process of its own) warns at exit about a semaphore vLLM leaves.
+        quiet_tracker = "ignore::UserWarning:multiprocessing.resource_tracker"
+        if quiet_tracker not in os.environ.get("PYTHONWARNINGS", ""):
+            os.environ["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet_tracker) if w)
 
 
 def configure_console(verbose: bool) -> None:
