@@ -2,8 +2,8 @@
 
 Unless `logger.verbose=true`, the console shows the bar and errors only: the library warnings
 every rank prints at start-up (FSDP's deprecations and frozen-parameter notes, vLLM's start-up
-log, the NUMA-binding note vLLM's CPU worker has torch's C++ logger print, wandb's banner) are
-left out. Everything still goes to metrics.jsonl and wandb. torch's C++ logger reads its level
+log, the NUMA-binding note vLLM's CPU worker has torch's C++ logger print, wandb's banner, the
+resource tracker's warning at exit about a semaphore vLLM leaves) are left out. Everything still goes to metrics.jsonl and wandb. torch's C++ logger reads its level
 once, when torch is imported, so `console_env` runs in the launcher before the ranks start (under
 torchrun, set TORCH_CPP_LOG_LEVEL=ERROR yourself).
 """

@@ -40,7 +40,7 @@ NUMA_NOTE = ("import torch, vllm._custom_ops\n"
 
 @pytest.mark.parametrize("verbose", [False, True])
 def test_vllm_cpu_start_up_note_only_when_verbose(monkeypatch, verbose):
-    for key in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL", "WANDB_SILENT"):
+    for key in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL", "WANDB_SILENT", "PYTHONWARNINGS"):
         monkeypatch.delenv(key, raising=False)
     console_env(verbose)
     done = subprocess.run([sys.executable, "-c", NUMA_NOTE], env=dict(os.environ), capture_output=True, text=True,
@@ -49,3 +49,13 @@ def test_vllm_cpu_start_up_note_only_when_verbose(monkeypatch, verbose):
         pytest.skip("this vLLM build has no CPU worker op (a CUDA build)")
     assert done.returncode == 0, done.stderr
     assert ("NUMA binding" in done.stderr) == verbose, done.stderr
+
+
+def test_quiet_console_keeps_the_users_settings(monkeypatch):
+    monkeypatch.setenv("TORCH_CPP_LOG_LEVEL", "INFO")
+    monkeypatch.setenv("PYTHONWARNINGS", "error::DeprecationWarning")
+    console_env(False)
+    console_env(False)  # twice (launcher, then rank): the filter is added once
+    assert os.environ["TORCH_CPP_LOG_LEVEL"] == "INFO"
+    assert os.environ["PYTHONWARNINGS"] == \
+        "error::DeprecationWarning,ignore::UserWarning:multiprocessing.resource_tracker"
