@@ -119,6 +119,8 @@ class AlgoConfig:
     kl_coef: float = 0.0
     # Entropy bonus: the loss subtracts entropy_coef x the per-token entropy of the tempered policy.
     entropy_coef: float = 0.0
+    # The bonus covers each completion's first entropy_tokens tokens; 0 = every completion token.
+    entropy_tokens: int = 0
     # Divide group-centred rewards by the group std (GRPO paper) or not (Dr. GRPO).
     scale_by_std: bool = True
     loss_agg: str = "token_mean"
@@ -281,7 +283,7 @@ def validate(cfg: DictConfig) -> None:
         _positive(cfg, key)
     for key in ("trainer.weight_decay", "trainer.warmup_steps", "trainer.grad_clip",
                 "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.micro_batch_tokens", "algo.clip_eps",
-                "algo.kl_coef", "algo.entropy_coef"):
+                "algo.kl_coef", "algo.entropy_coef", "algo.entropy_tokens"):
         _positive(cfg, key, allow_zero=True)
     _rollout_and_batch(cfg)
     _evaluation(cfg)

@@ -18,6 +18,9 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   L_t = -min(rho_t * A, clip(rho_t, 1 - eps, 1 + eps) * A).
 - KL (off by default, `algo.kl_coef`): k3 estimator to a frozen reference,
   KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (unbiased, always >= 0).
+- Entropy bonus (off by default, `algo.entropy_coef`): the loss subtracts entropy_coef x H_t,
+  the entropy of the tempered policy at token t, over each completion's first
+  `algo.entropy_tokens` tokens (0: all), so the policy keeps sampling different answers.
 - Aggregation (`algo.loss_agg`), over the *global* mini-batch (the mini-batches of all ranks
   together): `token_mean` averages L_t over all its completion tokens (long answers weigh
   more); `seq_mean` averages within each sequence first, then over all its sequences (every
@@ -33,7 +36,7 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   the last step, each rank's engine answers its share of `trainer.eval_prompts` prompts that are
   not in the task's training pool (`Task.heldout`) greedily; `eval/exact` and `eval/reward` are over
   all ranks' prompts. It reads the weights the last sync loaded, and changes no RNG the training uses.
-Departures: no value model (GRPO has none); no entropy bonus; rewards come from a
+Departures: no value model (GRPO has none); an optional entropy bonus (GRPO has none); rewards come from a
 programmatic task (recipe/tasks.py), not a reward model.
 """
 
@@ -78,9 +81,19 @@ def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tenso
     return -(logp.exp() * logp).sum(-1)
 
 
+def bonus_mask(mask: torch.Tensor, first: int) -> torch.Tensor:
+    """`mask` (float, [B, T]) limited to each row's first `first` completion tokens; 0 keeps all."""
+    if first <= 0:
+        return mask
+    return mask * (mask.cumsum(1) <= first).float()
+
+
 def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str, ref_logp=None, kl_coef=0.0,
-                      entropy=None, entropy_coef=0.0):
+                      entropy=None, entropy_coef=0.0, entropy_tokens=0):
     """The GRPO loss of one micro-batch and its stats; see the module docstring.
+
+    The entropy bonus covers each completion's first `entropy_tokens` tokens (0: all of them);
+    `stats["entropy"]` sums the entropy over every completion token either way.
 
     Returns (loss_sum, stats): the sum over tokens (`token_mean`) or of per-sequence token means
     (`seq_mean`); the caller divides by the global mini-batch's token or sequence count.
@@ -92,9 +105,9 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
         log_r = ref_logp - logp
         kl = torch.exp(log_r) - log_r - 1
         per_token = per_token + kl_coef * kl
-    if entropy is not None and entropy_coef > 0:
-        per_token = per_token - entropy_coef * entropy
     mask = mask.float()
+    if entropy is not None and entropy_coef > 0:
+        per_token = per_token - entropy_coef * entropy * bonus_mask(mask, entropy_tokens)
     if loss_agg == "token_mean":
         loss_sum = (per_token * mask).sum()
     else:  # seq_mean: each sequence's token mean, summed; normalised by the sequence count
@@ -201,7 +214,7 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
             entropy = token_entropy(logits, cfg.rollout.temperature)
         loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
                                         cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef, entropy,
-                                        cfg.algo.entropy_coef)
+                                        cfg.algo.entropy_coef, cfg.algo.entropy_tokens)
         (loss_sum / norm).backward()
         stats["loss"] += loss_sum.item() / (norm * world_size)
         for key in ("clip_frac", "kl", "entropy", "tokens"):

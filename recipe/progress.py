@@ -3,7 +3,10 @@ rate when evaluated) and a quiet console.
 
 Unless `logger.verbose=true`, the console shows the bar and errors only: the library warnings
 every rank prints at start-up (FSDP's deprecations and frozen-parameter notes, vLLM's start-up
-log) are left out. Everything still goes to metrics.jsonl and wandb.
+log, the NUMA-binding note vLLM's CPU worker has torch's C++ logger print, wandb's banner, the
+resource tracker's warning at exit about a semaphore vLLM leaves) are left out. Everything still goes to metrics.jsonl and wandb. torch's C++ logger reads its level
+once, when torch is imported, so `console_env` runs in the launcher before the ranks start (under
+torchrun, set TORCH_CPP_LOG_LEVEL=ERROR yourself).
 """
 
 from __future__ import annotations
@@ -41,6 +44,21 @@ QUIET_WARNINGS = (
 )
 
 
+def console_env(verbose: bool) -> None:
+    """The environment variables that quiet the libraries (values the user set win); processes
+    started after this call inherit them."""
+    import os
+
+    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
+    if not verbose:
+        os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "ERROR")  # C++ warnings (TORCH_WARN); errors still show
+        os.environ.setdefault("WANDB_SILENT", "true")
+        # The launcher's resource tracker (a process of its own) warns at exit about a semaphore vLLM leaves.
+        quiet_tracker = "ignore::UserWarning:multiprocessing.resource_tracker"
+        if quiet_tracker not in os.environ.get("PYTHONWARNINGS", ""):
+            os.environ["PYTHONWARNINGS"] = ",".join(w for w in (os.environ.get("PYTHONWARNINGS"), quiet_tracker) if w)
+
+
 def configure_console(verbose: bool) -> None:
     """Called on every rank before anything is built; see the module docstring."""
     import os
@@ -48,7 +66,7 @@ def configure_console(verbose: bool) -> None:
 
     import logging
 
-    os.environ.setdefault("VLLM_LOGGING_LEVEL", "INFO" if verbose else "ERROR")
+    console_env(verbose)
     if verbose:
         return
     for pattern in QUIET_WARNINGS:

@@ -38,8 +38,10 @@ def train(cfg: DictConfig) -> None:
     from recipe.assets import ensure_model
     from recipe.dist import launch
     from recipe.preflight import check_context_length, preflight
+    from recipe.progress import console_env
 
     validate(cfg)
+    console_env(cfg.logger.verbose)  # before the ranks start: their torch reads it at import
     preflight(cfg)  # run directory, resumed config, wandb: before anything is built or downloaded
     check_context_length(cfg, ensure_model(cfg))
     saved = Path(cfg.run_dir) / "config.yaml"

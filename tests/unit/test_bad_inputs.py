@@ -35,6 +35,7 @@ CPU = "trainer.device=cpu"
     (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization", "(0, 1)"),
     (["rollout.gpu_memory_utilization=0"], "rollout.gpu_memory_utilization", "got 0"),
     (["rollout.kv_cache_gb=0"], "rollout.kv_cache_gb", "> 0"),
+    (["algo.entropy_tokens=-1"], "algo.entropy_tokens", ">= 0"),
 ])
 def test_bad_values_are_refused_with_the_field(overrides, field, hint):
     with pytest.raises(ConfigError) as err:

@@ -6,7 +6,7 @@ import random
 import pytest
 import torch
 
-from recipe.grpo import (Batch, clipped_surrogate, group_advantages, local_count, micro_batch_tensors, micro_batches,
+from recipe.grpo import (Batch, bonus_mask, clipped_surrogate, group_advantages, local_count, micro_batch_tensors, micro_batches,
                          token_entropy, token_logprobs, warmup_lambda)
 
 
@@ -137,6 +137,19 @@ def test_entropy_bonus_lowers_the_loss_by_coef_times_masked_entropy():
     bonus, stats = clipped_surrogate(logp, logp, adv, mask, 0.2, "token_mean", entropy=ent, entropy_coef=0.1)
     assert bonus.item() == pytest.approx(base.item() - 0.1 * math.log(8))
     assert stats["entropy"] == pytest.approx(math.log(8))
+
+
+def test_entropy_bonus_covers_only_the_first_entropy_tokens():
+    ent = torch.tensor([[9.0, 1.0, 2.0, 4.0, 8.0]])  # position 0 is the prompt's: outside the mask
+    mask = torch.tensor([[False, True, True, True, True]])
+    logp, adv = torch.zeros(1, 5), torch.zeros(1)
+    base, _ = clipped_surrogate(logp, logp, adv, mask, 0.2, "token_mean")
+    for first, covered in ((0, 15.0), (1, 1.0), (2, 3.0), (4, 15.0), (9, 15.0)):
+        loss, stats = clipped_surrogate(logp, logp, adv, mask, 0.2, "token_mean", entropy=ent, entropy_coef=0.5,
+                                        entropy_tokens=first)
+        assert loss.item() == pytest.approx(base.item() - 0.5 * covered)
+        assert stats["entropy"] == pytest.approx(15.0)  # logged over every completion token either way
+    assert torch.equal(bonus_mask(mask.float(), 2), torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0]]))
 
 
 def test_warmup_ramps_to_one():

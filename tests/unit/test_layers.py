@@ -33,7 +33,8 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
 
 # What each recipe module may import (other recipe modules). tools/ may import any recipe module.
 ALLOWED: Dict[str, Set[str]] = {
-    "recipe.train": {"recipe.config", "recipe.grpo", "recipe.assets", "recipe.dist", "recipe.preflight"},
+    "recipe.train": {"recipe.config", "recipe.grpo", "recipe.assets", "recipe.dist", "recipe.preflight",
+                     "recipe.progress"},
     "recipe.grpo": {"recipe.dist", "recipe.metrics", "recipe.model", "recipe.rollout", "recipe.sync", "recipe.tasks",
                     "recipe.checkpoint", "recipe.progress"},
     "recipe.checkpoint": {"recipe.model"},

@@ -7,7 +7,8 @@ import random
 
 import pytest
 from recipe.config import ConfigError
-from recipe.tasks import Arithmetic, Prompt, Task, WordProblems, build_task, parse_leading_int, parse_last_int
+from recipe.tasks import (Arithmetic, Prompt, Task, WordProblems, build_task, leading_match, parse_leading_int,
+                          parse_last_int)
 from tests.helpers import compose
 
 
@@ -53,6 +54,26 @@ def test_arithmetic_reward_bounds_and_ordering():
     for _ in range(2000):
         completion = "".join(rng.choice(chars) for _ in range(rng.randint(0, 16)))
         assert 0.0 <= task.reward(p, completion) <= 1.0
+
+
+def test_arithmetic_digit_credit_rewards_the_first_digit_of_a_two_digit_answer():
+    p = Prompt(text="9+5=", answer="14")
+    by_value, by_digits, mixed = Arithmetic(seed=0, digit_credit=0.0), Arithmetic(seed=0, digit_credit=1.0), \
+        Arithmetic(seed=0)  # the default: 0.5
+    # by value alone, "9" (5 away) beats "1" (13 away): the path to "14" starts downhill
+    assert by_value.reward(p, "9") > by_value.reward(p, "1")
+    assert by_digits.reward(p, "1") == pytest.approx(0.1 + 0.2 + 0.3 * 0.5)  # half the answer's digits
+    assert by_digits.reward(p, "1") > by_digits.reward(p, "9")
+    gap = {name: t.reward(p, "9") - t.reward(p, "1") for name, t in
+           (("value", by_value), ("mixed", mixed), ("digits", by_digits))}
+    assert gap["value"] > gap["mixed"] > gap["digits"]  # the valley before "14" is shallower, then gone
+    assert by_digits.reward(p, "15") == pytest.approx(by_digits.reward(p, "19"))  # one leading digit each
+    assert mixed.reward(p, "15") > mixed.reward(p, "19")  # and the value still counts
+    assert mixed.reward(p, "14") == by_digits.reward(p, "14") == pytest.approx(1.0)
+    assert by_digits.reward(Prompt(text="0+1=", answer="1"), "11") == pytest.approx(0.1 + 0.2 + 0.3 * 0.5)  # "1" of 2
+    assert leading_match("-3", "-3") == 1.0 and leading_match("", "7") == 0.0
+    with pytest.raises(ConfigError, match="task.params.digit_credit"):
+        Arithmetic(seed=0, digit_credit=1.5)
 
 
 def test_arithmetic_correct():
