@@ -146,6 +146,8 @@ def run_trl(args, prompts, cfg) -> dict:
         spec_path.write_text(json.dumps(spec))
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
         env = dict(os.environ, PYTHONPATH=path, TOKENIZERS_PARALLELISM="false")
+        if args.device == "cuda":  # TRL refuses a process that sees several GPUs (nn.DataParallel)
+            env.setdefault("CUDA_VISIBLE_DEVICES", "0")
         log = Path(tmp) / "trl.log"  # TRL prints a dict per optimizer step; shown only on failure
         t0 = time.perf_counter()
         with open(log, "w") as f:
