@@ -275,13 +275,20 @@ class GRPOTrainer:
     def rollout(self, step: int):
         cfg = self.cfg
         prompts = self.task.batch(step * self.ctx.world_size + self.ctx.rank, cfg.trainer.prompts_per_step)
-        prompt_ids = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in prompts]
         seed = cfg.trainer.seed * 1_000_003 + step * 1009 + self.ctx.rank
-        self.engine.wake()
-        samples = self.engine.generate(prompt_ids, n=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens,
-                                       temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
+        samples = self.generate(prompts, cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p, seed)
         self.engine.sleep()
         return prompts, samples
+
+    def generate(self, prompts, n: int, temperature: float, top_p: float, seed: int):
+        """`n` samples per prompt from the engine (woken first, left awake), up to rollout.max_new_tokens."""
+        prompt_ids = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in prompts]
+        self.engine.wake()
+        return self.engine.generate(prompt_ids, n=n, max_new_tokens=self.cfg.rollout.max_new_tokens,
+                                    temperature=temperature, top_p=top_p, seed=seed)
+
+    def decode(self, samples) -> List[str]:
+        return [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
 
     # -- held-out evaluation
     def eval_due(self) -> bool:
@@ -294,11 +301,7 @@ class GRPOTrainer:
         the held-out prompts; exact rate and mean reward over all ranks' prompts. Runs right after a
         sync and leaves the engine awake as the sync does (the next rollout would wake it anyway)."""
         t0 = time.perf_counter()
-        prompt_ids = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in self.eval_prompts]
-        self.engine.wake()
-        samples = self.engine.generate(prompt_ids, n=1, max_new_tokens=self.cfg.rollout.max_new_tokens,
-                                       temperature=0.0, top_p=1.0, seed=0)
-        texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        texts = self.decode(self.generate(self.eval_prompts, 1, temperature=0.0, top_p=1.0, seed=0))
         pairs = list(zip(self.eval_prompts, texts))
         sums = torch.tensor([sum(float(self.task.correct(p, t)) for p, t in pairs),
                              sum(self.task.reward(p, t) for p, t in pairs), float(len(pairs))], dtype=torch.float64)
@@ -310,7 +313,7 @@ class GRPOTrainer:
     # -- phase 2: reward
     def score(self, prompts, samples):
         n = self.cfg.rollout.n
-        texts = [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
+        texts = self.decode(samples)
         rewards = torch.tensor([self.task.reward(prompts[i // n], t) for i, t in enumerate(texts)])
         correct = torch.tensor([float(self.task.correct(prompts[i // n], t)) for i, t in enumerate(texts)])
         return rewards, correct, texts
