@@ -421,6 +421,11 @@ class _ShardGather:
         return numel * (self.world + 1) * self.dtypes[idx[0]].itemsize * (1 if self._whole(idx) else 2)
 
 
+def _local_is_full(named: List[Tuple[str, torch.Tensor]], device: torch.device) -> bool:
+    """One rank, and every local shard already on the engine device: the shards are the full tensors."""
+    return named[0][1].device_mesh.size() == 1 and all(p.to_local().device == device for _, p in named)
+
+
 def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes: int, wire: Wire,
                             select: Callable[[str], bool], merge_scale: Optional[float] = None) -> Iterator[Group]:
     """FSDP2, any offload: the local shards (device, pinned host or pageable host) are gathered
@@ -435,7 +440,7 @@ def _fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes
     sources: Dict[str, ShardSource] = {}
     if merge_scale is not None:
         named, sources = _merge_on_shards(named, device, bucket_bytes, budget, wire, merge_scale)
-    if named[0][1].device_mesh.size() == 1 and all(p.to_local().device == device for _, p in named):
+    if _local_is_full(named, device):
         # One rank, shards already on the engine device: the local shards are the full tensors,
         # cast to the wire dtype unit by unit (a copy where it differs from the master dtype).
         unit_of = {id(p): k for k, (_, members) in enumerate(units) for _, p in _unique(members)}
@@ -488,7 +493,7 @@ def _merge_on_shards(named: List[Tuple[str, torch.Tensor]], device: torch.device
 
 def _fsdp2_pipelined_groups_of(named, device, bucket_bytes, budget, wire) -> Iterator[Group]:
     """Full tensors of some FSDP2 parameters (the local shards where one rank holds them all)."""
-    if named[0][1].device_mesh.size() == 1 and all(p.to_local().device == device for _, p in named):
+    if _local_is_full(named, device):
         return iter([{n: p.to_local().detach().to(wire(n, p)) for n, p in named}])
     return iter(_ShardGather(named, device, bucket_bytes, budget, wire))
 
