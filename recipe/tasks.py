@@ -31,9 +31,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from recipe.config import ConfigError
 
-# Thousands separators only in groups of three ("1,200"); "1,2" is two numbers.
 # Held-out prompts: draws per prompt asked for before the task's prompt space counts as exhausted.
 HELDOUT_TRIES = 50
+# Thousands separators only in groups of three ("1,200"); "1,2" is two numbers.
 _INT = re.compile(r"-?\d{1,3}(?:,\d{3})+(?!\d)|-?\d+")
 
 
