@@ -168,6 +168,11 @@ def run_trl(args, prompts, cfg) -> dict:
 # ----------------------------------------------------------------------------- this recipe
 
 
+# Our per-step phase timings (metrics.jsonl keys), reported as medians over steps 2.. beside the table.
+PHASES = {"rollout/time_s": "rollout", "time/update_s": "update", "sync/total_s": "sync", "sync/gather_s": "gather",
+          "sync/load_s": "load", "sync/verify_s": "digest check", "sync/probe_s": "probe"}
+
+
 def run_ours(args, overrides) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="ours-compare-"))
     cmd = [sys.executable, "-m", "recipe.train", *overrides, "logger.backend=none", f"hydra.run.dir={run_dir}"]
@@ -178,8 +183,11 @@ def run_ours(args, overrides) -> dict:
     records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
     records = [r for r in records if "time/step_s" in r]  # training steps (not the step-0 held-out eval)
     step_s = [r["time/step_s"] for r in records]
+    later = records[1:] or records  # the first step also pays for warm-up
+    phases = {key: statistics.median(r[key] for r in later if key in r) for key in PHASES
+              if any(key in r for r in later)}
     return {"wall_s": sum(step_s), "total_s": total, "step_s": sum(step_s) / len(step_s),
-            "step_median_s": statistics.median(step_s),
+            "step_median_s": statistics.median(step_s), "phases_median_s": phases,
             "reward": first_last([r["reward/mean"] for r in records]),
             "exact": first_last([r["reward/accuracy"] for r in records]), "steps": len(records),
             "run_dir": str(run_dir)}
@@ -192,6 +200,10 @@ def table(rows, steps: int) -> str:
         lines.append(f"| {name} | {r['wall_s']:.1f} s ({r['total_s']:.0f} s) | {r['step_s']:.3f} s ({r['step_median_s']:.3f} s) "
                      f"| {r['reward'][0]:.3f} -> {r['reward'][1]:.3f} "
                      f"| {100 * r['exact'][0]:.1f}% -> {100 * r['exact'][1]:.1f}% |")
+    for name, r in rows:
+        if r.get("phases_median_s"):
+            parts = ", ".join(f"{PHASES[k]} {v:.4f}" for k, v in r["phases_median_s"].items())
+            lines.append(f"\n{name}, median s per step (steps 2..): {parts}")
     return "\n".join(lines)
 
 
@@ -205,6 +217,9 @@ def main(argv=None) -> None:
     p.add_argument("--lr", type=float, default=1e-3)
     p.add_argument("--ours", action="append", default=[], metavar="OVERRIDE",
                    help="extra Hydra override for this recipe's run (repeatable), e.g. trainer.world_size=2")
+    p.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
+                   help="one more run of this recipe with these space-separated overrides on top (repeatable), "
+                        "e.g. --also rollout=hf --also 'sync.verify=off sync.digest=false'")
     p.add_argument("--skip", choices=["trl", "ours"], action="append", default=[])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: both sides in bf16 on one GPU with vLLM (TRL in colocate mode)")
@@ -232,7 +247,9 @@ def main(argv=None) -> None:
     ensure_model(cfg)
     rows = []
     if "ours" not in args.skip:
-        rows.append((f"this recipe (world {world}, vLLM)", run_ours(args, ours)))
+        rows.append((f"this recipe (world {world}, {cfg.rollout.backend})", run_ours(args, ours)))
+        for extra in args.also:
+            rows.append((f"this recipe (world {world}) {extra}", run_ours(args, ours + extra.split())))
     if "trl" not in args.skip:
         prompts = step_prompts(cfg, args.steps, world, args.prompts // world)
         result = run_trl(args, prompts, cfg)
