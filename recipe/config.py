@@ -132,9 +132,9 @@ class SyncConfig:
     strategy: str = "auto"
     # Exact digest of every tensor the engine holds vs what was streamed, every sync.
     digest: bool = True
-    # Parity probe: "every", "first", "off", or an integer N (every N-th sync).
-    verify: str = "every"
-    # Max abs difference of probe logprobs tolerated; null = dtype-aware default.
+    # Logprob probe: "every", "first", "off", or an integer N (the 1st, N+1-th, ... sync).
+    verify: str = "10"
+    # Mean abs difference of the probe tokens' logprobs tolerated; null = dtype-aware default.
     tolerance: Optional[float] = None
     # Tensors are grouped into buckets of at most this many MiB before loading.
     bucket_mb: int = 64

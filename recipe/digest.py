@@ -107,12 +107,29 @@ def shape_info(t: torch.Tensor) -> Tuple[int, int, str]:
     return t.numel(), (t.shape[0] if t.dim() > 0 else 1), str(t.dtype).replace("torch.", "")
 
 
+def to_host(sums: Sequence[torch.Tensor]) -> List[List[int]]:
+    """The rows of many small device tensors as Python ints: one copy per device, not one per tensor
+    (each copy to the host waits for the device, and at a few hundred tensors those waits added up)."""
+    by_device: Dict[str, List[int]] = {}
+    for i, t in enumerate(sums):
+        by_device.setdefault(str(t.device), []).append(i)
+    rows: List[List[int]] = [[] for _ in sums]
+    for idx in by_device.values():
+        stacked = torch.cat([sums[i].reshape(-1, sums[i].shape[-1]) for i in idx]).cpu().tolist()
+        at = 0
+        for i in idx:
+            n = sums[i].reshape(-1, sums[i].shape[-1]).shape[0]
+            rows[i] = stacked[at:at + n]
+            at += n
+    return rows
+
+
 def finish(info: Iterable[Tuple[int, int, str]], sums: List[torch.Tensor]) -> List[Digest]:
     """Digests from shape info and `digest_sums` results: one host sync for all of them."""
     info = list(info)
     if not info:
         return []
-    values = torch.stack([s.to("cpu") for s in sums]).tolist()
+    values = [r[0] for r in to_host(sums)]
     return [Digest(n, r, s & MASK, w & MASK, dt) for (n, r, dt), (s, w) in zip(info, values)]
 
 
@@ -130,7 +147,7 @@ def digests(tensors: Sequence[torch.Tensor]) -> List[Digest]:
         order += idx
     if not parts:
         return []
-    values = torch.cat([p.to("cpu") for p in parts]).tolist()
+    values = [v for rows in to_host(parts) for v in rows]
     by_index = dict(zip(order, values))
     out = []
     for i, t in enumerate(tensors):

@@ -324,7 +324,8 @@ def _held_digests_in_worker(worker, use_captures: bool) -> Dict[str, Optional[di
     """{vLLM parameter name: Digest} of every parameter (shared ones under each owner's name)."""
     model = _vllm_model(worker)
     captures, hooked = getattr(model, _CAPTURES, {}), getattr(model, _HOOKED, set())
-    found: Dict[str, Tuple] = {}
+    captured: Dict[str, Tuple] = {}
+    direct: Dict[str, torch.Tensor] = {}
     unreadable: List[str] = []
     for module_name, module in model.named_modules():
         for attr, param in module._parameters.items():
@@ -333,16 +334,16 @@ def _held_digests_in_worker(worker, use_captures: bool) -> Dict[str, Optional[di
             name = _engine_name(f"{module_name}.{attr}")
             if use_captures and _engine_name(module_name) in hooked:
                 if name in captures:
-                    found[name] = captures[name]
+                    captured[name] = captures[name]
                 else:
                     unreadable.append(name)
             elif param.numel() > 0:
-                found[name] = (digest_mod.shape_info(param), digest_mod.digest_sums(param))
+                direct[name] = param
             else:
                 unreadable.append(name)
-    names = list(found)
-    done = digest_mod.finish([found[n][0] for n in names], [found[n][1] for n in names])
-    return {**dict(zip(names, done)), **{n: None for n in unreadable}}
+    done = dict(zip(captured, digest_mod.finish([c[0] for c in captured.values()], [c[1] for c in captured.values()])))
+    done.update(zip(direct, digest_mod.digests(list(direct.values()))))  # small ones batched, one host copy
+    return {**done, **{n: None for n in unreadable}}
 
 
 def _packed_modules_in_worker(worker) -> Dict[str, List[str]]:

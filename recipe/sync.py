@@ -24,8 +24,13 @@ from recipe.model import Residency, adapter_config, sequence_logprobs
 from recipe.names import is_lora_param, peft_name
 from recipe.state_dict import WeightStream, stream_base_weights, stream_weights, strategy_name
 
-# Max |logprob_trainer - logprob_engine| over the probe tokens when sync.tolerance is null.
-# Measured on CPU (docs/SYNC.md): float32 noise <= 5e-5 on SmolLM2-135M, while one stale MLP
+# Mean |logprob_trainer - logprob_engine| over the probe tokens when sync.tolerance is null. Until
+# this round the bound applied to the worst token, whose gap in bf16 grows with the model and with
+# training (logits sharpen, a token at logprob -10 carries a large rounding error): SmolLM2 trained
+# at lr 3e-5 on an H200 showed 0.72 on one token at logprob -10 after 75 correct syncs, and the
+# run stopped. The mean over the ~50 probe tokens averages that rounding out; a wrong weight moves
+# most tokens. The worst token is still logged (sync/parity_max_abs_diff) and named in the error.
+# Worst-token figures, measured on CPU (docs/SYNC.md): float32 noise <= 5e-5 on SmolLM2-135M, while one stale MLP
 # tensor after one optimizer step shifts a probe token by 0.03 (tiny) to 0.11 (SmolLM2).
 # bfloat16 noise reaches 0.25 on SmolLM2 (engine and trainer round every matmul differently),
 # so its default sits at 2x that; it still catches a missed update on SmolLM2 (>= 0.76), but
@@ -72,6 +77,15 @@ def worst_token(trainer: List[List[float]], engine: List[List[float]]) -> Tuple[
             if d > best[0]:
                 best = (d, row, pos + 1)
     return best
+
+
+def mean_gap(trainer: List[List[float]], engine: List[List[float]]) -> float:
+    """Mean |diff| over all probe tokens (the probe's verdict); NaN or a length mismatch is inf."""
+    gaps = [abs(x - y) for a, b in zip(trainer, engine) if len(a) == len(b) for x, y in zip(a, b)]
+    if len(trainer) != len(engine) or any(len(a) != len(b) for a, b in zip(trainer, engine)) or not gaps:
+        return math.inf
+    mean = sum(gaps) / len(gaps)
+    return math.inf if math.isnan(mean) else mean
 
 
 def checkpoint_names(model_dir: str) -> List[str]:
@@ -154,6 +168,7 @@ class WeightSync:
             "sync/verified_bytes": checked.get("bytes", 0),
             "sync/digest": checked.get("hex", ""),
             "sync/parity_max_abs_diff": probed.get("diff", float("nan")),
+            "sync/parity_mean_abs_diff": probed.get("mean", float("nan")),
             "sync/fingerprint": probed.get("fingerprint", float("nan")),
         }
 
@@ -268,16 +283,18 @@ class WeightSync:
         """The logprob probe: the engine's prompt logprobs against the trainer's (collective)."""
         t0 = time.perf_counter()
         engine_lps = self.engine.prompt_logprobs(self.probe)
-        diff = self._parity(engine_lps, step)
-        return {"diff": diff, "fingerprint": fingerprint(engine_lps), "seconds": time.perf_counter() - t0}
+        mean, worst = self._parity(engine_lps, step)
+        return {"diff": worst, "mean": mean, "fingerprint": fingerprint(engine_lps), "seconds": time.perf_counter() - t0}
 
     def _parity(self, engine_lps: List[List[float]], step: int) -> float:
-        """Compare this rank's engine with the trainer; all ranks agree on the verdict before raising."""
+        """Compare this rank's engine with the trainer; all ranks agree on the verdict before raising.
+        Returns (the worst rank's mean gap, the worst token's gap over all ranks)."""
         with self.residency.on_device(optimizer=False):  # offload=manual: the probe's forward needs the shards
             trainer_lps = sequence_logprobs(self.model, self.probe, self.ctx.device)
-        diff, row, pos = worst_token(trainer_lps, engine_lps)
-        mine = {"rank": self.ctx.rank, "diff": diff, "row": row, "pos": pos,
-                "trainer": _at(trainer_lps, row, pos), "engine": _at(engine_lps, row, pos)}
+        worst, row, pos = worst_token(trainer_lps, engine_lps)
+        mine = {"rank": self.ctx.rank, "diff": mean_gap(trainer_lps, engine_lps), "worst": worst, "row": row,
+                "pos": pos, "trainer": _at(trainer_lps, row, pos), "engine": _at(engine_lps, row, pos),
+                "tokens": sum(len(r) for r in engine_lps)}
         reports = [mine]
         if dist.is_initialized() and dist.get_world_size() > 1:
             reports = [None] * dist.get_world_size()
@@ -285,7 +302,7 @@ class WeightSync:
         worst = max(reports, key=lambda r: r["diff"])
         if not worst["diff"] <= self.tolerance:
             raise WeightSyncError(self._message(worst, step))
-        return worst["diff"]
+        return worst["diff"], max(r["worst"] for r in reports)
 
     def _message(self, worst: dict, step: int) -> str:
         ids = self.probe[worst["row"]] if worst["row"] >= 0 else []
@@ -293,10 +310,10 @@ class WeightSync:
         where = ("every digest matched, so the engine holds what was streamed: the stream itself (gather, "
                  "transform) or the engine's kernels are wrong" if self.digest else "digests are off (sync.digest)")
         return (f"weight sync failed the parity probe at step {step} (weight version {self.weight_version}, "
-                f"strategy {self.strategy_name()}): max |logprob trainer - engine| = {worst['diff']:.3g} > "
-                f"tolerance {self.tolerance:g} ({self.cfg.model.dtype}) on rank {worst['rank']}, probe {worst['row']} "
-                f"token {worst['pos']} (id {token}): trainer {worst['trainer']:.6g} vs engine {worst['engine']:.6g}; "
-                f"{where}.")
+                f"strategy {self.strategy_name()}): mean |logprob trainer - engine| over {worst['tokens']} probe tokens = "
+                f"{worst['diff']:.3g} > tolerance {self.tolerance:g} ({self.cfg.model.dtype}) on rank {worst['rank']}; "
+                f"its worst: probe {worst['row']} token {worst['pos']} (id {token}): trainer {worst['trainer']:.6g} vs "
+                f"engine {worst['engine']:.6g}; {where}.")
 
 
 def name_problems(expected: List[str], streamed: List[str]) -> List[str]:

@@ -45,7 +45,8 @@ COMBOS = [c for c in itertools.product(("fsdp1", "fsdp2"), ("none", "manual", "c
 GEN_PROMPTS = ["12+7=", "3*4=", "20-9="]
 SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/verify_s", "sync/probe_s", "sync/bytes",
              "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
-             "sync/verified_bytes", "sync/digest", "sync/parity_max_abs_diff", "sync/fingerprint"}
+             "sync/verified_bytes", "sync/digest", "sync/parity_max_abs_diff", "sync/parity_mean_abs_diff",
+             "sync/fingerprint"}
 FAULT_NAME = "model.layers.1.mlp.down_proj.weight"
 SQUARE_NAME = "model.layers.1.self_attn.o_proj.weight"  # 128 x 128
 DTYPES = ("float32", "bfloat16")

@@ -59,6 +59,10 @@ def _run(rank, world, model_dir, lora):
                     out["faults"][kind] = _error_of(sync, 9)
         else:
             for kind in GPU_FAULTS:
+                # New weights first: after a clean sync with no step in between the engine already holds
+                # the streamed values, so a skipped tensor would hold the right bits (the digest then rightly
+                # passes; this test failed on the H200 for that reason, not for a missed fault).
+                _train_step(policy, optimizer, sync.probe, ctx.device)
                 with _engine_fault(engine, kind, stale, rank):
                     out["faults"][kind] = _error_of(sync, 9)
         out["recovered"] = sync.sync(10)

@@ -17,11 +17,12 @@ from recipe.metrics import MetricsLogger
 from recipe.rollout import HfCopyEngine
 from recipe.state_dict import WeightStream
 from recipe.model import sequence_logprobs
-from recipe.sync import DEFAULT_TOLERANCE, WeightSync, default_tolerance, WeightSyncError, compare_digests, name_problems, worst_token
+from recipe.sync import DEFAULT_TOLERANCE, WeightSync, default_tolerance, WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
 
 SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/verify_s", "sync/probe_s", "sync/bytes",
              "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
-             "sync/verified_bytes", "sync/digest", "sync/parity_max_abs_diff", "sync/fingerprint"}
+             "sync/verified_bytes", "sync/digest", "sync/parity_max_abs_diff", "sync/parity_mean_abs_diff",
+             "sync/fingerprint"}
 
 
 class FakeEngine(HfCopyEngine):
@@ -165,6 +166,19 @@ def test_worst_token_and_tolerances():
     assert worst_token([[0.0]], [[float("nan")]])[0] == math.inf
     assert worst_token([[0.0, 1.0]], [[0.0]])[0] == math.inf  # a length mismatch is never a pass
     assert DEFAULT_TOLERANCE["float32"] < DEFAULT_TOLERANCE["float16"] < DEFAULT_TOLERANCE["bfloat16"]
+
+
+def test_probe_verdict_is_the_mean_gap():
+    """One token far off (bf16 rounding at a very unlikely token) among many exact ones passes a bound
+    its gap exceeds; the same gap on every token does not; NaN or a length mismatch never passes."""
+    trainer = [[-1.0] * 24, [-10.0] + [-2.0] * 23]
+    engine = [[-1.0] * 24, [-9.3] + [-2.0] * 23]
+    assert worst_token(trainer, engine)[0] > 0.5 > mean_gap(trainer, engine) == pytest.approx(0.7 / 48)
+    shifted = [[x + 0.7 for x in row] for row in trainer]
+    assert mean_gap(trainer, shifted) == pytest.approx(0.7)
+    assert mean_gap([[0.0]], [[float("nan")]]) == math.inf
+    assert mean_gap([[0.0, 1.0]], [[0.0]]) == math.inf
+    assert mean_gap([[0.0]], []) == math.inf
 
 
 def test_weight_stream_counts_releases_and_digests():
