@@ -171,7 +171,8 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(combos) - set(all_combos()))
     if unknown:
         parser.error(f"--combos: {unknown} are not fsdp/offload/lora keys; choose from: {', '.join(all_combos())}")
-    base = list(args.overrides) + ["logger.backend=none", "logger.mode=disabled"]
+    # every sync probed as well as digested (the trainer default probes every 10th); an override can change it
+    base = ["sync.verify=every", *args.overrides, "logger.backend=none", "logger.mode=disabled"]
     cfg = compose(base)
     from recipe.assets import ensure_model
 
