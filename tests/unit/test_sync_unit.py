@@ -211,6 +211,18 @@ def test_digest_composes_over_concatenation(dtype):
     assert Digest.concat(digests(list(big.chunk(3)))) == digest(big)
 
 
+def test_stream_digests_of_large_and_small_tensors_keep_their_names():
+    """Large tensors are digested as they stream and fetched in one host copy (`digest.to_host`),
+    small ones batched at the end: each name still gets its own tensor's digest."""
+    g = torch.Generator().manual_seed(5)
+    named = [(f"t{i}", torch.randn(*shape, generator=g)) for i, shape in
+             enumerate([(300, 256), (4,), (512, 200), (7, 3), (300, 256), (5,)])]  # 300 KB, 400 KB: large
+    stream = WeightStream(iter(named), digest=True)
+    list(stream)
+    assert stream.digests() == {name: digest(t) for name, t in named}
+    assert len({d for d in stream.digests().values()}) == len(named)
+
+
 def test_batched_digests_equal_one_by_one():
     """`digests` stacks small tensors of one shape; the numbers are those of `digest` on each."""
     g = torch.Generator().manual_seed(3)
