@@ -184,6 +184,11 @@ class TrainerConfig:
     # nearly every question it can ask.
     eval_every: int = 0
     eval_prompts: int = 64
+    # > 0: the run's steps 2 .. 1 + profile_steps run under torch.profiler; rank 0 writes the phase
+    # times and the top operators to <run dir>/profile/steps.txt (recipe/profiling.py), and with
+    # profile_trace a chrome trace per rank beside it.
+    profile_steps: int = 0
+    profile_trace: bool = False
 
 
 @dataclass
@@ -283,7 +288,7 @@ def validate(cfg: DictConfig) -> None:
         _positive(cfg, key)
     for key in ("trainer.weight_decay", "trainer.warmup_steps", "trainer.grad_clip",
                 "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.micro_batch_tokens", "algo.clip_eps",
-                "algo.kl_coef", "algo.entropy_coef", "algo.entropy_tokens"):
+                "algo.kl_coef", "algo.entropy_coef", "algo.entropy_tokens", "trainer.profile_steps"):
         _positive(cfg, key, allow_zero=True)
     _rollout_and_batch(cfg)
     _evaluation(cfg)

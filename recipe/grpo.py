@@ -420,6 +420,7 @@ class GRPOTrainer:
 
     # -- the loop
     def run(self) -> Dict[str, float]:
+        from recipe.profiling import StepProfiler, phase
         from recipe.progress import Progress
 
         cfg = self.cfg
@@ -430,21 +431,32 @@ class GRPOTrainer:
             before = self.evaluate()  # 0. held-out accuracy before training
             self.logger.log(before, step=0)
             progress.update(before)
+        profiler = StepProfiler(cfg, self.ctx)  # trainer.profile_steps > 0: steps 2.. under torch.profiler
         while self.step < cfg.trainer.steps:
+            profiler.step_begins(self.step)
             t0 = time.perf_counter()
-            prompts, samples = self.rollout(self.step)  # 1. rollout
+            with phase("rollout"):
+                prompts, samples = self.rollout(self.step)  # 1. rollout
             t_rollout = time.perf_counter() - t0
-            rewards, correct, texts = self.score(prompts, samples)  # 2. reward
-            self._check_finite(float(rewards.sum()), "reward")
-            batch = self.make_batch(samples, rewards, correct)  # 3. advantage
-            train_stats = self.update(batch)  # 4. update
+            with phase("score"):
+                rewards, correct, texts = self.score(prompts, samples)  # 2. reward
+                self._check_finite(float(rewards.sum()), "reward")
+            with phase("advantage"):
+                batch = self.make_batch(samples, rewards, correct)  # 3. advantage
+            with phase("update"):
+                train_stats = self.update(batch)  # 4. update
             self.step += 1
-            sync_stats = self.sync.sync(self.step)  # 5. sync (gather -> load -> verify)
+            with phase("sync"):
+                sync_stats = self.sync.sync(self.step)  # 5. sync (gather -> load -> verify)
             metrics = self.metrics(batch, train_stats, sync_stats, t_rollout, time.perf_counter() - t0, texts)
             if self.eval_due():
                 metrics.update(self.evaluate())  # held-out accuracy of the weights just synced
-            self.logger.log(metrics, step=self.step)  # 6. log
+            with phase("log"):
+                self.logger.log(metrics, step=self.step)  # 6. log
             progress.update(metrics)
+            written = profiler.step_ends(self.step - 1, last=self.step == cfg.trainer.steps)
+            if written is not None:
+                progress.note(f"profile of the steps: {written}")
             if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
                 self.save_checkpoint()
         progress.close()

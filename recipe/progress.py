@@ -29,6 +29,11 @@ class Progress:
                              **self.held_out, refresh=False)
         self.bar.update(1)
 
+    def note(self, text: str) -> None:
+        """A line above the bar (rank 0)."""
+        if self.bar is not None:
+            self.bar.write(text)
+
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
