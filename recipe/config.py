@@ -290,6 +290,9 @@ def validate(cfg: DictConfig) -> None:
                 "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.micro_batch_tokens", "algo.clip_eps",
                 "algo.kl_coef", "algo.entropy_coef", "algo.entropy_tokens", "trainer.profile_steps"):
         _positive(cfg, key, allow_zero=True)
+    if cfg.trainer.profile_steps > 0 and cfg.trainer.steps < 2:
+        raise ConfigError(f"trainer.profile_steps={cfg.trainer.profile_steps} needs trainer.steps >= 2 (the first "
+                          f"step is warm-up and is not profiled); got trainer.steps={cfg.trainer.steps}")
     _rollout_and_batch(cfg)
     _evaluation(cfg)
     if not 0 < cfg.rollout.top_p <= 1:
