@@ -25,6 +25,7 @@ or dim-0 shards of a tensor split across ranks) compose exactly: `Digest.concat`
 from __future__ import annotations
 
 import hashlib
+import itertools
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Sequence, Tuple
 
@@ -113,14 +114,12 @@ def to_host(sums: Sequence[torch.Tensor]) -> List[List[int]]:
     by_device: Dict[str, List[int]] = {}
     for i, t in enumerate(sums):
         by_device.setdefault(str(t.device), []).append(i)
+    flat = [t.reshape(-1, t.shape[-1]) for t in sums]
     rows: List[List[int]] = [[] for _ in sums]
     for idx in by_device.values():
-        stacked = torch.cat([sums[i].reshape(-1, sums[i].shape[-1]) for i in idx]).cpu().tolist()
-        at = 0
-        for i in idx:
-            n = sums[i].reshape(-1, sums[i].shape[-1]).shape[0]
-            rows[i] = stacked[at:at + n]
-            at += n
+        stacked = torch.cat([flat[i] for i in idx]).cpu().tolist()
+        for i, at in zip(idx, itertools.accumulate([flat[i].shape[0] for i in idx], initial=0)):
+            rows[i] = stacked[at:at + flat[i].shape[0]]
     return rows
 
 

@@ -167,7 +167,7 @@ class WeightSync:
             "sync/verified_tensors": checked.get("tensors", 0),
             "sync/verified_bytes": checked.get("bytes", 0),
             "sync/digest": checked.get("hex", ""),
-            "sync/parity_max_abs_diff": probed.get("diff", float("nan")),
+            "sync/parity_max_abs_diff": probed.get("worst", float("nan")),
             "sync/parity_mean_abs_diff": probed.get("mean", float("nan")),
             "sync/fingerprint": probed.get("fingerprint", float("nan")),
         }
@@ -284,7 +284,7 @@ class WeightSync:
         t0 = time.perf_counter()
         engine_lps = self.engine.prompt_logprobs(self.probe)
         mean, worst = self._parity(engine_lps, step)
-        return {"diff": worst, "mean": mean, "fingerprint": fingerprint(engine_lps), "seconds": time.perf_counter() - t0}
+        return {"worst": worst, "mean": mean, "fingerprint": fingerprint(engine_lps), "seconds": time.perf_counter() - t0}
 
     def _parity(self, engine_lps: List[List[float]], step: int) -> Tuple[float, float]:
         """Compare this rank's engine with the trainer; all ranks agree on the verdict before raising.
@@ -292,28 +292,28 @@ class WeightSync:
         with self.residency.on_device(optimizer=False):  # offload=manual: the probe's forward needs the shards
             trainer_lps = sequence_logprobs(self.model, self.probe, self.ctx.device)
         worst, row, pos = worst_token(trainer_lps, engine_lps)
-        mine = {"rank": self.ctx.rank, "diff": mean_gap(trainer_lps, engine_lps), "worst": worst, "row": row,
+        mine = {"rank": self.ctx.rank, "mean": mean_gap(trainer_lps, engine_lps), "worst": worst, "row": row,
                 "pos": pos, "trainer": _at(trainer_lps, row, pos), "engine": _at(engine_lps, row, pos),
                 "tokens": sum(len(r) for r in engine_lps)}
         reports = [mine]
         if dist.is_initialized() and dist.get_world_size() > 1:
             reports = [None] * dist.get_world_size()
             dist.all_gather_object(reports, mine)
-        worst = max(reports, key=lambda r: r["diff"])
-        if not worst["diff"] <= self.tolerance:
-            raise WeightSyncError(self._message(worst, step))
-        return worst["diff"], max(r["worst"] for r in reports)
+        bad = max(reports, key=lambda r: r["mean"])
+        if not bad["mean"] <= self.tolerance:
+            raise WeightSyncError(self._message(bad, step))
+        return bad["mean"], max(r["worst"] for r in reports)
 
-    def _message(self, worst: dict, step: int) -> str:
-        ids = self.probe[worst["row"]] if worst["row"] >= 0 else []
-        token = ids[worst["pos"]] if 0 <= worst["pos"] < len(ids) else None
+    def _message(self, report: dict, step: int) -> str:
+        ids = self.probe[report["row"]] if report["row"] >= 0 else []
+        token = ids[report["pos"]] if 0 <= report["pos"] < len(ids) else None
         where = ("every digest matched, so the engine holds what was streamed: the stream itself (gather, "
                  "transform) or the engine's kernels are wrong" if self.digest else "digests are off (sync.digest)")
         return (f"weight sync failed the parity probe at step {step} (weight version {self.weight_version}, "
-                f"strategy {self.strategy_name()}): mean |logprob trainer - engine| over {worst['tokens']} probe tokens = "
-                f"{worst['diff']:.3g} > tolerance {self.tolerance:g} ({self.cfg.model.dtype}) on rank {worst['rank']}; "
-                f"its worst: probe {worst['row']} token {worst['pos']} (id {token}): trainer {worst['trainer']:.6g} vs "
-                f"engine {worst['engine']:.6g}; {where}.")
+                f"strategy {self.strategy_name()}): mean |logprob trainer - engine| over {report['tokens']} probe tokens = "
+                f"{report['mean']:.3g} > tolerance {self.tolerance:g} ({self.cfg.model.dtype}) on rank {report['rank']}; "
+                f"its worst: probe {report['row']} token {report['pos']} (id {token}): trainer {report['trainer']:.6g} vs "
+                f"engine {report['engine']:.6g}; {where}.")
 
 
 def name_problems(expected: List[str], streamed: List[str]) -> List[str]:
