@@ -431,7 +431,7 @@ class GRPOTrainer:
             before = self.evaluate()  # 0. held-out accuracy before training
             self.logger.log(before, step=0)
             progress.update(before)
-        profiler = StepProfiler(cfg, self.ctx)  # trainer.profile_steps > 0: steps 2.. under torch.profiler
+        profiler = StepProfiler(cfg, self.ctx, self.step)  # trainer.profile_steps > 0: steps 2.. under torch.profiler
         while self.step < cfg.trainer.steps:
             profiler.step_begins(self.step)
             t0 = time.perf_counter()

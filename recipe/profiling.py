@@ -1,12 +1,13 @@
 """Profile a few training steps with torch.profiler (`trainer.profile_steps` > 0).
 
-    profiler = StepProfiler(cfg, ctx)      # off when trainer.profile_steps is 0
+    profiler = StepProfiler(cfg, ctx, start)  # off when trainer.profile_steps is 0; start: the loop's first step
     profiler.step_begins(step)             # at the top of each loop iteration
     with phase("update"): ...              # the loop marks its phases (always; free without a profiler)
     profiler.step_ends(step)               # at the bottom
 
-Steps 2 .. 1 + profile_steps run under the profiler (the first step pays for warm-up: allocator,
-kernels, the engine's first batch). Then rank 0 writes `<run dir>/profile/steps.txt`: the wall
+Steps 2 .. 1 + profile_steps of this process run under the profiler (its first step pays for
+warm-up: allocator, kernels, the engine's first batch; a resumed run counts from where it resumed).
+Then rank 0 writes `<run dir>/profile/steps.txt`: the wall
 seconds of each marked phase over the profiled steps, then the torch.profiler table of the top 30
 operators by self device time (CUDA) or self CPU time (CPU). `trainer.profile_trace=true` also
 writes a chrome trace per rank (`trace_rank<r>.json`; large on big models).
@@ -33,12 +34,12 @@ def phase(name: str):
 
 
 class StepProfiler:
-    def __init__(self, cfg: DictConfig, ctx):
+    def __init__(self, cfg: DictConfig, ctx, start: int = 0):
         self.steps = int(cfg.trainer.profile_steps)
         self.trace = bool(cfg.trainer.profile_trace)
         self.ctx = ctx
         self.folder = Path(cfg.run_dir) / "profile"
-        self.first = 1  # 0-based loop step at which profiling starts: the run's second step
+        self.first = start + 1  # 0-based loop step at which profiling starts: this process's second step
         self.prof: Optional[torch.profiler.profile] = None
         self.t0 = 0.0
         self.done = False
@@ -51,7 +52,6 @@ class StepProfiler:
             activities.append(torch.profiler.ProfilerActivity.CUDA)
         self.prof = torch.profiler.profile(activities=activities)
         self.prof.__enter__()
-        self.first = step
         self.t0 = time.perf_counter()
 
     def step_ends(self, step: int, last: bool = False) -> Optional[Path]:
