@@ -11,16 +11,22 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   (Dr. GRPO drops the std to avoid favouring easy/hard prompts). Every token of sample i
   gets A_i. A group whose rewards are all equal has A = 0 and contributes no gradient.
 - Policy loss per token t: the clipped surrogate of PPO with importance ratio
-  rho_t = pi_theta(y_t | y_<t) / pi_rollout(y_t | y_<t), where pi_rollout's logprobs are the
-  ones the engine reported while sampling (so engine/trainer drift is corrected, not ignored).
-  Both sides use the tempered distribution softmax(logits / T); with top_p < 1 the engine's
-  distribution is also truncated while the trainer's is not (as in verl and TRL):
+  rho_t = pi_theta(y_t | y_<t) / pi_old(y_t | y_<t). Both sides use the tempered distribution
+  softmax(logits / T). With plain temperature sampling (`rollout.top_p` = 1) pi_old's logprobs are
+  the ones the engine reported while sampling (so engine/trainer drift is corrected, not ignored).
+  With top_p < 1 the engine's logprobs are those of the truncated, renormalised distribution,
+  which the trainer's full-vocabulary one never equals (at top_p 0.5 the ratio was clipped on every
+  token before any step); there, as verl and TRL do, pi_old is the trainer's own distribution
+  before the update, recomputed by a forward pass without gradients (`behaviour_logprobs`):
   L_t = -min(rho_t * A, clip(rho_t, 1 - eps, 1 + eps) * A).
 - KL (off by default, `algo.kl_coef`): k3 estimator to a frozen reference,
-  KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (unbiased, always >= 0).
+  KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (unbiased, always >= 0), clamped as verl
+  clamps it: ref_t - logp_t to [-20, 20] before exp (no overflow, so no inf x 0 = NaN in the
+  backward) and KL_t to [-10, 10].
 - Entropy bonus (off by default, `algo.entropy_coef`): the loss subtracts entropy_coef x H_t,
   the entropy of the tempered policy at token t, over each completion's first
-  `algo.entropy_tokens` tokens (0: all), so the policy keeps sampling different answers.
+  `algo.entropy_tokens` tokens (0: all), so the policy keeps sampling different answers. With
+  the coefficient 0 the entropy (a full-vocabulary pass) is not computed, nor logged.
 - Aggregation (`algo.loss_agg`), over the *global* mini-batch (the mini-batches of all ranks
   together): `token_mean` averages L_t over all its completion tokens (long answers weigh
   more); `seq_mean` averages within each sequence first, then over all its sequences (every
@@ -32,6 +38,9 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
 - `trainer.updates_per_batch` optimizer steps per rollout batch: the batch is split into
   that many mini-batches; the first is on-policy (rho = 1 up to engine drift), later
   ones are slightly off-policy, which the clip bounds.
+- Micro-batches: every forward of the sharded policy is a collective, so every rank runs the
+  same number per mini-batch: the largest count over ranks (`agreed_micro_batches`); a rank with
+  fewer runs zero-weight ones (`placeholder_tensors`) that add exactly nothing to the gradient.
 - Held-out evaluation (`trainer.eval_every` > 0): before training, every eval_every steps and after
   the last step, each rank's engine answers its share of `trainer.eval_prompts` prompts that are
   not in the task's training pool (`Task.heldout`) greedily; `eval/exact` and `eval/reward` are over
@@ -48,7 +57,7 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Sequence
+from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -102,8 +111,7 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
     per_token = -torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
     kl = torch.zeros_like(per_token)
     if ref_logp is not None and kl_coef > 0:
-        log_r = ref_logp - logp
-        kl = torch.exp(log_r) - log_r - 1
+        kl = k3_kl(logp, ref_logp)
         per_token = per_token + kl_coef * kl
     mask = mask.float()
     if entropy is not None and entropy_coef > 0:
@@ -120,6 +128,18 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
         "tokens": mask.sum().item(),
     }
     return loss_sum, stats
+
+
+KL_LOG_RATIO_MAX = 20.0  # |ref - logp| before exp (verl: 20)
+KL_MAX = 10.0  # |k3| per token (verl: 10)
+
+
+def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
+    """Schulman's k3 estimate of KL(pi_theta || pi_ref) per token, clamped as verl clamps it: the log
+    ratio to [-20, 20] (exp stays finite, so its gradient is never inf x 0 = NaN) and k3 to [-10, 10]
+    (one token far from the reference cannot dominate the loss)."""
+    log_r = (ref_logp - logp).clamp(-KL_LOG_RATIO_MAX, KL_LOG_RATIO_MAX)
+    return (torch.exp(log_r) - log_r - 1).clamp(-KL_MAX, KL_MAX)
 
 
 def global_count(local: float) -> float:
@@ -189,6 +209,35 @@ def micro_batch_tensors(batch: Batch, idx: Sequence[int], device) -> Dict[str, t
                                               mask=mask, adv=adv).items()}
 
 
+def agreed_micro_batches(batch: Batch, mini: Sequence[int], cfg: DictConfig) -> List[List[int]]:
+    """This rank's `micro_batches` of `mini`, then empty ones ([]) up to the largest count over ranks.
+
+    Each micro-batch is one forward (and backward) of the sharded policy, i.e. FSDP collectives, and
+    each rank cuts its own samples by their own padded widths: with longer completions on one rank
+    it cut more micro-batches, and the ranks' collectives never matched (both ranks waited for the
+    process-group timeout). An empty entry stands for a zero-weight micro-batch (`placeholder_tensors`).
+    """
+    own = micro_batches(batch, mini, cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_tokens)
+    count = torch.tensor([len(own)], dtype=torch.int64)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(count, op=dist.ReduceOp.MAX)
+    return own + [[] for _ in range(int(count.item()) - len(own))]
+
+
+def placeholder_tensors(batch: Batch, device) -> Dict[str, torch.Tensor]:
+    """A zero-weight micro-batch: sample 0's tensors with no token in the mask and advantage 0. Its
+    forward and backward run (they are collectives) and add exactly 0 to every gradient and sum."""
+    t = micro_batch_tensors(batch, [0], device)
+    t["mask"] = torch.zeros_like(t["mask"])
+    t["adv"] = torch.zeros_like(t["adv"])
+    return t
+
+
+def micro_batch_inputs(batch: Batch, idx: Sequence[int], device) -> Dict[str, torch.Tensor]:
+    """`micro_batch_tensors` of `idx`, or a placeholder for an empty entry of `agreed_micro_batches`."""
+    return micro_batch_tensors(batch, idx, device) if idx else placeholder_tensors(batch, device)
+
+
 def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConfig, device, world_size: int,
                         reference=None) -> Dict[str, float]:
     """Backpropagate this rank's share of the global mini-batch objective; grads accumulate.
@@ -200,18 +249,18 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
     sum_r loss_sum_r / N = J, and the gradient the optimizer sees is dJ/dtheta.
 
     Returns this rank's sums: `loss` (its part of J; J is the sum over ranks), `clip_frac` and
-    `kl` (sums over tokens), `tokens`, and the on-policy gap of trainer and engine logprobs
+    `kl` (sums over tokens), `tokens`, and the gap of the trainer's logprobs to `old_logprobs`
     (`gap_sum` over tokens, `gap_max`).
     """
     norm = global_count(local_count(batch, mini, cfg.algo.loss_agg)) / world_size
     stats = dict(loss=0.0, clip_frac=0.0, kl=0.0, entropy=0.0, tokens=0.0, gap_sum=0.0, gap_max=0.0)
-    for idx in micro_batches(batch, mini, cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_tokens):
-        t = micro_batch_tensors(batch, idx, device)
+    for idx in agreed_micro_batches(batch, mini, cfg):
+        t = micro_batch_inputs(batch, idx, device)
         logits = policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
         logp = token_logprobs(logits, t["input_ids"], cfg.rollout.temperature)
         ref_logp = reference_logprobs(reference, t, cfg.rollout.temperature) if reference is not None else None
-        with torch.set_grad_enabled(cfg.algo.entropy_coef > 0):  # else only measured
-            entropy = token_entropy(logits, cfg.rollout.temperature)
+        # The entropy is a full-vocabulary pass: computed only when the loss uses it.
+        entropy = token_entropy(logits, cfg.rollout.temperature) if cfg.algo.entropy_coef > 0 else None
         loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
                                         cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef, entropy,
                                         cfg.algo.entropy_coef, cfg.algo.entropy_tokens)
@@ -223,6 +272,44 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
         stats["gap_sum"] += gap.sum().item()
         stats["gap_max"] = max(stats["gap_max"], gap.max().item())
     return stats
+
+
+def truncated_sampling(cfg: DictConfig) -> Optional[str]:
+    """Why the engine's logprobs are not the trainer's distribution (None when they are): sampling that
+    is not plain temperature sampling reports logprobs of a truncated, renormalised distribution.
+    Every `rollout.*` setting that filters the distribution belongs here."""
+    if cfg.rollout.top_p < 1:
+        return f"rollout.top_p={cfg.rollout.top_p}"
+    return None
+
+
+@torch.no_grad()
+def behaviour_logprobs(policy, batch: Batch, minis: Sequence[Sequence[int]], cfg: DictConfig,
+                       device) -> Tuple[List[List[float]], Dict[str, float]]:
+    """The trainer's own logprobs of every completion token under the weights before the update (the
+    old policy of the ratio, when the engine's are of a truncated distribution: `truncated_sampling`).
+
+    The forwards run per mini-batch with the micro-batches the update uses (the same shapes, so the
+    first mini-batch's ratio is exactly 1) and as many as every other rank (`agreed_micro_batches`).
+    Returns (logprobs per sample, gap): `gap_sum`, `gap_max` and `tokens` of |trainer - engine| over
+    this rank's tokens, the engine's being `batch.old_logprobs` as sampled.
+    """
+    out: List[List[float]] = [list(lps) for lps in batch.old_logprobs]
+    gap = dict(gap_sum=0.0, gap_max=0.0, tokens=0.0)
+    for mini in minis:
+        for idx in agreed_micro_batches(batch, mini, cfg):
+            t = micro_batch_inputs(batch, idx, device)
+            logits = policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
+            logp = token_logprobs(logits, t["input_ids"], cfg.rollout.temperature)
+            diff = (logp - t["old_logp"]).abs() * t["mask"]
+            gap["gap_sum"] += diff.sum().item()
+            gap["gap_max"] = max(gap["gap_max"], diff.max().item())
+            gap["tokens"] += t["mask"].sum().item()
+            if idx:
+                rows = logp[t["mask"]].cpu().split([len(batch.old_logprobs[i]) for i in idx])  # row-major, as built
+                for i, row in zip(idx, rows):
+                    out[i] = row.tolist()
+    return out, gap
 
 
 @torch.no_grad()
@@ -338,10 +425,15 @@ class GRPOTrainer:
         random.Random(cfg.trainer.seed + self.step).shuffle(order)
         minis = [order[i::cfg.trainer.updates_per_batch] for i in range(cfg.trainer.updates_per_batch)]
         t0 = time.perf_counter()
+        gap = None  # the trainer-engine gap: of the first mini-batch, or of the recomputation
+        if truncated_sampling(cfg):
+            batch.old_logprobs, gap = behaviour_logprobs(self.policy, batch, minis, cfg, self.ctx.device)
+        t_old = time.perf_counter() - t0
         per_mini = [self._optimizer_step(batch, mini) for mini in minis]
-        t_update = time.perf_counter() - t0  # forward, backward and optimizer steps
+        t_update = time.perf_counter() - t0  # (recomputed old logprobs,) forward, backward and optimizer steps
         self.residency.to_host()
-        return {**self._update_metrics(per_mini), "time/update_s": t_update}
+        extra = {"time/old_logprobs_s": t_old} if gap is not None else {}
+        return {**self._update_metrics(per_mini, gap), "time/update_s": t_update, **extra}
 
     def _optimizer_step(self, batch: Batch, mini: List[int]) -> Dict[str, float]:
         stats = backward_mini_batch(self.policy, batch, mini, self.cfg, self.ctx.device, self.ctx.world_size,
@@ -354,28 +446,33 @@ class GRPOTrainer:
         self.scheduler.step()
         return stats
 
-    def _update_metrics(self, per_mini: List[Dict[str, float]]) -> Dict[str, float]:
-        """Global (all-ranks) update metrics; the logprob gap is of the first, on-policy mini-batch."""
+    def _update_metrics(self, per_mini: List[Dict[str, float]], gap: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+        """Global (all-ranks) update metrics. The logprob gap of trainer and engine is of the first, on-policy
+        mini-batch, or, when the old logprobs were recomputed (`gap`), of the whole batch before the update
+        (then it includes what the engine's truncation removed)."""
         keys = ("loss", "clip_frac", "kl", "entropy", "tokens")
         sums = torch.tensor([[s[k] for k in keys] for s in per_mini], dtype=torch.float64)
-        first = torch.tensor([per_mini[0]["gap_sum"], per_mini[0]["tokens"]], dtype=torch.float64)
-        gap_max = torch.tensor([per_mini[0]["gap_max"]], dtype=torch.float64)
+        gap = gap or per_mini[0]
+        first = torch.tensor([gap["gap_sum"], gap["tokens"]], dtype=torch.float64)
+        gap_max = torch.tensor([gap["gap_max"]], dtype=torch.float64)
         dist.all_reduce(sums)
         dist.all_reduce(first)
         dist.all_reduce(gap_max, op=dist.ReduceOp.MAX)
         loss, clip, kl, entropy, tokens = sums.sum(0).tolist()
         tokens = max(tokens, 1.0)
-        return {
+        out = {
             "train/loss": loss / len(per_mini),  # the objective J, mean over the mini-batches
             "train/grad_norm": sum(s["grad_norm"] for s in per_mini) / len(per_mini),
             "train/clip_frac": clip / tokens,
             "train/kl": kl / tokens,
-            "train/entropy": entropy / tokens,  # of the trainer's tempered distribution, per completion token
             "train/lr": self.scheduler.get_last_lr()[0],
-            # |log pi_trainer - log pi_engine| on the first (on-policy) mini-batch: the drift
+            # |log pi_trainer - log pi_engine| before the first optimizer step: the drift
             "train/logprob_gap": first[0].item() / max(first[1].item(), 1.0),
             "train/logprob_gap_max": gap_max.item(),
         }
+        if self.cfg.algo.entropy_coef > 0:  # (not computed otherwise)
+            out["train/entropy"] = entropy / tokens  # of the trainer's tempered distribution, per completion token
+        return out
 
     def _clip_grad(self) -> float:
         from recipe.model import clip_grad_norm
@@ -427,6 +524,8 @@ class GRPOTrainer:
         self.maybe_resume()
         self.sync.sync(self.step)  # engine starts from the trainer's weights (and loads the adapter base)
         progress = Progress(cfg.trainer.steps, initial=self.step, enabled=self.ctx.is_main)
+        if truncated_sampling(cfg):
+            progress.note(behaviour_note(cfg))
         if self.step == 0 and self.eval_due():
             before = self.evaluate()  # 0. held-out accuracy before training
             self.logger.log(before, step=0)
@@ -479,6 +578,13 @@ class GRPOTrainer:
     def close(self) -> None:
         self.logger.close()
         self.engine.close()
+
+
+def behaviour_note(cfg: DictConfig) -> str:
+    """The line the run prints at start when the trainer recomputes the old logprobs."""
+    return (f"{truncated_sampling(cfg)}: the engine's logprobs are of a truncated distribution the trainer does not "
+            "reproduce; the old (behaviour) logprobs of the ratio are recomputed by the trainer before each update "
+            "(one forward pass without gradients per batch)")
 
 
 def held_out_share(task, cfg: DictConfig, ctx: DistContext) -> List:

@@ -776,7 +776,7 @@ class HfEngine(Engine):
     def _generate(self, ids, mask, max_new_tokens, temperature, top_p):
         ctx, module, synced = self._full_params()
         greedy = temperature == 0
-        with ctx:
+        with ctx, only_given_sampling(module):
             return module.generate(
                 input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
                 temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
@@ -805,6 +805,29 @@ class HfEngine(Engine):
         for _ in tensors:
             pass
         self.lora_version = version
+
+
+@contextlib.contextmanager
+def only_given_sampling(module: nn.Module):
+    """HF `generate` with exactly the arguments given: the checkpoint's `generation_config.json` set aside.
+
+    transformers fills every generation setting a call leaves unset from the model's
+    `generation_config` (loaded from the checkpoint): a `repetition_penalty` there reshaped the
+    distribution sampled from, so the engine's logprobs differed from the trainer's. For the call,
+    every module that carries one (the HF model, and a peft wrapper around it) gets an empty
+    `GenerationConfig`; transformers' neutral defaults then fill what the call does not say.
+    """
+    from transformers import GenerationConfig
+
+    saved = [(m, vars(m)["generation_config"]) for m in module.modules()
+             if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    try:
+        for m, _ in saved:
+            m.generation_config = GenerationConfig()
+        yield
+    finally:
+        for m, config in saved:
+            m.generation_config = config
 
 
 @contextlib.contextmanager

@@ -174,3 +174,126 @@ def test_local_count_is_this_ranks_tokens_or_sequences():
                   correct=torch.zeros(3), completion_lens=torch.tensor([2.0, 4.0, 1.0]))
     assert local_count(batch, [0, 1], "token_mean") == 6
     assert local_count(batch, [0, 1], "seq_mean") == 2
+
+
+def test_kl_is_clamped_as_verl_clamps_it_and_its_gradient_stays_finite():
+    """k3 to [-10, 10] and the log ratio to [-20, 20] before exp: a token 100 nats from the reference
+    adds 10, not exp(100) (inf in float32, whose gradient through a clamp would be inf x 0 = NaN)."""
+    from recipe.grpo import k3_kl
+
+    ref = torch.tensor([[0.0, -1.0, -0.5, -100.0]])
+    logp = torch.tensor([[-100.0, -1.0, -0.4, 0.0]], requires_grad=True)
+    kl = k3_kl(logp, ref)
+    log_r = ref[0, 2] - logp[0, 2].detach()
+    assert kl[0, 0].item() == 10.0 and kl[0, 3].item() == 10.0  # exp(100) - 101 and 100 - 1: both clamped
+    assert kl[0, 1].item() == 0.0
+    assert kl[0, 2].item() == pytest.approx((torch.exp(log_r) - log_r - 1).item())  # inside: k3 unchanged
+    mask = torch.ones(1, 4, dtype=torch.bool)
+    loss, stats = clipped_surrogate(logp, logp.detach(), torch.zeros(1), mask, 0.2, "token_mean",
+                                    ref_logp=ref, kl_coef=0.5)
+    loss.backward()
+    assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
+    assert stats["kl"] == pytest.approx(20.0 + kl[0, 2].item())
+
+
+class _TinyLM(torch.nn.Module):
+    """A causal-LM-shaped module: embedding -> linear, `.logits` like HF's output."""
+
+    def __init__(self, vocab=11, dim=6):
+        super().__init__()
+        torch.manual_seed(0)
+        self.embed, self.head = torch.nn.Embedding(vocab, dim), torch.nn.Linear(dim, vocab)
+
+    def forward(self, input_ids, attention_mask=None):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(logits=self.head(self.embed(input_ids)))
+
+
+def _loop_cfg(**algo):
+    from omegaconf import OmegaConf
+
+    return OmegaConf.create({
+        "algo": {"clip_eps": 0.2, "loss_agg": "token_mean", "kl_coef": 0.0, "entropy_coef": 0.0, "entropy_tokens": 0,
+                 **algo},
+        "rollout": {"temperature": 1.0, "top_p": 1.0},
+        "trainer": {"micro_batch_size": 2, "micro_batch_tokens": 0}})
+
+
+def _loop_batch():
+    g = torch.Generator().manual_seed(3)
+    lens = [2, 3, 1, 4, 2]
+    return Batch(input_ids=[torch.randint(0, 11, (3 + n,), generator=g).tolist() for n in lens], prompt_lens=[3] * 5,
+                 old_logprobs=[[-2.0] * n for n in lens], rewards=torch.zeros(5), advantages=torch.randn(5, generator=g),
+                 correct=torch.zeros(5), completion_lens=torch.tensor(lens, dtype=torch.float))
+
+
+def test_entropy_is_not_computed_when_its_coefficient_is_zero(monkeypatch):
+    import recipe.grpo as grpo
+
+    calls = []
+    real = grpo.token_entropy
+    monkeypatch.setattr(grpo, "token_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    monkeypatch.setattr(grpo, "global_count", lambda local: max(local, 1.0))  # one process, no group
+    batch, policy = _loop_batch(), _TinyLM()
+    stats = grpo.backward_mini_batch(policy, batch, range(5), _loop_cfg(), "cpu", 1)
+    assert calls == [] and stats["entropy"] == 0.0
+    stats = grpo.backward_mini_batch(policy, batch, range(5), _loop_cfg(entropy_coef=0.1), "cpu", 1)
+    assert len(calls) == 3 and stats["entropy"] > 0  # micro-batches of 2, 2, 1
+
+
+def test_a_placeholder_micro_batch_adds_exactly_nothing(monkeypatch):
+    """The zero-weight micro-batches a rank with fewer micro-batches runs: gradients and sums bit for bit
+    those without them (with the KL and entropy terms on)."""
+    import recipe.grpo as grpo
+
+    monkeypatch.setattr(grpo, "global_count", lambda local: max(local, 1.0))
+    cfg = _loop_cfg(entropy_coef=0.1)
+    results = []
+    for extra in (0, 2):
+        own = grpo.agreed_micro_batches
+        monkeypatch.setattr(grpo, "agreed_micro_batches", lambda b, m, c: own(b, m, c) + [[]] * extra)
+        policy = _TinyLM()
+        stats = grpo.backward_mini_batch(policy, _loop_batch(), range(5), cfg, "cpu", 1, reference=_TinyLM())
+        results.append((stats, {n: p.grad.clone() for n, p in policy.named_parameters()}))
+        monkeypatch.setattr(grpo, "agreed_micro_batches", own)
+    (plain, g_plain), (padded, g_padded) = results
+    assert plain == padded
+    assert all(torch.equal(g_plain[n], g_padded[n]) for n in g_plain)
+    t = grpo.placeholder_tensors(_loop_batch(), "cpu")
+    assert t["mask"].sum() == 0 and t["adv"].abs().sum() == 0 and t["input_ids"].shape[0] == 1
+
+
+def test_agreed_micro_batches_in_one_process_are_the_own_ones():
+    from recipe.grpo import agreed_micro_batches
+
+    batch = _loop_batch()
+    assert agreed_micro_batches(batch, range(5), _loop_cfg()) == micro_batches(batch, range(5), 2, 0)
+
+
+def test_old_logprobs_are_recomputed_only_when_sampling_truncates():
+    from omegaconf import OmegaConf
+
+    from recipe.grpo import behaviour_note, truncated_sampling
+
+    cfg = _loop_cfg()
+    assert truncated_sampling(cfg) is None
+    cfg = OmegaConf.merge(cfg, {"rollout": {"top_p": 0.5}})
+    assert truncated_sampling(cfg) == "rollout.top_p=0.5"
+    assert behaviour_note(cfg).startswith("rollout.top_p=0.5: ") and "recomputed by the trainer" in behaviour_note(cfg)
+
+
+def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(monkeypatch):
+    """`behaviour_logprobs` returns the policy's own logprobs with the update's micro-batch shapes: the
+    first mini-batch then sees ratio 1 bit for bit (gap 0, nothing clipped), whatever the engine said."""
+    import recipe.grpo as grpo
+
+    monkeypatch.setattr(grpo, "global_count", lambda local: max(local, 1.0))
+    cfg, batch, policy = _loop_cfg(), _loop_batch(), _TinyLM()
+    minis = [[0, 2, 4], [1, 3]]
+    old, gap = grpo.behaviour_logprobs(policy, batch, minis, cfg, "cpu")
+    assert [len(r) for r in old] == [len(r) for r in batch.old_logprobs]
+    assert gap["tokens"] == 12 and gap["gap_sum"] > 0  # against the engine's -2.0 everywhere
+    batch.old_logprobs = old
+    stats = grpo.backward_mini_batch(policy, batch, minis[0], cfg, "cpu", 1)
+    assert stats["gap_sum"] == 0.0 and stats["gap_max"] == 0.0 and stats["clip_frac"] == 0.0
