@@ -37,7 +37,7 @@ ALLOWED: Dict[str, Set[str]] = {
                      "recipe.progress"},
     "recipe.grpo": {"recipe.dist", "recipe.metrics", "recipe.model", "recipe.rollout", "recipe.sync", "recipe.tasks",
                     "recipe.checkpoint", "recipe.progress", "recipe.profiling"},
-    "recipe.checkpoint": {"recipe.model"},
+    "recipe.checkpoint": {"recipe.model", "recipe.names"},
     "recipe.preflight": {"recipe.config", "recipe.tasks"},
     "recipe.assets": {"recipe.config", "recipe.builtin_models"},
     "recipe.sync": {"recipe.state_dict", "recipe.model", "recipe.names", "recipe.digest"},
