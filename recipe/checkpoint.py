@@ -38,7 +38,8 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import StateDictOptions, get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from recipe.model import Residency
 from recipe.names import strip_wrappers
@@ -192,10 +193,12 @@ def _state_dicts(model, optimizer, base) -> dict:
     """{"model": ..., "optim": ...} as DCP saves and loads them; LoRA: the trained parameters only
     (`ignore_frozen_params` keeps a tied head, which `named_parameters` lists under the embedding)."""
     model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(base))
-    if base is not None:
-        trained = {strip_wrappers(n) for n, p in model.named_parameters() if p.requires_grad}
-        model_sd = {k: v for k, v in model_sd.items() if k in trained}
-    return {"model": model_sd, "optim": optim_sd}
+    return {"model": _trained_only(model, model_sd) if base is not None else model_sd, "optim": optim_sd}
+
+
+def _trained_only(model, state: dict) -> dict:
+    trained = {strip_wrappers(n) for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trained}
 
 
 # ----------------------------------------------------------------------------- API
@@ -291,3 +294,26 @@ def load(path: Path, model, optimizer, scheduler, ctx, residency: Optional[Resid
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
     return {"step": int(extra["step"]), "state": extra.get("state", {})}
+
+
+def load_weights(path: Path, model, base: Optional[Path] = None) -> int:
+    """Only the model part of checkpoint `path` (no optimizer, scheduler or RNG), into `model` sharded
+    over any world size (DCP reshards what the saving world wrote); every rank file's list of
+    sha256 is checked first, and a LoRA checkpoint's base against `base`. Returns the step.
+    For exporting a saved checkpoint (tools/export.py)."""
+    path = Path(path)
+    missing = [name for name in (".metadata", "rank0.pt") if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint: {' and '.join(missing)} missing (a checkpoint "
+                              "directory holds DCP shards, .metadata and one rank<R>.pt per saving rank)")
+    extras = [_read_rank_file(path, rank) for rank in range(len(list(path.glob("rank*.pt"))))]
+    if base is not None and "base" in extras[0]:
+        check_base(extras[0]["base"], base)
+    state = get_model_state_dict(model, options=_options(base))
+    state = _trained_only(model, state) if base is not None else state
+    try:
+        dcp.load({"model": state}, checkpoint_id=str(path))
+        set_model_state_dict(model, state, options=_options(base))
+    except FAILURES as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded into this model: {_describe(exc)}") from None
+    return int(extras[0]["step"])

@@ -263,6 +263,7 @@ class GRPOTrainer:
         self.logger = MetricsLogger(cfg, cfg.run_dir, ctx.rank)
         self.step = 0
         self.resumed = False
+        self.exported = -1  # the step last exported
 
     # -- phase 1: rollout
     def rollout(self, step: int):
@@ -391,6 +392,13 @@ class GRPOTrainer:
         save(Path(cfg.run_dir) / "checkpoints", self.policy, self.optimizer, self.scheduler, self.step, self.ctx,
              state=counters, keep=cfg.trainer.keep_checkpoints, residency=self.residency, base=self.lora_base)
 
+    def export(self) -> None:
+        """The policy of this step as a Hugging Face (and, for LoRA, PEFT) directory (recipe/export.py)."""
+        from recipe.export import export, export_dir
+
+        export(self.policy, self.cfg, self.ctx, export_dir(self.cfg.run_dir, self.step), self.step, self.cfg.run_dir)
+        self.exported = self.step
+
     def maybe_resume(self) -> None:
         """With trainer.resume: model, optimizer, scheduler, RNG, step and weight version from the
         newest complete checkpoint; metrics.jsonl loses the records after that step."""
@@ -453,6 +461,8 @@ class GRPOTrainer:
                 progress.note(f"profile of the steps: {written}")
             if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
                 self.save_checkpoint()
+                if cfg.trainer.export == "every_checkpoint":
+                    self.export()
         progress.close()
         return summarize(self.logger.records())  # the whole run, across resumes (rank 0; {} elsewhere)
 
@@ -511,6 +521,8 @@ def run(cfg: DictConfig, ctx: DistContext) -> Dict[str, float]:
         summary = trainer.run()
         if cfg.trainer.checkpoint_every == 0 or trainer.step % cfg.trainer.checkpoint_every:
             trainer.save_checkpoint()  # always leave the final state
+        if cfg.trainer.export != "none" and trainer.exported != trainer.step:
+            trainer.export()  # and the model, ready to load
     finally:
         trainer.close()
     if ctx.is_main:

@@ -859,6 +859,14 @@ def stream_weights(model: nn.Module, cfg: DictConfig, device: torch.device | str
     return WeightStream(strategy(model, cfg, torch.device(device)), strategy_name(cfg))
 
 
+def stream_transform(model: nn.Module, cfg: DictConfig, device: torch.device | str, transform: str) -> WeightStream:
+    """The table's gather of (fsdp, offload) with the transform of lora mode `transform` ("none": full
+    weights, "merged", "adapter"), whatever `lora.name` and `sync.strategy` say: the export takes the
+    merged policy and the adapter of one LoRA model."""
+    key = (cfg.fsdp.name, cfg.offload.name, transform)
+    return WeightStream(get_strategy(key)(model, cfg, torch.device(device)), "/".join(key))
+
+
 def stream_base_weights(model: nn.Module, cfg: DictConfig, device: torch.device | str) -> WeightStream:
     """Base weights under HF names, LoRA excluded and unmerged: the engine's first load."""
     key = (cfg.fsdp.name, cfg.offload.name, "none")
