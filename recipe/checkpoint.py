@@ -17,6 +17,11 @@ complete:
 Loading checks each file against its sha256 first, so a truncated or corrupted checkpoint
 gives a `CheckpointError` that names the file.
 Resume: `python -m recipe.train trainer.resume=true hydra.run.dir=<run dir>`.
+
+LoRA (`save(base=<model dir>)`): the checkpoint holds only what trains (the adapters, their AdamW
+state) besides step, scheduler and RNG, and a reference to the frozen base: its directory and the
+sha256 of each of its weight files (rank 0's file). `load(base=)` refuses a base whose weight files
+differ, naming the file, since the adapters mean nothing on another base.
 """
 
 from __future__ import annotations
@@ -33,13 +38,16 @@ import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
+                                                     set_model_state_dict, set_state_dict)
 
 from recipe.model import Residency
+from recipe.names import strip_wrappers
 
 # DCP's CheckpointException derives from BaseException, not Exception.
 FAILURES = (Exception, CheckpointException)
 STEP_DIR = re.compile(r"^step_(\d+)(\.old|\.tmp)?$")
+WEIGHT_FILES = ("*.safetensors", "*.bin", "*.pt", "*.pth")
 
 
 class CheckpointError(RuntimeError):
@@ -144,15 +152,65 @@ def _prune(root: Path, keep: int, newest: Path) -> None:
             shutil.rmtree(path)
 
 
+# ----------------------------------------------------------------------------- the frozen base of a LoRA run
+
+_BASE_DIGESTS: Dict[tuple, str] = {}
+
+
+def base_reference(model_dir: Path) -> dict:
+    """{"path": the base's directory, "files": {weight file name: sha256}}. A file's digest is
+    computed once per process for its (path, size, mtime) (a 7B base is 15 GB to read)."""
+    model_dir = Path(model_dir).resolve()
+    files = sorted({p for pattern in WEIGHT_FILES for p in model_dir.glob(pattern) if p.is_file()})
+    digests = {}
+    for path in files:
+        stat = path.stat()
+        key = (str(path), stat.st_size, stat.st_mtime_ns)
+        if key not in _BASE_DIGESTS:
+            _BASE_DIGESTS[key] = _sha256(path)
+        digests[path.name] = _BASE_DIGESTS[key]
+    return {"path": str(model_dir), "files": digests}
+
+
+def check_base(saved: dict, model_dir: Path) -> None:
+    """Refuse to resume LoRA adapters on a base other than the one they were trained on."""
+    now = base_reference(model_dir)
+    for name in sorted(set(saved["files"]) | set(now["files"])):
+        if saved["files"].get(name) != now["files"].get(name):
+            state = ("is missing" if name not in now["files"] else "is new" if name not in saved["files"]
+                     else "differs (sha256)")
+            raise CheckpointError(f"the LoRA checkpoint was trained on the base {saved['path']}; its weight file "
+                                  f"{Path(now['path']) / name} {state} from the one the checkpoint recorded: refusing "
+                                  "to resume the adapters on another base")
+
+
+def _options(base) -> StateDictOptions:
+    """LoRA (a base is given): only the trained parameters (and their optimizer state)."""
+    return StateDictOptions(ignore_frozen_params=base is not None, strict=base is None)
+
+
+def _state_dicts(model, optimizer, base) -> dict:
+    """{"model": ..., "optim": ...} as DCP saves and loads them; LoRA: the trained parameters only
+    (`ignore_frozen_params` keeps a tied head, which `named_parameters` lists under the embedding)."""
+    model_sd, optim_sd = get_state_dict(model, optimizer, options=_options(base))
+    return {"model": _trained_only(model, model_sd) if base is not None else model_sd, "optim": optim_sd}
+
+
+def _trained_only(model, state: dict) -> dict:
+    trained = {strip_wrappers(n) for n, p in model.named_parameters() if p.requires_grad}
+    return {k: v for k, v in state.items() if k in trained}
+
+
 # ----------------------------------------------------------------------------- API
 
 
 def save(root: Path, model, optimizer, scheduler, step: int, ctx, state: Optional[dict] = None, keep: int = 0,
-         residency: Optional[Residency] = None) -> Path:
+         residency: Optional[Residency] = None, base: Optional[Path] = None) -> Path:
     """Write checkpoint `step` under `root` (see the module docstring); returns its directory.
 
     `state`: more weights_only-safe values to restore on resume (returned by `load`). `residency`
-    (offload=manual): the shards come to the device for DCP, which wants them there, and go back after."""
+    (offload=manual): the shards come to the device for DCP, which wants them there, and go back after.
+    `base` (LoRA): the frozen base's directory; only the trained parameters are saved, and a reference to it."""
     root = Path(root)
     final, tmp = root / f"step_{step}", root / f"step_{step}.tmp"
     error = None
@@ -166,10 +224,11 @@ def save(root: Path, model, optimizer, scheduler, step: int, ctx, state: Optiona
     _agree(error, f"cannot prepare checkpoint directory {tmp}")
     try:
         with residency.on_device() if residency is not None else contextlib.nullcontext():
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            dcp.save({"model": model_sd, "optim": optim_sd}, checkpoint_id=str(tmp))
+            dcp.save(_state_dicts(model, optimizer, base), checkpoint_id=str(tmp))
         extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), "state": state or {},
                  "files": _own_files(tmp, ctx.rank)}
+        if base is not None and ctx.is_main:
+            extra["base"] = base_reference(base)
         torch.save(extra, tmp / f"rank{ctx.rank}.pt")
     except FAILURES as exc:  # agreed on, then raised on every rank
         error = exc
@@ -210,24 +269,51 @@ def _read_rank_file(path: Path, rank: int) -> dict:
     return extra
 
 
-def load(path: Path, model, optimizer, scheduler, ctx, residency: Optional[Residency] = None) -> dict:
-    """Load a checkpoint in place; returns {"step": N, "state": the `state` given to save}."""
+def load(path: Path, model, optimizer, scheduler, ctx, residency: Optional[Residency] = None,
+         base: Optional[Path] = None) -> dict:
+    """Load a checkpoint in place; returns {"step": N, "state": the `state` given to save}.
+    `base` (LoRA): the frozen base's directory, checked against the checkpoint's reference."""
     path = Path(path)
     extra, error = None, None
     try:
         extra = _read_rank_file(path, ctx.rank)
+        if base is not None and "base" in extra:  # rank 0's file holds the reference
+            check_base(extra["base"], base)
     except FAILURES as exc:  # CheckpointError names the file; anything else is wrapped by _agree
         error = exc
     _agree(error, f"checkpoint {path} cannot be loaded")
     try:
         with residency.on_device() if residency is not None else contextlib.nullcontext():
-            model_sd, optim_sd = get_state_dict(model, optimizer)
-            sds = {"model": model_sd, "optim": optim_sd}
+            sds = _state_dicts(model, optimizer, base)
             dcp.load(sds, checkpoint_id=str(path))
-            set_state_dict(model, optimizer, model_state_dict=sds["model"], optim_state_dict=sds["optim"])
+            set_state_dict(model, optimizer, model_state_dict=sds["model"], optim_state_dict=sds["optim"],
+                           options=_options(base))
     except FAILURES as exc:
         error = CheckpointError(f"checkpoint {path} cannot be loaded into this model: {_describe(exc)}")
     _agree(error, f"checkpoint {path} cannot be loaded")
     scheduler.load_state_dict(extra["scheduler"])
     _set_rng_state(extra["rng"])
     return {"step": int(extra["step"]), "state": extra.get("state", {})}
+
+
+def load_weights(path: Path, model, base: Optional[Path] = None) -> int:
+    """Only the model part of checkpoint `path` (no optimizer, scheduler or RNG), into `model` sharded
+    over any world size (DCP reshards what the saving world wrote); every rank file's list of
+    sha256 is checked first, and a LoRA checkpoint's base against `base`. Returns the step.
+    For exporting a saved checkpoint (tools/export.py)."""
+    path = Path(path)
+    missing = [name for name in (".metadata", "rank0.pt") if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"{path} is not a checkpoint: {' and '.join(missing)} missing (a checkpoint "
+                              "directory holds DCP shards, .metadata and one rank<R>.pt per saving rank)")
+    extras = [_read_rank_file(path, rank) for rank in range(len(list(path.glob("rank*.pt"))))]
+    if base is not None and "base" in extras[0]:
+        check_base(extras[0]["base"], base)
+    state = get_model_state_dict(model, options=_options(base))
+    state = _trained_only(model, state) if base is not None else state
+    try:
+        dcp.load({"model": state}, checkpoint_id=str(path))
+        set_model_state_dict(model, state, options=_options(base))
+    except FAILURES as exc:
+        raise CheckpointError(f"checkpoint {path} cannot be loaded into this model: {_describe(exc)}") from None
+    return int(extras[0]["step"])

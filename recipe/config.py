@@ -29,6 +29,7 @@ LOSS_AGG_CHOICES = ("token_mean", "seq_mean")
 # Reference strategies the benchmark may name; "auto" means the dispatch-table entry.
 SYNC_STRATEGY_CHOICES = ("auto", "naive", "dcp_full_cpu", "dtensor_stream")
 SYNC_LOAD_CHOICES = ("auto", "direct", "reload")
+EXPORT_CHOICES = ("final", "every_checkpoint", "none")
 
 
 class ConfigError(ValueError):
@@ -189,6 +190,10 @@ class TrainerConfig:
     # profile_trace a chrome trace per rank beside it.
     profile_steps: int = 0
     profile_trace: bool = False
+    # The policy as a Hugging Face directory (LoRA: merged, plus the PEFT adapter) in
+    # <run dir>/export/step_<N>/ (recipe/export.py): after the last step ("final"), with every
+    # checkpoint and after the last step ("every_checkpoint"), or never ("none").
+    export: str = "final"
 
 
 @dataclass
@@ -275,6 +280,7 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "algo.loss_agg", LOSS_AGG_CHOICES)
     _choice(cfg, "sync.strategy", SYNC_STRATEGY_CHOICES)
     _choice(cfg, "sync.load", SYNC_LOAD_CHOICES)
+    _choice(cfg, "trainer.export", EXPORT_CHOICES)
     if not 0 < cfg.rollout.gpu_memory_utilization < 1:
         raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1): the engine's share of the GPU, the "
                           f"trainer keeps the rest; got {cfg.rollout.gpu_memory_utilization}")

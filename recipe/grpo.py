@@ -328,7 +328,7 @@ class GRPOTrainer:
         from transformers import AutoTokenizer
 
         from recipe.metrics import MetricsLogger
-        from recipe.model import Residency, build_optimizer, build_policy
+        from recipe.model import Residency, build_optimizer, build_policy, build_reference
         from recipe.rollout import build_engine
         from recipe.sync import WeightSync
         from recipe.tasks import build_task
@@ -336,11 +336,12 @@ class GRPOTrainer:
         self.cfg, self.ctx = cfg, ctx
         torch.manual_seed(cfg.trainer.seed)
         self.model_dir = str(Path(cfg.model.path).expanduser().resolve())
+        self.lora_base = self.model_dir if cfg.lora.name != "none" else None  # LoRA checkpoints: adapters + a reference
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.task = build_task(cfg, self.tokenizer)
         self.eval_prompts = held_out_share(self.task, cfg, ctx)  # [] when trainer.eval_every=0
         self.policy = build_policy(cfg, ctx)
-        self.reference = self._build_reference() if cfg.algo.kl_coef > 0 else None
+        self.reference = build_reference(cfg, ctx) if cfg.algo.kl_coef > 0 else None  # in model.dtype
         self.optimizer = build_optimizer(self.policy, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.trainer.warmup_steps))
         self.residency = Residency(cfg, self.policy, self.optimizer, ctx.device)  # offload=manual: host between phases
@@ -349,14 +350,7 @@ class GRPOTrainer:
         self.logger = MetricsLogger(cfg, cfg.run_dir, ctx.rank)
         self.step = 0
         self.resumed = False
-
-    def _build_reference(self):
-        from recipe.model import build_policy
-
-        ref = build_policy(self.cfg, self.ctx)
-        for p in ref.parameters():
-            p.requires_grad_(False)
-        return ref
+        self.exported = -1  # the step last exported
 
     # -- phase 1: rollout
     def rollout(self, step: int):
@@ -493,7 +487,14 @@ class GRPOTrainer:
         cfg = self.cfg
         counters = {"weight_version": self.sync.weight_version, "num_syncs": self.sync.num_syncs}
         save(Path(cfg.run_dir) / "checkpoints", self.policy, self.optimizer, self.scheduler, self.step, self.ctx,
-             state=counters, keep=cfg.trainer.keep_checkpoints, residency=self.residency)
+             state=counters, keep=cfg.trainer.keep_checkpoints, residency=self.residency, base=self.lora_base)
+
+    def export(self) -> None:
+        """The policy of this step as a Hugging Face (and, for LoRA, PEFT) directory (recipe/export.py)."""
+        from recipe.export import export, export_dir
+
+        export(self.policy, self.cfg, self.ctx, export_dir(self.cfg.run_dir, self.step), self.step, self.cfg.run_dir)
+        self.exported = self.step
 
     def maybe_resume(self) -> None:
         """With trainer.resume: model, optimizer, scheduler, RNG, step and weight version from the
@@ -506,7 +507,8 @@ class GRPOTrainer:
         if path is None:
             raise FileNotFoundError(f"trainer.resume=true but no checkpoint under {self.cfg.run_dir}/checkpoints; "
                                     "start the run with hydra.run.dir=<the run directory to continue>")
-        loaded = load(path, self.policy, self.optimizer, self.scheduler, self.ctx, residency=self.residency)
+        loaded = load(path, self.policy, self.optimizer, self.scheduler, self.ctx, residency=self.residency,
+                      base=self.lora_base)
         self.step, counters = loaded["step"], loaded["state"]
         if counters:  # (checkpoints written before the counters were saved have none)
             # The first sync after resume loads the checkpoint's weights again: it remakes the saved version.
@@ -558,6 +560,8 @@ class GRPOTrainer:
                 progress.note(f"profile of the steps: {written}")
             if cfg.trainer.checkpoint_every and self.step % cfg.trainer.checkpoint_every == 0:
                 self.save_checkpoint()
+                if cfg.trainer.export == "every_checkpoint":
+                    self.export()
         progress.close()
         return summarize(self.logger.records())  # the whole run, across resumes (rank 0; {} elsewhere)
 
@@ -623,6 +627,8 @@ def run(cfg: DictConfig, ctx: DistContext) -> Dict[str, float]:
         summary = trainer.run()
         if cfg.trainer.checkpoint_every == 0 or trainer.step % cfg.trainer.checkpoint_every:
             trainer.save_checkpoint()  # always leave the final state
+        if cfg.trainer.export != "none" and trainer.exported != trainer.step:
+            trainer.export()  # and the model, ready to load
     finally:
         trainer.close()
     if ctx.is_main:

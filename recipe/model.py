@@ -15,6 +15,10 @@ when it all-gathers them for forward/backward (FSDP2 `MixedPrecisionPolicy`, FSD
 frequencies) keep the dtype they are loaded in, as HF keeps them for a bf16 model. With
 `master_dtype == dtype` there is no policy: parameters, gradients and optimizer state are all
 in that dtype (an update smaller than about 2^-9 of a bf16 weight is then rounded away).
+LoRA: only the adapters train, so only they are float32 masters (with AdamW state); the frozen
+base is loaded and kept in `model.dtype` (`base_dtype`), as is the KL reference (`build_reference`).
+FSDP2 takes both dtypes in one unit (its policy casts the adapters, the base already is the
+compute dtype); FSDP1 holds one dtype per flat parameter, so each adapter is a unit of its own.
 
 Offload modes (conf/offload/):
 - ``none``: shards live on the training device.
@@ -86,16 +90,36 @@ def adapter_config(cfg: DictConfig) -> dict:
 
 
 def apply_lora(model: nn.Module, cfg: DictConfig) -> nn.Module:
-    """Wrap with peft LoRA when `lora.name` is merged or adapter; only LoRA params then train."""
+    """Wrap with peft LoRA when `lora.name` is merged or adapter; only LoRA params then train.
+
+    The adapters are made in `model.master_dtype` whatever the base's dtype: a LoRA base is
+    loaded in `model.dtype` (frozen: no masters, see `base_dtype`), the adapters are what trains.
+    peft initialises them in the base's dtype first (it casts new adapters to the base layer's),
+    so over a bf16 base their initial values are bf16 values held in float32."""
     if cfg.lora.name == "none":
         return model
     from peft import get_peft_model
 
-    config = lora_config(cfg)
-    # Adapters in the base's dtype, the master dtype: FSDP needs one dtype per sharded group
-    # (peft would upcast the adapters of a bf16 base to fp32 by default). With float32
-    # masters (the default) adapters and base are float32 alike.
-    return get_peft_model(model, config, autocast_adapter_dtype=False)
+    model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=False)
+    master = torch_dtype(cfg.model.master_dtype)
+    for param in model.parameters():
+        if param.requires_grad and param.dtype != master:
+            param.data = param.data.to(master)
+    return model
+
+
+def base_dtype(cfg: DictConfig) -> str:
+    """dtype the checkpoint's weights are held in by the trainer: `model.master_dtype` when they
+    train (full fine-tuning), `model.dtype` when they are a frozen LoRA base (float32 masters of
+    weights that never change would only double their memory and checkpoint)."""
+    return cfg.model.master_dtype if cfg.lora.name == "none" else cfg.model.dtype
+
+
+def unsharded_policy(cfg: DictConfig) -> nn.Module:
+    """The policy before sharding, on the host: the checkpoint in `base_dtype`, LoRA applied
+    (initialised from `trainer.seed`, so every rank and every rebuild gets the same adapters)."""
+    torch.manual_seed(cfg.trainer.seed)
+    return apply_lora(load_hf_model(cfg, "cpu", base_dtype(cfg)), cfg)
 
 
 def decoder_layer_classes(model: nn.Module) -> Set[Type[nn.Module]]:
@@ -126,7 +150,6 @@ def largest_unit_bytes(model: nn.Module) -> int:
 
 def _shard_fsdp1(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
     from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel as FSDP, MixedPrecision, ShardingStrategy
-    from torch.distributed.fsdp.wrap import ModuleWrapPolicy
 
     strategy = ShardingStrategy.FULL_SHARD if cfg.fsdp.reshard_after_forward else ShardingStrategy.SHARD_GRAD_OP
     policy = None
@@ -134,13 +157,45 @@ def _shard_fsdp1(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.
         policy = MixedPrecision(param_dtype=torch_dtype(cfg.model.dtype), reduce_dtype=torch.float32)
     return FSDP(
         model,
-        auto_wrap_policy=ModuleWrapPolicy(decoder_layer_classes(model)),
+        auto_wrap_policy=_fsdp1_wrap_policy(model, policy),
         sharding_strategy=strategy,
         cpu_offload=CPUOffload(offload_params=cfg.offload.name == "cpu"),
-        use_orig_params=True,  # LoRA: frozen and trainable params share a flat parameter
+        use_orig_params=True,  # the root unit may hold frozen and trainable params in one flat parameter
         device_id=device,
         mixed_precision=policy,
     )
+
+
+def is_trainable_leaf(module: nn.Module) -> bool:
+    """A module without children whose own parameters all train (a LoRA A or B under peft)."""
+    params = list(module.parameters(recurse=False))
+    return not list(module.children()) and bool(params) and all(p.requires_grad for p in params)
+
+
+def _fsdp1_wrap_policy(model: nn.Module, policy):
+    """Each decoder layer is a unit, and so is each trainable leaf inside one (LoRA A and B): an
+    FSDP1 flat parameter holds one dtype, and a LoRA layer's frozen base (`model.dtype`) and its
+    adapters (`model.master_dtype`) differ. Full fine-tuning has no such leaves in a layer.
+
+    A LoRA leaf's unit casts its inputs to the compute dtype: peft casts x to the dtype of lora_A's
+    weight, which outside the leaf's own forward is the float32 shard (under FSDP2 the layer is
+    unsharded then, in `model.dtype`). bf16 -> float32 -> bf16 is exact, so both compute alike."""
+    from torch.distributed.fsdp import MixedPrecision
+    from torch.distributed.fsdp.wrap import CustomPolicy
+
+    classes = tuple(decoder_layer_classes(model))
+    frozen = any(not p.requires_grad for p in model.parameters())
+    leaf = True
+    if policy is not None:
+        leaf = {"mixed_precision": MixedPrecision(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
+                                                  cast_forward_inputs=True)}
+
+    def wrap(module: nn.Module):
+        if isinstance(module, classes):
+            return True
+        return leaf if frozen and is_trainable_leaf(module) else False
+
+    return CustomPolicy(wrap)
 
 
 def _shard_fsdp2(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
@@ -162,16 +217,24 @@ def build_policy(cfg: DictConfig, ctx) -> nn.Module:
     """Load, apply LoRA, shard (FSDP1 or FSDP2 per `fsdp.name`) with the offload of `offload.name`.
 
     Every rank loads the same checkpoint (and seeds LoRA init from `trainer.seed`), so the
-    shards agree without a broadcast. Parameters are in `model.master_dtype`; FSDP computes in
-    `model.dtype` (see the module docstring).
+    shards agree without a broadcast. Trained parameters are in `model.master_dtype`, a frozen
+    LoRA base in `model.dtype` (`base_dtype`); FSDP computes in `model.dtype` (module docstring).
     """
     if not mixed_precision(cfg) and cfg.model.dtype != "float32" and ctx.rank == 0:
         logging.getLogger(__name__).warning(
             "model.master_dtype=%s equals model.dtype: parameters and AdamW state are kept in %s, so an update "
             "smaller than about 2^-9 (bfloat16) of a weight is rounded away; model.master_dtype=float32 keeps "
             "float32 masters", cfg.model.master_dtype, cfg.model.dtype)
-    torch.manual_seed(cfg.trainer.seed)
-    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg)
+    return shard(unsharded_policy(cfg), cfg, ctx.device)
+
+
+def build_reference(cfg: DictConfig, ctx) -> nn.Module:
+    """The frozen KL reference: the checkpoint in `model.dtype` (it never trains, so no masters),
+    sharded like the policy. Without LoRA it is the policy at step 0; with LoRA too, since peft's B
+    starts at zero and the adapters then add exactly nothing."""
+    model = load_hf_model(cfg, "cpu", cfg.model.dtype)
+    for param in model.parameters():
+        param.requires_grad_(False)
     return shard(model, cfg, ctx.device)
 
 

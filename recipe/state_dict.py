@@ -69,7 +69,7 @@ from omegaconf import DictConfig
 from recipe import digest as digest_mod
 from recipe.config import FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, combo_key
 from recipe.model import largest_unit_bytes, move_fsdp1_unit, torch_dtype
-from recipe.names import ADAPTER, hf_name, is_lora_param, peft_name
+from recipe.names import ADAPTER, hf_name, is_lora_param, peft_name, strip_wrappers
 
 Key = Tuple[str, str, str]
 Named = Tuple[str, torch.Tensor]
@@ -220,29 +220,58 @@ def _copy_as(tensor: torch.Tensor, dtype: torch.dtype, device: torch.device) -> 
     return out.clone() if out.data_ptr() == tensor.data_ptr() else out
 
 
-def _fsdp1_summon(unit: nn.Module, members: List[Member], device: torch.device, wire: Wire) -> Group:
-    """The unit's full parameters (FSDP1 summons them in the master dtype, mixed precision or
-    not), each cast to its `wire` dtype right away, before it is copied anywhere."""
+def _fsdp1_families(model: nn.Module) -> List[Tuple[List[nn.Module], List[Member]]]:
+    """FSDP1 units with their members, a LoRA adapter's unit (its own unit: an FSDP1 flat parameter
+    holds one dtype, recipe/model.py) joined to the nearest unit above it, which holds its base
+    weight: a transform gets a LoRA layer's W, A and B in one group."""
+    units = _units(model, _is_fsdp1)
+    members_of = {id(unit): members for unit, members in units}
+    names = {id(module): name for name, module in model.named_modules()}
+    families: Dict[int, Tuple[List[nn.Module], List[Member]]] = {}
+    for unit, members in units:
+        owner = unit
+        if all(is_lora_param(name) for name, _, _ in members):
+            above = [u for u, _ in units if u is not unit and not all(is_lora_param(n) for n, _, _ in members_of[id(u)])
+                     and _inside(names[id(unit)], names[id(u)])]
+            owner = max(above, key=lambda u: len(names[id(u)]), default=unit)
+        family = families.setdefault(id(owner), ([], []))
+        family[0].append(unit)
+        family[1].extend(members)
+    return list(families.values())
+
+
+def _inside(name: str, outer: str) -> bool:
+    """Module `name` lies inside module `outer` (the root's name is "")."""
+    return outer == "" or name.startswith(outer + ".")
+
+
+def _fsdp1_summon(family: List[nn.Module], members: List[Member], device: torch.device, wire: Wire) -> Group:
+    """The family's full parameters (FSDP1 summons them in the dtype they are kept in, mixed
+    precision or not), each cast to its `wire` dtype right away, before it is copied anywhere."""
     from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
-    with FSDP.summon_full_params(unit, recurse=False, writeback=False):
-        return {name: _copy_as(t, wire(name, t), device) for name, t in _unique(members)}
+    with contextlib.ExitStack() as stack:
+        for unit in family:
+            stack.enter_context(FSDP.summon_full_params(unit, recurse=False, writeback=False))
+        # Without wrapper segments: an adapter's name then extends its base weight's stem.
+        return {strip_wrappers(name): _copy_as(t, wire(name, t), device) for name, t in _unique(members)}
 
 
 def _fsdp1_summon_groups(model: nn.Module, device: torch.device, wire: Wire) -> Iterator[Group]:
     """FSDP1 per-unit summon (with CPUOffload, FSDP copies the host shard in for the all-gather)."""
-    for unit, members in _layout(model, "fsdp1 units", lambda: _units(model, _is_fsdp1)):
-        yield _fsdp1_summon(unit, members, device, wire)
+    for family, members in _layout(model, "fsdp1 units", lambda: _fsdp1_families(model)):
+        yield _fsdp1_summon(family, members, device, wire)
 
 
 def _fsdp1_manual_groups(model: nn.Module, device: torch.device, wire: Wire) -> Iterator[Group]:
     """FSDP1 with manually offloaded shards: one unit's shard at a time visits the device."""
-    for unit, members in _layout(model, "fsdp1 units", lambda: _units(model, _is_fsdp1)):
-        home = move_fsdp1_unit(unit, device)
+    for family, members in _layout(model, "fsdp1 units", lambda: _fsdp1_families(model)):
+        homes = [move_fsdp1_unit(unit, device) for unit in family]
         try:
-            group = _fsdp1_summon(unit, members, device, wire)
+            group = _fsdp1_summon(family, members, device, wire)
         finally:
-            move_fsdp1_unit(unit, home)
+            for unit, home in zip(family, homes):
+                move_fsdp1_unit(unit, home)
         yield group
 
 
@@ -828,6 +857,14 @@ def stream_weights(model: nn.Module, cfg: DictConfig, device: torch.device | str
     else:
         strategy = get_reference(cfg.sync.strategy)
     return WeightStream(strategy(model, cfg, torch.device(device)), strategy_name(cfg))
+
+
+def stream_transform(model: nn.Module, cfg: DictConfig, device: torch.device | str, transform: str) -> WeightStream:
+    """The table's gather of (fsdp, offload) with the transform of lora mode `transform` ("none": full
+    weights, "merged", "adapter"), whatever `lora.name` and `sync.strategy` say: the export takes the
+    merged policy and the adapter of one LoRA model."""
+    key = (cfg.fsdp.name, cfg.offload.name, transform)
+    return WeightStream(get_strategy(key)(model, cfg, torch.device(device)), "/".join(key))
 
 
 def stream_base_weights(model: nn.Module, cfg: DictConfig, device: torch.device | str) -> WeightStream:

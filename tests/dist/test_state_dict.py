@@ -10,7 +10,8 @@ policy, checks the base weights against the checkpoint, takes one AdamW step on 
 for bit, same dtype, same names as the HF checkpoint (full / merged) or as peft's saved adapter
 (adapter). For mixed precision the copy keeps float32 masters, runs forward/backward on a bf16
 copy of them (as FSDP does), steps the masters with the float32 grads, and the engine should
-get the masters cast to bf16 (merged: the float32 merge formula on the masters, cast once).
+get the masters cast to bf16 (merged: the float32 merge formula on the masters, cast once). A
+LoRA base is frozen and held in bf16 (only the adapters are float32 masters).
 The rank function is shared with the GPU test (NCCL, all 18 combinations).
 """
 
@@ -79,10 +80,9 @@ def reference(cfg, device) -> Dict[str, torch.Tensor]:
     """What the engine should receive: an unsharded copy given the same step, in the engine dtype."""
     from peft import get_peft_model_state_dict
 
-    from recipe.model import apply_lora, build_optimizer, load_hf_model, mixed_precision, torch_dtype
+    from recipe.model import build_optimizer, mixed_precision, torch_dtype, unsharded_policy
 
-    torch.manual_seed(cfg.trainer.seed)  # same LoRA init as build_policy: on the host RNG
-    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg).to(device)
+    model = unsharded_policy(cfg).to(device)  # same LoRA init as build_policy: on the host RNG
     dtype = torch_dtype(cfg.model.dtype)
     _train_step(model, build_optimizer(model, cfg), device, host_update=cfg.offload.name == "cpu",
                 compute_dtype=dtype if mixed_precision(cfg) else None)
@@ -117,18 +117,18 @@ def _merged_fp32(model, cfg) -> Dict[str, torch.Tensor]:
 
 def unit_bytes_bound(cfg) -> int:
     """Largest FSDP unit (a decoder layer, or the root's leftovers) plus the largest tensor."""
-    from recipe.model import apply_lora, largest_unit_bytes, load_hf_model
+    from recipe.model import largest_unit_bytes, unsharded_policy
 
-    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg)
+    model = unsharded_policy(cfg)
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     return largest_unit_bytes(model) + largest
 
 
 def lora_a_bytes(cfg) -> int:
     """Bytes of every LoRA A in the master dtype (the tiny model's rank divides evenly: no padding)."""
-    from recipe.model import apply_lora, load_hf_model
+    from recipe.model import unsharded_policy
 
-    model = apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg)
+    model = unsharded_policy(cfg)
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora_A." in n)
 
 
@@ -136,6 +136,10 @@ def local_state(model) -> Dict[str, torch.Tensor]:
     from torch.distributed.tensor import DTensor
 
     return {n: (p.to_local() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def param_dtypes(model, trainable: bool) -> set:
+    return {str(p.dtype) for p in model.parameters() if p.requires_grad == trainable}
 
 
 def check_stream(stream, expected: Dict[str, torch.Tensor], device, baseline=None) -> dict:
@@ -190,7 +194,8 @@ def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) ->
             load_to_device(model, optimizer, device)
             _train_step(model, optimizer, device)  # the moved-back state still trains
         results.append(dict(key=combo_key(cfg), base=base, got=got, unchanged=unchanged,
-                            bound=unit_bytes_bound(cfg), masters={str(t.dtype) for t in after.values()},
+                            bound=unit_bytes_bound(cfg), masters=param_dtypes(model, trainable=True),
+                            frozen=param_dtypes(model, trainable=False),
                             wire=wire))
         del model, optimizer
     return results
@@ -219,12 +224,11 @@ def initial_state(cfg) -> Dict[str, torch.Tensor]:
     """Weights before the update: the checkpoint, or peft's freshly initialised adapter."""
     from peft import get_peft_model_state_dict
 
-    from recipe.model import apply_lora, load_hf_model
+    from recipe.model import unsharded_policy
 
     if cfg.lora.name != "adapter":
         return checkpoint_state(cfg.model.path, cfg.model.dtype)
-    torch.manual_seed(cfg.trainer.seed)
-    state = get_peft_model_state_dict(apply_lora(load_hf_model(cfg, "cpu", cfg.model.master_dtype), cfg))
+    state = get_peft_model_state_dict(unsharded_policy(cfg))
     return {n: t.to(getattr(torch, cfg.model.dtype)) for n, t in state.items()}
 
 
@@ -243,7 +247,10 @@ def assert_combo(result: dict, cfg, model_dir, world: int = 2) -> None:
     # weight, or every merged target (norms and biases are not LoRA targets).
     assert got["changed"] >= len(got["names"]) // 2, f"{key}: only {got['changed']} tensors changed"
     assert result["unchanged"], f"{key}: the gather changed the trained (sharded) parameters"
-    assert result["masters"] == {f"torch.{cfg.model.master_dtype}"}, f"{key}: parameters in {result['masters']}"
+    assert result["masters"] == {f"torch.{cfg.model.master_dtype}"}, f"{key}: trained parameters in {result['masters']}"
+    # A frozen LoRA base stays in the compute dtype: no float32 masters of weights that never change.
+    assert result["frozen"] == (set() if cfg.lora.name == "none" else {f"torch.{cfg.model.dtype}"}), \
+        f"{key}: frozen parameters in {result['frozen']}"
     if cfg.fsdp.name == "fsdp2" and world > 1:  # the shards are cast before the all-gather (merged: LoRA layers excepted)
         engine, master = f"torch.{cfg.model.dtype}", f"torch.{cfg.model.master_dtype}"
         allowed = {engine, master} if cfg.lora.name == "merged" else {engine}

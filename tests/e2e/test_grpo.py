@@ -85,6 +85,7 @@ def _final_state(rank, world, model_dir, run_dir, steps, resume, checkpoint_ever
     trainer.maybe_resume()
     start = trainer.step
     trainer.run()
+    trainer.export()  # as recipe.grpo.run does after the last step
     state = {"start": start, "params": _local_params(trainer.policy),
              "optim": {k: v.to_local().clone() if hasattr(v, "to_local") else v
                        for s in trainer.optimizer.state.values() for k, v in s.items() if k == "exp_avg_sq"},
@@ -103,6 +104,10 @@ def test_resume_continues_from_saved_step_with_identical_state(tiny_model_dir, t
         for name, value in straight[rank]["params"].items():
             assert torch.equal(value, resumed[rank]["params"][name]), f"rank {rank} {name} differs after resume"
     assert (tmp_path / "b" / "checkpoints" / "step_4").is_dir()
+    # The resumed run exports the same bytes as the uninterrupted one (the manifest names its run).
+    straight_files, resumed_files = (json.loads((tmp_path / run / "export" / "step_4" / "export.json").read_text())["files"]
+                                     for run in ("a", "b"))
+    assert straight_files == resumed_files and any(f.endswith(".safetensors") for f in straight_files)
 
 
 @pytest.mark.slow

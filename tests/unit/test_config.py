@@ -65,6 +65,7 @@ def test_unknown_option_lists_the_available_ones(override, group, options):
     (["trainer.lr=-1"], "trainer.lr", "> 0"),
     (["trainer.steps=0"], "trainer.steps", "> 0"),
     (["trainer.profile_steps=-1"], "trainer.profile_steps", ">= 0"),
+    (["trainer.export=always"], "trainer.export", "final, every_checkpoint, none"),
     (["trainer.profile_steps=2", "trainer.steps=1"], "trainer.profile_steps=2", "trainer.steps >= 2"),
     (["model=local"], "model.path", "model.path=/path/to/hf_checkpoint"),
     (["model=local", "model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt'", "model=tiny"),
