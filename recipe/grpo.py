@@ -27,7 +27,9 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   sample weighs the same). The token (or sequence) count is all-reduced, so world 1 and
   world N train the same way on the same global batch (see `backward_mini_batch`).
 - Precision: the trainer's logprobs, the loss and the advantages are float32 (the logits come
-  in the compute dtype `model.dtype`, as the engine's do, and are cast before log_softmax);
+  in the compute dtype `model.dtype`, as the engine's do, and are cast before log_softmax; both
+  are computed block by block inside the model's output layer, recipe/logprobs.py, so neither a
+  float32 nor a compute-dtype [tokens x vocabulary] exists for a whole micro-batch);
   parameters and AdamW state are in `model.master_dtype` (recipe/model.py).
 - `trainer.updates_per_batch` optimizer steps per rollout batch: the batch is split into
   that many mini-batches; the first is on-policy (rho = 1 up to engine drift), later
@@ -52,11 +54,11 @@ from typing import Dict, List, Sequence
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from recipe.dist import DistContext
-from recipe.model import token_logprobs
+from recipe.logprobs import token_entropy  # noqa: F401  (the loss's entropy of logits, block by block)
+from recipe.model import policy_logprobs, token_logprobs  # noqa: F401
 
 
 class NonFiniteError(RuntimeError):
@@ -75,12 +77,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool,
     return centred.reshape(-1)
 
 
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / T) at the positions that predict tokens 1..T-1: [B, T-1], fp32."""
-    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def bonus_mask(mask: torch.Tensor, first: int) -> torch.Tensor:
     """`mask` (float, [B, T]) limited to each row's first `first` completion tokens; 0 keeps all."""
     if first <= 0:
@@ -96,7 +92,8 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
     `stats["entropy"]` sums the entropy over every completion token either way.
 
     Returns (loss_sum, stats): the sum over tokens (`token_mean`) or of per-sequence token means
-    (`seq_mean`); the caller divides by the global mini-batch's token or sequence count.
+    (`seq_mean`); the caller divides by the global mini-batch's token or sequence count. The stats
+    are 0-d tensors on the loss's device.
     """
     ratio = torch.exp(logp - old_logp)
     per_token = -torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
@@ -113,11 +110,11 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
     else:  # seq_mean: each sequence's token mean, summed; normalised by the sequence count
         loss_sum = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
     clipped = ((ratio - 1).abs() > clip_eps).float()
-    stats = {
-        "clip_frac": (clipped * mask).sum().item(),
-        "kl": (kl * mask).sum().item(),
-        "entropy": (entropy.detach() * mask).sum().item() if entropy is not None else 0.0,
-        "tokens": mask.sum().item(),
+    stats = {  # 0-d tensors: the caller adds them up and reads them once (no host sync per micro-batch)
+        "clip_frac": (clipped * mask).sum(),
+        "kl": (kl.detach() * mask).sum(),
+        "entropy": (entropy.detach() * mask).sum() if entropy is not None else mask.new_zeros(()),
+        "tokens": mask.sum(),
     }
     return loss_sum, stats
 
@@ -185,8 +182,9 @@ def micro_batch_tensors(batch: Batch, idx: Sequence[int], device) -> Dict[str, t
     old = torch.zeros(mask.shape)
     old[mask] = torch.tensor([lp for i in idx for lp in batch.old_logprobs[i]])  # row-major, as mask orders them
     adv = batch.advantages[idx]
-    return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attn, old_logp=old,
-                                              mask=mask, adv=adv).items()}
+    # non_blocking: from pageable memory the copy is staged at once, without waiting for the device's queue
+    return {k: v.to(device, non_blocking=True) for k, v in dict(input_ids=input_ids, attention_mask=attn,
+                                                                 old_logp=old, mask=mask, adv=adv).items()}
 
 
 def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConfig, device, world_size: int,
@@ -204,31 +202,32 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
     (`gap_sum` over tokens, `gap_max`).
     """
     norm = global_count(local_count(batch, mini, cfg.algo.loss_agg)) / world_size
-    stats = dict(loss=0.0, clip_frac=0.0, kl=0.0, entropy=0.0, tokens=0.0, gap_sum=0.0, gap_max=0.0)
+    keys = ("loss", "clip_frac", "kl", "entropy", "tokens", "gap_sum")
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # summed on the device ...
+    gap_max = torch.zeros((), dtype=torch.float64, device=device)
     for idx in micro_batches(batch, mini, cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_tokens):
         t = micro_batch_tensors(batch, idx, device)
-        logits = policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-        logp = token_logprobs(logits, t["input_ids"], cfg.rollout.temperature)
+        # logprobs and entropy at the completion positions, fused into the model's output layer
+        logp, entropy = policy_logprobs(policy, t["input_ids"], t["attention_mask"], cfg.rollout.temperature,
+                                        positions=t["mask"], entropy=True,
+                                        entropy_grad=cfg.algo.entropy_coef > 0)  # else only measured
         ref_logp = reference_logprobs(reference, t, cfg.rollout.temperature) if reference is not None else None
-        with torch.set_grad_enabled(cfg.algo.entropy_coef > 0):  # else only measured
-            entropy = token_entropy(logits, cfg.rollout.temperature)
         loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
                                         cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef, entropy,
                                         cfg.algo.entropy_coef, cfg.algo.entropy_tokens)
         (loss_sum / norm).backward()
-        stats["loss"] += loss_sum.item() / (norm * world_size)
-        for key in ("clip_frac", "kl", "entropy", "tokens"):
-            stats[key] += s[key]
         gap = (logp.detach() - t["old_logp"]).abs() * t["mask"]
-        stats["gap_sum"] += gap.sum().item()
-        stats["gap_max"] = max(stats["gap_max"], gap.max().item())
+        sums += torch.stack([loss_sum.detach(), s["clip_frac"], s["kl"], s["entropy"], s["tokens"], gap.sum()]).double()
+        gap_max = torch.maximum(gap_max, gap.max().double())
+    *totals, top = torch.cat([sums, gap_max[None]]).tolist()  # ... and read once per mini-batch
+    stats = dict(zip(keys, totals), gap_max=top)
+    stats["loss"] /= norm * world_size
     return stats
 
 
 @torch.no_grad()
 def reference_logprobs(reference, t: Dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    logits = reference(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-    return token_logprobs(logits, t["input_ids"], temperature)
+    return policy_logprobs(reference, t["input_ids"], t["attention_mask"], temperature, positions=t["mask"])[0]
 
 
 # ----------------------------------------------------------------------------- phases

@@ -18,7 +18,10 @@ from pathlib import Path
 MARKER = "random_model.json"
 
 
-def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: int = 0, dtype: str = "bfloat16") -> Path:
+def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: int = 0, dtype: str = "bfloat16",
+                      overrides: dict | None = None) -> Path:
+    """The checkpoint of `shape` (a file under conf/bench_model/) with random weights at `out`;
+    `overrides` replace entries of the shape (tests: the real vocabulary on a tiny-depth model)."""
     import torch
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -26,7 +29,8 @@ def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: in
     from recipe.builtin_models import build_tokenizer
 
     out = Path(out).expanduser().resolve()
-    marker = {"shape": shape, "seed": seed, "dtype": dtype}
+    overrides = dict(overrides or {})
+    marker = {"shape": shape, "seed": seed, "dtype": dtype, **({"overrides": overrides} if overrides else {})}
     if out.exists():
         try:
             if json.loads((out / MARKER).read_text()) == marker:
@@ -42,6 +46,10 @@ def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: in
     qwen2 = OmegaConf.to_container(OmegaConf.load(conf).bench_model.qwen2)
     if not qwen2:
         raise ValueError(f"conf/bench_model/{shape}.yaml has no qwen2 shape")
+    unknown = sorted(set(overrides) - set(qwen2))
+    if unknown:
+        raise ValueError(f"overrides {unknown} are not keys of conf/bench_model/{shape}.yaml; valid: {sorted(qwen2)}")
+    qwen2.update(overrides)
     torch_dtype = getattr(torch, dtype)
     config = Qwen2Config(**qwen2, dtype=torch_dtype, bos_token_id=None, eos_token_id=1, pad_token_id=0)
     torch.manual_seed(seed)
