@@ -3,10 +3,18 @@
     python -m tools.make_random_model qwen2_1p5b /tmp/models/qwen2_1p5b      # shape from conf/bench_model/
     python -m tools.make_random_model qwen2_7b /tmp/models/qwen2_7b --device cuda
 
-The GPU runs (tests/gpu, tools/combo_matrix.py, docs/GPU.md) train and sync models of 1.5B and 7B
-parameters with nothing downloaded: the shape is the real model's (conf/bench_model/<shape>.yaml),
-the weights are random (seeded), the tokenizer is the tiny model's (its 64 ids are a subset of the
-vocabulary). The directory must not exist yet, or hold a checkpoint this tool wrote.
+    python -m tools.make_random_model qwen2_0p5b /tmp/m/v49k --set vocab_size=49152 --set num_hidden_layers=2
+
+The GPU runs (tests/gpu, tools/combo_matrix.py, tools/trl_compare.py, docs/GPU.md) train and sync
+models of 1.5B and 7B parameters with nothing downloaded: the shape is the real model's
+(conf/bench_model/<shape>.yaml), vocabulary included (151,936 or 152,064 entries), the weights are
+random (seeded), the tokenizer is the tiny model's: its 64 ids are the first rows of the embedding
+and the output layer, vLLM and the trainer take a config vocabulary larger than the tokenizer, and
+an id past it decodes to nothing. So the logprobs and the update run at the real vocabulary, and
+random weights, which almost never sample the end-of-sequence id (1 in 151,936), answer until
+`rollout.max_new_tokens`: real answer lengths. `--set key=value` replaces an entry of the shape
+(tests: the real vocabulary on a tiny-depth model). The directory must not exist yet, or hold a
+checkpoint this tool wrote with the same arguments. The vocabulary-64 tiny model stays for tests.
 """
 
 from __future__ import annotations
@@ -69,5 +77,13 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=INT",
+                        help="replace an entry of the shape, e.g. vocab_size=49152 (repeatable)")
     args = parser.parse_args()
-    print(make_random_model(args.shape, args.out, args.device, args.seed, args.dtype))
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not value.lstrip("-").isdigit():
+            parser.error(f"--set {item!r}: give KEY=INTEGER, e.g. vocab_size=49152")
+        overrides[key] = int(value)
+    print(make_random_model(args.shape, args.out, args.device, args.seed, args.dtype, overrides))
