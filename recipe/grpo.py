@@ -38,6 +38,12 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   the last step, each rank's engine answers its share of `trainer.eval_prompts` prompts that are
   not in the task's training pool (`Task.heldout`) greedily; `eval/exact` and `eval/reward` are over
   all ranks' prompts. It reads the weights the last sync loaded, and changes no RNG the training uses.
+- Throughput (per step, all ranks): `perf/generated_tokens_per_s` (completion tokens / rollout
+  time), `perf/trained_tokens_per_s` (prompt + completion tokens / update time), on CUDA
+  `perf/mfu` (those tokens x 6 x parameters, a LoRA's frozen base 4, / update time / the GPUs'
+  dense bf16 peak, recipe/metrics.py) and `perf/update_gpu_busy` (the share of the update's wall
+  time the device spent inside optimizer steps, from CUDA events: recipe/profiling.py DeviceBusy).
+  The update reads its stats from the device once per optimizer step, not per micro-batch.
 Departures: no value model (GRPO has none); an optional entropy bonus (GRPO has none); rewards come from a
 programmatic task (recipe/tasks.py), not a reward model.
 """
@@ -57,6 +63,8 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from recipe.dist import DistContext
+from recipe.metrics import peak_flops, throughput, train_flops_per_token
+from recipe.profiling import DeviceBusy
 from recipe.logprobs import token_entropy  # noqa: F401  (the loss's entropy of logits, block by block)
 from recipe.model import policy_logprobs, token_logprobs  # noqa: F401
 
@@ -240,7 +248,7 @@ class GRPOTrainer:
         from transformers import AutoTokenizer
 
         from recipe.metrics import MetricsLogger
-        from recipe.model import Residency, build_optimizer, build_policy
+        from recipe.model import Residency, build_optimizer, build_policy, parameter_counts
         from recipe.rollout import build_engine
         from recipe.sync import WeightSync
         from recipe.tasks import build_task
@@ -252,6 +260,8 @@ class GRPOTrainer:
         self.task = build_task(cfg, self.tokenizer)
         self.eval_prompts = held_out_share(self.task, cfg, ctx)  # [] when trainer.eval_every=0
         self.policy = build_policy(cfg, ctx)
+        self.flops_per_token = train_flops_per_token(*parameter_counts(cfg))
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device.type == "cuda" else None
         self.reference = self._build_reference() if cfg.algo.kl_coef > 0 else None
         self.optimizer = build_optimizer(self.policy, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.trainer.warmup_steps))
@@ -336,11 +346,19 @@ class GRPOTrainer:
         order = list(range(len(batch.input_ids)))
         random.Random(cfg.trainer.seed + self.step).shuffle(order)
         minis = [order[i::cfg.trainer.updates_per_batch] for i in range(cfg.trainer.updates_per_batch)]
+        busy = DeviceBusy(self.ctx.device)  # CUDA: events around each optimizer step's device work
         t0 = time.perf_counter()
-        per_mini = [self._optimizer_step(batch, mini) for mini in minis]
+        per_mini = []
+        for mini in minis:
+            with busy.span():
+                per_mini.append(self._optimizer_step(batch, mini))
+        busy.synchronize()  # the wall time covers the last optimizer step's kernels
         t_update = time.perf_counter() - t0  # forward, backward and optimizer steps
         self.residency.to_host()
-        return {**self._update_metrics(per_mini), "time/update_s": t_update}
+        out = {**self._update_metrics(per_mini), "time/update_s": t_update}
+        if busy.enabled:  # the share of the update's wall time the device spent inside optimizer steps
+            out["perf/update_gpu_busy"] = busy.seconds() / t_update
+        return out
 
     def _optimizer_step(self, batch: Batch, mini: List[int]) -> Dict[str, float]:
         stats = backward_mini_batch(self.policy, batch, mini, self.cfg, self.ctx.device, self.ctx.world_size,
@@ -465,14 +483,20 @@ class GRPOTrainer:
         """Per-step metrics, averaged over ranks (reward, accuracy, lengths) so rank 0 logs the global view."""
         local = torch.tensor([batch.rewards.mean().item(), batch.rewards.std().item(), batch.correct.mean().item(),
                               batch.completion_lens.mean().item(), batch.completion_lens.sum().item() / t_rollout])
+        tokens = torch.tensor([batch.completion_lens.sum().item(), float(sum(len(ids) for ids in batch.input_ids))],
+                              dtype=torch.float64)  # generated, trained (prompt + completion) tokens
         dist.all_reduce(local)
+        dist.all_reduce(tokens)
         local /= self.ctx.world_size
         reward, reward_std, acc, length, tok_s = local.tolist()
+        generated, trained = tokens.tolist()
+        perf = throughput(generated, trained, t_rollout, train_stats["time/update_s"], self.flops_per_token,
+                          self.ctx.world_size, self.peak_flops)
         return {
             "reward/mean": reward, "reward/std": reward_std, "reward/accuracy": acc,
             "rollout/response_length": length, "rollout/tokens_per_s": tok_s * self.ctx.world_size,
             "rollout/time_s": t_rollout, "rollout/example": texts[0],
-            "time/step_s": t_step, **train_stats, **sync_stats, **self.engine.memory_stats(),
+            "time/step_s": t_step, **train_stats, **perf, **sync_stats, **self.engine.memory_stats(),
         }
 
     def close(self) -> None:

@@ -98,6 +98,18 @@ def apply_lora(model: nn.Module, cfg: DictConfig) -> nn.Module:
     return get_peft_model(model, config, autocast_adapter_dtype=False)
 
 
+def parameter_counts(cfg: DictConfig) -> Tuple[int, int]:
+    """(all, trainable) parameters of the policy `build_policy` makes, counted on the meta device
+    (nothing loaded; a tied weight counts once): the FLOPs of the throughput metrics."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cfg.model.path)
+    with torch.device("meta"):
+        model = apply_lora(AutoModelForCausalLM.from_config(config), cfg)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
+
+
 def decoder_layer_classes(model: nn.Module) -> Set[Type[nn.Module]]:
     """Classes of the transformer blocks, found by HF's `_no_split_modules` (works through peft)."""
     names: Set[str] = set()

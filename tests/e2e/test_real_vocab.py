@@ -56,6 +56,10 @@ def test_three_steps_at_a_real_vocabulary(tmp_path):
     rows = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3]
     assert all(r["rollout/response_length"] == NEW_TOKENS for r in rows)  # random weights: no early <eos>
+    for r in rows:  # throughput: tokens per second of both phases; no MFU or GPU share on a CPU
+        assert r["perf/generated_tokens_per_s"] == pytest.approx(24 * NEW_TOKENS / r["rollout/time_s"])
+        assert r["perf/trained_tokens_per_s"] > r["perf/generated_tokens_per_s"] * r["rollout/time_s"] / r["time/update_s"]
+        assert "perf/mfu" not in r and "perf/update_gpu_busy" not in r
     for step, peak in enumerate(peaks, 1):
         print(f"step {step}: update peak {peak['extra'] / 2**20:.0f} MiB above its start; one float32 logits "
               f"tensor of the micro-batch {peak['logits'] / 2**20:.0f} MiB")
