@@ -33,7 +33,9 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   sample weighs the same). The token (or sequence) count is all-reduced, so world 1 and
   world N train the same way on the same global batch (see `backward_mini_batch`).
 - Precision: the trainer's logprobs, the loss and the advantages are float32 (the logits come
-  in the compute dtype `model.dtype`, as the engine's do, and are cast before log_softmax);
+  in the compute dtype `model.dtype`, as the engine's do, and are cast before log_softmax; both
+  are computed block by block inside the model's output layer, recipe/logprobs.py, so neither a
+  float32 nor a compute-dtype [tokens x vocabulary] exists for a whole micro-batch);
   parameters and AdamW state are in `model.master_dtype` (recipe/model.py).
 - `trainer.updates_per_batch` optimizer steps per rollout batch: the batch is split into
   that many mini-batches; the first is on-policy (rho = 1 up to engine drift), later
@@ -45,6 +47,12 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   the last step, each rank's engine answers its share of `trainer.eval_prompts` prompts that are
   not in the task's training pool (`Task.heldout`) greedily; `eval/exact` and `eval/reward` are over
   all ranks' prompts. It reads the weights the last sync loaded, and changes no RNG the training uses.
+- Throughput (per step, all ranks): `perf/generated_tokens_per_s` (completion tokens / rollout
+  time), `perf/trained_tokens_per_s` (prompt + completion tokens / update time), on CUDA
+  `perf/mfu` (those tokens x 6 x parameters, a LoRA's frozen base 4, / update time / the GPUs'
+  dense bf16 peak, recipe/metrics.py) and `perf/update_gpu_busy` (the share of the update's wall
+  time the device spent inside optimizer steps, from CUDA events: recipe/profiling.py DeviceBusy).
+  The update reads its stats from the device once per optimizer step, not per micro-batch.
 Departures: no value model (GRPO has none); an optional entropy bonus (GRPO has none); rewards come from a
 programmatic task (recipe/tasks.py), not a reward model.
 """
@@ -61,11 +69,13 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from recipe.dist import DistContext
-from recipe.model import token_logprobs
+from recipe.metrics import peak_flops, throughput, train_flops_per_token
+from recipe.profiling import DeviceBusy
+from recipe.logprobs import token_entropy  # noqa: F401  (the loss's entropy of logits, block by block)
+from recipe.model import policy_logprobs, token_logprobs  # noqa: F401
 
 
 class NonFiniteError(RuntimeError):
@@ -84,12 +94,6 @@ def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool,
     return centred.reshape(-1)
 
 
-def token_entropy(logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """Entropy of softmax(logits / T) at the positions that predict tokens 1..T-1: [B, T-1], fp32."""
-    logp = F.log_softmax(logits[:, :-1].float() / temperature, dim=-1)
-    return -(logp.exp() * logp).sum(-1)
-
-
 def bonus_mask(mask: torch.Tensor, first: int) -> torch.Tensor:
     """`mask` (float, [B, T]) limited to each row's first `first` completion tokens; 0 keeps all."""
     if first <= 0:
@@ -105,7 +109,8 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
     `stats["entropy"]` sums the entropy over every completion token either way.
 
     Returns (loss_sum, stats): the sum over tokens (`token_mean`) or of per-sequence token means
-    (`seq_mean`); the caller divides by the global mini-batch's token or sequence count.
+    (`seq_mean`); the caller divides by the global mini-batch's token or sequence count. The stats
+    are 0-d tensors on the loss's device.
     """
     ratio = torch.exp(logp - old_logp)
     per_token = -torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
@@ -121,11 +126,11 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
     else:  # seq_mean: each sequence's token mean, summed; normalised by the sequence count
         loss_sum = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
     clipped = ((ratio - 1).abs() > clip_eps).float()
-    stats = {
-        "clip_frac": (clipped * mask).sum().item(),
-        "kl": (kl * mask).sum().item(),
-        "entropy": (entropy.detach() * mask).sum().item() if entropy is not None else 0.0,
-        "tokens": mask.sum().item(),
+    stats = {  # 0-d tensors: the caller adds them up and reads them once (no host sync per micro-batch)
+        "clip_frac": (clipped * mask).sum(),
+        "kl": (kl.detach() * mask).sum(),
+        "entropy": (entropy.detach() * mask).sum() if entropy is not None else mask.new_zeros(()),
+        "tokens": mask.sum(),
     }
     return loss_sum, stats
 
@@ -205,8 +210,9 @@ def micro_batch_tensors(batch: Batch, idx: Sequence[int], device) -> Dict[str, t
     old = torch.zeros(mask.shape)
     old[mask] = torch.tensor([lp for i in idx for lp in batch.old_logprobs[i]])  # row-major, as mask orders them
     adv = batch.advantages[idx]
-    return {k: v.to(device) for k, v in dict(input_ids=input_ids, attention_mask=attn, old_logp=old,
-                                              mask=mask, adv=adv).items()}
+    # non_blocking: from pageable memory the copy is staged at once, without waiting for the device's queue
+    return {k: v.to(device, non_blocking=True) for k, v in dict(input_ids=input_ids, attention_mask=attn,
+                                                                 old_logp=old, mask=mask, adv=adv).items()}
 
 
 def agreed_micro_batches(batch: Batch, mini: Sequence[int], cfg: DictConfig) -> List[List[int]]:
@@ -253,24 +259,26 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
     (`gap_sum` over tokens, `gap_max`).
     """
     norm = global_count(local_count(batch, mini, cfg.algo.loss_agg)) / world_size
-    stats = dict(loss=0.0, clip_frac=0.0, kl=0.0, entropy=0.0, tokens=0.0, gap_sum=0.0, gap_max=0.0)
+    keys = ("loss", "clip_frac", "kl", "entropy", "tokens", "gap_sum")
+    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # summed on the device ...
+    gap_max = torch.zeros((), dtype=torch.float64, device=device)
     for idx in agreed_micro_batches(batch, mini, cfg):
         t = micro_batch_inputs(batch, idx, device)
-        logits = policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-        logp = token_logprobs(logits, t["input_ids"], cfg.rollout.temperature)
+        # logprobs (and the entropy, a full-vocabulary pass, only when the loss uses it) at the
+        # completion positions, fused into the model's output layer
+        logp, entropy = policy_logprobs(policy, t["input_ids"], t["attention_mask"], cfg.rollout.temperature,
+                                        positions=t["mask"], entropy=cfg.algo.entropy_coef > 0, entropy_grad=True)
         ref_logp = reference_logprobs(reference, t, cfg.rollout.temperature) if reference is not None else None
-        # The entropy is a full-vocabulary pass: computed only when the loss uses it.
-        entropy = token_entropy(logits, cfg.rollout.temperature) if cfg.algo.entropy_coef > 0 else None
         loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
                                         cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef, entropy,
                                         cfg.algo.entropy_coef, cfg.algo.entropy_tokens)
         (loss_sum / norm).backward()
-        stats["loss"] += loss_sum.item() / (norm * world_size)
-        for key in ("clip_frac", "kl", "entropy", "tokens"):
-            stats[key] += s[key]
         gap = (logp.detach() - t["old_logp"]).abs() * t["mask"]
-        stats["gap_sum"] += gap.sum().item()
-        stats["gap_max"] = max(stats["gap_max"], gap.max().item())
+        sums += torch.stack([loss_sum.detach(), s["clip_frac"], s["kl"], s["entropy"], s["tokens"], gap.sum()]).double()
+        gap_max = torch.maximum(gap_max, gap.max().double())
+    *totals, top = torch.cat([sums, gap_max[None]]).tolist()  # ... and read once per mini-batch
+    stats = dict(zip(keys, totals), gap_max=top)
+    stats["loss"] /= norm * world_size
     return stats
 
 
@@ -299,8 +307,8 @@ def behaviour_logprobs(policy, batch: Batch, minis: Sequence[Sequence[int]], cfg
     for mini in minis:
         for idx in agreed_micro_batches(batch, mini, cfg):
             t = micro_batch_inputs(batch, idx, device)
-            logits = policy(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-            logp = token_logprobs(logits, t["input_ids"], cfg.rollout.temperature)
+            logp = policy_logprobs(policy, t["input_ids"], t["attention_mask"], cfg.rollout.temperature,
+                                   positions=t["mask"])[0]  # computed as the update computes it
             diff = (logp - t["old_logp"]).abs() * t["mask"]
             gap["gap_sum"] += diff.sum().item()
             gap["gap_max"] = max(gap["gap_max"], diff.max().item())
@@ -314,8 +322,7 @@ def behaviour_logprobs(policy, batch: Batch, minis: Sequence[Sequence[int]], cfg
 
 @torch.no_grad()
 def reference_logprobs(reference, t: Dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    logits = reference(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
-    return token_logprobs(logits, t["input_ids"], temperature)
+    return policy_logprobs(reference, t["input_ids"], t["attention_mask"], temperature, positions=t["mask"])[0]
 
 
 # ----------------------------------------------------------------------------- phases
@@ -328,7 +335,7 @@ class GRPOTrainer:
         from transformers import AutoTokenizer
 
         from recipe.metrics import MetricsLogger
-        from recipe.model import Residency, build_optimizer, build_policy, build_reference
+        from recipe.model import Residency, build_optimizer, build_policy, build_reference, parameter_counts
         from recipe.rollout import build_engine
         from recipe.sync import WeightSync
         from recipe.tasks import build_task
@@ -341,6 +348,8 @@ class GRPOTrainer:
         self.task = build_task(cfg, self.tokenizer)
         self.eval_prompts = held_out_share(self.task, cfg, ctx)  # [] when trainer.eval_every=0
         self.policy = build_policy(cfg, ctx)
+        self.flops_per_token = train_flops_per_token(*parameter_counts(cfg))
+        self.peak_flops = peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device.type == "cuda" else None
         self.reference = build_reference(cfg, ctx) if cfg.algo.kl_coef > 0 else None  # in model.dtype
         self.optimizer = build_optimizer(self.policy, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.trainer.warmup_steps))
@@ -418,16 +427,25 @@ class GRPOTrainer:
         order = list(range(len(batch.input_ids)))
         random.Random(cfg.trainer.seed + self.step).shuffle(order)
         minis = [order[i::cfg.trainer.updates_per_batch] for i in range(cfg.trainer.updates_per_batch)]
+        busy = DeviceBusy(self.ctx.device)  # CUDA: events around each optimizer step's device work
         t0 = time.perf_counter()
         gap = None  # the trainer-engine gap: of the first mini-batch, or of the recomputation
         if truncated_sampling(cfg):
             batch.old_logprobs, gap = behaviour_logprobs(self.policy, batch, minis, cfg, self.ctx.device)
         t_old = time.perf_counter() - t0
-        per_mini = [self._optimizer_step(batch, mini) for mini in minis]
+        per_mini = []
+        for mini in minis:
+            with busy.span():
+                per_mini.append(self._optimizer_step(batch, mini))
+        busy.synchronize()  # the wall time covers the last optimizer step's kernels
         t_update = time.perf_counter() - t0  # (recomputed old logprobs,) forward, backward and optimizer steps
         self.residency.to_host()
-        extra = {"time/old_logprobs_s": t_old} if gap is not None else {}
-        return {**self._update_metrics(per_mini, gap), "time/update_s": t_update, **extra}
+        out = {**self._update_metrics(per_mini, gap), "time/update_s": t_update}
+        if gap is not None:
+            out["time/old_logprobs_s"] = t_old
+        if busy.enabled:  # the share of the update's wall time the device spent inside optimizer steps
+            out["perf/update_gpu_busy"] = busy.seconds() / t_update
+        return out
 
     def _optimizer_step(self, batch: Batch, mini: List[int]) -> Dict[str, float]:
         stats = backward_mini_batch(self.policy, batch, mini, self.cfg, self.ctx.device, self.ctx.world_size,
@@ -569,14 +587,20 @@ class GRPOTrainer:
         """Per-step metrics, averaged over ranks (reward, accuracy, lengths) so rank 0 logs the global view."""
         local = torch.tensor([batch.rewards.mean().item(), batch.rewards.std().item(), batch.correct.mean().item(),
                               batch.completion_lens.mean().item(), batch.completion_lens.sum().item() / t_rollout])
+        tokens = torch.tensor([batch.completion_lens.sum().item(), float(sum(len(ids) for ids in batch.input_ids))],
+                              dtype=torch.float64)  # generated, trained (prompt + completion) tokens
         dist.all_reduce(local)
+        dist.all_reduce(tokens)
         local /= self.ctx.world_size
         reward, reward_std, acc, length, tok_s = local.tolist()
+        generated, trained = tokens.tolist()
+        perf = throughput(generated, trained, t_rollout, train_stats["time/update_s"], self.flops_per_token,
+                          self.ctx.world_size, self.peak_flops)
         return {
             "reward/mean": reward, "reward/std": reward_std, "reward/accuracy": acc,
             "rollout/response_length": length, "rollout/tokens_per_s": tok_s * self.ctx.world_size,
             "rollout/time_s": t_rollout, "rollout/example": texts[0],
-            "time/step_s": t_step, **train_stats, **sync_stats, **self.engine.memory_stats(),
+            "time/step_s": t_step, **train_stats, **perf, **sync_stats, **self.engine.memory_stats(),
         }
 
     def close(self) -> None:

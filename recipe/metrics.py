@@ -35,6 +35,37 @@ def _jsonable(value: Any) -> Any:
     return value
 
 
+# Dense bf16 peak FLOP/s by GPU name (a substring of torch.cuda.get_device_name), for `mfu`.
+PEAK_BF16_FLOPS = {"H200": 989e12, "H100": 989e12, "A100": 312e12, "L40S": 362e12, "L4": 121e12, "A10": 125e12}
+
+
+def peak_flops(device_name: str) -> Optional[float]:
+    """The table's peak for `device_name` (None: not in the table, or a CPU)."""
+    for name, flops in PEAK_BF16_FLOPS.items():
+        if name in device_name:
+            return flops
+    return None
+
+
+def train_flops_per_token(params: int, trainable: int) -> float:
+    """Forward + backward FLOPs per token: 2 per parameter forward, 2 backward for the activations'
+    gradient, 2 more for a trainable parameter's own gradient (6 x parameters for a full fine-tune;
+    a LoRA's frozen base counts 4). Attention's own FLOPs and recomputation are not counted."""
+    return 4.0 * params + 2.0 * trainable
+
+
+def throughput(generated: float, trained: float, rollout_s: float, update_s: float, flops_per_token: float,
+               devices: int, peak: Optional[float]) -> Dict[str, float]:
+    """Per-step throughput metrics of all ranks together: tokens generated and trained per second, and
+    the update's model FLOPs utilisation (trained tokens x FLOPs per token / update time / the peak of
+    `devices` GPUs; absent without a peak)."""
+    out = {"perf/generated_tokens_per_s": generated / max(rollout_s, 1e-9),
+           "perf/trained_tokens_per_s": trained / max(update_s, 1e-9)}
+    if peak:
+        out["perf/mfu"] = trained * flops_per_token / max(update_s, 1e-9) / (peak * devices)
+    return out
+
+
 class MetricsLogger:
     """One JSON object per `log()` call (with "step") in metrics.jsonl, and the same dict to wandb."""
 

@@ -36,14 +36,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
-from typing import Iterator, List, Optional, Set, Type
+from typing import Iterator, List, Optional, Set, Tuple, Type
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
 from omegaconf import DictConfig
 
 from recipe.config import pin_memory
+from recipe.logprobs import chunked_logprobs, shifted_targets, token_logprobs as chunked_token_logprobs
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -120,6 +120,18 @@ def unsharded_policy(cfg: DictConfig) -> nn.Module:
     (initialised from `trainer.seed`, so every rank and every rebuild gets the same adapters)."""
     torch.manual_seed(cfg.trainer.seed)
     return apply_lora(load_hf_model(cfg, "cpu", base_dtype(cfg)), cfg)
+
+
+def parameter_counts(cfg: DictConfig) -> Tuple[int, int]:
+    """(all, trainable) parameters of the policy `build_policy` makes, counted on the meta device
+    (nothing loaded; a tied weight counts once): the FLOPs of the throughput metrics."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(cfg.model.path)
+    with torch.device("meta"):
+        model = apply_lora(AutoModelForCausalLM.from_config(config), cfg)
+    params = list(model.parameters())
+    return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
 
 def decoder_layer_classes(model: nn.Module) -> Set[Type[nn.Module]]:
@@ -362,9 +374,60 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
 
 
 def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(x_t | x_<t) for t >= 1 from the logits of `input_ids`: shape [B, T-1], in fp32."""
-    logits = logits[:, :-1].float() / temperature
-    return torch.gather(F.log_softmax(logits, dim=-1), 2, input_ids[:, 1:, None]).squeeze(-1)
+    """log pi(x_t | x_<t) for t >= 1 from the logits of `input_ids`: shape [B, T-1], in fp32, computed
+    block by block (recipe/logprobs.py: never a float32 [tokens x vocabulary])."""
+    return chunked_token_logprobs(logits, input_ids, temperature)
+
+
+# Causal LMs whose forward ends in `logits = lm_head(hidden_states)` with nothing after it (no
+# soft-capping or scaling of the logits): `policy_logprobs` computes inside that call.
+FUSED_HEAD_MODEL_TYPES = frozenset({"qwen2", "qwen3", "llama", "mistral"})
+
+
+def fused_head_supported(model: nn.Module) -> bool:
+    """True when `model`'s logits are its output embedding applied to the last hidden states."""
+    config = getattr(model, "config", None)
+    return getattr(config, "model_type", None) in FUSED_HEAD_MODEL_TYPES and model.get_output_embeddings() is not None
+
+
+def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                    temperature: float = 1.0, positions: Optional[torch.Tensor] = None,
+                    entropy: bool = False, entropy_grad: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """(logp, entropy) [B, T-1] float32 from one forward of `model` (FSDP-wrapped or not, peft or not):
+    log pi(x_t | x_<t) for t >= 1 and the entropy of softmax(logits / T) at those positions (None
+    unless `entropy`; differentiable only with `entropy_grad`). With `positions` (bool [B, T-1]) only those positions are computed; the others
+    read 0.
+
+    For the models of FUSED_HEAD_MODEL_TYPES the output embedding's forward is swapped, for this
+    call only, for the fused chunked computation (recipe/logprobs.py): it runs inside the model's
+    forward, so FSDP has gathered the weight and tracks its gradient as for the plain lm_head, and
+    neither the float32 nor the compute-dtype [tokens x vocabulary] logits exist for the whole batch.
+    Other models go through their logits, block by block."""
+    b, t = input_ids.shape
+    keep = torch.ones(b, t, dtype=torch.bool, device=input_ids.device)
+    keep[:, -1] = False
+    if positions is not None:
+        keep[:, :-1] &= positions.bool()
+    keep = keep.reshape(-1)
+    targets = shifted_targets(input_ids)[keep]
+
+    def head(hidden: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
+        rows = hidden.reshape(b * t, hidden.shape[-1])[keep]
+        logp, ent = chunked_logprobs(rows, targets, temperature, weight=weight, entropy=entropy,
+                                    entropy_grad=entropy_grad)
+        return torch.stack([logp, ent], -1)
+
+    if fused_head_supported(model):
+        out_head = model.get_output_embeddings()
+        out_head.forward = lambda hidden: head(hidden, out_head.weight)  # this instance, this call
+        try:
+            packed = model(input_ids=input_ids, attention_mask=attention_mask).logits
+        finally:
+            del out_head.forward
+    else:
+        packed = head(model(input_ids=input_ids, attention_mask=attention_mask).logits)
+    full = packed.new_zeros(b * t, 2).masked_scatter(keep[:, None].expand(-1, 2), packed).view(b, t, 2)[:, :-1]
+    return full[..., 0], (full[..., 1] if entropy else None)
 
 
 @torch.no_grad()

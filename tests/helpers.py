@@ -9,7 +9,7 @@ import sys
 import tempfile
 import traceback
 from pathlib import Path
-from typing import Any, Callable, List, Sequence
+from typing import Any, Callable, List, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
@@ -77,3 +77,19 @@ def run_world(fn: Callable[..., Any], world: int = 2, *args, backend: str = "glo
             with open(Path(out_dir) / f"rank{r}.pkl", "rb") as f:
                 results.append(pickle.load(f))
         return results
+
+
+def peak_rss_above_start(fn: Callable[[], Any]) -> Tuple[Any, int]:
+    """(fn(), the peak resident memory while it ran minus the resident memory before, in bytes).
+    Linux: the peak (VmHWM) is reset through /proc/self/clear_refs, so earlier peaks do not count."""
+    import gc
+    import re
+
+    def status(key: str) -> int:
+        return int(re.search(rf"{key}:\s+(\d+) kB", Path("/proc/self/status").read_text()).group(1)) * 1024
+
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = status("VmRSS")
+    result = fn()
+    return result, status("VmHWM") - before

@@ -135,13 +135,13 @@ def update(model, opt, sched, batch: Batch, args, step: int, coef: float) -> flo
         loss_sum, stats = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], 0.2, args.agg,
                                             entropy=ent, entropy_coef=coef,
                                             entropy_tokens=args.ent_tokens)
-        norm = len(t["adv"]) if args.agg == "seq_mean" else max(stats["tokens"], 1.0)
+        norm = len(t["adv"]) if args.agg == "seq_mean" else max(float(stats["tokens"]), 1.0)
         (loss_sum / norm).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
         opt.zero_grad()
         sched.step()
-        entropy.append(stats["entropy"] / stats["tokens"])
+        entropy.append(float(stats["entropy"] / stats["tokens"]))
     return sum(entropy) / len(entropy)
 
 

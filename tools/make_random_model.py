@@ -3,10 +3,18 @@
     python -m tools.make_random_model qwen2_1p5b /tmp/models/qwen2_1p5b      # shape from conf/bench_model/
     python -m tools.make_random_model qwen2_7b /tmp/models/qwen2_7b --device cuda
 
-The GPU runs (tests/gpu, tools/combo_matrix.py, docs/GPU.md) train and sync models of 1.5B and 7B
-parameters with nothing downloaded: the shape is the real model's (conf/bench_model/<shape>.yaml),
-the weights are random (seeded), the tokenizer is the tiny model's (its 64 ids are a subset of the
-vocabulary). The directory must not exist yet, or hold a checkpoint this tool wrote.
+    python -m tools.make_random_model qwen2_0p5b /tmp/m/v49k --set vocab_size=49152 --set num_hidden_layers=2
+
+The GPU runs (tests/gpu, tools/combo_matrix.py, tools/trl_compare.py, docs/GPU.md) train and sync
+models of 1.5B and 7B parameters with nothing downloaded: the shape is the real model's
+(conf/bench_model/<shape>.yaml), vocabulary included (151,936 or 152,064 entries), the weights are
+random (seeded), the tokenizer is the tiny model's: its 64 ids are the first rows of the embedding
+and the output layer, vLLM and the trainer take a config vocabulary larger than the tokenizer, and
+an id past it decodes to nothing. So the logprobs and the update run at the real vocabulary, and
+random weights, which almost never sample the end-of-sequence id (1 in 151,936), answer until
+`rollout.max_new_tokens`: real answer lengths. `--set key=value` replaces an entry of the shape
+(tests: the real vocabulary on a tiny-depth model). The directory must not exist yet, or hold a
+checkpoint this tool wrote with the same arguments. The vocabulary-64 tiny model stays for tests.
 """
 
 from __future__ import annotations
@@ -18,7 +26,10 @@ from pathlib import Path
 MARKER = "random_model.json"
 
 
-def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: int = 0, dtype: str = "bfloat16") -> Path:
+def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: int = 0, dtype: str = "bfloat16",
+                      overrides: dict | None = None) -> Path:
+    """The checkpoint of `shape` (a file under conf/bench_model/) with random weights at `out`;
+    `overrides` replace entries of the shape (tests: the real vocabulary on a tiny-depth model)."""
     import torch
     from omegaconf import OmegaConf
     from transformers import AutoModelForCausalLM, Qwen2Config
@@ -26,7 +37,8 @@ def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: in
     from recipe.builtin_models import build_tokenizer
 
     out = Path(out).expanduser().resolve()
-    marker = {"shape": shape, "seed": seed, "dtype": dtype}
+    overrides = dict(overrides or {})
+    marker = {"shape": shape, "seed": seed, "dtype": dtype, **({"overrides": overrides} if overrides else {})}
     if out.exists():
         try:
             if json.loads((out / MARKER).read_text()) == marker:
@@ -42,6 +54,10 @@ def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: in
     qwen2 = OmegaConf.to_container(OmegaConf.load(conf).bench_model.qwen2)
     if not qwen2:
         raise ValueError(f"conf/bench_model/{shape}.yaml has no qwen2 shape")
+    unknown = sorted(set(overrides) - set(qwen2))
+    if unknown:
+        raise ValueError(f"overrides {unknown} are not keys of conf/bench_model/{shape}.yaml; valid: {sorted(qwen2)}")
+    qwen2.update(overrides)
     torch_dtype = getattr(torch, dtype)
     config = Qwen2Config(**qwen2, dtype=torch_dtype, bos_token_id=None, eos_token_id=1, pad_token_id=0)
     torch.manual_seed(seed)
@@ -61,5 +77,13 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=INT",
+                        help="replace an entry of the shape, e.g. vocab_size=49152 (repeatable)")
     args = parser.parse_args()
-    print(make_random_model(args.shape, args.out, args.device, args.seed, args.dtype))
+    overrides = {}
+    for item in args.set:
+        key, _, value = item.partition("=")
+        if not value.lstrip("-").isdigit():
+            parser.error(f"--set {item!r}: give KEY=INTEGER, e.g. vocab_size=49152")
+        overrides[key] = int(value)
+    print(make_random_model(args.shape, args.out, args.device, args.seed, args.dtype, overrides))

@@ -11,7 +11,8 @@ those prompts in that order, unshuffled), 8 completions per prompt (`--n`), `--m
 tokens at temperature 1, `--updates` optimizer steps per rollout batch (TRL: steps_per_generation),
 AdamW at `--lr` with 2 warm-up steps and gradient clip 1.0, no KL, the advantage scaling of
 `algo.scale_by_std` (TRL: scale_rewards "group" or "none") and the token mean over the mini-batch
-(TRL: loss_type "dapo"). TRL has no entropy bonus: with `algo.entropy_coef` > 0 the two differ there.
+(TRL: loss_type "dapo"); with `--ours +lora=merged|adapter` TRL gets the same LoRA (rank, alpha,
+dropout, target modules) as its `peft_config`. TRL has no entropy bonus: with `algo.entropy_coef` > 0 the two differ there.
 
 With `--device cpu` (the default) TRL runs one process with HF generate on the CPU, in its own
 virtual environment (`--trl-python`, default /work/trl-venv/bin/python or $TRL_PYTHON), since its
@@ -31,7 +32,9 @@ The recipe runs `python -m recipe.train` with its defaults plus the settings abo
 Columns: the training loop's wall time (TRL: `trainer.train()`; ours: the sum of time/step_s,
 which is rollout + reward + update + sync), the same with process start-up, the mean and median
 step (TRL: the time between reward calls, one per rollout batch), and
-the mean reward and exact-answer rate of the first and last 10 steps.
+the mean reward and exact-answer rate of the first and last 10 steps. Below the table, ours: the
+median phase times and the median throughput (generated and trained tokens/s, and on CUDA the
+update's MFU and GPU-busy share; recipe/grpo.py's `perf/` metrics).
 """
 
 from __future__ import annotations
@@ -119,8 +122,13 @@ def trl_worker(spec_path: str, out_path: str) -> None:
         **(dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=spec["gpu_memory_utilization"],
                 vllm_max_model_length=spec["max_model_len"]) if cuda else {}),
     )
+    peft_config = None
+    if spec.get("lora"):  # the same adapters as ours (`--ours +lora=adapter`): rank, alpha, targets
+        from peft import LoraConfig
+
+        peft_config = LoraConfig(task_type="CAUSAL_LM", bias="none", **spec["lora"])
     trainer = GRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=data,
-                          processing_class=tokenizer)
+                          processing_class=tokenizer, peft_config=peft_config)
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
@@ -141,7 +149,10 @@ def run_trl(args, prompts, cfg) -> dict:
                 "num_prompts": int(cfg.task.num_prompts), "task_params": OmegaConf.to_container(cfg.task.params, resolve=True),
                 "output_dir": str(Path(tmp) / "out"), "device": args.device,
                 "gpu_memory_utilization": float(cfg.rollout.gpu_memory_utilization),
-                "max_model_len": int(cfg.rollout.max_model_len)}
+                "max_model_len": int(cfg.rollout.max_model_len),
+                "lora": None if cfg.lora.name == "none" else {
+                    "r": int(cfg.lora.rank), "lora_alpha": float(cfg.lora.alpha), "lora_dropout": float(cfg.lora.dropout),
+                    "target_modules": list(cfg.lora.target_modules)}}
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -173,6 +184,11 @@ PHASES = {"rollout/time_s": "rollout", "time/update_s": "update", "sync/total_s"
           "sync/load_s": "load", "sync/verify_s": "digest check", "sync/probe_s": "probe"}
 
 
+# Our per-step throughput (metrics.jsonl keys), medians over steps 2.. as well.
+PERF = {"perf/generated_tokens_per_s": ("generated tok/s", "{:.0f}"), "perf/trained_tokens_per_s": ("trained tok/s", "{:.0f}"),
+        "perf/mfu": ("update MFU", "{:.1%}"), "perf/update_gpu_busy": ("update GPU busy", "{:.0%}")}
+
+
 def run_ours(args, overrides) -> dict:
     run_dir = Path(tempfile.mkdtemp(prefix="ours-compare-"))
     cmd = [sys.executable, "-m", "recipe.train", *overrides, "logger.backend=none", f"hydra.run.dir={run_dir}"]
@@ -186,8 +202,10 @@ def run_ours(args, overrides) -> dict:
     later = records[1:] or records  # the first step also pays for warm-up
     phases = {key: statistics.median(r[key] for r in later if key in r) for key in PHASES
               if any(key in r for r in later)}
+    perf = {key: statistics.median(r[key] for r in later if r.get(key) is not None) for key in PERF
+            if any(r.get(key) is not None for r in later)}
     return {"wall_s": sum(step_s), "total_s": total, "step_s": sum(step_s) / len(step_s),
-            "step_median_s": statistics.median(step_s), "phases_median_s": phases,
+            "step_median_s": statistics.median(step_s), "phases_median_s": phases, "perf_median": perf,
             "reward": first_last([r["reward/mean"] for r in records]),
             "exact": first_last([r["reward/accuracy"] for r in records]), "steps": len(records),
             "run_dir": str(run_dir)}
@@ -204,6 +222,9 @@ def table(rows, steps: int) -> str:
         if r.get("phases_median_s"):
             parts = ", ".join(f"{PHASES[k]} {v:.4f}" for k, v in r["phases_median_s"].items())
             lines.append(f"\n{name}, median s per step (steps 2..): {parts}")
+        if r.get("perf_median"):
+            parts = ", ".join(f"{PERF[k][0]} {PERF[k][1].format(v)}" for k, v in r["perf_median"].items())
+            lines.append(f"{name}, median throughput per step (steps 2..): {parts}")
     return "\n".join(lines)
 
 

@@ -231,9 +231,12 @@ def _loop_batch():
 def test_entropy_is_not_computed_when_its_coefficient_is_zero(monkeypatch):
     import recipe.grpo as grpo
 
-    calls = []
-    real = grpo.token_entropy
-    monkeypatch.setattr(grpo, "token_entropy", lambda *a, **k: calls.append(1) or real(*a, **k))
+    import recipe.model as model
+
+    calls = []  # one per micro-batch whose blocks computed the entropy
+    real = model.chunked_logprobs
+    monkeypatch.setattr(model, "chunked_logprobs",
+                        lambda *a, **k: (calls.append(1) if k.get("entropy") else None) or real(*a, **k))
     monkeypatch.setattr(grpo, "global_count", lambda local: max(local, 1.0))  # one process, no group
     batch, policy = _loop_batch(), _TinyLM()
     stats = grpo.backward_mini_batch(policy, batch, range(5), _loop_cfg(), "cpu", 1)

@@ -28,7 +28,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("model", ("recipe.model", "recipe.names")),
     ("support", ("recipe.dist", "recipe.tasks", "recipe.metrics", "recipe.progress", "recipe.profiling")),
     ("config", ("recipe.config",)),
-    ("leaves", ("recipe.digest", "recipe.builtin_models")),
+    ("leaves", ("recipe.digest", "recipe.builtin_models", "recipe.logprobs")),
 ]
 
 # What each recipe module may import (other recipe modules). tools/ may import any recipe module.
@@ -36,7 +36,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.train": {"recipe.config", "recipe.grpo", "recipe.assets", "recipe.dist", "recipe.preflight",
                      "recipe.progress"},
     "recipe.grpo": {"recipe.dist", "recipe.metrics", "recipe.model", "recipe.rollout", "recipe.sync", "recipe.tasks",
-                    "recipe.checkpoint", "recipe.progress", "recipe.profiling", "recipe.export"},
+                    "recipe.checkpoint", "recipe.progress", "recipe.profiling", "recipe.export", "recipe.logprobs"},
     "recipe.checkpoint": {"recipe.model", "recipe.names"},
     "recipe.export": {"recipe.config", "recipe.model", "recipe.state_dict"},
     "recipe.preflight": {"recipe.config", "recipe.tasks"},
@@ -44,7 +44,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.sync": {"recipe.state_dict", "recipe.model", "recipe.names", "recipe.digest"},
     "recipe.rollout": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest"},
     "recipe.state_dict": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest"},
-    "recipe.model": {"recipe.config"},
+    "recipe.model": {"recipe.config", "recipe.logprobs"},
     "recipe.names": set(),
     "recipe.dist": {"recipe.config"},
     "recipe.tasks": {"recipe.config"},
@@ -54,6 +54,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.config": {"recipe.builtin_models"},
     "recipe.digest": set(),
     "recipe.builtin_models": set(),
+    "recipe.logprobs": set(),
 }
 
 

@@ -51,3 +51,23 @@ def test_saved_tokenizer_keeps_spaces(tmp_path):
     # vocab spells the space "Ġ" so that it survives
     saved = AutoTokenizer.from_pretrained(make_tiny_model(tmp_path / "tiny"))
     assert saved.decode(saved("what is 3", add_special_tokens=False).input_ids) == "what is 3"
+
+
+def test_random_model_shape_overrides(tmp_path):
+    """tools/make_random_model: an override must name an entry of the shape; a directory written with
+    other overrides is refused, not overwritten."""
+    import json
+
+    import pytest
+
+    from tools.make_random_model import MARKER, make_random_model
+
+    with pytest.raises(ValueError, match="vocab_sise.*valid:.*vocab_size"):
+        make_random_model("qwen2_0p5b", tmp_path / "a", overrides={"vocab_sise": 4096})
+    out = tmp_path / "b"
+    out.mkdir()
+    (out / MARKER).write_text(json.dumps({"shape": "qwen2_0p5b", "seed": 0, "dtype": "bfloat16",
+                                          "overrides": {"vocab_size": 4096}}))
+    with pytest.raises(FileExistsError):
+        make_random_model("qwen2_0p5b", out, overrides={"vocab_size": 8192})
+    assert make_random_model("qwen2_0p5b", out, overrides={"vocab_size": 4096}) == out.resolve()  # ours, as asked

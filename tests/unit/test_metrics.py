@@ -50,3 +50,29 @@ def test_ranks_above_zero_write_nothing(tmp_path):
     logger.rewind(0)
     assert logger.records() == [] and not (tmp_path / "metrics.jsonl").exists()
     assert json.dumps(summarize([])) == "{}"
+
+
+def test_throughput_and_mfu():
+    from recipe.metrics import peak_flops, throughput, train_flops_per_token
+
+    assert peak_flops("NVIDIA H200") == 989e12 and peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("cpu") is None
+    assert train_flops_per_token(1_000, 1_000) == 6_000  # full fine-tune: 6 x parameters
+    assert train_flops_per_token(1_000, 10) == 4_020  # LoRA: the frozen base has no weight gradient
+    perf = throughput(generated=4_096, trained=10_000, rollout_s=2.0, update_s=0.5, flops_per_token=6e9,
+                      devices=2, peak=1e15)
+    assert perf == {"perf/generated_tokens_per_s": 2_048, "perf/trained_tokens_per_s": 20_000,
+                    "perf/mfu": 10_000 * 6e9 / 0.5 / 2e15}
+    assert "perf/mfu" not in throughput(1, 1, 1.0, 1.0, 6.0, 1, None)  # CPU: no peak, no MFU
+
+
+def test_parameter_counts_on_the_meta_device(tiny_model_dir):
+    from recipe.model import parameter_counts
+
+    full = parameter_counts(compose([f"model.path={tiny_model_dir}"]))
+    lora = parameter_counts(compose([f"model.path={tiny_model_dir}", "+lora=adapter"]))
+    from transformers import AutoModelForCausalLM
+
+    loaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
+    assert full == (sum(p.numel() for p in loaded.parameters()),) * 2  # the tied embedding once
+    assert 0 < lora[1] == lora[0] - full[0]  # only the adapters train
