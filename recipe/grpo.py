@@ -553,6 +553,8 @@ class GRPOTrainer:
         profiler = StepProfiler(cfg, self.ctx, self.step)  # trainer.profile_steps > 0: steps 2.. under torch.profiler
         while self.step < cfg.trainer.steps:
             profiler.step_begins(self.step)
+            if self.ctx.device.type == "cuda":
+                torch.cuda.reset_peak_memory_stats(self.ctx.device)  # memory/trainer_peak_gib is per step
             t0 = time.perf_counter()
             with phase("rollout"):
                 prompts, samples = self.rollout(self.step)  # 1. rollout
@@ -601,7 +603,17 @@ class GRPOTrainer:
             "rollout/response_length": length, "rollout/tokens_per_s": tok_s * self.ctx.world_size,
             "rollout/time_s": t_rollout, "rollout/example": texts[0],
             "time/step_s": t_step, **train_stats, **perf, **sync_stats, **self.engine.memory_stats(),
+            **self.trainer_memory(),
         }
+
+    def trainer_memory(self) -> Dict[str, float]:
+        """CUDA: the step's peak of torch's allocator on this rank (the trainer's tensors; the engine's
+        weights and KV cache live in vLLM's own pool and are in `engine/*`), the largest over ranks."""
+        if self.ctx.device.type != "cuda":
+            return {}
+        peak = torch.tensor([float(torch.cuda.max_memory_allocated(self.ctx.device))], device=self.ctx.device)
+        dist.all_reduce(peak, op=dist.ReduceOp.MAX)
+        return {"memory/trainer_peak_gib": peak.item() / 2**30}
 
     def close(self) -> None:
         self.logger.close()

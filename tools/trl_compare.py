@@ -186,7 +186,8 @@ PHASES = {"rollout/time_s": "rollout", "time/update_s": "update", "sync/total_s"
 
 # Our per-step throughput (metrics.jsonl keys), medians over steps 2.. as well.
 PERF = {"perf/generated_tokens_per_s": ("generated tok/s", "{:.0f}"), "perf/trained_tokens_per_s": ("trained tok/s", "{:.0f}"),
-        "perf/mfu": ("update MFU", "{:.1%}"), "perf/update_gpu_busy": ("update GPU busy", "{:.0%}")}
+        "perf/mfu": ("update MFU", "{:.1%}"), "perf/update_gpu_busy": ("update GPU busy", "{:.0%}"),
+        "memory/trainer_peak_gib": ("trainer peak GiB", "{:.1f}")}
 
 
 def run_ours(args, overrides) -> dict:
