@@ -608,7 +608,7 @@ class GRPOTrainer:
 
     def trainer_memory(self) -> Dict[str, float]:
         """CUDA: the step's peak of torch's allocator on this rank (the trainer's tensors; the engine's
-        weights and KV cache live in vLLM's own pool and are in `engine/*`), the largest over ranks."""
+        weights and KV cache live in vLLM's own pool; `rollout/mem_free_*` reads the device), the largest over ranks."""
         if self.ctx.device.type != "cuda":
             return {}
         peak = torch.tensor([float(torch.cuda.max_memory_allocated(self.ctx.device))], device=self.ctx.device)
