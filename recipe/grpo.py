@@ -511,8 +511,14 @@ class GRPOTrainer:
         """The policy of this step as a Hugging Face (and, for LoRA, PEFT) directory (recipe/export.py)."""
         from recipe.export import export, export_dir
 
-        export(self.policy, self.cfg, self.ctx, export_dir(self.cfg.run_dir, self.step), self.step, self.cfg.run_dir)
+        out = export_dir(self.cfg.run_dir, self.step)
+        t0 = time.perf_counter()
+        export(self.policy, self.cfg, self.ctx, out, self.step, self.cfg.run_dir)
         self.exported = self.step
+        if self.ctx.is_main:
+            size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
+            print(f"exported step {self.step} to {out} ({size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s)",
+                  flush=True)
 
     def maybe_resume(self) -> None:
         """With trainer.resume: model, optimizer, scheduler, RNG, step and weight version from the
