@@ -5,6 +5,8 @@ filesystem or the network (preflight).
     .venv/bin/python -m pytest tests/unit/test_bad_inputs.py
 """
 
+import copy
+import math
 import os
 import socket
 import stat
@@ -15,7 +17,7 @@ import time
 import pytest
 from omegaconf import OmegaConf, open_dict
 
-from recipe.config import ConfigError, validate
+from recipe.config import RANGES, ConfigError, numeric_fields, validate
 from recipe.preflight import check_context_length, check_resume_config, check_run_dir, check_wandb
 from tests.helpers import REPO, compose
 
@@ -41,6 +43,69 @@ def test_bad_values_are_refused_with_the_field(overrides, field, hint):
     with pytest.raises(ConfigError) as err:
         validate(compose(overrides + [CPU]))
     assert field in str(err.value) and hint in str(err.value)
+
+
+NUMERIC = list(numeric_fields())
+_BASE = []
+
+
+def _base():
+    if not _BASE:
+        _BASE.append(compose([CPU]))
+    return copy.deepcopy(_BASE[0])
+
+
+def _refused(key, value):
+    cfg = _base()
+    OmegaConf.update(cfg, key, value)
+    with pytest.raises(ConfigError) as err:
+        validate(cfg)
+    return str(err.value)
+
+
+def test_every_numeric_field_of_the_schema_has_a_range():
+    assert len(NUMERIC) > 30  # the walk found the schema's fields
+    assert sorted(k for k, _ in NUMERIC if k not in RANGES) == []
+    assert sorted(k for k in RANGES if k not in dict(NUMERIC)) == []  # and no stale entry
+
+
+@pytest.mark.parametrize("key", [k for k, kind in NUMERIC if kind is float])
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_nan_and_infinity_are_refused_in_every_float_field(key, value):
+    """Comparisons with NaN are false, so NaN used to pass every range check (a NaN gradient-clip limit
+    switched clipping off); `trainer.lr=inf` was accepted."""
+    msg = _refused(key, value)
+    assert msg.startswith(f"{key}=") and "not a finite number" in msg and str(RANGES[key]) in msg, msg
+
+
+def _outside(bound):
+    """Values just outside a range (ints where the bound is an integer)."""
+    out = []
+    if bound.low != -math.inf:
+        out.append(bound.low if bound.low_open else bound.low - 1)
+    if bound.high != math.inf:
+        out.append(bound.high if bound.high_open else bound.high + 1)
+    return out
+
+
+@pytest.mark.parametrize("key,value", [(k, v) for k, kind in NUMERIC for v in _outside(RANGES[k])
+                                       if kind is float or float(v).is_integer()])
+def test_every_numeric_field_refuses_values_outside_its_range(key, value):
+    msg = _refused(key, value)
+    assert msg.startswith(key) and str(RANGES[key]) in msg, msg
+
+
+@pytest.mark.parametrize("key,value,hint", [
+    ("rollout.n", 16385, "VLLM_MAX_N_SEQUENCES"),
+    ("trainer.seed", 2**32 - 1, "trainer.seed <= 4294967294"),  # rank 1's engine would take 2**32
+    ("lora.dropout", 2.0, "[0, 1)"),
+    ("trainer.seed", -1, "[0, 4294967295]"),
+    ("sync.tolerance", -0.1, ">= 0"),
+])
+def test_limits_of_the_engine_and_the_model_are_checked_at_start(key, value, hint):
+    """Fields that used to fail late inside a rank with a library's message (a negative seed: numpy's
+    127-line trace; a LoRA dropout of 2; more samples than vLLM takes) or at the first probe."""
+    assert hint in _refused(key, value)
 
 
 def test_updates_per_batch_equal_to_the_samples_passes():
