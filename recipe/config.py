@@ -392,9 +392,8 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError("model.path is missing; set model.path=/path/to/hf_checkpoint (a local HF directory)")
     if cfg.model.builder != "none":
         _check_builtin_model_path(cfg)
-    if cfg.model.builder == "none" and not Path(cfg.model.path).expanduser().is_dir():
-        raise ConfigError(f"model.path={cfg.model.path!r} does not exist; give a local HF checkpoint directory "
-                          "or use model=tiny / model=smollm2, which are created on first use")
+    if cfg.model.builder == "none":
+        _check_local_model_path(cfg.model.path)
     if cfg.sync.strategy != "auto" and cfg.lora.name != "none":
         raise ConfigError(f"sync.strategy={cfg.sync.strategy!r} is a full-weight reference strategy; "
                           f"it requires lora=none (got lora.name={cfg.lora.name!r}); use sync.strategy=auto")
@@ -443,6 +442,25 @@ def _evaluation(cfg: DictConfig) -> None:
     if cfg.trainer.eval_prompts < world:
         raise ConfigError(f"trainer.eval_prompts={cfg.trainer.eval_prompts} is fewer than the ranks ({world}): "
                           "every rank evaluates its share of the held-out prompts; give at least one per rank")
+
+
+def _check_local_model_path(path: str) -> None:
+    where = Path(path).expanduser()
+    if where.exists() and not where.is_dir():
+        raise ConfigError(f"model.path={path!r} is a file, not a directory; give a local HF checkpoint directory "
+                          "(the folder that holds config.json, the weights and the tokenizer)")
+    if not where.is_dir():
+        raise ConfigError(f"model.path={path!r} does not exist; give a local HF checkpoint directory "
+                          "or use model=tiny / model=smollm2, which are created on first use")
+
+
+def expand_paths(cfg: DictConfig) -> None:
+    """`~` in the paths the run reads or writes, expanded once at start, so every later reader (the
+    libraries too, which do not expand it) sees the same absolute path, and config.yaml records it."""
+    for key in ("model.path", "cache_dir", "run_dir"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(value), merge=False)
 
 
 def _check_builtin_model_path(cfg: DictConfig) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 import traceback
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from recipe.config import UnsupportedError, validate  # noqa: F401  (registers the ConfigStore schema)
+from recipe.config import ConfigError, UnsupportedError, expand_paths, validate  # noqa: F401  (registers the ConfigStore schema)
 
 
 def run_rank(cfg: DictConfig, ctx) -> None:
@@ -40,6 +41,7 @@ def train(cfg: DictConfig) -> None:
     from recipe.preflight import check_context_length, preflight
     from recipe.progress import console_env
 
+    expand_paths(cfg)  # `~` once, before anything reads a path
     validate(cfg)
     console_env(cfg.logger.verbose)  # before the ranks start: their torch reads it at import
     preflight(cfg)  # run directory, resumed config, wandb: before anything is built or downloaded
@@ -72,6 +74,9 @@ def main(cfg: DictConfig) -> None:
         if hydra_cfg.mode == RunMode.MULTIRUN:
             print(f"[job {hydra_cfg.job.num}] {status}: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
             return
+        if isinstance(exc, ConfigError):  # refused at start: the message says it all, in one line
+            print(f"error: {exc}", file=sys.stderr, flush=True)
+            raise SystemExit(1) from None
         raise
     _write_status(run_dir, "ok")
 
