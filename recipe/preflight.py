@@ -1,4 +1,12 @@
-"""Checks at start that need the filesystem, the tokenizer or the network.
+"""Checks at start that need the filesystem, the tokenizer or the network, and the run directory's owner.
+
+`RunDir(path)` is the run directory's exclusive lock (`fcntl.flock` on `<run dir>/.lock`, held for the
+whole run and released by the kernel on any exit, a kill included): a second run started into the same
+directory is refused while the first holds it. A fresh run into a directory that holds a run is refused
+before anything is written there; the run *owns* the directory (writes status.json, `.hydra/`,
+config.yaml) only once it holds the lock and the directory held no run, or, for `trainer.resume=true`,
+once the start checks passed. A refused or failed start that does not own the directory writes nothing
+into it.
 
 `validate(cfg)` (recipe/config.py) checks values on their own; these run after it, in the
 launching process, before any rank starts or any model is built (recipe/train.py):
@@ -15,17 +23,20 @@ Each failure is a ConfigError that names the field.
 
 from __future__ import annotations
 
+import fcntl
 import json
 import os
 import socket
 import threading
+import time
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 from urllib.parse import urlparse
 
 from omegaconf import DictConfig, OmegaConf
 
 from recipe.config import ConfigError
+from recipe.files import write_atomic
 
 # Fields a resumed run may change: they do not change what is computed.
 RESUMABLE = ("trainer.steps", "trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoints",
@@ -38,27 +49,106 @@ RUN_FILES = ("checkpoints", "metrics.jsonl")
 WANDB_TIMEOUT_S = 10.0
 
 
+LOCK = ".lock"
+
+
 def preflight(cfg: DictConfig) -> None:
     check_run_dir(cfg)
     check_resume_config(cfg)
     check_wandb(cfg)
 
 
+def _is_rank_zero() -> bool:
+    # Under torchrun every rank runs the start; rank 0 decides about the run directory.
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def held_run(run_dir: Path) -> List[str]:
+    """What in `run_dir` makes it hold a run (a fresh run there would mix with or overwrite it)."""
+    return [name for name in RUN_FILES if (run_dir / name).exists()]
+
+
+def _holds_a_run(run_dir: Path, found: List[str]) -> ConfigError:
+    if "checkpoints" not in found:
+        how = ("it has no checkpoint yet: restart it in place from step 0 with trainer.resume=true (same "
+               "config), or start a new run in another hydra.run.dir")
+    else:
+        how = "continue it with trainer.resume=true, or start a new run in another hydra.run.dir"
+    return ConfigError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}); {how}")
+
+
+class RunDirBusy(ConfigError):
+    """Another process holds the run directory's lock."""
+
+
+class RunDir:
+    """The run directory and its owner: see the module docstring. `files` ({relative path: text}) are
+    written into the directory when the run comes to own it (Hydra's record of the run, `.hydra/*`)."""
+
+    def __init__(self, path, files: Optional[Dict[str, str]] = None):
+        self.path = Path(path)
+        self.files = dict(files or {})
+        self.fd: Optional[int] = None
+        self.owned = False
+
+    def claim(self, resume: bool) -> None:
+        """Take the lock (idempotent). A fresh run into a directory holding a run is refused first, writing nothing."""
+        if self.fd is not None or not _is_rank_zero():
+            return
+        if not resume and held_run(self.path):
+            raise _holds_a_run(self.path, held_run(self.path))
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
+        except OSError as exc:
+            raise ConfigError(f"run directory {str(self.path)!r} is not writable ({exc.strerror or exc}); "
+                              "choose another with hydra.run.dir=<dir>") from None
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
+            os.close(fd)
+            raise RunDirBusy(f"run directory {str(self.path)!r} is in use by another run ({holder}); wait for it "
+                             "to end, or start this one in another hydra.run.dir") from None
+        self.fd = fd
+        if not resume and held_run(self.path):  # another start won the race and began writing before our lock
+            self.release()
+            raise _holds_a_run(self.path, held_run(self.path))
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
+                  .encode(), 0)
+        if not resume:
+            self.adopt()
+
+    def adopt(self) -> None:
+        """The run owns the directory from here on: its status, config and records may be written."""
+        if self.owned or self.fd is None:
+            return
+        self.owned = True
+        for rel, text in self.files.items():
+            (self.path / rel).parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(self.path / rel, text)
+
+    def release(self) -> None:
+        if self.fd is not None:
+            os.close(self.fd)  # closing the descriptor drops the flock
+            self.fd = None
+
+
 def check_run_dir(cfg: DictConfig) -> None:
+    """The run directory can be made and written; a fresh run into a directory that holds a run is
+    refused. Nothing is written into it (RunDir.claim checks again, under the lock)."""
     run_dir = Path(cfg.run_dir)
+    found = held_run(run_dir)
+    if found and not cfg.trainer.resume and _is_rank_zero():
+        raise _holds_a_run(run_dir, found)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
-        probe = run_dir / f".write-test-{os.getpid()}"
-        probe.write_text("ok")
-        probe.unlink()
+        if not os.access(run_dir, os.W_OK | os.X_OK):
+            raise PermissionError(13, "Permission denied")
     except OSError as exc:
         raise ConfigError(f"run directory {str(run_dir)!r} is not writable ({exc.strerror or exc}); "
                           "choose another with hydra.run.dir=<dir>") from None
-    found = [name for name in RUN_FILES if (run_dir / name).exists()]
-    # Under torchrun rank 0 may have started writing by the time a peer gets here: rank 0 decides.
-    if found and not cfg.trainer.resume and int(os.environ.get("RANK", "0")) == 0:
-        raise ConfigError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}); continue it "
-                          "with trainer.resume=true, or start a new run in another hydra.run.dir")
 
 
 def _flat(node, prefix: str = "") -> Dict[str, object]:

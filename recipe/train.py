@@ -15,6 +15,8 @@ from __future__ import annotations
 import json
 import os
 import sys
+import tempfile
+import time
 import traceback
 from pathlib import Path
 
@@ -33,52 +35,85 @@ def run_rank(cfg: DictConfig, ctx) -> None:
     run(cfg, ctx)
 
 
-def train(cfg: DictConfig) -> None:
-    """Validate, make the model directory if needed, check what needs I/O, start the ranks.
-    Tests call this directly."""
+def train(cfg: DictConfig, run=None) -> None:
+    """Take the run directory (`run`, a recipe.preflight.RunDir; made here when None), validate, make the
+    model directory if needed, check what needs I/O, start the ranks. Tests call this directly."""
     from recipe.assets import ensure_model
     from recipe.dist import launch
-    from recipe.preflight import check_context_length, preflight
+    from recipe.files import write_atomic
+    from recipe.preflight import RunDir, check_context_length, preflight
     from recipe.progress import console_env
 
     expand_paths(cfg)  # `~` once, before anything reads a path
-    validate(cfg)
-    console_env(cfg.logger.verbose)  # before the ranks start: their torch reads it at import
-    preflight(cfg)  # run directory, resumed config, wandb: before anything is built or downloaded
-    check_context_length(cfg, ensure_model(cfg))
-    saved = Path(cfg.run_dir) / "config.yaml"
-    OmegaConf.save(cfg, saved.with_suffix(".yaml.tmp"), resolve=True)
-    os.replace(saved.with_suffix(".yaml.tmp"), saved)  # a resumed run compares against this file
-    launch(run_rank, cfg)
-
-
-def _write_status(run_dir: Path, status: str, error: str = "") -> None:
+    mine = run is None
+    run = run or RunDir(cfg.run_dir)
     try:
-        run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "status.json").write_text(json.dumps({"status": status, "error": error}, indent=1))
-    except OSError as exc:  # an unwritable run directory: the run's own error is the one to show
-        print(f"warning: cannot write {run_dir / 'status.json'}: {exc}", flush=True)
+        run.claim(bool(cfg.trainer.resume))  # a second run into this directory stops here, writing nothing
+        validate(cfg)
+        console_env(cfg.logger.verbose)  # before the ranks start: their torch reads it at import
+        preflight(cfg)  # run directory, resumed config, wandb: before anything is built or downloaded
+        check_context_length(cfg, ensure_model(cfg))
+        run.adopt()  # a resumed run owns its directory only now, having passed every check
+        if run.owned:
+            write_atomic(Path(cfg.run_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+        launch(run_rank, cfg)
+    finally:
+        if mine:
+            run.release()
+
+
+def _record(run, status: str, error: str = "") -> str:
+    """status.json in a directory the run owns; otherwise (a refused start) a file of its own, whose path
+    is returned for the console: the directory belongs to another run, whose status this one must not touch."""
+    from recipe.files import write_atomic
+
+    text = json.dumps({"status": status, "error": error, "run_dir": str(run.path)}, indent=1)
+    try:
+        if run.owned:
+            write_atomic(run.path / "status.json", text)
+            return ""
+        own = Path(tempfile.gettempdir()) / f"grpo-recipe-{time.strftime('%Y%m%d-%H%M%S')}-{os.getpid()}.json"
+        own.write_text(text)
+        return f" (nothing written into {run.path}; this start's status is in {own})"
+    except OSError as exc:  # an unwritable or full disk: the run's own error is the one to show
+        print(f"warning: cannot record the run's status: {exc}", file=sys.stderr, flush=True)
+        return ""
+
+
+def _hydra_files(cfg: DictConfig, hydra_cfg) -> dict:
+    """What Hydra would have written into `.hydra/` before the run started: written here once the run
+    owns its directory (conf/train.yaml turns Hydra's own writing off, `hydra.output_subdir: null`)."""
+    return {".hydra/config.yaml": OmegaConf.to_yaml(cfg), ".hydra/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+            ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from recipe.preflight import RunDir
+
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run_dir = hydra_cfg.runtime.output_dir
-    run_dir = Path(cfg.run_dir)
+    run = RunDir(cfg.run_dir, files=_hydra_files(cfg, hydra_cfg))
     try:
-        train(cfg)
+        train(cfg, run)
     except Exception as exc:
         status = "unsupported" if isinstance(exc, UnsupportedError) else "failed"
-        _write_status(run_dir, status, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+        where = _record(run, status, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
         if hydra_cfg.mode == RunMode.MULTIRUN:
-            print(f"[job {hydra_cfg.job.num}] {status}: {type(exc).__name__}: {str(exc).splitlines()[0]}", flush=True)
+            print(f"[job {hydra_cfg.job.num}] {status}: {type(exc).__name__}: {str(exc).splitlines()[0]}{where}",
+                  flush=True)
             return
         if isinstance(exc, ConfigError):  # refused at start: the message says it all, in one line
-            print(f"error: {exc}", file=sys.stderr, flush=True)
+            print(f"error: {exc}{where}", file=sys.stderr, flush=True)
             raise SystemExit(1) from None
+        if where:
+            print(where.strip(), file=sys.stderr, flush=True)
         raise
-    _write_status(run_dir, "ok")
+    else:
+        _record(run, "ok")
+    finally:
+        run.release()
 
 
 if __name__ == "__main__":
