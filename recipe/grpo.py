@@ -520,8 +520,8 @@ def run(cfg: DictConfig, ctx: DistContext) -> Dict[str, float]:
     finally:
         trainer.close()
     if ctx.is_main:
-        path = Path(cfg.run_dir) / "summary.json"
-        path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=1))
-        path.with_suffix(".json.tmp").replace(path)
+        from recipe.files import write_atomic
+
+        write_atomic(Path(cfg.run_dir) / "summary.json", json.dumps(summary, indent=1))
         print(f"\nrun directory: {cfg.run_dir}\nsummary: {json.dumps(summary)}", flush=True)
     return summary

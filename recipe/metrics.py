@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from recipe.files import DiskFullError, disk_full, write_atomic
+
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):  # 0-d tensors / numpy scalars
@@ -47,7 +49,7 @@ class MetricsLogger:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: readable while the run goes on
+        self._file = open(self.path, "ab", buffering=0)  # unbuffered: readable while the run goes on
         if cfg.logger.backend == "wandb" and cfg.logger.mode != "disabled":
             import wandb
 
@@ -59,9 +61,22 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._append(json.dumps(record) + "\n")
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+
+    def _append(self, line: str) -> None:
+        """One whole line, or none: a write that fails (a full disk) is cut back to the previous line."""
+        data, end = line.encode(), self._file.tell()
+        try:
+            view = memoryview(data)
+            while view:  # a write may take only part of the bytes (the disk filling up), then fail
+                view = view[self._file.write(view):]
+        except OSError as exc:
+            os.truncate(self.path, end)
+            if disk_full(exc, self.path):
+                raise DiskFullError(self.path) from exc
+            raise
 
     def rewind(self, step: int) -> None:
         """Keep only the records of steps <= `step` (a resumed run logs the later ones again)."""
@@ -71,10 +86,8 @@ class MetricsLogger:
         lines = self.path.read_text().splitlines(keepends=True)
         kept = [line for i, line in enumerate(lines) if _keep(line, step, last=i == len(lines) - 1)]
         if kept != lines:
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept))
-            os.replace(tmp, self.path)
-        self._file = open(self.path, "a", buffering=1)
+            write_atomic(self.path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
+        self._file = open(self.path, "ab", buffering=0)
 
     def records(self) -> List[Dict[str, Any]]:
         """Every record in metrics.jsonl (the whole run, across resumes); [] on ranks > 0."""
@@ -117,5 +130,5 @@ def _run_id(run_dir: Path, resume: bool) -> str:
     if resume and path.is_file():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:8]  # wandb's own ids: 8 characters of [a-z0-9]
-    path.write_text(run_id)
+    write_atomic(path, run_id)
     return run_id

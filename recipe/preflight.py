@@ -114,9 +114,12 @@ class RunDir:
         if not resume and held_run(self.path):  # another start won the race and began writing before our lock
             self.release()
             raise _holds_a_run(self.path, held_run(self.path))
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n"
-                  .encode(), 0)
+        try:  # who holds it, for the message another start gets (the lock itself needs no space)
+            os.ftruncate(fd, 0)
+            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
+                      .encode(), 0)
+        except OSError:
+            pass
         if not resume:
             self.adopt()
 

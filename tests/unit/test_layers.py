@@ -36,7 +36,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.train": {"recipe.config", "recipe.grpo", "recipe.assets", "recipe.dist", "recipe.preflight",
                      "recipe.progress", "recipe.files"},
     "recipe.grpo": {"recipe.dist", "recipe.metrics", "recipe.model", "recipe.rollout", "recipe.sync", "recipe.tasks",
-                    "recipe.checkpoint", "recipe.progress", "recipe.profiling"},
+                    "recipe.checkpoint", "recipe.progress", "recipe.profiling", "recipe.files"},
     "recipe.checkpoint": {"recipe.model", "recipe.files"},
     "recipe.preflight": {"recipe.config", "recipe.tasks", "recipe.files"},
     "recipe.assets": {"recipe.config", "recipe.builtin_models"},
