@@ -406,9 +406,10 @@ class GRPOTrainer:
         if not self.cfg.trainer.resume or self.resumed:
             return
         path = latest(Path(self.cfg.run_dir) / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(f"trainer.resume=true but no checkpoint under {self.cfg.run_dir}/checkpoints; "
-                                    "start the run with hydra.run.dir=<the run directory to continue>")
+        if path is None:  # stopped before its first checkpoint: it starts again from step 0, in place
+            self.logger.rewind(-1)
+            self.resumed = True
+            return
         loaded = load(path, self.policy, self.optimizer, self.scheduler, self.ctx, residency=self.residency)
         self.step, counters = loaded["step"], loaded["state"]
         if counters:  # (checkpoints written before the counters were saved have none)

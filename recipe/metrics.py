@@ -116,6 +116,39 @@ class MetricsLogger:
             self._file = None
 
 
+def check_history(path: Path, step: int) -> List[str]:
+    """Does metrics.jsonl hold each of the steps 1..`step` once, in order (what a resume from checkpoint
+    `step` keeps)? Raises ValueError naming the file and what is wrong; returns notes on what `rewind`
+    will drop, which is safe: a last line cut short by a kill (it never reached a checkpoint), records
+    of steps after `step`."""
+    if not path.exists():
+        if step == 0:
+            return []
+        raise ValueError(f"{path} is missing, while the run has a checkpoint at step {step}")
+    lines = path.read_text(errors="replace").splitlines()
+    steps, notes = [], []
+    for i, line in enumerate(lines):
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                notes.append(f"the last line of {path}, cut short by a kill, is dropped")
+                continue
+            raise ValueError(f"{path} line {i + 1} is damaged (not a JSON record with a step)") from None
+        steps.append(record_step)
+    later = sum(1 for s in steps if s > step)
+    if later:
+        notes.append(f"{later} records of {path} after step {step} (the checkpoint the run continues from) are dropped")
+    kept = [s for s in steps if 1 <= s <= step]
+    if kept != list(range(1, step + 1)):
+        missing = sorted(set(range(1, step + 1)) - set(kept))
+        extra = "; some step appears twice" if len(set(kept)) != len(kept) else ""
+        raise ValueError(f"{path} does not hold steps 1..{step} once each (the run's checkpoint is at step {step}; "
+                         f"{len(missing)} missing{', e.g. ' + str(missing[:5]) if missing else ''}{extra}: cut or "
+                         "edited?)")
+    return notes
+
+
 def _keep(line: str, step: int, last: bool) -> bool:
     """A record of a step <= `step`; a last line cut short by a kill is dropped, any other line kept."""
     try:

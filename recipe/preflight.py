@@ -26,6 +26,7 @@ from __future__ import annotations
 import fcntl
 import json
 import os
+import re
 import socket
 import threading
 import time
@@ -37,6 +38,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from recipe.config import ConfigError
 from recipe.files import write_atomic
+from recipe.metrics import check_history
 
 # Fields a resumed run may change: they do not change what is computed.
 RESUMABLE = ("trainer.steps", "trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoints",
@@ -50,6 +52,9 @@ WANDB_TIMEOUT_S = 10.0
 
 
 LOCK = ".lock"
+# The last line of every config.yaml the recipe writes: a file without it was cut short.
+CONFIG_END = "# end of config.yaml\n"
+CHECKPOINT_DIR = re.compile(r"^step_(\d+)(\.old)?$")  # complete checkpoints, as recipe/checkpoint.py names them
 
 
 def preflight(cfg: DictConfig) -> None:
@@ -170,20 +175,79 @@ def changed_fields(saved: dict, current: dict) -> List[str]:
                   if old[k] != new[k] and not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE))
 
 
+def save_run_config(cfg: DictConfig, path: Path) -> None:
+    """config.yaml, written whole (recipe/files.py) and ending with CONFIG_END, so a resume can tell a cut file."""
+    write_atomic(path, OmegaConf.to_yaml(cfg, resolve=True) + CONFIG_END)
+
+
+def load_run_config(path: Path) -> dict:
+    """The saved config.yaml, refused (naming the file, in one line) when damaged: a cut file would let a
+    resume change the math unseen (the fields it lost are not compared)."""
+    text = path.read_text(errors="replace")
+    if not text.endswith(CONFIG_END):
+        raise ConfigError(f"{path} is damaged: it does not end with the line {CONFIG_END.strip()!r} (cut short?), so "
+                          "what the run computed cannot be checked; restore the file, or start a new run in another "
+                          "hydra.run.dir")
+    try:
+        saved = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
+    except Exception as exc:  # noqa: BLE001  (yaml and OmegaConf errors)
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ConfigError(f"{path} cannot be parsed ({first}); restore the file, or start a new run in another "
+                          "hydra.run.dir") from None
+    if not isinstance(saved, dict):
+        raise ConfigError(f"{path} is damaged: it does not hold a config")
+    return saved
+
+
+def checkpoint_step(run_dir: Path) -> Optional[int]:
+    """The step of the run's newest complete checkpoint (None: none yet), from the folder names alone."""
+    root = Path(run_dir) / "checkpoints"
+    steps = [int(m.group(1)) for p in (root.iterdir() if root.is_dir() else [])
+             if (m := CHECKPOINT_DIR.match(p.name)) and p.is_dir()]
+    return max(steps) if steps else None
+
+
 def check_resume_config(cfg: DictConfig) -> None:
+    """A resume continues the run in its directory: the same math (config.yaml intact), a steps target not
+    below what was done, and a metrics.jsonl that holds every step done once. Without a checkpoint yet
+    (stopped early) it restarts the run from step 0 in place."""
     if not cfg.trainer.resume:
         return
-    saved_path = Path(cfg.run_dir) / "config.yaml"
+    run_dir = Path(cfg.run_dir)
+    saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
         raise ConfigError(f"trainer.resume=true but {saved_path} does not exist: resume with "
                           "hydra.run.dir=<the directory of the run to continue>")
-    saved = OmegaConf.to_container(OmegaConf.load(saved_path), resolve=True)
+    saved = load_run_config(saved_path)
     current = OmegaConf.to_container(cfg, resolve=True)
+    lost = sorted(set(_flat(current)) - set(_flat(saved)))
+    if lost:
+        raise ConfigError(f"{saved_path} is damaged or from another version of the recipe: it lacks "
+                          f"{', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}; restore it, or start a new run "
+                          "in another hydra.run.dir")
     changed = changed_fields(saved, current)
     if changed:
         diffs = "; ".join(f"{k}: {_flat(saved)[k]!r} -> {_flat(current)[k]!r}" for k in changed)
         raise ConfigError(f"trainer.resume=true with a config that changes the run's math ({diffs}); resume "
                           f"with the saved values (see {saved_path}) or start a new run in another directory")
+    _check_progress(cfg, run_dir)
+
+
+def _check_progress(cfg: DictConfig, run_dir: Path) -> None:
+    done = checkpoint_step(run_dir)
+    if done is not None and cfg.trainer.steps < done:
+        raise ConfigError(f"trainer.steps={cfg.trainer.steps} is lower than the steps the run has done ({done}, its "
+                          f"newest checkpoint {run_dir / 'checkpoints' / f'step_{done}'}); give trainer.steps >= {done}")
+    try:
+        notes = check_history(run_dir / "metrics.jsonl", done or 0)
+    except ValueError as exc:
+        raise ConfigError(f"{exc}; the run's record would not hold each step once. Restore the file, or start a new "
+                          "run in another hydra.run.dir") from None
+    if done is None:
+        notes.append("the run has no checkpoint yet: it restarts from step 0 in place")
+    if _is_rank_zero():
+        for note in notes:
+            print(f"resume: {note}", flush=True)
 
 
 def check_context_length(cfg: DictConfig, model_dir: Path) -> None:

@@ -40,8 +40,7 @@ def train(cfg: DictConfig, run=None) -> None:
     model directory if needed, check what needs I/O, start the ranks. Tests call this directly."""
     from recipe.assets import ensure_model
     from recipe.dist import launch
-    from recipe.files import write_atomic
-    from recipe.preflight import RunDir, check_context_length, preflight
+    from recipe.preflight import RunDir, check_context_length, preflight, save_run_config
     from recipe.progress import console_env
 
     expand_paths(cfg)  # `~` once, before anything reads a path
@@ -55,7 +54,7 @@ def train(cfg: DictConfig, run=None) -> None:
         check_context_length(cfg, ensure_model(cfg))
         run.adopt()  # a resumed run owns its directory only now, having passed every check
         if run.owned:
-            write_atomic(Path(cfg.run_dir) / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+            save_run_config(cfg, Path(cfg.run_dir) / "config.yaml")  # a resumed run compares against this file
         launch(run_rank, cfg)
     finally:
         if mine:

@@ -6,6 +6,7 @@ filesystem or the network (preflight).
 """
 
 import copy
+import json
 import math
 import os
 import socket
@@ -18,7 +19,8 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from recipe.config import RANGES, ConfigError, numeric_fields, validate
-from recipe.preflight import check_context_length, check_resume_config, check_run_dir, check_wandb
+from recipe.preflight import (check_context_length, check_resume_config, check_run_dir, check_wandb,
+                              save_run_config)
 from tests.helpers import REPO, compose
 
 CPU = "trainer.device=cpu"
@@ -179,7 +181,7 @@ def test_fresh_run_into_a_directory_holding_a_run_is_refused(tmp_path):
 def test_resume_with_a_config_that_changes_the_math_is_refused(tmp_path):
     saved = _run_cfg(tmp_path)
     (tmp_path / "run").mkdir()
-    OmegaConf.save(saved, tmp_path / "run" / "config.yaml", resolve=True)
+    save_run_config(saved, tmp_path / "run" / "config.yaml")
     ok = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=99", "trainer.checkpoint_every=5",
                              "trainer.keep_checkpoints=0", "logger=none"])
     check_resume_config(ok)  # steps, checkpointing and logging may change
@@ -210,3 +212,65 @@ def test_online_wandb_without_a_server_falls_back_to_offline(tmp_path, monkeypat
     assert time.monotonic() - start < 30
     assert cfg.logger.mode == "offline"
     assert "cannot be reached; logging offline" in capsys.readouterr().out
+
+
+def _saved_run(tmp_path, steps_logged, checkpoint=None, overrides=()):
+    """A run directory as a run leaves it: config.yaml, `steps_logged` records, a checkpoint folder."""
+    cfg = _run_cfg(tmp_path, ["trainer.steps=8", *overrides])
+    run = tmp_path / "run"
+    run.mkdir()
+    save_run_config(cfg, run / "config.yaml")
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": 0.5}) + "\n"
+                                               for s in steps_logged))
+    if checkpoint is not None:
+        (run / "checkpoints" / f"step_{checkpoint}").mkdir(parents=True)
+    return run
+
+
+def test_resume_with_a_cut_or_unreadable_config_yaml_is_refused(tmp_path):
+    """A cut config.yaml lost its last fields, which then were not compared: the resume could change the math."""
+    run = _saved_run(tmp_path, range(1, 9), checkpoint=8)
+    text = (run / "config.yaml").read_text()
+    resume = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=8"])
+    for damaged in (text[:len(text) // 2], text[:-len("# end of config.yaml\n")], "model: [unclosed\n"):
+        (run / "config.yaml").write_text(damaged)
+        with pytest.raises(ConfigError, match="config.yaml (is damaged|cannot be parsed)") as err:
+            check_resume_config(resume)
+        assert "\n" not in str(err.value)
+    (run / "config.yaml").write_text(text)
+    check_resume_config(resume)  # intact: fine
+
+
+def test_resume_with_a_cut_metrics_jsonl_is_refused(tmp_path, capsys):
+    """Before: the resume of a finished run whose metrics.jsonl was cut rewrote summary.json with fewer
+    steps and exited "ok"."""
+    resume = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=8"])
+    run = _saved_run(tmp_path, range(1, 4), checkpoint=8)
+    with pytest.raises(ConfigError, match=r"metrics.jsonl does not hold steps 1..8 once each .*5 missing"):
+        check_resume_config(resume)
+    (run / "metrics.jsonl").write_text('{"step": 1}\n{"st\n{"step": 2}\n')  # a damaged line inside
+    with pytest.raises(ConfigError, match="metrics.jsonl line 2 is damaged"):
+        check_resume_config(resume)
+    # What is provably safe is repaired, and said: a cut last line, records after the checkpoint
+    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s}) + "\n" for s in range(1, 10)) + '{"st')
+    check_resume_config(resume)
+    out = capsys.readouterr().out
+    assert "cut short by a kill, is dropped" in out and "1 records of" in out and "after step 8" in out
+
+
+def test_resume_with_fewer_steps_than_done_is_refused(tmp_path):
+    """Before: `trainer.resume=true trainer.steps=4` on an 8-step run did nothing but rewrite config.yaml."""
+    _saved_run(tmp_path, range(1, 9), checkpoint=8)
+    with pytest.raises(ConfigError, match=r"trainer.steps=4 is lower than the steps the run has done \(8"):
+        check_resume_config(_run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=4"]))
+    check_resume_config(_run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=12"]))
+
+
+def test_a_run_stopped_before_its_first_checkpoint_restarts_in_place(tmp_path, capsys):
+    """Before: neither resumable ("no checkpoint") nor reusable ("continue it with trainer.resume=true")."""
+    _saved_run(tmp_path, [1, 2])
+    with pytest.raises(ConfigError, match="no checkpoint yet: restart it in place from step 0 with trainer.resume=true"):
+        check_run_dir(_run_cfg(tmp_path))
+    check_resume_config(_run_cfg(tmp_path, ["trainer.resume=true"]))
+    out = capsys.readouterr().out
+    assert "no checkpoint yet: it restarts from step 0 in place" in out and "2 records of" in out

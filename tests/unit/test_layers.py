@@ -38,7 +38,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.grpo": {"recipe.dist", "recipe.metrics", "recipe.model", "recipe.rollout", "recipe.sync", "recipe.tasks",
                     "recipe.checkpoint", "recipe.progress", "recipe.profiling", "recipe.files"},
     "recipe.checkpoint": {"recipe.model", "recipe.files"},
-    "recipe.preflight": {"recipe.config", "recipe.tasks", "recipe.files"},
+    "recipe.preflight": {"recipe.config", "recipe.tasks", "recipe.files", "recipe.metrics"},
     "recipe.assets": {"recipe.config", "recipe.builtin_models"},
     "recipe.sync": {"recipe.state_dict", "recipe.model", "recipe.names", "recipe.digest"},
     "recipe.rollout": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest"},

@@ -39,9 +39,9 @@ def _finished_run(tmp_path, tiny_model_dir):
     cfg = compose([CPU, f"model.path={tiny_model_dir}", "trainer.steps=2", "logger=none"])
     with open_dict(cfg):
         cfg.run_dir = str(run)
-    from recipe.files import write_atomic
+    from recipe.preflight import save_run_config
 
-    write_atomic(run / "config.yaml", OmegaConf.to_yaml(cfg, resolve=True))
+    save_run_config(cfg, run / "config.yaml")
     return run
 
 
