@@ -291,12 +291,42 @@ def wandb_reachable(timeout_s: float = WANDB_TIMEOUT_S) -> bool:
     return bool(result and result[0])
 
 
+# wandb's rule for project names (wandb_settings.validate_project), checked before the ranks start.
+WANDB_PROJECT_CHARS = "/\\#?%:"
+
+
+def wandb_api_key_found(host: str) -> bool:
+    """An API key for `host` where wandb looks: WANDB_API_KEY, or a .netrc entry (`wandb login` writes one)."""
+    import netrc
+
+    if os.environ.get("WANDB_API_KEY"):
+        return True
+    path = Path(os.environ.get("NETRC", Path.home() / ".netrc"))
+    try:
+        return path.is_file() and netrc.netrc(str(path)).authenticators(host) is not None
+    except (netrc.NetrcParseError, OSError):
+        return False
+
+
 def check_wandb(cfg: DictConfig) -> None:
-    """Online wandb without a reachable server: fall back to offline (files in the run directory)."""
-    if cfg.logger.backend != "wandb" or cfg.logger.mode != "online":
+    """wandb's settings, before any rank starts: a project name wandb refuses is a ConfigError; online
+    without a reachable server or without an API key falls back to offline (files in the run directory)."""
+    if cfg.logger.backend != "wandb" or cfg.logger.mode == "disabled":
         return
+    project = str(cfg.logger.project)
+    bad = sorted({c for c in project if c in WANDB_PROJECT_CHARS})
+    if bad or not project or len(project) > 128:
+        raise ConfigError(f"logger.project={project!r} is not a name wandb accepts: 1 to 128 characters, none of "
+                          f"{' '.join(WANDB_PROJECT_CHARS)}" + (f" (found {' '.join(bad)})" if bad else ""))
+    if cfg.logger.mode != "online":
+        return
+    url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     if not wandb_reachable():
-        url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
-        print(f"warning: logger.mode=online but the wandb server {url} cannot be reached; logging offline "
-              f"instead (the files go under {cfg.run_dir}/wandb; send them later with `wandb sync`)", flush=True)
-        cfg.logger.mode = "offline"
+        why = f"the wandb server {url} cannot be reached"
+    elif not wandb_api_key_found(urlparse(url).hostname or "api.wandb.ai"):
+        why = f"no API key for {url} (set WANDB_API_KEY, or run `wandb login`)"
+    else:
+        return
+    print(f"warning: logger.mode=online but {why}; logging offline instead (the files go under "
+          f"{cfg.run_dir}/wandb; send them later with `wandb sync`)", flush=True)
+    cfg.logger.mode = "offline"

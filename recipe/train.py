@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 import os
+import shlex
 import sys
 import tempfile
 import time
@@ -86,33 +87,61 @@ def _hydra_files(cfg: DictConfig, hydra_cfg) -> dict:
             ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
 
 
+def _stopped(cfg: DictConfig, hydra_cfg, stop) -> str:
+    """One line: where the run stands and the command that resumes it."""
+    from recipe.preflight import checkpoint_step
+
+    run_dir = Path(cfg.run_dir)
+    step = 0
+    metrics = run_dir / "metrics.jsonl"
+    for line in (metrics.read_text(errors="replace").splitlines() if metrics.is_file() else []):
+        try:
+            step = max(step, int(json.loads(line)["step"]))
+        except (ValueError, KeyError, TypeError):
+            pass
+    done = checkpoint_step(run_dir)
+    kept = f"newest checkpoint: step {done}" if done is not None else "no checkpoint yet: a resume restarts from step 0"
+    resumed = ("trainer.resume", "hydra.run.dir")
+    keep = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in resumed]
+    command = " ".join(["python -m recipe.train", *map(shlex.quote, keep), "trainer.resume=true",
+                        shlex.quote(f"hydra.run.dir={run_dir}")])
+    return f"{stop} at step {step} of {cfg.trainer.steps} ({kept}); resume with: {command}"
+
+
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
 def main(cfg: DictConfig) -> None:
+    from recipe.dist import RunStopped, stop_on_signals
     from recipe.preflight import RunDir
 
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run_dir = hydra_cfg.runtime.output_dir
     run = RunDir(cfg.run_dir, files=_hydra_files(cfg, hydra_cfg))
-    try:
-        train(cfg, run)
-    except Exception as exc:
-        status = "unsupported" if isinstance(exc, UnsupportedError) else "failed"
-        where = _record(run, status, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
-        if hydra_cfg.mode == RunMode.MULTIRUN:
-            print(f"[job {hydra_cfg.job.num}] {status}: {type(exc).__name__}: {str(exc).splitlines()[0]}{where}",
-                  flush=True)
-            return
-        if isinstance(exc, ConfigError):  # refused at start: the message says it all, in one line
-            print(f"error: {exc}{where}", file=sys.stderr, flush=True)
-            raise SystemExit(1) from None
-        if where:
-            print(where.strip(), file=sys.stderr, flush=True)
-        raise
-    else:
-        _record(run, "ok")
-    finally:
-        run.release()
+    with stop_on_signals():  # SIGTERM / Ctrl-C: every rank ends, one line says how to resume
+        try:
+            train(cfg, run)
+        except RunStopped as stop:
+            line = _stopped(cfg, hydra_cfg, stop)
+            where = _record(run, "stopped", line)
+            print("\n" + line + where, file=sys.stderr, flush=True)  # (after a progress bar's line)
+            raise SystemExit(128 + stop.signum) from None
+        except Exception as exc:
+            status = "unsupported" if isinstance(exc, UnsupportedError) else "failed"
+            where = _record(run, status, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
+            if hydra_cfg.mode == RunMode.MULTIRUN:
+                print(f"[job {hydra_cfg.job.num}] {status}: {type(exc).__name__}: {str(exc).splitlines()[0]}{where}",
+                      flush=True)
+                return
+            if isinstance(exc, ConfigError):  # refused at start: the message says it all, in one line
+                print(f"error: {exc}{where}", file=sys.stderr, flush=True)
+                raise SystemExit(1) from None
+            if where:
+                print(where.strip(), file=sys.stderr, flush=True)
+            raise
+        else:
+            _record(run, "ok")
+        finally:
+            run.release()
 
 
 if __name__ == "__main__":

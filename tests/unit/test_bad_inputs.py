@@ -274,3 +274,29 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_in_place(tmp_path, c
     check_resume_config(_run_cfg(tmp_path, ["trainer.resume=true"]))
     out = capsys.readouterr().out
     assert "no checkpoint yet: it restarts from step 0 in place" in out and "2 records of" in out
+
+
+def test_online_wandb_without_an_api_key_falls_back_to_offline(tmp_path, monkeypatch, capsys):
+    """Before: wandb failed 20 s in, inside a rank, and left a directory that could be neither resumed nor
+    reused. A server that listens (here a local socket) but no key anywhere wandb looks."""
+    with socket.socket() as server:
+        server.bind(("127.0.0.1", 0))
+        server.listen()
+        monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{server.getsockname()[1]}")
+        monkeypatch.delenv("WANDB_API_KEY", raising=False)
+        monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
+        cfg = _run_cfg(tmp_path, ["logger.mode=online"])
+        check_wandb(cfg)
+    assert cfg.logger.mode == "offline"
+    assert "no API key" in capsys.readouterr().out
+    (tmp_path / "netrc").write_text("machine 127.0.0.1 login user password abc\n")
+    monkeypatch.setenv("NETRC", str(tmp_path / "netrc"))
+    from recipe.preflight import wandb_api_key_found
+
+    assert wandb_api_key_found("127.0.0.1") and not wandb_api_key_found("api.wandb.ai")
+
+
+@pytest.mark.parametrize("project", ["team/project", "a:b", "x" * 129])
+def test_a_project_name_wandb_refuses_is_refused_at_start(tmp_path, project):
+    with pytest.raises(ConfigError, match="logger.project=.* is not a name wandb accepts"):
+        check_wandb(_run_cfg(tmp_path, ["logger.mode=offline", f"logger.project='{project}'"]))
