@@ -209,6 +209,16 @@ def latest(root: Path) -> Optional[Path]:
     return complete[max(complete)] if complete else None
 
 
+def _check_world(path: Path, world: int) -> None:
+    """A checkpoint is loaded by as many ranks as saved it: each rank file holds that rank's RNG and counters,
+    and the recipe does not re-shard them (a world of 1 loading a 2-rank checkpoint used to read rank0.pt only)."""
+    saved = len(list(path.glob("rank*.pt")))
+    if saved and saved != world:
+        raise CheckpointError(f"checkpoint {path} was saved by {saved} ranks and this run has {world}: resume with "
+                              f"{saved} ranks (trainer.world_size={saved}, or torchrun --nproc-per-node={saved}); "
+                              "re-sharding to another world size is not supported")
+
+
 def _read_rank_file(path: Path, rank: int) -> dict:
     rank_file = path / f"rank{rank}.pt"
     try:
@@ -234,6 +244,7 @@ def load(path: Path, model, optimizer, scheduler, ctx, residency: Optional[Resid
     path = Path(path)
     extra, error = None, None
     try:
+        _check_world(path, ctx.world_size)
         extra = _read_rank_file(path, ctx.rank)
     except FAILURES as exc:  # CheckpointError names the file; anything else is wrapped by _agree
         error = exc

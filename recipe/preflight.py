@@ -57,10 +57,27 @@ CONFIG_END = "# end of config.yaml\n"
 CHECKPOINT_DIR = re.compile(r"^step_(\d+)(\.old)?$")  # complete checkpoints, as recipe/checkpoint.py names them
 
 
+ENGINE_IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
+
+
 def preflight(cfg: DictConfig) -> None:
     check_run_dir(cfg)
     check_resume_config(cfg)
     check_wandb(cfg)
+    engine_in_process(cfg)
+
+
+def engine_in_process(cfg: DictConfig) -> None:
+    """vLLM runs in the rank's own process (the weight sync hands it tensors, the digest reads its
+    parameters): VLLM_ENABLE_V1_MULTIPROCESSING is set to 0 before the ranks start, which inherit it,
+    with a message when the environment said otherwise (its engine core would run in another process)."""
+    if cfg.rollout.backend != "vllm":
+        return
+    value = os.environ.get(ENGINE_IN_PROCESS)
+    if value not in (None, "0") and _is_rank_zero():
+        print(f"note: {ENGINE_IN_PROCESS}={value} in the environment is overridden with 0: the recipe's weight sync "
+              "and digest need the engine in the rank's own process", flush=True)
+    os.environ[ENGINE_IN_PROCESS] = "0"
 
 
 def _is_rank_zero() -> bool:
@@ -228,8 +245,13 @@ def check_resume_config(cfg: DictConfig) -> None:
     changed = changed_fields(saved, current)
     if changed:
         diffs = "; ".join(f"{k}: {_flat(saved)[k]!r} -> {_flat(current)[k]!r}" for k in changed)
+        world = ""
+        if "trainer.world_size" in changed:
+            old = _flat(saved)["trainer.world_size"]
+            world = (f"; the checkpoint holds {old} ranks' shards, RNG and prompt shares and is not re-sharded: resume "
+                     f"with {old} ranks (trainer.world_size={old}, or torchrun --nproc-per-node={old})")
         raise ConfigError(f"trainer.resume=true with a config that changes the run's math ({diffs}); resume "
-                          f"with the saved values (see {saved_path}) or start a new run in another directory")
+                          f"with the saved values (see {saved_path}) or start a new run in another directory{world}")
     _check_progress(cfg, run_dir)
 
 

@@ -26,7 +26,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from recipe.config import ConfigError, UnsupportedError, expand_paths, validate  # noqa: F401  (registers the ConfigStore schema)
+from recipe.config import ConfigError, UnsupportedError, expand_paths, launcher_world, validate  # noqa: F401  (registers the ConfigStore schema)
 
 
 def run_rank(cfg: DictConfig, ctx) -> None:
@@ -45,6 +45,7 @@ def train(cfg: DictConfig, run=None) -> None:
     from recipe.progress import console_env
 
     expand_paths(cfg)  # `~` once, before anything reads a path
+    launcher_world(cfg)  # under torchrun: its world, recorded and compared on resume like any other value
     mine = run is None
     run = run or RunDir(cfg.run_dir)
     try:

@@ -300,3 +300,37 @@ def test_online_wandb_without_an_api_key_falls_back_to_offline(tmp_path, monkeyp
 def test_a_project_name_wandb_refuses_is_refused_at_start(tmp_path, project):
     with pytest.raises(ConfigError, match="logger.project=.* is not a name wandb accepts"):
         check_wandb(_run_cfg(tmp_path, ["logger.mode=offline", f"logger.project='{project}'"]))
+
+
+def test_resume_at_another_world_size_under_torchrun_is_refused(tmp_path, monkeypatch):
+    """torchrun's world wins over trainer.world_size; before, config.yaml kept the YAML's value on both sides,
+    so a resume under torchrun at another world size was accepted."""
+    from recipe.config import launcher_world
+
+    run = _saved_run(tmp_path, range(1, 9), checkpoint=8)
+    monkeypatch.setenv("RANK", "0")
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    saved = _run_cfg(tmp_path, ["trainer.steps=8", "trainer.world_size=1"])  # as a torchrun run of 2 records itself
+    launcher_world(saved)
+    save_run_config(saved, run / "config.yaml")
+    monkeypatch.setenv("WORLD_SIZE", "4")
+    resume = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=8", "trainer.world_size=1"])
+    launcher_world(resume)
+    with pytest.raises(ConfigError, match=r"trainer.world_size: 2 -> 4.*torchrun --nproc-per-node=2"):
+        check_resume_config(resume)
+    monkeypatch.setenv("WORLD_SIZE", "2")
+    same = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=8", "trainer.world_size=1"])
+    launcher_world(same)
+    check_resume_config(same)
+
+
+def test_the_engine_runs_in_process_whatever_the_environment_says(tmp_path, monkeypatch, capsys):
+    """Before: VLLM_ENABLE_V1_MULTIPROCESSING=1 in the user's environment crashed the engine."""
+    from recipe.preflight import engine_in_process
+
+    monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
+    engine_in_process(_run_cfg(tmp_path))
+    assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
+    assert "VLLM_ENABLE_V1_MULTIPROCESSING=1 in the environment is overridden with 0" in capsys.readouterr().out
+    engine_in_process(_run_cfg(tmp_path))
+    assert capsys.readouterr().out == ""  # already 0: nothing to say

@@ -256,3 +256,12 @@ def test_files_and_renames_reach_the_disk_before_older_checkpoints_are_pruned(tm
         assert {str(tmp / name), str(tmp / name) + ".tmp"} & set(synced), f"{name} not fsync'd before the publish"
     assert ("fsync", str(tmp)) in events[:publish]  # the directory's entries, before it is renamed
     assert ("fsync", str(root)) in events[publish:prune]  # the rename, before the prune
+
+
+def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, ctx):
+    """Before: a world of 1 loaded a 2-rank checkpoint from rank0.pt alone, without a word."""
+    _saved_step(tmp_path, ctx, step=1)
+    path = tmp_path / "ckpt" / "step_1"
+    (path / "rank1.pt").write_bytes((path / "rank0.pt").read_bytes())  # as if saved by 2 ranks
+    with pytest.raises(CheckpointError, match="saved by 2 ranks and this run has 1: resume with 2 ranks"):
+        load(path, *_objects(seed=3), ctx)
