@@ -12,8 +12,10 @@ into it.
 launching process, before any rank starts or any model is built (recipe/train.py):
 - `preflight(cfg)`, before the model directory is even made: the run directory is writable, and
   a fresh run does not write over an earlier run there; a resumed run keeps every field that
-  changes the math (the run directory's config.yaml); `logger.mode=online` can reach the wandb
-  server, else the run falls back to offline;
+  changes the math (the run directory's config.yaml, which must be intact), does not ask for fewer
+  steps than it has done, and has a metrics.jsonl that holds each step done once; wandb's project
+  name is one wandb accepts, and `logger.mode=online` can reach the server with an API key, else the
+  run falls back to offline; the engine runs in the rank's process (VLLM_ENABLE_V1_MULTIPROCESSING=0);
 - `check_context_length(cfg, model_dir)`, once the model directory exists: the longest prompt of
   the task (training pool and, with `trainer.eval_every`, the held-out prompts, which the task must
   be able to supply) plus `rollout.max_new_tokens` fits `rollout.max_model_len`, and that fits the
@@ -49,14 +51,10 @@ RESUMABLE = ("trainer.steps", "trainer.resume", "trainer.checkpoint_every", "tra
 # What makes a directory hold a run: a fresh run there would mix with or overwrite it.
 RUN_FILES = ("checkpoints", "metrics.jsonl")
 WANDB_TIMEOUT_S = 10.0
-
-
 LOCK = ".lock"
 # The last line of every config.yaml the recipe writes: a file without it was cut short.
 CONFIG_END = "# end of config.yaml\n"
 CHECKPOINT_DIR = re.compile(r"^step_(\d+)(\.old)?$")  # complete checkpoints, as recipe/checkpoint.py names them
-
-
 ENGINE_IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
@@ -202,9 +200,9 @@ def load_run_config(path: Path) -> dict:
     resume change the math unseen (the fields it lost are not compared)."""
     text = path.read_text(errors="replace")
     if not text.endswith(CONFIG_END):
-        raise ConfigError(f"{path} is damaged: it does not end with the line {CONFIG_END.strip()!r} (cut short?), so "
-                          "what the run computed cannot be checked; restore the file, or start a new run in another "
-                          "hydra.run.dir")
+        raise ConfigError(f"{path} is damaged: it does not end with the line {CONFIG_END.strip()!r} (cut short, or "
+                          "written by an older version of the recipe), so what the run computed cannot be checked; "
+                          "restore the file, or start a new run in another hydra.run.dir")
     try:
         saved = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
     except Exception as exc:  # noqa: BLE001  (yaml and OmegaConf errors)
