@@ -2,8 +2,8 @@
 
 - `write_atomic(path, text)`: written to `<path>.tmp`, flushed to the disk (fsync), renamed over `path`,
   and the directory fsync'd; on failure the `.tmp` is removed and `path` keeps its previous content.
-- `fsync_path(path)`: a file's data, or a directory's entries: a rename or a new file in `path` survives a power cut only once the directory
-  itself is flushed.
+- `fsync_path(path)`: a file's data, or a directory's entries (a rename or a new file in a directory
+  survives a power cut only once the directory itself is flushed).
 - `DiskFullError` ("no space left on device: <path>") is what every write of the run's files raises when
   the filesystem is full, whatever the writer reported (torch's zip writer turns ENOSPC into
   "unexpected pos ..."): `disk_full(exc, path)` tells, from the error's chain or by a probe write.

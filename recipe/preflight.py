@@ -256,8 +256,9 @@ def check_resume_config(cfg: DictConfig) -> None:
 def _check_progress(cfg: DictConfig, run_dir: Path) -> None:
     done = checkpoint_step(run_dir)
     if done is not None and cfg.trainer.steps < done:
+        newest = run_dir / "checkpoints" / f"step_{done}"
         raise ConfigError(f"trainer.steps={cfg.trainer.steps} is lower than the steps the run has done ({done}, its "
-                          f"newest checkpoint {run_dir / 'checkpoints' / f'step_{done}'}); give trainer.steps >= {done}")
+                          f"newest checkpoint {newest}); give trainer.steps >= {done}")
     try:
         notes = check_history(run_dir / "metrics.jsonl", done or 0)
     except ValueError as exc:

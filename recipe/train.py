@@ -93,7 +93,8 @@ def machine() -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
+        if torch.cuda.is_available() else []
     return {"host": platform.node(), "cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
             "torch_threads": torch.get_num_threads(), "gpus": gpus, "cuda": torch.version.cuda,
             "python": platform.python_version(), "os": platform.platform(),
