@@ -9,11 +9,14 @@ lists and dicts only, so a planted file cannot run code.
 A save is atomic at every point; the previous checkpoint stays loadable until the new one is
 complete:
 1. every rank writes into `step_<N>.tmp` (a leftover `.tmp` from a killed save is removed first);
-2. all ranks agree that every write succeeded (else every rank raises, and `.tmp` stays behind);
-3. rank 0 renames an existing `step_<N>` to `step_<N>.old`, renames `.tmp` to `step_<N>`, and
-   only then removes `.old`; a kill between the two renames leaves `.old`, which `latest()`
-   treats as `step_<N>`;
-4. with `keep` > 0, complete checkpoints older than the newest `keep` are removed.
+2. every rank flushes its files to the disk (fsync; DCP's writer does for the shards) and all ranks
+   agree that every write succeeded; else every rank raises and rank 0 removes `.tmp` (a full disk
+   is named as such: `no space left on device: <step_<N>.tmp>`, recipe/files.py);
+3. rank 0 flushes `.tmp`'s directory entries, renames an existing `step_<N>` to `step_<N>.old`,
+   renames `.tmp` to `step_<N>`, flushes the checkpoints folder (the renames), and only then removes
+   `.old`; a kill between the two renames leaves `.old`, which `latest()` treats as `step_<N>`;
+4. with `keep` > 0, complete checkpoints older than the newest `keep` are removed: only after the new
+   one is on the disk, so a power cut cannot leave fewer complete checkpoints than before.
 Loading checks each file against its sha256 first, so a truncated or corrupted checkpoint
 gives a `CheckpointError` that names the file.
 Resume: `python -m recipe.train trainer.resume=true hydra.run.dir=<run dir>`.
@@ -41,6 +44,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from recipe.files import DiskFullError, disk_full, fsync_path
 from recipe.model import Residency
 from recipe.names import strip_wrappers
 
@@ -76,10 +80,13 @@ def _set_rng_state(state: dict) -> None:
 # ----------------------------------------------------------------------------- helpers
 
 
-def _agree(error: Optional[BaseException], what: str) -> None:
-    """Every rank raises if any rank failed (no rank is left waiting in a collective)."""
+def _agree(error: Optional[BaseException], what: str, cleanup=None) -> None:
+    """Every rank raises if any rank failed (no rank is left waiting in a collective); `cleanup` runs
+    first, once every rank has stopped writing."""
     failed = torch.tensor([0 if error is None else dist.get_rank() + 1])
     dist.all_reduce(failed, op=dist.ReduceOp.MAX)
+    if failed.item() and cleanup is not None:
+        cleanup()
     if isinstance(error, CheckpointError):
         raise error
     if error is not None:
@@ -134,13 +141,22 @@ def _tidy(root: Path) -> None:
 
 
 def _publish(tmp: Path, final: Path) -> None:
-    """Rename the complete `tmp` to `final`; an existing `final` goes aside first and is removed last."""
+    """Rename the complete `tmp` to `final`; an existing `final` goes aside first and is removed last,
+    once the renames are on the disk."""
     old = final.with_name(final.name + ".old")
+    fsync_path(tmp)  # the files' names in `tmp`, before `tmp` becomes the checkpoint
     if final.exists():
         final.rename(old)
     tmp.rename(final)
+    fsync_path(final.parent)
     if old.exists():
         shutil.rmtree(old)
+
+
+def _remove_unfinished(tmp: Path, ctx) -> None:
+    """Rank 0, after a failed write that every rank has given up on: no partial checkpoint is left behind."""
+    if ctx.is_main:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _prune(root: Path, keep: int, newest: Path) -> None:
@@ -220,19 +236,22 @@ def save(root: Path, model, optimizer, scheduler, step: int, ctx, state: Optiona
             _tidy(root)
             tmp.mkdir()
         except OSError as exc:
-            error = exc
+            error = DiskFullError(tmp) if disk_full(exc, root) else exc
     _agree(error, f"cannot prepare checkpoint directory {tmp}")
     try:
         with residency.on_device() if residency is not None else contextlib.nullcontext():
-            dcp.save(_state_dicts(model, optimizer, base), checkpoint_id=str(tmp))
+            dcp.save(_state_dicts(model, optimizer, base), checkpoint_id=str(tmp))  # fsyncs each shard file
         extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), "state": state or {},
                  "files": _own_files(tmp, ctx.rank)}
         if base is not None and ctx.is_main:
             extra["base"] = base_reference(base)
         torch.save(extra, tmp / f"rank{ctx.rank}.pt")
+        fsync_path(tmp / f"rank{ctx.rank}.pt")
     except FAILURES as exc:  # agreed on, then raised on every rank
-        error = exc
-    _agree(error, f"writing checkpoint {tmp} failed; the previous checkpoints are untouched")
+        # torch's writers hide ENOSPC ("unexpected pos 704 vs 598"): a probe write tells a full disk
+        error = DiskFullError(tmp) if disk_full(exc, tmp) else exc
+    _agree(error, f"writing checkpoint {tmp} failed; the previous checkpoints are untouched",
+           cleanup=lambda: _remove_unfinished(tmp, ctx))
     if ctx.is_main:
         try:
             _publish(tmp, final)
@@ -247,6 +266,16 @@ def latest(root: Path) -> Optional[Path]:
     """The newest complete checkpoint (a `step_<N>.old` counts when `step_<N>` is missing)."""
     complete = {s: k.get("", k.get(".old")) for s, k in _step_dirs(Path(root)).items() if "" in k or ".old" in k}
     return complete[max(complete)] if complete else None
+
+
+def _check_world(path: Path, world: int) -> None:
+    """A checkpoint is loaded by as many ranks as saved it: each rank file holds that rank's RNG and counters,
+    and the recipe does not re-shard them (a world of 1 loading a 2-rank checkpoint used to read rank0.pt only)."""
+    saved = len(list(path.glob("rank*.pt")))
+    if saved and saved != world:
+        raise CheckpointError(f"checkpoint {path} was saved by {saved} ranks and this run has {world}: resume with "
+                              f"{saved} ranks (trainer.world_size={saved}, or torchrun --nproc-per-node={saved}); "
+                              "re-sharding to another world size is not supported")
 
 
 def _read_rank_file(path: Path, rank: int) -> dict:
@@ -276,6 +305,7 @@ def load(path: Path, model, optimizer, scheduler, ctx, residency: Optional[Resid
     path = Path(path)
     extra, error = None, None
     try:
+        _check_world(path, ctx.world_size)
         extra = _read_rank_file(path, ctx.rank)
         if base is not None and "base" in extra:  # rank 0's file holds the reference
             check_base(extra["base"], base)

@@ -8,10 +8,12 @@ ranges, hardware support) and raises ``ConfigError`` naming the field and the va
 
 from __future__ import annotations
 
+import math
 import os
+import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -227,11 +229,110 @@ def _choice(cfg: DictConfig, key: str, choices) -> None:
         raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
 
 
-def _positive(cfg: DictConfig, key: str, allow_zero: bool = False) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value < 0 or (value == 0 and not allow_zero):
-        bound = ">= 0" if allow_zero else "> 0"
-        raise ConfigError(f"{key} must be {bound}, got {value}")
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric field accepts; `str()` is how an error names them ("> 0", "in (0, 1]")."""
+    low: float = -math.inf
+    high: float = math.inf
+    low_open: bool = False
+    high_open: bool = False
+    why: str = ""
+
+    def holds(self, value: float) -> bool:
+        above = value > self.low if self.low_open else value >= self.low
+        below = value < self.high if self.high_open else value <= self.high
+        return above and below
+
+    def __str__(self) -> str:
+        low, high = _number(self.low), _number(self.high)
+        if self.high == math.inf:
+            return f"{'>' if self.low_open else '>='} {low}"
+        return f"in {'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+
+
+def _number(x: float) -> str:
+    return str(int(x)) if float(x).is_integer() else str(x)
+
+
+POSITIVE = Range(0, low_open=True)
+NON_NEGATIVE = Range(0)
+SEED_LIMIT = 2**32  # numpy's (and so vLLM's) seeds are 32-bit unsigned
+# The valid range of every numeric (int or float) field of the schema. NaN and infinity are refused
+# first: a comparison with NaN is false, so NaN would pass any range and act as some other value
+# later (a NaN clip limit switches clipping off). tests/unit/test_bad_inputs.py checks that every
+# numeric field of the schema is listed here.
+RANGES: Dict[str, Range] = {
+    "model.lr": POSITIVE, "model.warmup_steps": NON_NEGATIVE,
+    "lora.rank": POSITIVE, "lora.alpha": POSITIVE,
+    "lora.dropout": Range(0, 1, high_open=True, why="a probability; 1 would drop every input"),
+    "rollout.n": Range(2, why="GRPO compares samples within a group"),
+    "rollout.max_new_tokens": POSITIVE,
+    "rollout.temperature": Range(0, low_open=True, why="the trainer divides logits by it, and GRPO needs sampled "
+                                 "(different) completions within a group"),
+    "rollout.top_p": Range(0, 1, low_open=True), "rollout.kv_cache_gb": NON_NEGATIVE,
+    "rollout.gpu_memory_utilization": Range(0, 1, low_open=True, high_open=True,
+                                            why="the engine's share of the GPU, the trainer keeps the rest"),
+    "rollout.max_model_len": POSITIVE,
+    "task.seed": Range(0, SEED_LIMIT - 1), "task.num_prompts": POSITIVE,
+    "algo.clip_eps": NON_NEGATIVE, "algo.kl_coef": NON_NEGATIVE, "algo.entropy_coef": NON_NEGATIVE,
+    "algo.entropy_tokens": NON_NEGATIVE,
+    "sync.tolerance": NON_NEGATIVE, "sync.bucket_mb": POSITIVE, "sync.num_probe_prompts": POSITIVE,
+    "trainer.steps": POSITIVE, "trainer.prompts_per_step": POSITIVE, "trainer.world_size": POSITIVE,
+    "trainer.seed": Range(0, SEED_LIMIT - 1, why="numpy's and vLLM's seeds are 32-bit"),
+    "trainer.lr": POSITIVE, "trainer.weight_decay": NON_NEGATIVE, "trainer.warmup_steps": NON_NEGATIVE,
+    "trainer.grad_clip": NON_NEGATIVE, "trainer.updates_per_batch": POSITIVE,
+    "trainer.micro_batch_size": POSITIVE, "trainer.micro_batch_tokens": NON_NEGATIVE,
+    "trainer.checkpoint_every": NON_NEGATIVE, "trainer.keep_checkpoints": NON_NEGATIVE,
+    "trainer.timeout_s": POSITIVE, "trainer.eval_every": NON_NEGATIVE, "trainer.eval_prompts": POSITIVE,
+    "trainer.profile_steps": NON_NEGATIVE,
+}
+# vLLM's own limit on the samples of one request (its default; the environment variable raises it).
+VLLM_MAX_N_DEFAULT = 16384
+
+
+def numeric_fields(schema: type = None, prefix: str = "") -> Iterator[Tuple[str, type]]:
+    """(dotted key, int or float) of every numeric field of the schema (bools are not numbers here)."""
+    schema = schema or TrainConfig
+    for name, hint in typing.get_type_hints(schema).items():
+        if is_dataclass(hint):
+            yield from numeric_fields(hint, f"{prefix}{name}.")
+            continue
+        args = [a for a in typing.get_args(hint) if a is not type(None)]
+        base = args[0] if typing.get_origin(hint) is typing.Union and len(args) == 1 else hint
+        if base in (int, float):
+            yield f"{prefix}{name}", base
+
+
+def check_numbers(cfg: DictConfig) -> None:
+    """Every numeric field is finite and inside RANGES; the error names the field and the range."""
+    for key, _ in numeric_fields():
+        value = OmegaConf.select(cfg, key)
+        if value is None:  # Optional fields (sync.tolerance): null means the default
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}={value!r} is not a number")
+        if not math.isfinite(value):
+            raise ConfigError(f"{key}={value} is not a finite number; give a value {RANGES.get(key, 'that is finite')}")
+        bound = RANGES.get(key)
+        if bound is not None and not bound.holds(value):
+            raise ConfigError(f"{key} must be {bound}, got {value}" + (f": {bound.why}" if bound.why else ""))
+
+
+def _engine_limits(cfg: DictConfig) -> None:
+    """Limits that come from the engine rather than from the field itself."""
+    world = int(os.environ.get("WORLD_SIZE", cfg.trainer.world_size))
+    if cfg.trainer.seed + world - 1 >= SEED_LIMIT:
+        raise ConfigError(f"trainer.seed={cfg.trainer.seed} is too large: rank r's engine takes seed + r, and seeds "
+                          f"are 32-bit; give trainer.seed <= {SEED_LIMIT - world}")
+    if cfg.rollout.backend != "vllm":
+        return
+    max_n = int(os.environ.get("VLLM_MAX_N_SEQUENCES", VLLM_MAX_N_DEFAULT))
+    if cfg.rollout.n > max_n:
+        raise ConfigError(f"rollout.n={cfg.rollout.n} is more samples per prompt than vLLM takes in one request "
+                          f"({max_n}; the environment variable VLLM_MAX_N_SEQUENCES raises it)")
+    if cfg.lora.name == "adapter" and cfg.lora.rank > 512:
+        raise ConfigError(f"lora.rank={cfg.lora.rank} is larger than vLLM's largest max_lora_rank (512) with "
+                          "lora=adapter; use lora.rank <= 512, or lora=merged")
 
 
 def _unknown_keys(node: Any, prefix: str = "") -> None:
@@ -262,6 +363,8 @@ def resolve_device(cfg: DictConfig) -> str:
 def validate(cfg: DictConfig) -> None:
     """Cross-field rules. Raises ConfigError naming the field(s) and the valid choices."""
     _unknown_keys(cfg)
+    check_numbers(cfg)  # first: later rules compare numbers, and a NaN passes every comparison
+    _engine_limits(cfg)
     _choice(cfg, "fsdp.name", FSDP_CHOICES)
     _choice(cfg, "offload.name", OFFLOAD_CHOICES)
     if _pin_setting(cfg) not in ("auto", "true", "false"):
@@ -281,42 +384,22 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "sync.strategy", SYNC_STRATEGY_CHOICES)
     _choice(cfg, "sync.load", SYNC_LOAD_CHOICES)
     _choice(cfg, "trainer.export", EXPORT_CHOICES)
-    if not 0 < cfg.rollout.gpu_memory_utilization < 1:
-        raise ConfigError(f"rollout.gpu_memory_utilization must be in (0, 1): the engine's share of the GPU, the "
-                          f"trainer keeps the rest; got {cfg.rollout.gpu_memory_utilization}")
     verify = str(cfg.sync.verify)
     if verify not in ("every", "first", "off") and not (verify.isdigit() and int(verify) > 0):
         raise ConfigError(f"sync.verify={verify!r} is not valid; choose one of: every, first, off, or a positive integer N")
-    for key in ("trainer.lr", "trainer.steps", "trainer.prompts_per_step", "trainer.world_size",
-                "trainer.updates_per_batch", "trainer.micro_batch_size", "trainer.timeout_s",
-                "rollout.n", "rollout.max_new_tokens", "rollout.max_model_len", "sync.bucket_mb",
-                "sync.num_probe_prompts", "task.num_prompts"):
-        _positive(cfg, key)
-    for key in ("trainer.weight_decay", "trainer.warmup_steps", "trainer.grad_clip",
-                "trainer.checkpoint_every", "trainer.keep_checkpoints", "trainer.micro_batch_tokens", "algo.clip_eps",
-                "algo.kl_coef", "algo.entropy_coef", "algo.entropy_tokens", "trainer.profile_steps"):
-        _positive(cfg, key, allow_zero=True)
     if cfg.trainer.profile_steps > 0 and cfg.trainer.steps < 2:
         raise ConfigError(f"trainer.profile_steps={cfg.trainer.profile_steps} needs trainer.steps >= 2 (the first "
                           f"step is warm-up and is not profiled); got trainer.steps={cfg.trainer.steps}")
     _rollout_and_batch(cfg)
     _evaluation(cfg)
-    if not 0 < cfg.rollout.top_p <= 1:
-        raise ConfigError(f"rollout.top_p must be in (0, 1], got {cfg.rollout.top_p}")
-    if cfg.lora.name != "none":
-        _positive(cfg, "lora.rank")
-        _positive(cfg, "lora.alpha")
-        if not cfg.lora.target_modules:
-            raise ConfigError("lora.target_modules must name at least one module when lora is merged or adapter")
-    if cfg.rollout.n < 2:
-        raise ConfigError(f"rollout.n must be >= 2 (GRPO compares samples within a group), got {cfg.rollout.n}")
+    if cfg.lora.name != "none" and not cfg.lora.target_modules:
+        raise ConfigError("lora.target_modules must name at least one module when lora is merged or adapter")
     if OmegaConf.is_missing(cfg.model, "path"):
         raise ConfigError("model.path is missing; set model.path=/path/to/hf_checkpoint (a local HF directory)")
     if cfg.model.builder != "none":
         _check_builtin_model_path(cfg)
-    if cfg.model.builder == "none" and not Path(cfg.model.path).expanduser().is_dir():
-        raise ConfigError(f"model.path={cfg.model.path!r} does not exist; give a local HF checkpoint directory "
-                          "or use model=tiny / model=smollm2, which are created on first use")
+    if cfg.model.builder == "none":
+        _check_local_model_path(cfg.model.path)
     if cfg.sync.strategy != "auto" and cfg.lora.name != "none":
         raise ConfigError(f"sync.strategy={cfg.sync.strategy!r} is a full-weight reference strategy; "
                           f"it requires lora=none (got lora.name={cfg.lora.name!r}); use sync.strategy=auto")
@@ -346,9 +429,6 @@ def validate(cfg: DictConfig) -> None:
 
 def _rollout_and_batch(cfg: DictConfig) -> None:
     """Values that pass one by one but cannot sample or train together."""
-    if not cfg.rollout.temperature > 0:
-        raise ConfigError(f"rollout.temperature must be > 0, got {cfg.rollout.temperature}: the trainer divides "
-                          "logits by it, and GRPO needs sampled (different) completions within a group")
     samples = cfg.trainer.prompts_per_step * cfg.rollout.n
     if cfg.trainer.updates_per_batch > samples:
         raise ConfigError(f"trainer.updates_per_batch={cfg.trainer.updates_per_batch} is more than the samples per "
@@ -362,14 +442,45 @@ def _rollout_and_batch(cfg: DictConfig) -> None:
 
 def _evaluation(cfg: DictConfig) -> None:
     """The held-out evaluation: off (eval_every=0), or at least one prompt per rank."""
-    _positive(cfg, "trainer.eval_every", allow_zero=True)
     if cfg.trainer.eval_every == 0:
         return
-    _positive(cfg, "trainer.eval_prompts")
     world = int(os.environ.get("WORLD_SIZE", cfg.trainer.world_size))
     if cfg.trainer.eval_prompts < world:
         raise ConfigError(f"trainer.eval_prompts={cfg.trainer.eval_prompts} is fewer than the ranks ({world}): "
                           "every rank evaluates its share of the held-out prompts; give at least one per rank")
+
+
+def _check_local_model_path(path: str) -> None:
+    where = Path(path).expanduser()
+    if where.exists() and not where.is_dir():
+        raise ConfigError(f"model.path={path!r} is a file, not a directory; give a local HF checkpoint directory "
+                          "(the folder that holds config.json, the weights and the tokenizer)")
+    if not where.is_dir():
+        raise ConfigError(f"model.path={path!r} does not exist; give a local HF checkpoint directory "
+                          "or use model=tiny / model=smollm2, which are created on first use")
+
+
+def expand_paths(cfg: DictConfig) -> None:
+    """`~` in the paths the run reads or writes, expanded once at start, so every later reader (the
+    libraries too, which do not expand it) sees the same absolute path, and config.yaml records it."""
+    for key in ("model.path", "cache_dir", "run_dir"):
+        value = OmegaConf.select(cfg, key)
+        if isinstance(value, str) and value.startswith("~"):
+            OmegaConf.update(cfg, key, os.path.expanduser(value), merge=False)
+
+
+def launcher_world(cfg: DictConfig) -> None:
+    """Under torchrun the world is torchrun's (WORLD_SIZE): `trainer.world_size` takes its value, so that
+    config.yaml records the world a run had and a resume at another world size is refused like any
+    other change of the math (each rank's checkpoint file, RNG and share of the prompts are its own)."""
+    if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # as recipe/dist.py tells torchrun
+        return
+    world = int(os.environ["WORLD_SIZE"])
+    if world != cfg.trainer.world_size:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"note: trainer.world_size={cfg.trainer.world_size} but torchrun started {world} ranks; the run "
+                  f"uses {world}", flush=True)
+        cfg.trainer.world_size = world
 
 
 def _check_builtin_model_path(cfg: DictConfig) -> None:

@@ -10,10 +10,18 @@ a crash on one rank never hangs the rest. The rank blamed is the root cause: ran
 failed only because a peer died (connection reset, collective timeout) are passed over.
 The ranks it starts end with it: if the launching process dies, even by SIGKILL, the kernel
 kills them (Linux `PR_SET_PDEATHSIG`; elsewhere a thread watches the parent pid).
+Stops: within `stop_on_signals()` SIGTERM and SIGINT (Ctrl-C) raise `RunStopped` in the launcher, which
+kills its ranks at once (a checkpoint being written is left as a `.tmp` the next save removes) and
+re-raises; the ranks themselves ignore SIGINT, so Ctrl-C in a terminal ends the run from one place,
+without a traceback per rank.
+Hung ranks: every rank touches a heartbeat file each second from a thread of its own; a rank silent for
+`hung_after(timeout_s)` seconds (stopped by SIGSTOP, or stuck holding the interpreter) is named as the
+hung one and the run ends then, instead of its peers timing out in a collective and being blamed.
 """
 
 from __future__ import annotations
 
+import contextlib
 import datetime
 import json
 import os
@@ -38,6 +46,43 @@ from recipe.config import resolve_device
 
 class RankError(RuntimeError):
     """A rank failed; the message holds that rank's traceback."""
+
+
+class RunStopped(BaseException):
+    """The run was asked to stop (SIGTERM, SIGINT). A BaseException, like KeyboardInterrupt: no
+    `except Exception` on the way up turns a stop into a failure."""
+
+    def __init__(self, signum: int):
+        super().__init__(f"stopped by {signal.Signals(signum).name}")
+        self.signum = signum
+
+
+HEARTBEAT_S = 1.0
+
+
+def hung_after(timeout_s: float) -> float:
+    """Seconds of silence after which a rank counts as hung: well inside the process-group timeout."""
+    return max(5.0, min(60.0, timeout_s / 2))
+
+
+@contextlib.contextmanager
+def stop_on_signals():
+    """SIGTERM and SIGINT raise RunStopped in the main thread (a SIGINT that is ignored, as in a job
+    started in the background or under nohup, stays ignored)."""
+    def stop(signum, frame):
+        for sig in previous:  # a second Ctrl-C must not interrupt the clean-up of the first
+            signal.signal(sig, signal.SIG_IGN)
+        raise RunStopped(signum)
+
+    previous = {}
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        if signal.getsignal(sig) is not signal.SIG_IGN:
+            previous[sig] = signal.signal(sig, stop)
+    try:
+        yield
+    finally:
+        for sig, handler in previous.items():
+            signal.signal(sig, handler)
 
 
 @dataclass(frozen=True)
@@ -101,9 +146,25 @@ def _die_with_parent(parent: int) -> None:
         os._exit(1)
 
 
+def _heartbeat(path: Path) -> None:
+    """Touch `path` every HEARTBEAT_S from a daemon thread: the launcher's sign that this rank is alive."""
+    def beat():
+        while True:
+            try:
+                path.touch()
+            except OSError:
+                pass
+            time.sleep(HEARTBEAT_S)
+
+    path.touch()
+    threading.Thread(target=beat, daemon=True, name="heartbeat").start()
+
+
 def _worker(local_rank: int, fn: Callable, cfg_yaml: str, world: int, port: int, error_dir: str,
             parent: int) -> None:
     _die_with_parent(parent)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the launcher acts
+    _heartbeat(Path(error_dir, f"alive{local_rank}"))
     os.environ.update(
         RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
         MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
@@ -143,6 +204,8 @@ def _run_rank(fn: Callable, cfg: DictConfig) -> Any:
     ctx = init_process_group(resolve_device(cfg), cfg.trainer.timeout_s)
     try:
         return fn(cfg, ctx)
+    except RunStopped:  # under torchrun: the launcher's one line says it
+        raise
     except BaseException:
         # Print here too: the parent shows it, but under torchrun this is the only copy.
         print(f"[rank {ctx.rank}] failed:\n{traceback.format_exc()}", file=sys.stderr, flush=True)
@@ -168,9 +231,10 @@ def launch(fn: Callable[[DictConfig, DistContext], Any], cfg: DictConfig) -> Non
     world = world_size_for(cfg)
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     with tempfile.TemporaryDirectory(prefix="rank-errors-") as error_dir:
+        context = mp.start_processes(_worker, args=(fn, cfg_yaml, world, free_port(), error_dir, os.getpid()),
+                                     nprocs=world, join=False, start_method="spawn")
         try:
-            mp.start_processes(_worker, args=(fn, cfg_yaml, world, free_port(), error_dir, os.getpid()),
-                               nprocs=world, join=True, start_method="spawn")
+            _join(context, error_dir, hung_after(cfg.trainer.timeout_s))
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
             root = _root_cause(error_dir)
             if root is not None:
@@ -179,3 +243,35 @@ def launch(fn: Callable[[DictConfig, DistContext], Any], cfg: DictConfig) -> Non
                 raise RankError(f"rank {exc.error_index} exited with code {exc.exit_code} "
                                 f"(signal {exc.signal_name})") from None
             raise RankError(f"rank {exc.error_index} failed:\n{exc}") from None
+        finally:
+            _end(context)  # a stop, a hung rank, or a failure torch's join already acted on: no rank outlives this
+
+
+def _join(context, error_dir: str, silent_limit: float) -> None:
+    """Wait for every rank; raise RankError naming a rank whose heartbeat stopped for `silent_limit` s."""
+    while not context.join(timeout=HEARTBEAT_S):
+        now = time.time()
+        for rank, process in enumerate(context.processes):
+            beat = Path(error_dir, f"alive{rank}")
+            if process.is_alive() and beat.exists() and now - beat.stat().st_mtime > silent_limit:
+                raise RankError(f"rank {rank} is hung: no sign of life for {now - beat.stat().st_mtime:.0f} s "
+                                f"(process {process.pid}, {_process_state(process.pid)}); its peers were waiting for "
+                                "it in a collective. The run was ended; resume it with trainer.resume=true")
+
+
+def _process_state(pid: int) -> str:
+    names = {"T": "stopped (SIGSTOP?)", "t": "stopped by a debugger", "D": "in uninterruptible I/O",
+             "S": "sleeping", "R": "running", "Z": "exited"}
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return "state unknown"
+    return f"state {state}: {names.get(state, 'other')}"
+
+
+def _end(context) -> None:
+    for process in context.processes:
+        if process.is_alive():
+            process.kill()  # SIGKILL: also ends a stopped (SIGSTOP) process
+    for process in context.processes:
+        process.join(timeout=30)

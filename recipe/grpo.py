@@ -528,9 +528,10 @@ class GRPOTrainer:
         if not self.cfg.trainer.resume or self.resumed:
             return
         path = latest(Path(self.cfg.run_dir) / "checkpoints")
-        if path is None:
-            raise FileNotFoundError(f"trainer.resume=true but no checkpoint under {self.cfg.run_dir}/checkpoints; "
-                                    "start the run with hydra.run.dir=<the run directory to continue>")
+        if path is None:  # stopped before its first checkpoint: it starts again from step 0, in place
+            self.logger.rewind(-1)
+            self.resumed = True
+            return
         loaded = load(path, self.policy, self.optimizer, self.scheduler, self.ctx, residency=self.residency,
                       base=self.lora_base)
         self.step, counters = loaded["step"], loaded["state"]
@@ -674,8 +675,8 @@ def run(cfg: DictConfig, ctx: DistContext) -> Dict[str, float]:
     finally:
         trainer.close()
     if ctx.is_main:
-        path = Path(cfg.run_dir) / "summary.json"
-        path.with_suffix(".json.tmp").write_text(json.dumps(summary, indent=1))
-        path.with_suffix(".json.tmp").replace(path)
+        from recipe.files import write_atomic
+
+        write_atomic(Path(cfg.run_dir) / "summary.json", json.dumps(summary, indent=1))
         print(f"\nrun directory: {cfg.run_dir}\nsummary: {json.dumps(summary)}", flush=True)
     return summary

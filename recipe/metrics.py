@@ -26,6 +26,8 @@ from typing import Any, Dict, List, Optional
 
 from omegaconf import DictConfig, OmegaConf
 
+from recipe.files import DiskFullError, disk_full, write_atomic
+
 
 def _jsonable(value: Any) -> Any:
     if hasattr(value, "item"):  # 0-d tensors / numpy scalars
@@ -78,7 +80,7 @@ class MetricsLogger:
         run_dir = Path(run_dir)
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
-        self._file = open(self.path, "a", buffering=1)  # line-buffered: readable while the run goes on
+        self._file = open(self.path, "ab", buffering=0)  # unbuffered: readable while the run goes on
         if cfg.logger.backend == "wandb" and cfg.logger.mode != "disabled":
             import wandb
 
@@ -90,9 +92,22 @@ class MetricsLogger:
         if not self.enabled:
             return
         record = {"step": step, **{k: _jsonable(v) for k, v in metrics.items()}}
-        self._file.write(json.dumps(record) + "\n")
+        self._append(json.dumps(record) + "\n")
         if self.run is not None:
             self.run.log({k: v for k, v in record.items() if k != "step" and v is not None}, step=step)
+
+    def _append(self, line: str) -> None:
+        """One whole line, or none: a write that fails (a full disk) is cut back to the previous line."""
+        data, end = line.encode(), self._file.tell()
+        try:
+            view = memoryview(data)
+            while view:  # a write may take only part of the bytes (the disk filling up), then fail
+                view = view[self._file.write(view):]
+        except OSError as exc:
+            os.truncate(self.path, end)
+            if disk_full(exc, self.path):
+                raise DiskFullError(self.path) from exc
+            raise
 
     def rewind(self, step: int) -> None:
         """Keep only the records of steps <= `step` (a resumed run logs the later ones again)."""
@@ -102,10 +117,8 @@ class MetricsLogger:
         lines = self.path.read_text().splitlines(keepends=True)
         kept = [line for i, line in enumerate(lines) if _keep(line, step, last=i == len(lines) - 1)]
         if kept != lines:
-            tmp = self.path.with_suffix(".jsonl.tmp")
-            tmp.write_text("".join(line if line.endswith("\n") else line + "\n" for line in kept))
-            os.replace(tmp, self.path)
-        self._file = open(self.path, "a", buffering=1)
+            write_atomic(self.path, "".join(line if line.endswith("\n") else line + "\n" for line in kept))
+        self._file = open(self.path, "ab", buffering=0)
 
     def records(self) -> List[Dict[str, Any]]:
         """Every record in metrics.jsonl (the whole run, across resumes); [] on ranks > 0."""
@@ -134,6 +147,39 @@ class MetricsLogger:
             self._file = None
 
 
+def check_history(path: Path, step: int) -> List[str]:
+    """Does metrics.jsonl hold each of the steps 1..`step` once, in order (what a resume from checkpoint
+    `step` keeps)? Raises ValueError naming the file and what is wrong; returns notes on what `rewind`
+    will drop, which is safe: a last line cut short by a kill (it never reached a checkpoint), records
+    of steps after `step`."""
+    if not path.exists():
+        if step == 0:
+            return []
+        raise ValueError(f"{path} is missing, while the run has a checkpoint at step {step}")
+    lines = path.read_text(errors="replace").splitlines()
+    steps, notes = [], []
+    for i, line in enumerate(lines):
+        try:
+            record_step = int(json.loads(line)["step"])
+        except (ValueError, KeyError, TypeError):
+            if i == len(lines) - 1:
+                notes.append(f"the last line of {path}, cut short by a kill, is dropped")
+                continue
+            raise ValueError(f"{path} line {i + 1} is damaged (not a JSON record with a step)") from None
+        steps.append(record_step)
+    later = sum(1 for s in steps if s > step)
+    if later:
+        notes.append(f"{later} records of {path} after step {step} (the checkpoint the run continues from) are dropped")
+    kept = [s for s in steps if 1 <= s <= step]
+    if kept != list(range(1, step + 1)):
+        missing = sorted(set(range(1, step + 1)) - set(kept))
+        extra = "; some step appears twice" if len(set(kept)) != len(kept) else ""
+        raise ValueError(f"{path} does not hold steps 1..{step} once each (the run's checkpoint is at step {step}; "
+                         f"{len(missing)} missing{', e.g. ' + str(missing[:5]) if missing else ''}{extra}: cut or "
+                         "edited?)")
+    return notes
+
+
 def _keep(line: str, step: int, last: bool) -> bool:
     """A record of a step <= `step`; a last line cut short by a kill is dropped, any other line kept."""
     try:
@@ -148,5 +194,5 @@ def _run_id(run_dir: Path, resume: bool) -> str:
     if resume and path.is_file():
         return path.read_text().strip()
     run_id = uuid.uuid4().hex[:8]  # wandb's own ids: 8 characters of [a-z0-9]
-    path.write_text(run_id)
+    write_atomic(path, run_id)
     return run_id

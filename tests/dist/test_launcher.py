@@ -4,7 +4,9 @@
 """
 
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -34,6 +36,38 @@ def write_rank_file(cfg, ctx):
     t = __import__("torch").tensor([ctx.rank + 1.0])
     dist.all_reduce(t)
     Path(cfg.run_dir, f"rank{ctx.rank}.txt").write_text(f"{ctx.world_size} {t.item()}")
+
+
+def barriers_with_pid(cfg, ctx):
+    Path(cfg.run_dir, f"pid{ctx.rank}").write_text(str(os.getpid()))
+    deadline = time.monotonic() + 600
+    while time.monotonic() < deadline:
+        dist.barrier()
+        time.sleep(0.05)
+
+
+def test_a_stopped_rank_is_named_as_the_hung_one(tmp_path):
+    """Before: a SIGSTOPped rank was reported as the *other* rank's failure (a collective timeout), after the
+    whole process-group timeout."""
+    import threading
+
+    cfg = compose(["trainer.device=cpu", "trainer.world_size=2", "trainer.timeout_s=60", f"run_dir={tmp_path}"])
+
+    def stop_rank1():
+        while not (tmp_path / "pid1").exists():
+            time.sleep(0.1)
+        time.sleep(1.0)
+        os.kill(int((tmp_path / "pid1").read_text()), signal.SIGSTOP)
+
+    threading.Thread(target=stop_rank1, daemon=True).start()
+    start = time.monotonic()
+    with pytest.raises(RankError) as err:
+        launch(barriers_with_pid, cfg)
+    assert "rank 1 is hung" in str(err.value) and "stopped (SIGSTOP?)" in str(err.value), str(err.value)
+    # Not a speed target: the peer's collective would give up only at the 60 s timeout and blame rank 0
+    assert time.monotonic() - start < 60
+    pid = int((tmp_path / "pid1").read_text())
+    assert not Path(f"/proc/{pid}").exists() or "Z" in Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1][:3]
 
 
 def test_failing_rank_is_reported_before_the_timeout(tmp_path):

@@ -123,3 +123,61 @@ def test_model_directory_without_weights_or_tokenizer_is_refused(tmp_path, tiny_
         ensure_model(cfg)
     assert f"model.path={str(local)!r}" in str(err.value) and missing in str(err.value)
     check_model_dir(tiny_model_dir)  # the complete directory passes
+
+
+def _local_copy(tmp_path, tiny_model_dir):
+    local = tmp_path / "local"
+    shutil.copytree(tiny_model_dir, local)
+    os.remove(local / "recipe_model.json")
+    return local
+
+
+def test_a_tokenizer_that_encodes_nothing_is_refused(tmp_path, tiny_model_dir):
+    """tokenizer.json gone, tokenizer_config.json still there: the tokenizer loads with an empty vocabulary
+    and used to pass, for vLLM to fail 30 s later ("The decoder prompt cannot be empty")."""
+    local = _local_copy(tmp_path, tiny_model_dir)
+    os.remove(local / "tokenizer.json")
+    with pytest.raises(ConfigError, match="encodes text to no tokens .*tokenizer.json missing"):
+        check_model_dir(local)
+
+
+@pytest.mark.parametrize("name", ["config.json", "tokenizer_config.json", "tokenizer.json"])
+def test_a_damaged_json_file_is_named_in_one_line(tmp_path, tiny_model_dir, name):
+    local = _local_copy(tmp_path, tiny_model_dir)
+    (local / name).write_text((local / name).read_text()[:20])  # cut short
+    with pytest.raises(ConfigError) as err:
+        check_model_dir(local)
+    msg = str(err.value)
+    assert f"{name} cannot be parsed" in msg and "\n" not in msg, msg
+
+
+def test_a_file_as_a_local_model_path_is_named_as_a_file(tmp_path):
+    (tmp_path / "weights.safetensors").write_text("x")
+    with pytest.raises(ConfigError, match="is a file, not a directory"):
+        validate(compose(["model=local", f"model.path={tmp_path / 'weights.safetensors'}", CPU]))
+
+
+def test_a_config_error_at_the_cli_is_one_line(tmp_path, tiny_model_dir):
+    local = _local_copy(tmp_path, tiny_model_dir)
+    (local / "config.json").write_text('{"model_type": "qwen2", ')
+    out = subprocess.run([sys.executable, "-m", "recipe.train", "model=local", f"model.path={local}", CPU,
+                          "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert out.returncode != 0
+    lines = [line for line in out.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and "config.json cannot be parsed" in lines[0], out.stderr[-3000:]
+
+
+def test_a_tilde_in_model_path_is_expanded_once_at_start(tmp_path, tiny_model_dir, monkeypatch):
+    """`model.path=~/...` passed validation, then failed inside from_pretrained, which does not expand `~`."""
+    from recipe.config import expand_paths
+    from recipe.model import load_hf_model
+
+    _local_copy(tmp_path, tiny_model_dir)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = compose(["model=local", "model.path='~/local'", CPU, "run_dir='~/run'"])
+    expand_paths(cfg)
+    assert cfg.model.path == str(tmp_path / "local") and cfg.run_dir == str(tmp_path / "run")
+    validate(cfg)
+    assert ensure_model(cfg) == tmp_path / "local"
+    assert load_hf_model(cfg, "cpu") is not None  # reads cfg.model.path as the ranks do

@@ -141,10 +141,11 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(tmp_path, ctx, mon
     model, optimizer, scheduler = _objects()
     _train(model, optimizer, scheduler, 2)
     for step in (2, 1):  # a new step, and the same step again (a finished run resumed)
-        with pytest.raises(CheckpointError, match="No space left on device") as err:
+        with pytest.raises(CheckpointError, match=f"no space left on device: .*step_{step}.tmp") as err:
             save(tmp_path / "ckpt", model, optimizer, scheduler, step, ctx)
         assert f"step_{step}.tmp" in str(err.value) and "previous checkpoints are untouched" in str(err.value)
         assert latest(tmp_path / "ckpt") == tmp_path / "ckpt" / "step_1"
+        assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["step_1"]  # no partial checkpoint
     monkeypatch.undo()
     fresh, fresh_opt, fresh_sched = _objects(seed=3)
     assert load(tmp_path / "ckpt" / "step_1", fresh, fresh_opt, fresh_sched, ctx)["step"] == 1
@@ -231,3 +232,36 @@ def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, ct
     assert _equal(_snapshot(fresh, fresh_opt), expected)
     save(root, fresh, fresh_opt, fresh_sched, 2, ctx)  # the next save tidies up what the kill left
     assert sorted(p.name for p in root.iterdir()) == ["step_1", "step_2"]
+
+
+def test_files_and_renames_reach_the_disk_before_older_checkpoints_are_pruned(tmp_path, ctx, monkeypatch):
+    """Without fsync a power cut after the prune could leave the new checkpoint's files or its rename only
+    in the page cache, and the old checkpoint already gone."""
+    model, optimizer, scheduler = _objects()
+    save(tmp_path / "ckpt", model, optimizer, scheduler, 1, ctx, keep=1)
+    events = []
+    real_fsync, real_rename, real_rmtree = os.fsync, os.rename, checkpoint.shutil.rmtree
+    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
+                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
+    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
+                                                                          real_rmtree(p, *a, **k))[1])
+    _train(model, optimizer, scheduler)
+    save(tmp_path / "ckpt", model, optimizer, scheduler, 2, ctx, keep=1)
+    root, tmp, final = tmp_path / "ckpt", tmp_path / "ckpt" / "step_2.tmp", tmp_path / "ckpt" / "step_2"
+    prune = events.index(("rmtree", str(root / "step_1")))
+    publish = events.index(("rename", str(tmp), str(final)))
+    synced = [e[1] for e in events[:publish] if e[0] == "fsync"]
+    for name in sorted(p.name for p in final.iterdir()):  # shards, .metadata, rank0.pt
+        assert {str(tmp / name), str(tmp / name) + ".tmp"} & set(synced), f"{name} not fsync'd before the publish"
+    assert ("fsync", str(tmp)) in events[:publish]  # the directory's entries, before it is renamed
+    assert ("fsync", str(root)) in events[publish:prune]  # the rename, before the prune
+
+
+def test_a_checkpoint_of_another_world_size_is_refused(tmp_path, ctx):
+    """Before: a world of 1 loaded a 2-rank checkpoint from rank0.pt alone, without a word."""
+    _saved_step(tmp_path, ctx, step=1)
+    path = tmp_path / "ckpt" / "step_1"
+    (path / "rank1.pt").write_bytes((path / "rank0.pt").read_bytes())  # as if saved by 2 ranks
+    with pytest.raises(CheckpointError, match="saved by 2 ranks and this run has 1: resume with 2 ranks"):
+        load(path, *_objects(seed=3), ctx)

@@ -28,18 +28,19 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("model", ("recipe.model", "recipe.names")),
     ("support", ("recipe.dist", "recipe.tasks", "recipe.metrics", "recipe.progress", "recipe.profiling")),
     ("config", ("recipe.config",)),
-    ("leaves", ("recipe.digest", "recipe.builtin_models", "recipe.logprobs")),
+    ("leaves", ("recipe.digest", "recipe.builtin_models", "recipe.logprobs", "recipe.files")),
 ]
 
 # What each recipe module may import (other recipe modules). tools/ may import any recipe module.
 ALLOWED: Dict[str, Set[str]] = {
     "recipe.train": {"recipe.config", "recipe.grpo", "recipe.assets", "recipe.dist", "recipe.preflight",
-                     "recipe.progress"},
+                     "recipe.progress", "recipe.files"},
     "recipe.grpo": {"recipe.dist", "recipe.metrics", "recipe.model", "recipe.rollout", "recipe.sync", "recipe.tasks",
-                    "recipe.checkpoint", "recipe.progress", "recipe.profiling", "recipe.export", "recipe.logprobs"},
-    "recipe.checkpoint": {"recipe.model", "recipe.names"},
+                    "recipe.checkpoint", "recipe.progress", "recipe.profiling", "recipe.export", "recipe.logprobs",
+                    "recipe.files"},
+    "recipe.checkpoint": {"recipe.model", "recipe.names", "recipe.files"},
     "recipe.export": {"recipe.config", "recipe.model", "recipe.state_dict"},
-    "recipe.preflight": {"recipe.config", "recipe.tasks"},
+    "recipe.preflight": {"recipe.config", "recipe.tasks", "recipe.files", "recipe.metrics"},
     "recipe.assets": {"recipe.config", "recipe.builtin_models"},
     "recipe.sync": {"recipe.state_dict", "recipe.model", "recipe.names", "recipe.digest"},
     "recipe.rollout": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest"},
@@ -48,13 +49,14 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.names": set(),
     "recipe.dist": {"recipe.config"},
     "recipe.tasks": {"recipe.config"},
-    "recipe.metrics": set(),
+    "recipe.metrics": {"recipe.files"},
     "recipe.progress": set(),
     "recipe.profiling": set(),
     "recipe.config": {"recipe.builtin_models"},
     "recipe.digest": set(),
     "recipe.builtin_models": set(),
     "recipe.logprobs": set(),
+    "recipe.files": set(),
 }
 
 
