@@ -212,12 +212,13 @@ class WeightSync:
     def _loads(self):
         """(WeightStream, engine loader) pairs for this sync: the base once for adapters, then the weights."""
         stream = self._streams()
+        weight_form = self.engine.weight_held_form() if self.digest else None
         if not self.adapter:
-            yield self._wrap(stream(self.model, self.cfg, self.ctx.device)), self.engine.load_weights
+            yield self._wrap(stream(self.model, self.cfg, self.ctx.device), weight_form), self.engine.load_weights
             return
         if not self._base_loaded:
             base = self._base_stream()
-            yield self._wrap(base(self.model, self.cfg, self.ctx.device)), self.engine.load_weights
+            yield self._wrap(base(self.model, self.cfg, self.ctx.device), weight_form), self.engine.load_weights
             self._base_loaded = True
         config = adapter_config(self.cfg)
         version = self.weight_version + 1
