@@ -41,7 +41,7 @@ from omegaconf import DictConfig
 
 from recipe import digest as digest_mod
 from recipe.config import resolve_device
-from recipe.names import PEFT_PREFIX, hf_name, is_lora_param, peft_name
+from recipe.names import PEFT_PREFIX, checkpoint_shapes, checkpoint_tensors, hf_name, is_lora_param, peft_name
 
 log = logging.getLogger(__name__)
 
@@ -169,32 +169,6 @@ def base_layer_name(name: str, wrapped: set, packed: Dict[str, List[str]]) -> st
     fused = next((f for f, parts in packed.items() if leaf in parts), leaf)
     holder = f"{parent}.{fused}" if parent else fused
     return f"{module}.base_layer.{param}" if holder in wrapped else name
-
-
-def checkpoint_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
-    """Names and shapes of every tensor in the checkpoint's safetensors files."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
-    return shapes
-
-
-def checkpoint_tensors(model_dir: str) -> WeightIter:
-    """The checkpoint's tensors by name, one at a time (what vLLM's own loader read at start)."""
-    from pathlib import Path
-
-    from safetensors import safe_open
-
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                yield key, f.get_tensor(key)
 
 
 def streamed_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import math
 import time
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -21,7 +20,7 @@ from omegaconf import DictConfig
 
 from recipe.digest import Digest, combined_hex
 from recipe.model import Residency, adapter_config, sequence_logprobs
-from recipe.names import is_lora_param, peft_name
+from recipe.names import checkpoint_shapes, hf_name, is_lora_param, peft_name
 from recipe.state_dict import WeightStream, stream_base_weights, stream_weights, strategy_name
 
 # Mean |logprob_trainer - logprob_engine| over the probe tokens when sync.tolerance is null. A bound
@@ -89,14 +88,42 @@ def mean_gap(trainer: List[List[float]], engine: List[List[float]]) -> float:
 
 
 def checkpoint_names(model_dir: str) -> List[str]:
-    """Tensor names of the HF checkpoint the engine was built from (what a full sync must cover)."""
-    from safetensors import safe_open
+    """Tensor names of the HF checkpoint the engine was built from (safetensors or `.bin`)."""
+    return list(checkpoint_shapes(model_dir))
 
-    names: List[str] = []
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            names.extend(f.keys())
-    return names
+
+def trainer_names(model: torch.nn.Module) -> List[str]:
+    """HF names of the trainer's base tensors, each tensor once (a tied head is its embedding: the
+    first name by identity, as `named_parameters` gives it)."""
+    return [hf_name(n) for n, _ in model.named_parameters() if not is_lora_param(n)]
+
+
+def expected_names(model: torch.nn.Module, model_dir: str) -> List[str]:
+    """What a full (or base) load must cover: the checkpoint's names that the trainer's model holds.
+    A key the model legitimately ignores is not expected: a saved `lm_head.weight` beside a tied
+    embedding, a saved `rotary_emb.inv_freq` (a buffer, not a parameter)."""
+    held = set(trainer_names(model))
+    return [n for n in checkpoint_names(model_dir) if n in held]
+
+
+def check_streamed_names(model: torch.nn.Module, model_dir: str) -> None:
+    """Refuse at start a model whose tensors the engine could not take by name: no weights the
+    sync can read, or trainer tensors that are not checkpoint keys (transformers 5 converts some
+    checkpoints at load, e.g. mixture-of-experts experts fused into one `experts.gate_up_proj`;
+    vLLM loads checkpoint names, and with `sync.digest=false` would take such names unchecked)."""
+    from recipe.config import ConfigError
+
+    names = set(checkpoint_names(model_dir))
+    if not names:
+        raise ConfigError(f"model.path={model_dir}: no *.safetensors or *.bin weight files to read tensor names "
+                          f"from; the sync checks every load against them")
+    unknown = [n for n in trainer_names(model) if n not in names]
+    if unknown:
+        raise ConfigError(
+            f"model.path={model_dir}: the trainer's model holds {len(unknown)} tensors under names the checkpoint "
+            f"does not have (e.g. {_few(unknown, 3)}): transformers converted them when loading (a renamed or "
+            f"fused layout, such as mixture-of-experts experts), and the engine loads checkpoint names, so a sync "
+            f"could not place them. Models whose weights transformers converts at load are not supported.")
 
 
 class WeightSync:
@@ -129,7 +156,9 @@ class WeightSync:
                           else default_tolerance(cfg.model.dtype, ctx.device.type))
         self.adapter = cfg.lora.name == "adapter"
         self.digest = cfg.sync.digest and not engine.shares_policy
-        self.expected = checkpoint_names(cfg.model.path)  # what a full (or base) load must cover
+        if not engine.shares_policy:
+            check_streamed_names(model, cfg.model.path)
+        self.expected = expected_names(model, cfg.model.path)  # what a full (or base) load must cover
         self.expected_adapter = sorted(peft_name(n) for n, _ in model.named_parameters() if is_lora_param(n))
         self.weight_version = 0
         self.num_syncs = 0

@@ -40,7 +40,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.checkpoint": {"recipe.model"},
     "recipe.preflight": {"recipe.config", "recipe.tasks"},
     "recipe.assets": {"recipe.config", "recipe.builtin_models"},
-    "recipe.sync": {"recipe.state_dict", "recipe.model", "recipe.names", "recipe.digest"},
+    "recipe.sync": {"recipe.state_dict", "recipe.model", "recipe.names", "recipe.digest", "recipe.config"},
     "recipe.rollout": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest"},
     "recipe.state_dict": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest"},
     "recipe.model": {"recipe.config"},
