@@ -10,6 +10,8 @@ and every N-th, a logprob probe of the engine against the trainer (`sync.verify`
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from typing import Callable, Dict, List, Optional, Tuple
@@ -21,7 +23,10 @@ from omegaconf import DictConfig
 from recipe.digest import Digest, combined_hex
 from recipe.model import Residency, adapter_config, sequence_logprobs
 from recipe.names import checkpoint_shapes, hf_name, is_lora_param, peft_name
-from recipe.state_dict import WeightStream, stream_base_weights, stream_weights, strategy_name
+from recipe.state_dict import (MergeRounding, WeightStream, measure_merge_rounding, stream_base_weights, stream_weights,
+                               strategy_name)
+
+log = logging.getLogger(__name__)
 
 # Mean |logprob_trainer - logprob_engine| over the probe tokens when sync.tolerance is null. A bound
 # on the worst token is too tight in bf16: its gap grows with the model and with training (logits
@@ -164,17 +169,28 @@ class WeightSync:
         self.num_syncs = 0
         self._base_loaded = False
         self._peak = 0
+        # lora=merged into a narrower engine dtype: the rounding of W + s*B@A is measured every sync
+        self.measure_rounding = (cfg.lora.name == "merged" and cfg.model.dtype != "float32"
+                                 and not engine.shares_policy)
+        if self.measure_rounding:
+            log.info("lora=merged with model.dtype=%s: the engine holds W + s*B@A rounded to %s, which can move it "
+                     "more than the LoRA update itself (logged as sync/merge_rounding_*); lora=adapter keeps W and "
+                     "the adapter apart and is exact", cfg.model.dtype, cfg.model.dtype)
 
     # -- public
     def sync(self, step: int) -> Dict[str, object]:
         t0 = time.perf_counter()
         self.engine.wake()
-        loads = self._transfer()
+        with measure_merge_rounding() if self.measure_rounding else contextlib.nullcontext() as rounding:
+            loads = self._transfer()
         self.weight_version += 1
         self.num_syncs += 1
         checked = self._check_digests(loads, step) if self.digest else {}
         probed = self._probe(step) if self._should_verify() else {}
-        return self._metrics(time.perf_counter() - t0, loads, checked, probed)
+        stats = self._metrics(time.perf_counter() - t0, loads, checked, probed)
+        if rounding is not None:
+            stats.update(merge_rounding_metrics(rounding, self.ctx.device))
+        return stats
 
     def _metrics(self, total_s: float, loads, checked: dict, probed: dict) -> Dict[str, object]:
         in_load = checked.get("in_load_s", 0.0)  # engine digests taken inside its load (vLLM CPU)
@@ -344,6 +360,22 @@ class WeightSync:
                 f"{report['mean']:.3g} > tolerance {self.tolerance:g} ({self.cfg.model.dtype}) on rank {report['rank']}; "
                 f"its worst: probe {report['row']} token {report['pos']} (id {token}): trainer {report['trainer']:.6g} vs "
                 f"engine {report['engine']:.6g}; {where}.")
+
+
+def merge_rounding_metrics(rounding: MergeRounding, device: torch.device) -> Dict[str, float]:
+    """`sync/merge_rounding_*` over every rank's merged rows (all ranks call it: two all-reduces).
+    mean / max: |bf16(W + s*B@A) - (W + s*B@A)| per element; ratio: that summed over all merged
+    elements, over the summed |s*B@A| (above 1: the rounding moves the weights more than the update)."""
+    sums = rounding.sums if rounding.sums is not None else torch.zeros(3, dtype=torch.float64)
+    worst = rounding.worst if rounding.worst is not None else torch.zeros((), dtype=torch.float64)
+    sums, worst = sums.to(device), worst.to(device).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    err, update, count = sums.tolist()
+    return {"sync/merge_rounding_mean": err / count if count else float("nan"),
+            "sync/merge_rounding_max": float(worst.item()),
+            "sync/merge_rounding_ratio": err / update if update else float("nan")}
 
 
 def name_problems(expected: List[str], streamed: List[str]) -> List[str]:
