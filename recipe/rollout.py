@@ -280,12 +280,12 @@ def compare_layout(held: Dict[str, torch.Tensor], packed: Dict[str, List[str]], 
     for name, tensor in tensors:
         target = dest.get(name)
         own = held.get(name)
-        if target is not None and torch.equal(target, tensor.to(target.dtype)):
+        if target is not None and torch.equal(target, tensor.to(target.device, target.dtype)):
             report.same.append(name)
         elif reasons.get(name) == NO_PARAMETER:
             report.ignored.append(name)
         elif own is not None and tensor.dim() == 2 and own.shape == tensor.t().shape and \
-                torch.equal(own, tensor.t().to(own.dtype)):
+                torch.equal(own, tensor.t().to(own.device, own.dtype)):
             report.transposed.append(name)
         elif target is not None:
             report.rearranged[name] = "the engine holds other values where the map puts it"
@@ -429,6 +429,16 @@ def _aliases_in_worker(worker) -> List[List[str]]:
                 if name not in names:
                     names.append(name)
     return [names for names in groups.values() if len(names) > 1]
+
+
+def alias_owners(groups: List[List[str]], checkpoint: set) -> Dict[str, str]:
+    """{alias: owner} for groups of names that are one tensor: the owner is the group's first name
+    the checkpoint holds (else its first), the name the tensor is streamed under."""
+    owners: Dict[str, str] = {}
+    for group in groups:
+        owner = next((n for n in group if n in checkpoint), group[0])
+        owners.update({alias: owner for alias in group if alias != owner})
+    return owners
 
 
 def _copy_next_load_in_worker(worker) -> None:
@@ -596,11 +606,7 @@ class VllmEngine(Engine):
         self._lora = None  # (LoRARequest, tensors, config) of the live adapter version
         self._asleep = False
         self._packed = self.llm.collective_rpc(_packed_modules_in_worker)[0]
-        names = set(checkpoint_shapes(model_dir))
-        # A tied tensor is one parameter under several names: each alias stands for the one the checkpoint holds.
-        self._aliases = {alias: next((n for n in group if n in names), group[0])
-                         for group in self.llm.collective_rpc(_aliases_in_worker)[0] for alias in group}
-        self._aliases = {a: owner for a, owner in self._aliases.items() if a != owner}
+        self._aliases = alias_owners(self.llm.collective_rpc(_aliases_in_worker)[0], set(checkpoint_shapes(model_dir)))
         self._hooked = self.on_cpu and cfg.sync.digest
         if self._hooked:  # CPU packs linear weights after a load: digest them just before (see above)
             self.llm.collective_rpc(_install_digest_hooks_in_worker)
@@ -1000,15 +1006,22 @@ class HfCopyEngine(HfEngine):
         self.lora_version = version
 
     def weight_digests(self):
+        """Every parameter under each of its names; a tied alias (found by identity) must be the tensor
+        it is streamed as (peft keeps the tie)."""
+        owners = alias_owners(self._alias_groups(), set(self._by_hf_name))
         held = dict(self._by_hf_name)
-        head, embed = self.module.get_output_embeddings(), self.module.get_input_embeddings()
-        tied = head is not None and head.weight is embed.weight
-        if tied:  # not streamed: the head must be the embedding (peft keeps the tie)
-            held["lm_head.weight"] = head.weight
+        params = dict(self.module.named_parameters(remove_duplicate=False))
+        held.update({alias: params[raw] for raw in params if (alias := hf_name(raw)) in owners})
         names = list(held)
         done = digest_mod.digests([held[n] for n in names])
-        embed_name = next(n for n, p in self._by_hf_name.items() if p is embed.weight)
-        return {n: ((embed_name,) if tied and n == "lm_head.weight" else (n,), d) for n, d in zip(names, done)}
+        return {n: ((owners.get(n, n),), d) for n, d in zip(names, done)}
+
+    def _alias_groups(self) -> List[List[str]]:
+        groups: Dict[int, List[str]] = {}
+        for raw, param in self.module.named_parameters(remove_duplicate=False):
+            if not is_lora_param(raw):
+                groups.setdefault(id(param), []).append(hf_name(raw))
+        return [g for g in groups.values() if len(g) > 1]
 
     def adapter_digests(self):
         names = list(self._by_adapter_name)

@@ -58,3 +58,14 @@ def test_one_ulp_off_in_the_engine_is_not_proven():
     norm.view(torch.int32)[1] += 1
     report = _compare(_loaded(ckpt, **{"l.norm.weight": norm}), ckpt)
     assert list(report.rearranged) == ["l.norm.weight"]
+
+
+def test_a_tied_alias_stands_for_the_name_the_checkpoint_holds():
+    from recipe.rollout import alias_owners
+
+    groups = [["transformer.wte.weight", "lm_head.weight"], ["lm_head.weight2", "model.embed.weight2"]]
+    owners = alias_owners(groups, {"transformer.wte.weight", "model.embed.weight2"})
+    assert owners == {"lm_head.weight": "transformer.wte.weight", "lm_head.weight2": "model.embed.weight2"}
+    # both saved (a head copy beside a tied embedding): the model's first name is the owner
+    assert alias_owners(groups[:1], {"transformer.wte.weight", "lm_head.weight"}) == {
+        "lm_head.weight": "transformer.wte.weight"}
