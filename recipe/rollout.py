@@ -1010,8 +1010,9 @@ class HfCopyEngine(HfEngine):
         it is streamed as (peft keeps the tie)."""
         owners = alias_owners(self._alias_groups(), set(self._by_hf_name))
         held = dict(self._by_hf_name)
-        params = dict(self.module.named_parameters(remove_duplicate=False))
-        held.update({alias: params[raw] for raw in params if (alias := hf_name(raw)) in owners})
+        for raw, param in self.module.named_parameters(remove_duplicate=False):
+            if not is_lora_param(raw) and hf_name(raw) in owners:
+                held[hf_name(raw)] = param
         names = list(held)
         done = digest_mod.digests([held[n] for n in names])
         return {n: ((owners.get(n, n),), d) for n, d in zip(names, done)}
