@@ -41,7 +41,7 @@ from omegaconf import DictConfig
 
 from recipe import digest as digest_mod
 from recipe.config import resolve_device
-from recipe.names import PEFT_PREFIX, hf_name, is_lora_param, peft_name
+from recipe.names import PEFT_PREFIX, checkpoint_shapes, checkpoint_tensors, hf_name, is_lora_param, peft_name
 
 log = logging.getLogger(__name__)
 
@@ -92,6 +92,10 @@ class Engine:
 
     def adapter_held_form(self, adapter_config: dict) -> Optional[Callable[[str, torch.Tensor], torch.Tensor]]:
         """Maps a streamed adapter tensor to the form this engine holds it in (None: as streamed)."""
+        return None
+
+    def weight_held_form(self) -> Optional[Callable[[str, torch.Tensor], torch.Tensor]]:
+        """Maps a streamed weight to the form this engine holds it in (None: as streamed)."""
         return None
 
     def sleep(self) -> None:
@@ -172,16 +176,13 @@ def streamed_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
     import json
     from pathlib import Path
 
-    from safetensors import safe_open
-
-    shapes: Dict[str, Tuple[int, ...]] = {}
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            for key in f.keys():
-                shapes[key] = tuple(f.get_slice(key).get_shape())
+    shapes = checkpoint_shapes(model_dir)
     if json.loads((Path(model_dir) / "config.json").read_text()).get("tie_word_embeddings"):
         shapes.pop("lm_head.weight", None)
     return shapes
+
+
+NO_PARAMETER = "no parameter of that name"
 
 
 def weight_destinations(model: nn.Module, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
@@ -194,11 +195,18 @@ def weight_destinations(model: nn.Module, shapes: Dict[str, Tuple[int, ...]]) ->
     a LoRA-wrapped layer holds its weight under `base_layer`; a vocabulary embedding may hold padding
     rows after the real ones. Returns (destinations, reasons): a name whose place cannot be derived
     exactly is left out, with the reason, and the engine then loads through vLLM's reload instead.
+    This is an assumption about vLLM's loaders: `compare_layout` checks it against what they wrote.
     """
-    params = dict(model.named_parameters())
-    packed = getattr(model, "packed_modules_mapping", {}) or {}
+    dest, reasons = destinations(dict(model.named_parameters()), getattr(model, "packed_modules_mapping", {}) or {},
+                                 shapes)
+    return dest, [f"{name}: {why}" for name, why in reasons.items()]
+
+
+def destinations(params: Dict[str, torch.Tensor], packed: Dict[str, List[str]],
+                 shapes: Dict[str, Tuple[int, ...]]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+    """`weight_destinations` over a {name: tensor} table of the engine's parameters; reasons by name."""
     dest: Dict[str, torch.Tensor] = {}
-    reasons: List[str] = []
+    reasons: Dict[str, str] = {}
 
     def held(module: str, attr: str) -> Optional[torch.Tensor]:
         return params.get(f"{module}.{attr}", params.get(f"{module}.base_layer.{attr}"))
@@ -210,26 +218,82 @@ def weight_destinations(model: nn.Module, shapes: Dict[str, Tuple[int, ...]]) ->
         if fused is None:
             target = held(module, attr)
             if target is None:
-                reasons.append(f"{name}: no parameter of that name")
+                reasons[name] = NO_PARAMETER
             elif tuple(target.shape) == tuple(shape):
                 dest[name] = target.data
             elif target.shape[1:] == shape[1:] and target.shape[0] > shape[0] and ("embed" in name or "lm_head" in name):
                 dest[name] = target.data.narrow(0, 0, shape[0])  # padded vocabulary rows stay as loaded
             else:
-                reasons.append(f"{name}: shape {tuple(shape)} vs the engine's {tuple(target.shape)}")
+                reasons[name] = f"shape {tuple(shape)} vs the engine's {tuple(target.shape)}"
             continue
         target = held(f"{parent}.{fused}" if parent else fused, attr)
         siblings = [f"{parent}.{part}.{attr}" if parent else f"{part}.{attr}" for part in packed[fused]]
         if target is None or any(s not in shapes for s in siblings):
-            reasons.append(f"{name}: no fused parameter {fused} with all of {packed[fused]}")
+            reasons[name] = f"no fused parameter {fused} with all of {packed[fused]}"
             continue
         rows = [shapes[s][0] for s in siblings]
         if sum(rows) != target.shape[0] or tuple(target.shape[1:]) != tuple(shape[1:]):
-            reasons.append(f"{name}: parts {rows} do not stack into the engine's {tuple(target.shape)}")
+            reasons[name] = f"parts {rows} do not stack into the engine's {tuple(target.shape)}"
             continue
         offset = sum(rows[:packed[fused].index(leaf)])
         dest[name] = target.data.narrow(0, offset, shape[0])
     return dest, reasons
+
+
+@dataclass
+class LayoutReport:
+    """vLLM's own load of the checkpoint against the layout the direct map and the digest assume
+    (each checkpoint tensor = rows of the engine tensor of its name, or of its fused tensor).
+
+    same: names where the engine holds exactly the checkpoint tensor where the map says;
+    transposed: names whose engine tensor is the checkpoint tensor transposed (GPT-2's Conv1D);
+    rearranged: names held some other way, with what differs; ignored: checkpoint names with no
+    engine tensor at all (a saved head beside a tied embedding, buffers such as rotary_emb.inv_freq);
+    unplaced: names the map cannot place (fused parts missing), with the reason.
+    """
+
+    same: List[str]
+    transposed: List[str]
+    rearranged: Dict[str, str]
+    ignored: List[str]
+    unplaced: Dict[str, str]
+
+    @property
+    def direct_ok(self) -> bool:
+        return not (self.transposed or self.rearranged or self.unplaced)
+
+    def why_not_direct(self) -> str:
+        """One line: what the direct map gets wrong (empty when it agrees with vLLM's loader)."""
+        wrong = {**{n: "vLLM holds it transposed" for n in self.transposed}, **self.rearranged, **self.unplaced}
+        if not wrong:
+            return ""
+        first = next(iter(wrong))
+        return f"{len(wrong)} checkpoint tensors are not where the direct map puts them (e.g. {first}: {wrong[first]})"
+
+
+def compare_layout(held: Dict[str, torch.Tensor], packed: Dict[str, List[str]], shapes: Dict[str, Tuple[int, ...]],
+                   tensors: WeightIter) -> LayoutReport:
+    """Each checkpoint tensor against what vLLM's own loader wrote for it (`held`: the engine's
+    parameters right after that load, tied aliases left out), byte for byte, in the engine's dtype."""
+    dest, reasons = destinations(held, packed, shapes)
+    report = LayoutReport([], [], {}, [], {})
+    for name, tensor in tensors:
+        target = dest.get(name)
+        own = held.get(name)
+        if target is not None and torch.equal(target, tensor.to(target.device, target.dtype)):
+            report.same.append(name)
+        elif reasons.get(name) == NO_PARAMETER:
+            report.ignored.append(name)
+        elif own is not None and tensor.dim() == 2 and own.shape == tensor.t().shape and \
+                torch.equal(own, tensor.t().to(own.device, own.dtype)):
+            report.transposed.append(name)
+        elif target is not None:
+            report.rearranged[name] = "the engine holds other values where the map puts it"
+        elif name in reasons and own is not None:
+            report.rearranged[name] = reasons[name]
+        else:
+            report.unplaced[name] = reasons.get(name, "no place")
+    return report
 
 
 def _refresh_embedding_kernels(model: nn.Module) -> int:
@@ -264,6 +328,7 @@ def _refresh_embedding_kernels(model: nn.Module) -> int:
 _CAPTURES = "_recipe_digest_captures"  # attribute on the vLLM model: {param name: (shape info, sums)}
 _HOOKED = "_recipe_digest_hooked"      # attribute on the vLLM model: names of hooked modules
 _CAPTURE_S = "_recipe_digest_capture_s"  # attribute on the vLLM model: [seconds spent capturing]
+_COPIES = "_recipe_loader_copies"  # attribute on the vLLM model: [{param name: copy} during a layout check, else None]
 
 
 def _engine_name(name: str) -> str:
@@ -275,7 +340,8 @@ def _vllm_model(worker) -> nn.Module:
     return worker.model_runner.get_model()
 
 
-def _capturing(original: Callable, names: Dict[int, str], captures: dict, seconds: List[float]) -> Callable:
+def _capturing(original: Callable, names: Dict[int, str], captures: dict, seconds: List[float],
+               copies: List[Optional[dict]]) -> Callable:
     def process_weights_after_loading(layer, *args, **kwargs):
         prefix = names.get(id(layer))
         if prefix is not None:
@@ -283,6 +349,8 @@ def _capturing(original: Callable, names: Dict[int, str], captures: dict, second
             for attr, param in layer._parameters.items():
                 if param is not None and param.numel() > 0:
                     captures[f"{prefix}.{attr}"] = (digest_mod.shape_info(param), digest_mod.digest_sums(param))
+                    if copies[0] is not None:  # a layout check: what vLLM's loader wrote, before packing
+                        copies[0][f"{prefix}.{attr}"] = param.detach().clone()
             seconds[0] += time.perf_counter() - t0
         return original(layer, *args, **kwargs)
 
@@ -296,17 +364,19 @@ def _install_digest_hooks_in_worker(worker) -> int:
         return 0
     captures: dict = {}
     seconds = [0.0]
+    copies: List[Optional[dict]] = [None]
     names = {id(m): _engine_name(n) for n, m in model.named_modules()
              if hasattr(getattr(m, "quant_method", None), "process_weights_after_loading")}
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if id(module) in names and not getattr(method, "_recipe_digest_hook", False):
             method.process_weights_after_loading = _capturing(method.process_weights_after_loading, names, captures,
-                                                              seconds)
+                                                              seconds, copies)
             method._recipe_digest_hook = True
     setattr(model, _CAPTURES, captures)
     setattr(model, _HOOKED, set(names.values()))
     setattr(model, _CAPTURE_S, seconds)
+    setattr(model, _COPIES, copies)
     return len(names)
 
 
@@ -344,6 +414,52 @@ def _held_digests_in_worker(worker, use_captures: bool) -> Dict[str, Optional[di
     done = dict(zip(captured, digest_mod.finish([c[0] for c in captured.values()], [c[1] for c in captured.values()])))
     done.update(zip(direct, digest_mod.digests(list(direct.values()))))  # small ones batched, one host copy
     return {**done, **{n: None for n in unreadable}}
+
+
+def _aliases_in_worker(worker) -> List[List[str]]:
+    """Names that are one tensor in the engine's model (a tied head and its embedding), found by
+    identity, each group in the model's order; groups of one are left out."""
+    model = _vllm_model(worker)
+    groups: Dict[int, List[str]] = {}
+    for module_name, module in model.named_modules(remove_duplicate=False):
+        for attr, param in module._parameters.items():
+            if param is not None:
+                names = groups.setdefault(id(param), [])
+                name = _engine_name(f"{module_name}.{attr}")
+                if name not in names:
+                    names.append(name)
+    return [names for names in groups.values() if len(names) > 1]
+
+
+def alias_owners(groups: List[List[str]], checkpoint: set) -> Dict[str, str]:
+    """{alias: owner} for groups of names that are one tensor: the owner is the group's first name
+    the checkpoint holds (else its first), the name the tensor is streamed under."""
+    owners: Dict[str, str] = {}
+    for group in groups:
+        owner = next((n for n in group if n in checkpoint), group[0])
+        owners.update({alias: owner for alias in group if alias != owner})
+    return owners
+
+
+def _copy_next_load_in_worker(worker) -> None:
+    """Keep a copy of each hooked layer's parameters as the next load leaves them (before packing)."""
+    getattr(_vllm_model(worker), _COPIES)[0] = {}
+
+
+def _layout_in_worker(worker, model_dir: str, aliases: List[str]) -> LayoutReport:
+    """`compare_layout` of the checkpoint against the engine's parameters as vLLM's loader wrote them:
+    the copies taken in the last load (CPU: packed layers read as empty) or the parameters themselves."""
+    model = _vllm_model(worker)
+    copies = getattr(model, _COPIES, [None])
+    taken, copies[0] = copies[0] or {}, None
+    held: Dict[str, torch.Tensor] = {}
+    for module_name, module in model.named_modules():
+        for attr, param in module._parameters.items():
+            name = _engine_name(f"{module_name}.{attr}")
+            if param is not None and name not in aliases:
+                held[name] = taken.get(name, param.data)
+    packed = {k: list(v) for k, v in dict(getattr(model, "packed_modules_mapping", {}) or {}).items()}
+    return compare_layout(held, packed, checkpoint_shapes(model_dir), checkpoint_tensors(model_dir))
 
 
 def _packed_modules_in_worker(worker) -> Dict[str, List[str]]:
@@ -490,13 +606,46 @@ class VllmEngine(Engine):
         self._lora = None  # (LoRARequest, tensors, config) of the live adapter version
         self._asleep = False
         self._packed = self.llm.collective_rpc(_packed_modules_in_worker)[0]
-        hf_config = self.llm.llm_engine.vllm_config.model_config.hf_config
-        self._tied = bool(getattr(hf_config, "tie_word_embeddings", False))
+        self._aliases = alias_owners(self.llm.collective_rpc(_aliases_in_worker)[0], set(checkpoint_shapes(model_dir)))
         self._hooked = self.on_cpu and cfg.sync.digest
         if self._hooked:  # CPU packs linear weights after a load: digest them just before (see above)
             self.llm.collective_rpc(_install_digest_hooks_in_worker)
+        self.layout = self._check_layout(model_dir)
+        self._transposed = set(self.layout.transposed) if self.layout is not None else set()
         self._dest = self._direct_destinations(model_dir)  # name -> view of the engine's parameter, or None
         self.load_path = "direct" if self._dest is not None else "reload"
+
+    def _check_layout(self, model_dir: str) -> Optional[LayoutReport]:
+        """Prove the direct map and the digest's picture of the engine against vLLM's own loader: each
+        checkpoint tensor against what that loader wrote for it (on CUDA the parameters as the engine
+        started; on CPU a reload of the checkpoint, copied before the packing). Needed for the direct
+        load (CUDA) and for the digest; a layout the digest cannot follow is refused here, at start."""
+        from recipe.config import ConfigError
+
+        direct_wanted = not self.on_cpu and self.cfg.sync.load != "reload"
+        if not (direct_wanted or self.cfg.sync.digest):
+            return None
+        if self.on_cpu:
+            self.llm.collective_rpc(_copy_next_load_in_worker)
+            self.reload_weights(checkpoint_tensors(model_dir))
+        report = self.llm.collective_rpc(_layout_in_worker, args=(model_dir, sorted(self._aliases)))[0]
+        if report.rearranged and self.cfg.sync.digest:
+            first = next(iter(report.rearranged))
+            raise ConfigError(
+                f"sync.digest=true: vLLM's loader rearranges {len(report.rearranged)} tensors of {model_dir} in a way "
+                f"the digest cannot follow (e.g. {first}: {report.rearranged[first]}), so every sync would fail; set "
+                f"sync.digest=false (the parity probe, sync.verify, still checks the engine)")
+        if report.transposed:
+            log.info("sync.digest: vLLM holds %d tensors transposed (e.g. %s); the trainer digests them transposed",
+                     len(report.transposed), report.transposed[0])
+        return report
+
+    def weight_held_form(self) -> Optional[Callable[[str, torch.Tensor], torch.Tensor]]:
+        """Streamed tensors the engine holds transposed (found at start) are digested transposed."""
+        if not self._transposed:
+            return None
+        transposed = self._transposed
+        return lambda name, tensor: tensor.t() if name in transposed else tensor
 
     def _direct_destinations(self, model_dir: str) -> Optional[Dict[str, torch.Tensor]]:
         """`sync.load`: "direct" writes each streamed tensor straight into its place in the engine's
@@ -511,14 +660,14 @@ class VllmEngine(Engine):
             raise ConfigError("sync.load=direct needs CUDA: vLLM's CPU backend repacks its linear weights after "
                               "every load, so they cannot be written in place; use sync.load=auto or reload")
         model = self.llm.apply_model(lambda m: m)[0]  # in-process: the engine's own module
-        dest, reasons = weight_destinations(model, streamed_shapes(model_dir))
-        if reasons:
+        dest, _ = weight_destinations(model, checkpoint_shapes(model_dir))
+        why = self.layout.why_not_direct()  # the map against vLLM's own loader, tensor by tensor
+        if why:
             if mode == "direct":
-                raise ConfigError(f"sync.load=direct: {len(reasons)} checkpoint tensors have no exact place in the "
-                                  f"engine's parameters ({'; '.join(reasons[:3])}); use sync.load=auto or reload")
-            log.info("sync.load=auto: vLLM's reload (%d tensors without a direct place, e.g. %s)", len(reasons), reasons[0])
+                raise ConfigError(f"sync.load=direct: {why}; use sync.load=auto or reload")
+            log.info("sync.load=auto: vLLM's reload, not the direct map: %s", why)
             return None
-        return dest
+        return {name: view for name, view in dest.items() if name not in self.layout.ignored}
 
     def _request(self):
         return self._lora[0] if self._lora is not None else None
@@ -617,14 +766,13 @@ class VllmEngine(Engine):
         if self._hooked:
             self.load_digest_seconds = self.llm.collective_rpc(_capture_seconds_in_worker)[0]
         held = self.llm.collective_rpc(_held_digests_in_worker, args=(self._hooked,))[0]
-        embed = next((n for n in held if n.endswith("embed_tokens.weight")), None)
-        return {name: (self._parts(name, embed), d) for name, d in held.items()}
+        return {name: (self._parts(name), d) for name, d in held.items()}
 
-    def _parts(self, name: str, embed: Optional[str]) -> Tuple[str, ...]:
+    def _parts(self, name: str) -> Tuple[str, ...]:
         """Streamed names an engine tensor is made of: fused modules by the model's
-        packed_modules_mapping (in concatenation order), a tied head by the embedding."""
-        if self._tied and name == "lm_head.weight" and embed is not None:
-            return (embed,)
+        packed_modules_mapping (in concatenation order), a tied alias by the tensor it is."""
+        if name in self._aliases:
+            return (self._aliases[name],)
         prefix, _, attr = name.rpartition(".")
         stem, _, leaf = prefix.rpartition(".")
         if leaf in self._packed:
@@ -881,15 +1029,23 @@ class HfCopyEngine(HfEngine):
         self.lora_version = version
 
     def weight_digests(self):
+        """Every parameter under each of its names; a tied alias (found by identity) must be the tensor
+        it is streamed as (peft keeps the tie)."""
+        owners = alias_owners(self._alias_groups(), set(self._by_hf_name))
         held = dict(self._by_hf_name)
-        head, embed = self.module.get_output_embeddings(), self.module.get_input_embeddings()
-        tied = head is not None and head.weight is embed.weight
-        if tied:  # not streamed: the head must be the embedding (peft keeps the tie)
-            held["lm_head.weight"] = head.weight
+        for raw, param in self.module.named_parameters(remove_duplicate=False):
+            if not is_lora_param(raw) and hf_name(raw) in owners:
+                held[hf_name(raw)] = param
         names = list(held)
         done = digest_mod.digests([held[n] for n in names])
-        embed_name = next(n for n, p in self._by_hf_name.items() if p is embed.weight)
-        return {n: ((embed_name,) if tied and n == "lm_head.weight" else (n,), d) for n, d in zip(names, done)}
+        return {n: ((owners.get(n, n),), d) for n, d in zip(names, done)}
+
+    def _alias_groups(self) -> List[List[str]]:
+        groups: Dict[int, List[str]] = {}
+        for raw, param in self.module.named_parameters(remove_duplicate=False):
+            if not is_lora_param(raw):
+                groups.setdefault(id(param), []).append(hf_name(raw))
+        return [g for g in groups.values() if len(g) > 1]
 
     def adapter_digests(self):
         names = list(self._by_adapter_name)

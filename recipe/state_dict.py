@@ -609,8 +609,46 @@ def merge_lora_rows(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
     if rows != full_rows:
         b = b.new_zeros(full_rows, b.shape[1])
         b[first:first + rows] = lora_b
-    merged = (b @ lora_a.float())[first:first + rows].mul_(scale).add_(weight.float())
+    update = (b @ lora_a.float())[first:first + rows].mul_(scale)
+    observed = update.clone() if _ROUNDING and dtype != torch.float32 else None
+    merged = update.add_(weight.float())
+    if observed is not None:
+        _ROUNDING[-1].add(merged, observed, dtype)
     return merged.to(dtype) if merged.dtype != dtype or rows == full_rows else merged.clone()
+
+
+class MergeRounding:
+    """How far the cast of W + s*B@A to the engine dtype moves the merged weight, against the LoRA
+    update s*B@A itself, summed over the merges of one stream (device tensors: no host sync here).
+    In bfloat16 the rounding of W can exceed the update: the engine then samples from weights the
+    trainer's ratio does not describe (lora=adapter keeps W and B@A apart and is exact)."""
+
+    def __init__(self):
+        self.sums: Optional[torch.Tensor] = None  # [sum |rounding|, sum |update|, elements]
+        self.worst: Optional[torch.Tensor] = None  # max |rounding|
+
+    def add(self, merged: torch.Tensor, update: torch.Tensor, dtype: torch.dtype) -> None:
+        rounding = (merged.to(dtype).float() - merged).abs_()
+        sums = torch.stack([rounding.sum(), update.abs().sum(), torch.tensor(float(rounding.numel()),
+                                                                             device=rounding.device)]).double()
+        worst = rounding.max().double() if rounding.numel() else torch.zeros((), dtype=torch.float64,
+                                                                            device=rounding.device)
+        self.sums = sums if self.sums is None else self.sums + sums.to(self.sums.device)
+        self.worst = worst if self.worst is None else torch.maximum(self.worst, worst.to(self.worst.device))
+
+
+_ROUNDING: List[MergeRounding] = []  # the accumulator of the stream being measured, if any
+
+
+@contextlib.contextmanager
+def measure_merge_rounding() -> Iterator[MergeRounding]:
+    """Within the block, every LoRA merge to a narrower dtype adds its rounding to the yielded accumulator."""
+    acc = MergeRounding()
+    _ROUNDING.append(acc)
+    try:
+        yield acc
+    finally:
+        _ROUNDING.remove(acc)
 
 
 def _merged_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,

@@ -10,9 +10,10 @@ and every N-th, a logprob probe of the engine against the trainer (`sync.verify`
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
-from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -21,8 +22,11 @@ from omegaconf import DictConfig
 
 from recipe.digest import Digest, combined_hex
 from recipe.model import Residency, adapter_config, sequence_logprobs
-from recipe.names import is_lora_param, peft_name
-from recipe.state_dict import WeightStream, stream_base_weights, stream_weights, strategy_name
+from recipe.names import checkpoint_shapes, hf_name, is_lora_param, peft_name
+from recipe.state_dict import (MergeRounding, WeightStream, measure_merge_rounding, stream_base_weights, stream_weights,
+                               strategy_name)
+
+log = logging.getLogger(__name__)
 
 # Mean |logprob_trainer - logprob_engine| over the probe tokens when sync.tolerance is null. A bound
 # on the worst token is too tight in bf16: its gap grows with the model and with training (logits
@@ -33,8 +37,9 @@ from recipe.state_dict import WeightStream, stream_base_weights, stream_weights,
 # Worst-token figures, measured on CPU (docs/SYNC.md): float32 noise <= 5e-5 on SmolLM2-135M, while
 # one stale MLP tensor after one optimizer step shifts a probe token by 0.03 (tiny) to 0.11 (SmolLM2).
 # bfloat16 noise reaches 0.25 on SmolLM2 (engine and trainer round every matmul differently),
-# so its default sits at 2x that; it still catches a missed update on SmolLM2 (>= 0.76), but
-# not a single stale tensor on the near-uniform tiny model: debug those in float32.
+# so its default sits at 2x that; it does not catch a single stale tensor, nor a missed update at small
+# learning rates (tiny model, step trained off the probe's tokens: 0.035 at lr 1e-4): the digest check
+# proves those; the probe checks kernels and layouts (docs/SYNC.md, "What each check can and cannot see").
 # float16 is not measured here: 0.1 follows from its 3 extra mantissa bits (8x finer than bf16).
 DEFAULT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
 # On CUDA the engine's float32 kernels (attention backend, fused ops) differ from the trainer's more than
@@ -89,14 +94,42 @@ def mean_gap(trainer: List[List[float]], engine: List[List[float]]) -> float:
 
 
 def checkpoint_names(model_dir: str) -> List[str]:
-    """Tensor names of the HF checkpoint the engine was built from (what a full sync must cover)."""
-    from safetensors import safe_open
+    """Tensor names of the HF checkpoint the engine was built from (safetensors or `.bin`)."""
+    return list(checkpoint_shapes(model_dir))
 
-    names: List[str] = []
-    for file in sorted(Path(model_dir).glob("*.safetensors")):
-        with safe_open(str(file), framework="pt") as f:
-            names.extend(f.keys())
-    return names
+
+def trainer_names(model: torch.nn.Module) -> List[str]:
+    """HF names of the trainer's base tensors, each tensor once (a tied head is its embedding: the
+    first name by identity, as `named_parameters` gives it)."""
+    return [hf_name(n) for n, _ in model.named_parameters() if not is_lora_param(n)]
+
+
+def expected_names(model: torch.nn.Module, model_dir: str) -> List[str]:
+    """What a full (or base) load must cover: the checkpoint's names that the trainer's model holds.
+    A key the model legitimately ignores is not expected: a saved `lm_head.weight` beside a tied
+    embedding, a saved `rotary_emb.inv_freq` (a buffer, not a parameter)."""
+    held = set(trainer_names(model))
+    return [n for n in checkpoint_names(model_dir) if n in held]
+
+
+def check_streamed_names(model: torch.nn.Module, model_dir: str) -> None:
+    """Refuse at start a model whose tensors the engine could not take by name: no weights the
+    sync can read, or trainer tensors that are not checkpoint keys (transformers 5 converts some
+    checkpoints at load, e.g. mixture-of-experts experts fused into one `experts.gate_up_proj`;
+    vLLM loads checkpoint names, and with `sync.digest=false` would take such names unchecked)."""
+    from recipe.config import ConfigError
+
+    names = set(checkpoint_names(model_dir))
+    if not names:
+        raise ConfigError(f"model.path={model_dir}: no *.safetensors or *.bin weight files to read tensor names "
+                          f"from; the sync checks every load against them")
+    unknown = [n for n in trainer_names(model) if n not in names]
+    if unknown:
+        raise ConfigError(
+            f"model.path={model_dir}: the trainer's model holds {len(unknown)} tensors under names the checkpoint "
+            f"does not have (e.g. {_few(unknown, 3)}): transformers converted them when loading (a renamed or "
+            f"fused layout, such as mixture-of-experts experts), and the engine loads checkpoint names, so a sync "
+            f"could not place them. Models whose weights transformers converts at load are not supported.")
 
 
 class WeightSync:
@@ -129,23 +162,36 @@ class WeightSync:
                           else default_tolerance(cfg.model.dtype, ctx.device.type))
         self.adapter = cfg.lora.name == "adapter"
         self.digest = cfg.sync.digest and not engine.shares_policy
-        self.expected = checkpoint_names(cfg.model.path)  # what a full (or base) load must cover
+        if not engine.shares_policy:
+            check_streamed_names(model, cfg.model.path)
+        self.expected = expected_names(model, cfg.model.path)  # what a full (or base) load must cover
         self.expected_adapter = sorted(peft_name(n) for n, _ in model.named_parameters() if is_lora_param(n))
         self.weight_version = 0
         self.num_syncs = 0
         self._base_loaded = False
         self._peak = 0
+        # lora=merged into a narrower engine dtype: the rounding of W + s*B@A is measured every sync
+        self.measure_rounding = (cfg.lora.name == "merged" and cfg.model.dtype != "float32"
+                                 and not engine.shares_policy)
+        if self.measure_rounding:
+            log.info("lora=merged with model.dtype=%s: the engine holds W + s*B@A rounded to %s, which can move it "
+                     "more than the LoRA update itself (logged as sync/merge_rounding_*); lora=adapter keeps W and "
+                     "the adapter apart and is exact", cfg.model.dtype, cfg.model.dtype)
 
     # -- public
     def sync(self, step: int) -> Dict[str, object]:
         t0 = time.perf_counter()
         self.engine.wake()
-        loads = self._transfer()
+        with measure_merge_rounding() if self.measure_rounding else contextlib.nullcontext() as rounding:
+            loads = self._transfer()
         self.weight_version += 1
         self.num_syncs += 1
         checked = self._check_digests(loads, step) if self.digest else {}
         probed = self._probe(step) if self._should_verify() else {}
-        return self._metrics(time.perf_counter() - t0, loads, checked, probed)
+        stats = self._metrics(time.perf_counter() - t0, loads, checked, probed)
+        if rounding is not None:
+            stats.update(merge_rounding_metrics(rounding, self.ctx.device))
+        return stats
 
     def _metrics(self, total_s: float, loads, checked: dict, probed: dict) -> Dict[str, object]:
         in_load = checked.get("in_load_s", 0.0)  # engine digests taken inside its load (vLLM CPU)
@@ -212,12 +258,13 @@ class WeightSync:
     def _loads(self):
         """(WeightStream, engine loader) pairs for this sync: the base once for adapters, then the weights."""
         stream = self._streams()
+        weight_form = self.engine.weight_held_form() if self.digest else None
         if not self.adapter:
-            yield self._wrap(stream(self.model, self.cfg, self.ctx.device)), self.engine.load_weights
+            yield self._wrap(stream(self.model, self.cfg, self.ctx.device), weight_form), self.engine.load_weights
             return
         if not self._base_loaded:
             base = self._base_stream()
-            yield self._wrap(base(self.model, self.cfg, self.ctx.device)), self.engine.load_weights
+            yield self._wrap(base(self.model, self.cfg, self.ctx.device), weight_form), self.engine.load_weights
             self._base_loaded = True
         config = adapter_config(self.cfg)
         version = self.weight_version + 1
@@ -314,6 +361,22 @@ class WeightSync:
                 f"{report['mean']:.3g} > tolerance {self.tolerance:g} ({self.cfg.model.dtype}) on rank {report['rank']}; "
                 f"its worst: probe {report['row']} token {report['pos']} (id {token}): trainer {report['trainer']:.6g} vs "
                 f"engine {report['engine']:.6g}; {where}.")
+
+
+def merge_rounding_metrics(rounding: MergeRounding, device: torch.device) -> Dict[str, float]:
+    """`sync/merge_rounding_*` over every rank's merged rows (all ranks call it: two all-reduces).
+    mean / max: |bf16(W + s*B@A) - (W + s*B@A)| per element; ratio: that summed over all merged
+    elements, over the summed |s*B@A| (above 1: the rounding moves the weights more than the update)."""
+    sums = rounding.sums if rounding.sums is not None else torch.zeros(3, dtype=torch.float64)
+    worst = rounding.worst if rounding.worst is not None else torch.zeros((), dtype=torch.float64)
+    sums, worst = sums.to(device), worst.to(device).reshape(1)
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.all_reduce(sums)
+        dist.all_reduce(worst, op=dist.ReduceOp.MAX)
+    err, update, count = sums.tolist()
+    return {"sync/merge_rounding_mean": err / count if count else float("nan"),
+            "sync/merge_rounding_max": float(worst.item()),
+            "sync/merge_rounding_ratio": err / update if update else float("nan")}
 
 
 def name_problems(expected: List[str], streamed: List[str]) -> List[str]:

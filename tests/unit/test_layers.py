@@ -42,7 +42,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.export": {"recipe.config", "recipe.model", "recipe.state_dict"},
     "recipe.preflight": {"recipe.config", "recipe.tasks", "recipe.files", "recipe.metrics"},
     "recipe.assets": {"recipe.config", "recipe.builtin_models"},
-    "recipe.sync": {"recipe.state_dict", "recipe.model", "recipe.names", "recipe.digest"},
+    "recipe.sync": {"recipe.state_dict", "recipe.model", "recipe.names", "recipe.digest", "recipe.config"},
     "recipe.rollout": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest"},
     "recipe.state_dict": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest"},
     "recipe.model": {"recipe.config", "recipe.logprobs"},
