@@ -38,6 +38,10 @@ test: $(STAMP) ## the whole CPU test suite, as CI runs it (GPU tests are skipped
 test-fast: $(STAMP) ## the unit tests (tests/unit) without the slow ones: the edit-test loop, about a minute on 2 cores
 	$(PY) -m pytest tests/unit -m "not gpu and not slow" $(PYTEST_ARGS)
 
+# Pending: `$(PY) -m ruff format --check .` joins lint once the whole tree is formatted in one commit.
+lint: $(STAMP) ## ruff check (the rules: pyproject.toml [tool.ruff])
+	$(PY) -m ruff check .
+
 test-gpu: $(STAMP) ## GPU tests (needs CUDA)
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
 
@@ -57,4 +61,4 @@ sweep: $(STAMP) ## all 18 fsdp x offload x lora jobs in one Hydra multirun, then
 clean: ## remove outputs (keeps .venv and .cache)
 	rm -rf outputs multirun
 
-.PHONY: help install train test test-fast test-gpu tiny smollm2 bench sweep clean
+.PHONY: help install train test test-fast lint test-gpu tiny smollm2 bench sweep clean

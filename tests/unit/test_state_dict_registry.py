@@ -88,7 +88,7 @@ def test_peft_names_match_peft(tiny_model_dir):
     """Our adapter names are the keys peft saves, for a real peft model."""
     from peft import get_peft_model_state_dict
 
-    from recipe.model import adapter_config, apply_lora, load_hf_model
+    from recipe.model import apply_lora, load_hf_model
     from tests.helpers import compose
 
     cfg = compose([f"model.path={tiny_model_dir}", "+lora=adapter"])
