@@ -64,7 +64,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from omegaconf import DictConfig
 
-from recipe.dist import DistContext
+from recipe.dist import DistContext, agree
 from recipe.model import token_logprobs
 
 
@@ -475,10 +475,8 @@ class GRPOTrainer:
 
     def _check_finite(self, value: float, what: str) -> None:
         """All ranks agree before anyone raises, so a NaN on one rank cannot hang the others."""
-        bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
-            raise NonFiniteError(f"non-finite {what} at step {self.step} (this rank: {value}); stopping the run")
+        agree(None if math.isfinite(value) else f"non-finite {what} at step {self.step} ({value}); stopping the run",
+              NonFiniteError)
 
     # -- checkpoints
     def save_checkpoint(self) -> None:
