@@ -32,8 +32,15 @@ install: $(STAMP) ## make the virtual environment (.venv) with everything pinned
 train: $(STAMP) ## the default GRPO run: tiny model learns addition (experiment=default_tiny: FSDP2, vLLM, wandb offline)
 	$(PY) -m recipe.train experiment=default_tiny $(ARGS)
 
-test: $(STAMP) ## the whole CPU test suite (GPU tests are skipped without CUDA)
+test: $(STAMP) ## the whole CPU test suite, as CI runs it (GPU tests are skipped without CUDA)
 	$(PY) -m pytest -m "not gpu" $(PYTEST_ARGS)
+
+test-fast: $(STAMP) ## the unit tests (tests/unit) without the slow ones: the edit-test loop, about a minute on 2 cores
+	$(PY) -m pytest tests/unit -m "not gpu and not slow" $(PYTEST_ARGS)
+
+# Pending: `$(PY) -m ruff format --check .` joins lint once the whole tree is formatted in one commit.
+lint: $(STAMP) ## ruff check (the rules: pyproject.toml [tool.ruff])
+	$(PY) -m ruff check .
 
 test-gpu: $(STAMP) ## GPU tests (needs CUDA)
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)
@@ -54,4 +61,4 @@ sweep: $(STAMP) ## all 18 fsdp x offload x lora jobs in one Hydra multirun, then
 clean: ## remove outputs (keeps .venv and .cache)
 	rm -rf outputs multirun
 
-.PHONY: help install train test test-gpu tiny smollm2 bench sweep clean
+.PHONY: help install train test test-fast lint test-gpu tiny smollm2 bench sweep clean

@@ -38,12 +38,12 @@ from pathlib import Path
 from typing import Dict, Optional
 
 import torch
-import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
                                                      set_model_state_dict, set_state_dict)
 
+from recipe.dist import agree
 from recipe.files import DiskFullError, disk_full, fsync_path
 from recipe.model import Residency
 from recipe.names import strip_wrappers
@@ -83,16 +83,13 @@ def _set_rng_state(state: dict) -> None:
 def _agree(error: Optional[BaseException], what: str, cleanup=None) -> None:
     """Every rank raises if any rank failed (no rank is left waiting in a collective); `cleanup` runs
     first, once every rank has stopped writing."""
-    failed = torch.tensor([0 if error is None else dist.get_rank() + 1])
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item() and cleanup is not None:
-        cleanup()
-    if isinstance(error, CheckpointError):
-        raise error
-    if error is not None:
-        raise CheckpointError(f"{what}: {_describe(error)}") from error
-    if failed.item():
-        raise CheckpointError(f"{what}: rank {failed.item() - 1} failed (its error is reported there)")
+    own = None if error is None else str(error) if isinstance(error, CheckpointError) else f"{what}: {_describe(error)}"
+    try:
+        agree(own, CheckpointError, cause=error)
+    except CheckpointError:
+        if cleanup is not None:
+            cleanup()
+        raise
 
 
 def _describe(error: BaseException) -> str:

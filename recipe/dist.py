@@ -275,3 +275,28 @@ def _end(context) -> None:
             process.kill()  # SIGKILL: also ends a stopped (SIGSTOP) process
     for process in context.processes:
         process.join(timeout=30)
+
+
+def agree(failure: Optional[str], error: Callable[[str], BaseException] = RuntimeError,
+          cause: Optional[BaseException] = None) -> None:
+    """All ranks agree, then raise: every rank learns whether any rank failed before any of them
+    raises, so no rank is left waiting in a collective that its peers have left.
+
+    `failure` is this rank's problem (None: none). If any rank has one, every rank raises
+    `error(text)` with the same text: each failing rank's problem as `rank <r>: <problem>`, joined
+    by " | " (in a world of one, or without a process group, the problem alone). `cause` chains this
+    rank's own exception. While no rank fails this costs one all-reduce of one number; the
+    problems travel (all_gather_object) only when there is one. Every rank must call it."""
+    failures = [failure]
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        flag = torch.tensor([0 if failure is None else 1])
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        if not flag.item():
+            return
+        failures = [None] * dist.get_world_size()
+        dist.all_gather_object(failures, failure)
+    named = [(rank, text) for rank, text in enumerate(failures) if text is not None]
+    if not named:
+        return
+    text = named[0][1] if len(failures) == 1 else " | ".join(f"rank {rank}: {text}" for rank, text in named)
+    raise error(text) from cause

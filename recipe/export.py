@@ -36,11 +36,11 @@ from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Tuple
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 from omegaconf import DictConfig
 
 from recipe.config import combo_key
+from recipe.dist import agree
 from recipe.model import adapter_config
 from recipe.state_dict import stream_transform
 
@@ -157,14 +157,6 @@ class ShardWriter:
 # ----------------------------------------------------------------------------- the export
 
 
-def agree(error: Optional[str]) -> None:
-    """Every rank raises ExportError if any rank failed (rank 0 writes; the others wait for its verdict)."""
-    failed = torch.tensor([0 if error is None else 1])
-    dist.all_reduce(failed, op=dist.ReduceOp.MAX)
-    if failed.item():
-        raise ExportError(error or "the export failed on rank 0 (its error is reported there)")
-
-
 def consume(stream: Iterable, write, path: Path) -> Optional[str]:
     """Take every tensor of the stream (every rank must, to keep the collectives in step); hand them
     to `write` (rank 0; None elsewhere) until it fails. Returns the failure's message."""
@@ -194,7 +186,7 @@ def export(model: nn.Module, cfg: DictConfig, ctx, out: Path, step: int, run_dir
             error = str(exc)
         except OSError as exc:
             error = write_error(exc, out)
-    agree(error)
+    agree(error, ExportError)  # rank 0 writes; the others wait for its verdict
     try:
         if adapter_only:
             error = write_adapter_stream(model, cfg, ctx, tmp)
@@ -202,13 +194,13 @@ def export(model: nn.Module, cfg: DictConfig, ctx, out: Path, step: int, run_dir
             error = write_weights(model, cfg, ctx, tmp, shard_bytes)
         if ctx.is_main and error is None:
             error = write_files(cfg, tmp, out, step, run_dir, hf=not adapter_only)
-        agree(error)
+        agree(error, ExportError)
         if ctx.is_main:
             try:
                 publish(tmp, out)
             except OSError as exc:
                 error = write_error(exc, out)
-        agree(error)
+        agree(error, ExportError)
     finally:
         if tmp is not None and tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)  # a failed export leaves nothing partial

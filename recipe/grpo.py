@@ -71,7 +71,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from recipe.dist import DistContext
+from recipe.dist import DistContext, agree
 from recipe.metrics import peak_flops, throughput, train_flops_per_token
 from recipe.profiling import DeviceBusy
 from recipe.logprobs import token_entropy  # noqa: F401  (the loss's entropy of logits, block by block)
@@ -493,10 +493,8 @@ class GRPOTrainer:
 
     def _check_finite(self, value: float, what: str) -> None:
         """All ranks agree before anyone raises, so a NaN on one rank cannot hang the others."""
-        bad = torch.tensor([0.0 if math.isfinite(value) else 1.0])
-        dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() > 0:
-            raise NonFiniteError(f"non-finite {what} at step {self.step} (this rank: {value}); stopping the run")
+        agree(None if math.isfinite(value) else f"non-finite {what} at step {self.step} ({value}); stopping the run",
+              NonFiniteError)
 
     # -- checkpoints
     def save_checkpoint(self) -> None:

@@ -528,22 +528,16 @@ def check_gpu_memory_split(cfg: DictConfig, device: torch.device) -> Dict[str, f
     """The engine takes `rollout.gpu_memory_utilization` of the GPU's total memory (weights + KV cache);
     the trainer keeps the rest. Checked before the engine starts, on every rank, with one verdict:
     a rank short of memory names the field and what it would fit, instead of vLLM's own error later."""
-    import torch.distributed as dist
-
     from recipe.config import ConfigError
+    from recipe.dist import agree
 
     free, total = torch.cuda.mem_get_info(device)
     want = cfg.rollout.gpu_memory_utilization * total
-    short = torch.tensor([0.0 if free >= want else 1.0])
-    if dist.is_initialized():
-        dist.all_reduce(short, op=dist.ReduceOp.MAX)
-    if short.item() > 0:
-        fits = max(0.0, free / total - 0.02)
-        raise ConfigError(
-            f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} asks the engine for "
-            f"{want / 2**30:.1f} GiB of {device}'s {total / 2**30:.1f} GiB, but {free / 2**30:.1f} GiB is free after "
-            f"the trainer's model and optimizer (on this rank, or on a peer: every rank checks). Lower it to at most "
-            f"{fits:.2f} here, or move the trainer's weights off the GPU between phases (+offload=cpu or +offload=manual).")
+    agree(None if free >= want else (
+        f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} asks the engine for "
+        f"{want / 2**30:.1f} GiB of {device}'s {total / 2**30:.1f} GiB, but {free / 2**30:.1f} GiB is free after "
+        f"the trainer's model and optimizer. Lower it to at most {max(0.0, free / total - 0.02):.2f}, or move the "
+        f"trainer's weights off the GPU between phases (+offload=cpu or +offload=manual)."), ConfigError)
     return {"free_gb": free / 2**30, "total_gb": total / 2**30, "engine_gb": want / 2**30}
 
 

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from omegaconf import DictConfig
 
 from recipe.digest import Digest, combined_hex
+from recipe.dist import agree
 from recipe.model import Residency, adapter_config, sequence_logprobs
 from recipe.names import checkpoint_shapes, hf_name, is_lora_param, peft_name
 from recipe.state_dict import (MergeRounding, WeightStream, measure_merge_rounding, stream_base_weights, stream_weights,
@@ -303,17 +304,10 @@ class WeightSync:
 
     def _agree(self, problems: List[str], step: int) -> None:
         """All ranks see every rank's problems, then all raise together (or none does)."""
-        reports = [{"rank": self.ctx.rank, "problems": problems}]
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            reports = [None] * dist.get_world_size()
-            dist.all_gather_object(reports, {"rank": self.ctx.rank, "problems": problems})
-        bad = [r for r in reports if r["problems"]]
-        if bad:
-            lines = [f"rank {r['rank']}: " + "; ".join(r["problems"][:8]) +
-                     (f" (+{len(r['problems']) - 8} more)" if len(r["problems"]) > 8 else "") for r in bad]
-            raise WeightSyncError(f"weight sync failed the digest check at step {step} (weight version "
-                                  f"{self.weight_version}, strategy {self.strategy_name()}): the engine does not "
-                                  f"hold exactly what was streamed. " + " | ".join(lines))
+        mine = "; ".join(problems[:8]) + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
+        agree(mine or None, lambda text: WeightSyncError(
+            f"weight sync failed the digest check at step {step} (weight version {self.weight_version}, strategy "
+            f"{self.strategy_name()}): the engine does not hold exactly what was streamed. " + text))
 
     # -- probe
     def _should_verify(self) -> bool:

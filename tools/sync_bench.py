@@ -198,8 +198,9 @@ def measure_limits(device: torch.device, nbytes: int, reps: int, bucket_bytes: i
     dev_b = torch.empty_like(dev_a)
     # On CPU "host-to-device" is a plain host copy: there is no device to reach.
     host = dev_a.cpu().pin_memory() if cuda else dev_a.clone()
-    h2d = nbytes_of(host) / _timed(lambda: dev_b.copy_(host, non_blocking=True), device, reps) / GB
-    d2d = nbytes_of(dev_a) / _timed(lambda: dev_b.copy_(dev_a), device, reps) / GB
+    # (the lambdas run here, before the `del` below that ruff's F821 sees)
+    h2d = nbytes_of(host) / _timed(lambda: dev_b.copy_(host, non_blocking=True), device, reps) / GB  # noqa: F821
+    d2d = nbytes_of(dev_a) / _timed(lambda: dev_b.copy_(dev_a), device, reps) / GB  # noqa: F821
 
     def gather_bw(count: int) -> float:
         out = torch.empty(count, dtype=torch.bfloat16, device=device)

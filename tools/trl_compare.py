@@ -264,7 +264,7 @@ def main(argv=None) -> None:
     ours = [f"trainer.steps={args.steps}", f"trainer.prompts_per_step={args.prompts // world}",
             f"rollout.n={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
             f"trainer.updates_per_batch={args.updates}", f"trainer.lr={args.lr}",
-            *([f"trainer.device=cuda", "model.dtype=bfloat16"] if args.device == "cuda" else []), *args.ours]
+            *(["trainer.device=cuda", "model.dtype=bfloat16"] if args.device == "cuda" else []), *args.ours]
     cfg = project_config(ours)
     ensure_model(cfg)
     rows = []

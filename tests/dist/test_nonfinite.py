@@ -1,5 +1,6 @@
 """A non-finite reward, loss or gradient norm on one rank stops every rank together, before the
-optimizer step (grpo.py's `_check_finite` all-reduces the verdict first, so no rank hangs).
+optimizer step (grpo.py's `_check_finite` goes through recipe.dist.agree, so no rank hangs), and
+every rank's error names the rank whose value it was.
 
     .venv/bin/python -m pytest tests/dist/test_nonfinite.py
 """
@@ -58,5 +59,5 @@ def test_nonfinite_value_on_one_rank_stops_every_rank(tiny_model_dir, tmp_path, 
     results = run_world(nonfinite_on_rank1, 2, str(tiny_model_dir), str(tmp_path), what, timeout_s=300)
     for rank, result in enumerate(results):
         assert result["error"] is not None, f"rank {rank} kept training"
-        assert f"non-finite {named} at step 0" in result["error"], result["error"]
+        assert result["error"].startswith(f"rank 1: non-finite {named} at step 0"), result["error"]
         assert result["unchanged"], f"rank {rank}: the optimizer stepped on a non-finite {named}"

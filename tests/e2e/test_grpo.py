@@ -10,8 +10,8 @@ import torch
 
 from tests.helpers import compose, run_world
 
-CPU_COMBOS = [(f, o, l) for f in ("fsdp1", "fsdp2") for o in ("none", "manual", "cpu") for l in ("none", "merged", "adapter")
-              if not (f == "fsdp1" and o == "cpu")]
+CPU_COMBOS = [(f, o, lora) for f in ("fsdp1", "fsdp2") for o in ("none", "manual", "cpu")
+              for lora in ("none", "merged", "adapter") if not (f == "fsdp1" and o == "cpu")]
 SMALL = ["trainer.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=4", "logger=none",
          "trainer.micro_batch_size=4", "sync.num_probe_prompts=2"]
 

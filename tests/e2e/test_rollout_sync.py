@@ -30,8 +30,6 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
-import math
-import os
 from pathlib import Path
 
 import pytest
@@ -161,7 +159,7 @@ def _stream_faults(ctx, model_dir, engine, tok):
     streamed) and is caught by the logprob probe (float32)."""
     from recipe.model import build_optimizer, build_policy
     from recipe.state_dict import stream_weights
-    from recipe.sync import WeightSync, WeightSyncError
+    from recipe.sync import WeightSync
 
     cfg = _cfg(model_dir)
     policy = build_policy(cfg, ctx)

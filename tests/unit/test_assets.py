@@ -57,6 +57,7 @@ def test_user_model_path_is_refused_at_start(tmp_path):
     assert _contents(mine) == before
 
 
+@pytest.mark.slow  # python -m recipe.train in a subprocess
 def test_user_model_path_from_the_cli_exits_with_the_message(tmp_path):
     """The issue's command, as a user types it: it exits non-zero at start and deletes nothing."""
     mine = tmp_path / "my_model"

@@ -212,6 +212,7 @@ KILL_SCRIPT = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow  # a killed subprocess per case
 @pytest.mark.parametrize("step,where,left", [
     (2, "writing", ["step_1", "step_2.tmp"]),
     (1, "publishing", ["step_1.old", "step_1.tmp"]),  # saving step 1 again, killed between the renames

@@ -255,7 +255,7 @@ def test_a_placeholder_micro_batch_adds_exactly_nothing(monkeypatch):
     results = []
     for extra in (0, 2):
         own = grpo.agreed_micro_batches
-        monkeypatch.setattr(grpo, "agreed_micro_batches", lambda b, m, c: own(b, m, c) + [[]] * extra)
+        monkeypatch.setattr(grpo, "agreed_micro_batches", lambda b, m, c, own=own, extra=extra: own(b, m, c) + [[]] * extra)
         policy = _TinyLM()
         stats = grpo.backward_mini_batch(policy, _loop_batch(), range(5), cfg, "cpu", 1, reference=_TinyLM())
         results.append((stats, {n: p.grad.clone() for n, p in policy.named_parameters()}))

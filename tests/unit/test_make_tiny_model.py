@@ -3,7 +3,6 @@
     .venv/bin/python -m pytest tests/unit/test_make_tiny_model.py
 """
 
-import pytest
 import torch
 from safetensors.torch import load_file
 from transformers import AutoTokenizer

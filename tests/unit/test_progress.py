@@ -38,6 +38,7 @@ NUMA_NOTE = ("import torch, vllm._custom_ops\n"
              "torch.ops._C.init_cpu_memory_env([0])\n")
 
 
+@pytest.mark.slow  # a subprocess that imports vLLM
 @pytest.mark.parametrize("verbose", [False, True])
 def test_vllm_cpu_start_up_note_only_when_verbose(monkeypatch, verbose):
     for key in ("VLLM_LOGGING_LEVEL", "TORCH_CPP_LOG_LEVEL", "WANDB_SILENT", "PYTHONWARNINGS"):

@@ -35,7 +35,7 @@ def test_arithmetic_prompts_and_answers():
     for p in task.prompts(200):
         a, op, b = p.text[0], p.text[1], p.text[2:-1]
         assert p.text.endswith("=")
-        assert int(p.answer) == eval(f"{a}{op}{b}")  # noqa: S307  (digits and one operator)
+        assert int(p.answer) == eval(f"{a}{op}{b}")  # digits and one operator: safe to eval
         assert 0 <= int(a) <= 9 and 0 <= int(b) <= 9
     assert {p.text[1] for p in task.prompts(200)} == set("+-*")
 
