@@ -29,7 +29,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from recipe.config import UnsupportedError, validate  # noqa: F401  (registers the ConfigStore schema)
+from recipe.config import UnsupportedError, validate  # (importing it registers the ConfigStore schema)
 from recipe.config import ConfigError, expand_paths, launcher_world
 
 

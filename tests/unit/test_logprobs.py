@@ -71,7 +71,7 @@ def test_fused_matches_the_formula_float32():
     weight = (torch.randn(VOCAB, 64) * 0.3).requires_grad_()
     ref = _grads(lambda: plain(F.linear(hidden, weight), ids, 0.7), [hidden, weight])
     for rows in (41, 16):
-        got = _grads(lambda: blocked(hidden, ids, 0.7, weight=weight, rows=rows), [hidden, weight])
+        got = _grads(lambda rows=rows: blocked(hidden, ids, 0.7, weight=weight, rows=rows), [hidden, weight])
         gaps = [_rel(ref[0], got[0]), _rel(ref[1], got[1]), _rel(ref[2][0], got[2][0]), _rel(ref[2][1], got[2][1])]
         print(f"blocks of {rows}: relative gaps logp, entropy, d hidden, d weight: {gaps}")
         assert max(gaps) <= 1e-6, (rows, gaps)

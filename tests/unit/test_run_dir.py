@@ -12,7 +12,7 @@ import sys
 import time
 
 import pytest
-from omegaconf import OmegaConf, open_dict
+from omegaconf import open_dict
 
 from recipe.config import ConfigError
 from recipe.preflight import LOCK, RunDir, RunDirBusy
