@@ -226,7 +226,7 @@ def _math(record):
 
 @pytest.mark.slow
 def test_two_runs_of_one_config_on_one_machine_agree_bit_for_bit(tiny_model_dir, tmp_path):
-    """What README's "Reproducibility" promises: the same config on the same machine (and stack) gives the
+    """What docs/RUNNING.md's "Reproducibility" promises: the same config on the same machine (and stack) gives the
     same records and the same model and optimizer tensors, bit for bit; each run names its machine."""
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
