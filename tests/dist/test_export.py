@@ -158,3 +158,23 @@ def test_export_tool_from_a_world_two_checkpoint_writes_the_same_bytes(exported,
     ours = json.loads((run_dir / "export" / "step_1" / "export.json").read_text())["files"]
     tool = json.loads((out / "export.json").read_text())["files"]
     assert tool == ours, f"{key}: {[f for f in set(ours) | set(tool) if ours.get(f) != tool.get(f)]} differ"
+
+
+@pytest.mark.timeout(600)
+def test_export_tool_adapter_only_writes_the_adapter_the_run_wrote(exported, tmp_path):
+    """`--adapter-only` on a LoRA checkpoint: the PEFT files alone, byte for byte the run's `adapter/`;
+    on a full fine-tune it is refused, naming the reason."""
+    from tools.export import NotACheckpoint, main
+
+    root, results = exported
+    run_dir = Path(results[(("fsdp1", "manual", "merged"), "fp32")][0]["out"]).parents[1]
+    out = tmp_path / "adapter"
+    main([str(run_dir / "checkpoints" / "step_1"), "--out", str(out), "--adapter-only"])
+    ours = json.loads((run_dir / "export" / "step_1" / "export.json").read_text())["files"]
+    tool = json.loads((out / "export.json").read_text())["files"]
+    assert tool and set(tool) == {f.split("/", 1)[1] for f in ours if f.startswith("adapter/")}
+    assert all(tool[f] == ours["adapter/" + f] for f in tool)
+    assert not list(out.glob("*.safetensors.index.json"))  # no base weights
+    full = Path(results[(("fsdp2", "none", "none"), "fp32")][0]["out"]).parents[1]
+    with pytest.raises(NotACheckpoint, match="without LoRA"):
+        main([str(full / "checkpoints" / "step_1"), "--out", str(tmp_path / "none"), "--adapter-only"])
