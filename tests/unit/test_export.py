@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from recipe.dist import DistContext
-from recipe.export import ExportError, export, write_error
+from recipe.export import ExportError, export
+from recipe.files import write_error
 from tests.helpers import compose
 
 
