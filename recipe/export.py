@@ -27,7 +27,6 @@ is not an export of this run (no `export.json` naming this run directory) is ref
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import tempfile
@@ -40,7 +39,7 @@ from omegaconf import DictConfig
 
 from recipe.config import combo_key
 from recipe.dist import agree
-from recipe.files import write_error
+from recipe.files import sha256, write_error
 from recipe.model import adapter_config
 from recipe.state_dict import stream_transform
 
@@ -52,14 +51,6 @@ ADAPTER_DIR = "adapter"
 
 class ExportError(RuntimeError):
     """An export cannot be written; the message names the path."""
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- target directory

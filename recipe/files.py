@@ -2,6 +2,7 @@
 
 - `write_atomic(path, text)`: written to `<path>.tmp`, flushed to the disk (fsync), renamed over `path`,
   and the directory fsync'd; on failure the `.tmp` is removed and `path` keeps its previous content.
+- `sha256(path)`: a file's digest, read in 1 MiB blocks (checkpoint files, the LoRA base, export files).
 - `fsync_path(path)`: a file's data, or a directory's entries (a rename or a new file in a directory
   survives a power cut only once the directory itself is flushed).
 - `DiskFullError` ("no space left on device: <path>") is what every write of the run's files raises when
@@ -13,6 +14,7 @@
 from __future__ import annotations
 
 import errno
+import hashlib
 import os
 from pathlib import Path
 from typing import Union
@@ -34,6 +36,14 @@ class DiskFullError(OSError):
 
     def __str__(self) -> str:
         return f"no space left on device: {self.path}"
+
+
+def sha256(path: PathLike) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
 
 
 def fsync_path(path: PathLike) -> None:
