@@ -114,6 +114,8 @@ def main(argv: Optional[List[str]] = None) -> Path:
     parser.add_argument("--adapter-only", action="store_true", help="LoRA: only the PEFT adapter directory")
     parser.add_argument("--shard-mb", type=float, default=None, help="safetensors shard size (default 1024)")
     args = parser.parse_args(argv)
+    if args.shard_mb is not None and not args.shard_mb > 0:
+        parser.error(f"--shard-mb={args.shard_mb}: give a size in MiB above 0 (default 1024)")
     shard = int(args.shard_mb * 2**20) if args.shard_mb else None
     out = export_checkpoint(Path(args.path), Path(args.out) if args.out else None, args.adapter_only, shard)
     print(f"exported: {out}", flush=True)

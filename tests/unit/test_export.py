@@ -127,3 +127,12 @@ def test_export_tool_into_a_run_directory_in_use_is_refused(tmp_path):
     with run_dir_lock(tmp_path, tmp_path / "export" / "step_3"):  # the run ended: the export holds the lock
         with pytest.raises(Exception, match="in use by another run"):
             RunDir(tmp_path).claim(resume=True)
+
+
+def test_export_tool_refuses_a_shard_size_not_above_zero(tmp_path, capsys):
+    from tools.export import main
+
+    for size in ("0", "-5", "nan"):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path), "--shard-mb", size])
+        assert f"--shard-mb={float(size)}: give a size in MiB above 0" in capsys.readouterr().err
