@@ -30,7 +30,6 @@ differ, naming the file, since the adapters mean nothing on another base.
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import random
 import re
 import shutil
@@ -44,7 +43,7 @@ from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model
                                                      set_model_state_dict, set_state_dict)
 
 from recipe.dist import agree
-from recipe.files import DiskFullError, disk_full, fsync_path
+from recipe.files import DiskFullError, disk_full, fsync_path, sha256
 from recipe.model import Residency
 from recipe.names import strip_wrappers
 
@@ -99,20 +98,12 @@ def _describe(error: BaseException) -> str:
     return f"{type(error).__name__}: {str(error).splitlines()[0][:300] if str(error) else ''}"
 
 
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def _own_files(directory: Path, rank: int) -> Dict[str, str]:
     """sha256 of the DCP files this rank wrote (rank 0 also owns `.metadata`)."""
     names = [p for p in directory.glob(f"__{rank}_*.distcp")]
     if rank == 0 and (directory / ".metadata").exists():
         names.append(directory / ".metadata")
-    return {p.name: _sha256(p) for p in sorted(names)}
+    return {p.name: sha256(p) for p in sorted(names)}
 
 
 def _step_dirs(root: Path) -> Dict[int, Dict[str, Path]]:
@@ -180,7 +171,7 @@ def base_reference(model_dir: Path) -> dict:
         stat = path.stat()
         key = (str(path), stat.st_size, stat.st_mtime_ns)
         if key not in _BASE_DIGESTS:
-            _BASE_DIGESTS[key] = _sha256(path)
+            _BASE_DIGESTS[key] = sha256(path)
         digests[path.name] = _BASE_DIGESTS[key]
     return {"path": str(model_dir), "files": digests}
 
@@ -289,7 +280,7 @@ def _read_rank_file(path: Path, rank: int) -> dict:
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint file {file} is missing")
-        if _sha256(file) != digest:
+        if sha256(file) != digest:
             raise CheckpointError(f"checkpoint file {file} is truncated or corrupted (sha256 differs from the one "
                                   "recorded when it was saved)")
     return extra

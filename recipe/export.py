@@ -27,8 +27,6 @@ is not an export of this run (no `export.json` naming this run directory) is ref
 
 from __future__ import annotations
 
-import errno
-import hashlib
 import json
 import shutil
 import tempfile
@@ -41,6 +39,7 @@ from omegaconf import DictConfig
 
 from recipe.config import combo_key
 from recipe.dist import agree
+from recipe.files import sha256, write_error
 from recipe.model import adapter_config
 from recipe.state_dict import stream_transform
 
@@ -52,25 +51,6 @@ ADAPTER_DIR = "adapter"
 
 class ExportError(RuntimeError):
     """An export cannot be written; the message names the path."""
-
-
-def write_error(exc: BaseException, path: Path) -> str:
-    """One line for a failed write of `path`: a full disk says so, whatever layer raised it
-    (OSError ENOSPC/EDQUOT; safetensors reports the OS error as text, 'os error 28')."""
-    text = str(exc)
-    full = (isinstance(exc, OSError) and exc.errno in (errno.ENOSPC, errno.EDQUOT)) \
-        or "No space left on device" in text or "os error 28" in text or "Disk quota exceeded" in text
-    if full:
-        return f"no space left on device: {path}"
-    return f"cannot write {path}: {type(exc).__name__}: {text.splitlines()[0][:300] if text else ''}"
-
-
-def sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 # ----------------------------------------------------------------------------- target directory

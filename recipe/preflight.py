@@ -47,7 +47,7 @@ RESUMABLE = ("trainer.steps", "trainer.resume", "trainer.checkpoint_every", "tra
              "trainer.timeout_s", "logger.", "run_dir", "cache_dir", "sync.verify", "sync.tolerance",
              "sync.num_probe_prompts", "sync.bucket_mb", "rollout.kv_cache_gb", "rollout.gpu_memory_utilization",
              "rollout.sleep", "trainer.eval_every", "trainer.eval_prompts", "trainer.profile_steps",
-             "trainer.profile_trace")
+             "trainer.profile_trace", "trainer.export")
 # What makes a directory hold a run: a fresh run there would mix with or overwrite it.
 RUN_FILES = ("checkpoints", "metrics.jsonl")
 WANDB_TIMEOUT_S = 10.0
@@ -98,7 +98,11 @@ def _holds_a_run(run_dir: Path, found: List[str]) -> ConfigError:
 
 
 class RunDirBusy(ConfigError):
-    """Another process holds the run directory's lock."""
+    """Another process holds the run directory's lock; `holder` says which (pid, host, since when)."""
+
+    def __init__(self, message: str, holder: str = "another process"):
+        super().__init__(message)
+        self.holder = holder
 
 
 class RunDir:
@@ -129,7 +133,7 @@ class RunDir:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
             raise RunDirBusy(f"run directory {str(self.path)!r} is in use by another run ({holder}); wait for it "
-                             "to end, or start this one in another hydra.run.dir") from None
+                             "to end, or start this one in another hydra.run.dir", holder) from None
         self.fd = fd
         if not resume and held_run(self.path):  # another start won the race and began writing before our lock
             self.release()

@@ -9,12 +9,15 @@ unsharded FSDP2 unit on the host in a process group of one, and exported through
 table's FSDP2 entries, so the bytes equal those the run's own export writes. A LoRA checkpoint
 holds the adapters: the base comes from `model.path`, checked against the checkpoint's sha256
 of its weight files. Default `--out`: `<run dir>/export/step_<N>/`. `--adapter-only` (LoRA):
-`--out` becomes the PEFT directory alone.
+`--out` becomes the PEFT directory alone. The run's config.yaml must be intact (it ends with
+`# end of config.yaml`, as a resume requires); an export into the run directory holds the run's lock
+while it writes, and is refused while a run holds it.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from pathlib import Path
 from typing import List, Optional, Tuple
@@ -47,6 +50,28 @@ def locate(path: Path) -> Tuple[Path, Path]:
     return checkpoint, run_dir
 
 
+@contextlib.contextmanager
+def run_dir_lock(run_dir: Path, target: Path):
+    """An export into the run directory holds the run's lock (recipe/preflight.py `RunDir`) while it
+    writes: refused while a run (a resume, a final export) writes there; a run started meanwhile is
+    refused. An export elsewhere takes no lock (the run directory may be read-only)."""
+    from recipe.preflight import RunDir, RunDirBusy
+
+    if not Path(target).resolve().is_relative_to(run_dir.resolve()):
+        yield
+        return
+    owner = RunDir(run_dir)
+    try:
+        owner.claim(resume=True)  # takes the lock only: writes nothing else into the directory
+    except RunDirBusy as exc:
+        raise NotACheckpoint(f"{run_dir} is in use by a run ({exc.holder}): wait for it to end, or export "
+                             "elsewhere with --out") from None
+    try:
+        yield
+    finally:
+        owner.release()
+
+
 def export_checkpoint(path: Path, out: Optional[Path] = None, adapter_only: bool = False,
                       shard_bytes: Optional[int] = None) -> Path:
     import torch
@@ -57,9 +82,10 @@ def export_checkpoint(path: Path, out: Optional[Path] = None, adapter_only: bool
     from recipe.dist import DistContext
     from recipe.export import SHARD_BYTES, export, export_dir
     from recipe.model import build_policy
+    from recipe.preflight import load_run_config
 
     checkpoint, run_dir = locate(path)
-    cfg = OmegaConf.load(run_dir / "config.yaml")
+    cfg = OmegaConf.create(load_run_config(run_dir / "config.yaml"))  # refuses a cut or damaged file
     if adapter_only and cfg.lora.name == "none":
         raise NotACheckpoint(f"--adapter-only: the run {run_dir} trained without LoRA (lora.name=none): no adapter")
     with open_dict(cfg):  # one unsharded unit on the host, whatever the run used
@@ -73,7 +99,9 @@ def export_checkpoint(path: Path, out: Optional[Path] = None, adapter_only: bool
         model = build_policy(cfg, ctx)
         step = load_weights(checkpoint, model, base=cfg.model.path if cfg.lora.name != "none" else None)
         target = Path(out) if out is not None else export_dir(run_dir, step)
-        return export(model, cfg, ctx, target, step, run_dir, shard_bytes or SHARD_BYTES, adapter_only=adapter_only)
+        with run_dir_lock(run_dir, target):
+            return export(model, cfg, ctx, target, step, run_dir, shard_bytes or SHARD_BYTES,
+                          adapter_only=adapter_only)
     finally:
         if started:
             dist.destroy_process_group()
@@ -86,6 +114,8 @@ def main(argv: Optional[List[str]] = None) -> Path:
     parser.add_argument("--adapter-only", action="store_true", help="LoRA: only the PEFT adapter directory")
     parser.add_argument("--shard-mb", type=float, default=None, help="safetensors shard size (default 1024)")
     args = parser.parse_args(argv)
+    if args.shard_mb is not None and not args.shard_mb > 0:
+        parser.error(f"--shard-mb={args.shard_mb}: give a size in MiB above 0 (default 1024)")
     shard = int(args.shard_mb * 2**20) if args.shard_mb else None
     out = export_checkpoint(Path(args.path), Path(args.out) if args.out else None, args.adapter_only, shard)
     print(f"exported: {out}", flush=True)

@@ -253,13 +253,14 @@ def build_base(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
 
 
 def build_policy_from(base: torch.nn.Module, cfg: DictConfig, ctx) -> Tuple[torch.nn.Module, int]:
-    """`recipe.model.build_policy` on a copy of `base` (no reload from disk per cell); also
+    """`recipe.model.build_policy` on a copy of `base` (no reload from disk per cell), held in the
+    trainer's `base_dtype` (a frozen LoRA base in `model.dtype`, as the trainer holds it); also
     returns the largest FSDP unit's bytes. Manual offload leaves the shards on the host, as
     the trainer does before a sync."""
     from recipe import model as policy
 
     torch.manual_seed(cfg.trainer.seed)
-    model = policy.apply_lora(copy.deepcopy(base), cfg)
+    model = policy.apply_lora(copy.deepcopy(base).to(policy.torch_dtype(policy.base_dtype(cfg))), cfg)
     unit = policy.largest_unit_bytes(model)
     model = policy.shard(model, cfg, ctx.device)
     if cfg.offload.name == "manual":

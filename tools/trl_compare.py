@@ -28,7 +28,8 @@ to it there: trl 1.16.0 installs beside vLLM 0.26), and this recipe with `traine
 `--ours model=local --ours model.path=DIR`; both sides read it from there:
     python -m tools.trl_compare --device cuda --steps 30 --prompts 16 --updates 1 \
         --ours model=local --ours model.path=/tmp/m/q15
-The recipe runs `python -m recipe.train` with its defaults plus the settings above (and `--ours`).
+The recipe runs `python -m recipe.train` with its defaults plus the settings above, `trainer.export=none`
+(TRL saves no model), and `--ours`.
 Columns: the training loop's wall time (TRL: `trainer.train()`; ours: the sum of time/step_s,
 which is rollout + reward + update + sync), the same with process start-up, the mean and median
 step (TRL: the time between reward calls, one per rollout batch), and
@@ -261,7 +262,8 @@ def main(argv=None) -> None:
     world = int(cfg.trainer.world_size)
     if args.prompts % world:
         raise SystemExit(f"--prompts={args.prompts} must divide by trainer.world_size={world}")
-    ours = [f"trainer.steps={args.steps}", f"trainer.prompts_per_step={args.prompts // world}",
+    # no export: TRL saves nothing (save_strategy "no"), and the process-start-up column would count it
+    ours = ["trainer.export=none", f"trainer.steps={args.steps}", f"trainer.prompts_per_step={args.prompts // world}",
             f"rollout.n={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
             f"trainer.updates_per_batch={args.updates}", f"trainer.lr={args.lr}",
             *(["trainer.device=cuda", "model.dtype=bfloat16"] if args.device == "cuda" else []), *args.ours]

@@ -111,7 +111,7 @@ def test_export_loads_and_equals_the_trainer(exported, tiny_model_dir, case):
     from safetensors.torch import load_file
     from transformers import AutoModelForCausalLM
 
-    from recipe.export import sha256
+    from recipe.files import sha256
 
     _, results = exported
     (key, precision), (r0, r1) = case, exported[1][case]

@@ -183,8 +183,8 @@ def test_resume_with_a_config_that_changes_the_math_is_refused(tmp_path):
     (tmp_path / "run").mkdir()
     save_run_config(saved, tmp_path / "run" / "config.yaml")
     ok = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=99", "trainer.checkpoint_every=5",
-                             "trainer.keep_checkpoints=0", "logger=none"])
-    check_resume_config(ok)  # steps, checkpointing and logging may change
+                             "trainer.keep_checkpoints=0", "logger=none", "trainer.export=every_checkpoint"])
+    check_resume_config(ok)  # steps, checkpointing, exports and logging may change
     bad = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.lr=0.5", "rollout.temperature=0.7",
                               "trainer.world_size=1", "+lora=merged"])
     with pytest.raises(ConfigError) as err:

@@ -15,7 +15,8 @@ import torch
 import torch.distributed as dist
 
 from recipe.dist import DistContext
-from recipe.export import ExportError, export, write_error
+from recipe.export import ExportError, export
+from recipe.files import write_error
 from tests.helpers import compose
 
 
@@ -97,3 +98,41 @@ def test_export_tool_names_what_a_directory_lacks(tmp_path):
     (tmp_path / "checkpoints" / "step_3").mkdir()
     with pytest.raises(NotACheckpoint, match="config.yaml is missing"):
         locate(tmp_path)
+
+
+def test_export_tool_refuses_a_cut_config_yaml(tmp_path):
+    from recipe.config import ConfigError
+    from tools.export import export_checkpoint
+
+    (tmp_path / "checkpoints" / "step_3").mkdir(parents=True)
+    (tmp_path / "config.yaml").write_text("model:\n  path: /nowhere\n")  # no `# end of config.yaml`: cut short
+    with pytest.raises(ConfigError, match="config.yaml is damaged"):
+        export_checkpoint(tmp_path)
+
+
+def test_export_tool_into_a_run_directory_in_use_is_refused(tmp_path):
+    from recipe.preflight import RunDir
+    from tools.export import NotACheckpoint, run_dir_lock
+
+    run = RunDir(tmp_path)
+    run.claim(resume=True)
+    try:
+        with pytest.raises(NotACheckpoint, match=f"in use by a run \\(pid {os.getpid()} .*export elsewhere with --out"):
+            with run_dir_lock(tmp_path, tmp_path / "export" / "step_3"):
+                pass
+        with run_dir_lock(tmp_path, tmp_path.parent / "elsewhere"):  # outside the run directory: no lock taken
+            pass
+    finally:
+        run.release()
+    with run_dir_lock(tmp_path, tmp_path / "export" / "step_3"):  # the run ended: the export holds the lock
+        with pytest.raises(Exception, match="in use by another run"):
+            RunDir(tmp_path).claim(resume=True)
+
+
+def test_export_tool_refuses_a_shard_size_not_above_zero(tmp_path, capsys):
+    from tools.export import main
+
+    for size in ("0", "-5", "nan"):
+        with pytest.raises(SystemExit):
+            main([str(tmp_path), "--shard-mb", size])
+        assert f"--shard-mb={float(size)}: give a size in MiB above 0" in capsys.readouterr().err

@@ -42,7 +42,7 @@ ALLOWED: Dict[str, Set[str]] = {
                     "recipe.checkpoint", "recipe.progress", "recipe.profiling", "recipe.export", "recipe.logprobs",
                     "recipe.files"},
     "recipe.checkpoint": {"recipe.dist", "recipe.model", "recipe.names", "recipe.files"},
-    "recipe.export": {"recipe.config", "recipe.dist", "recipe.model", "recipe.state_dict"},
+    "recipe.export": {"recipe.config", "recipe.dist", "recipe.model", "recipe.state_dict", "recipe.files"},
     "recipe.preflight": {"recipe.config", "recipe.tasks", "recipe.files", "recipe.metrics"},
     "recipe.assets": {"recipe.config", "recipe.builtin_models"},
     "recipe.sync": {"recipe.state_dict", "recipe.model", "recipe.names", "recipe.digest", "recipe.config", "recipe.dist"},
