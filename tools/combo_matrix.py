@@ -28,7 +28,7 @@ from typing import Dict, List, Sequence
 import torch
 from omegaconf import DictConfig, open_dict
 
-from recipe.config import UnsupportedError, validate
+from recipe.config import ConfigError, UnsupportedError, refuse_renamed, validate
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 MEDIANS = {"step_s": "time/step_s", "gather_s": "sync/gather_s", "load_s": "sync/load_s",
@@ -171,6 +171,10 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(combos) - set(all_combos()))
     if unknown:
         parser.error(f"--combos: {unknown} are not fsdp/offload/lora keys; choose from: {', '.join(all_combos())}")
+    try:
+        refuse_renamed(args.overrides)  # an old key name gets the new one, not Hydra's "not in struct"
+    except ConfigError as exc:
+        parser.error(str(exc))
     # every sync probed as well as digested (the trainer default probes every 10th); an override can change it
     base = ["sync.probe_every=1", *args.overrides, "logger.backend=none", "logger.mode=disabled"]
     cfg = compose(base)

@@ -256,7 +256,12 @@ def main(argv=None) -> None:
         args.trl_python = sys.executable if args.device == "cuda" else "/work/trl-venv/bin/python"
 
     from recipe.assets import ensure_model
+    from recipe.config import ConfigError, refuse_renamed
 
+    try:  # an old key name gets the new one, not Hydra's "not in struct"
+        refuse_renamed([*args.ours, *(o for extra in args.also for o in extra.split())])
+    except ConfigError as exc:
+        p.error(str(exc))
     cfg = project_config(args.ours)
     world = int(cfg.trainer.world_size)
     if args.prompts % world:
