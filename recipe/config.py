@@ -13,7 +13,7 @@ import os
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -135,10 +135,11 @@ class SyncConfig:
     strategy: str = "auto"
     # Exact digest of every tensor the engine holds vs what was streamed, every sync.
     digest: bool = True
-    # Logprob probe: "every", "first", "off", or an integer N (the 1st, N+1-th, ... sync).
-    verify: str = "10"
+    # Logprob probe, trainer vs engine: 0 = off, 1 = every sync, N = the 1st and every N-th after it
+    # (the 1st, N+1-th, 2N+1-th, ... sync), -1 = the first sync only.
+    probe_every: int = 10
     # Mean abs difference of the probe tokens' logprobs tolerated; null = dtype-aware default.
-    tolerance: Optional[float] = None
+    probe_tolerance: Optional[float] = None
     # Tensors are grouped into buckets of at most this many MiB before loading.
     bucket_mb: int = 64
     num_probe_prompts: int = 4
@@ -159,6 +160,8 @@ class LoggerConfig:
 @dataclass
 class TrainerConfig:
     steps: int = 60
+    # Prompts each rank draws per step (per rank, not global): a step trains on
+    # prompts_per_step x world_size x rollout.n completions.
     prompts_per_step: int = 16
     world_size: int = 2
     seed: int = 0
@@ -276,7 +279,9 @@ RANGES: Dict[str, Range] = {
     "task.seed": Range(0, SEED_LIMIT - 1), "task.num_prompts": POSITIVE,
     "algo.clip_eps": NON_NEGATIVE, "algo.kl_coef": NON_NEGATIVE, "algo.entropy_coef": NON_NEGATIVE,
     "algo.entropy_tokens": NON_NEGATIVE,
-    "sync.tolerance": NON_NEGATIVE, "sync.bucket_mb": POSITIVE, "sync.num_probe_prompts": POSITIVE,
+    "sync.probe_tolerance": NON_NEGATIVE,
+    "sync.probe_every": Range(-1, why="0 = off, 1 = every sync, N = the 1st and every N-th, -1 = the first only"),
+    "sync.bucket_mb": POSITIVE, "sync.num_probe_prompts": POSITIVE,
     "trainer.steps": POSITIVE, "trainer.prompts_per_step": POSITIVE, "trainer.world_size": POSITIVE,
     "trainer.seed": Range(0, SEED_LIMIT - 1, why="numpy's and vLLM's seeds are 32-bit"),
     "trainer.lr": POSITIVE, "trainer.weight_decay": NON_NEGATIVE, "trainer.warmup_steps": NON_NEGATIVE,
@@ -307,7 +312,7 @@ def check_numbers(cfg: DictConfig) -> None:
     """Every numeric field is finite and inside RANGES; the error names the field and the range."""
     for key, _ in numeric_fields():
         value = OmegaConf.select(cfg, key)
-        if value is None:  # Optional fields (sync.tolerance): null means the default
+        if value is None:  # Optional fields (sync.probe_tolerance): null means the default
             continue
         if isinstance(value, bool) or not isinstance(value, (int, float)):
             raise ConfigError(f"{key}={value!r} is not a number")
@@ -335,6 +340,21 @@ def _engine_limits(cfg: DictConfig) -> None:
                           "lora=adapter; use lora.rank <= 512, or lora=merged")
 
 
+# Config keys renamed, old -> new. Given under the old name the run is refused at start, naming the new one.
+RENAMED = {"sync.verify": "sync.probe_every (an int: 0 = off, 1 = every sync, N = the 1st and every N-th, "
+                          "-1 = the first only)",
+           "sync.tolerance": "sync.probe_tolerance"}
+
+
+def refuse_renamed(overrides: Sequence[str]) -> None:
+    """Command-line overrides (`sync.verify=every`, `+sync.verify=...`, `~sync.tolerance`) that use a renamed
+    key: refused before Hydra composes, whose schema would only say the key is not in the struct."""
+    for override in overrides:
+        key = override.split("=", 1)[0].lstrip("+~")
+        if key in RENAMED:
+            raise ConfigError(f"{key} was renamed: use {RENAMED[key]}")
+
+
 def _unknown_keys(node: Any, prefix: str = "") -> None:
     """`+trainer.stepz=3` adds a key even to a typed node; refuse keys the schema lacks."""
     if not isinstance(node, DictConfig):
@@ -343,6 +363,8 @@ def _unknown_keys(node: Any, prefix: str = "") -> None:
     if is_dataclass(schema):
         known = {f.name for f in fields(schema)}
         for key in node.keys():
+            if f"{prefix}{key}" in RENAMED:
+                refuse_renamed([f"{prefix}{key}"])
             if key not in known:
                 raise ConfigError(f"{prefix}{key} is not a config key; {prefix.rstrip('.') or 'the top level'} "
                                   f"has: {', '.join(sorted(known))}")
@@ -384,9 +406,6 @@ def validate(cfg: DictConfig) -> None:
     _choice(cfg, "sync.strategy", SYNC_STRATEGY_CHOICES)
     _choice(cfg, "sync.load", SYNC_LOAD_CHOICES)
     _choice(cfg, "trainer.export", EXPORT_CHOICES)
-    verify = str(cfg.sync.verify)
-    if verify not in ("every", "first", "off") and not (verify.isdigit() and int(verify) > 0):
-        raise ConfigError(f"sync.verify={verify!r} is not valid; choose one of: every, first, off, or a positive integer N")
     if cfg.trainer.profile_steps > 0 and cfg.trainer.steps < 2:
         raise ConfigError(f"trainer.profile_steps={cfg.trainer.profile_steps} needs trainer.steps >= 2 (the first "
                           f"step is warm-up and is not profiled); got trainer.steps={cfg.trainer.steps}")

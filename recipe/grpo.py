@@ -1,7 +1,7 @@
 """GRPO: rollout -> reward -> advantage -> update -> sync -> log, one function per phase.
 
 Every rank runs this loop on its own prompts (data parallel): its own engine samples
-`rollout.n` completions for each of `trainer.prompts_per_step` prompts, the policy is
+`rollout.n` completions for each of `trainer.prompts_per_step` prompts (per rank), the policy is
 sharded across ranks with FSDP, and after each update the weights stream from the shards
 into every rank's engine (recipe/sync.py).
 
@@ -549,6 +549,7 @@ class GRPOTrainer:
         self.maybe_resume()
         self.sync.sync(self.step)  # engine starts from the trainer's weights (and loads the adapter base)
         progress = Progress(cfg.trainer.steps, initial=self.step, enabled=self.ctx.is_main)
+        progress.note(batch_note(cfg, self.ctx.world_size))
         if truncated_sampling(cfg):
             progress.note(behaviour_note(cfg))
         if self.step == 0 and self.eval_due():
@@ -623,6 +624,14 @@ class GRPOTrainer:
     def close(self) -> None:
         self.logger.close()
         self.engine.close()
+
+
+def batch_note(cfg: DictConfig, world_size: int) -> str:
+    """The line the run prints at start: the global batch, since trainer.prompts_per_step is per rank
+    (each rank draws its own prompts)."""
+    prompts, n = cfg.trainer.prompts_per_step, cfg.rollout.n
+    return (f"batch per step: {prompts} prompts per rank x {world_size} ranks x {n} samples (rollout.n) = "
+            f"{prompts * world_size * n} completions ({prompts * world_size} prompts)")
 
 
 def behaviour_note(cfg: DictConfig) -> str:

@@ -44,7 +44,7 @@ from recipe.metrics import check_history
 
 # Fields a resumed run may change: they do not change what is computed.
 RESUMABLE = ("trainer.steps", "trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoints",
-             "trainer.timeout_s", "logger.", "run_dir", "cache_dir", "sync.verify", "sync.tolerance",
+             "trainer.timeout_s", "logger.", "run_dir", "cache_dir", "sync.probe_every", "sync.probe_tolerance",
              "sync.num_probe_prompts", "sync.bucket_mb", "rollout.kv_cache_gb", "rollout.gpu_memory_utilization",
              "rollout.sleep", "trainer.eval_every", "trainer.eval_prompts", "trainer.profile_steps",
              "trainer.profile_trace", "trainer.export")

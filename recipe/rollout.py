@@ -628,7 +628,7 @@ class VllmEngine(Engine):
             raise ConfigError(
                 f"sync.digest=true: vLLM's loader rearranges {len(report.rearranged)} tensors of {model_dir} in a way "
                 f"the digest cannot follow (e.g. {first}: {report.rearranged[first]}), so every sync would fail; set "
-                f"sync.digest=false (the parity probe, sync.verify, still checks the engine)")
+                f"sync.digest=false (the logprob probe, sync.probe_every, still checks the engine)")
         if report.transposed:
             log.info("sync.digest: vLLM holds %d tensors transposed (e.g. %s); the trainer digests them transposed",
                      len(report.transposed), report.transposed[0])

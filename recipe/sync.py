@@ -1,11 +1,11 @@
-"""One weight sync, trainer -> rollout engine: gather -> load -> verify, timed and checked.
+"""One weight sync, trainer -> rollout engine: gather -> load -> digest check (-> probe), timed and checked.
 
     sync = WeightSync(cfg, ctx, policy, engine, tokenizer)
     stats = sync.sync(step)     # every rank calls it; returns the `sync/*` metrics
 
 Two checks (docs/SYNC.md): every sync, an exact digest of every tensor the engine holds against
 the digests of what the trainer streamed, plus the name set (`sync.digest`); at the first sync
-and every N-th, a logprob probe of the engine against the trainer (`sync.verify`).
+and every N-th, a logprob probe of the engine against the trainer (`sync.probe_every`).
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from recipe.state_dict import (MergeRounding, WeightStream, measure_merge_roundi
 
 log = logging.getLogger(__name__)
 
-# Mean |logprob_trainer - logprob_engine| over the probe tokens when sync.tolerance is null. A bound
+# Mean |logprob_trainer - logprob_engine| over the probe tokens when sync.probe_tolerance is null. A bound
 # on the worst token is too tight in bf16: its gap grows with the model and with training (logits
 # sharpen, a token at logprob -10 carries a large rounding error); SmolLM2 trained at lr 3e-5 on an
 # H200 showed 0.72 on one token at logprob -10 after 75 correct syncs, which stopped the run when
@@ -50,7 +50,7 @@ CUDA_FLOAT32_TOLERANCE = 1e-2
 
 
 def default_tolerance(dtype: str, device_type: str) -> float:
-    """The probe's tolerance when sync.tolerance is null: per dtype, and for float32 per device."""
+    """The probe's tolerance when sync.probe_tolerance is null: per dtype, and for float32 per device."""
     if dtype == "float32" and device_type == "cuda":
         return CUDA_FLOAT32_TOLERANCE
     return DEFAULT_TOLERANCE[dtype]
@@ -144,7 +144,7 @@ class WeightSync:
          (full weights via ``engine.load_weights``; for lora=adapter only the adapter, as a new
          version via ``engine.load_adapter``; the base once, on the first call), bumps
          ``weight_version``, compares the engine's digests with the streamed ones (``sync.digest``)
-         and, when ``sync.verify`` says so, runs the logprob probe. The engine is left awake.
+         and, when ``sync.probe_every`` says so, runs the logprob probe. The engine is left awake.
       3. Only then may the engine generate: every sample of step ``s`` comes from weights of
          version ``s + 1`` (the first call, before any update, makes version 1).
     A failed check raises ``WeightSyncError`` on every rank at once (the per-rank reports are
@@ -159,7 +159,7 @@ class WeightSync:
         self.stream_fn = stream_fn
         self.base_stream_fn = base_stream_fn
         self.probe = probe_batch(tokenizer, cfg.sync.num_probe_prompts)
-        self.tolerance = (cfg.sync.tolerance if cfg.sync.tolerance is not None
+        self.tolerance = (cfg.sync.probe_tolerance if cfg.sync.probe_tolerance is not None
                           else default_tolerance(cfg.model.dtype, ctx.device.type))
         self.adapter = cfg.lora.name == "adapter"
         self.digest = cfg.sync.digest and not engine.shares_policy
@@ -188,7 +188,7 @@ class WeightSync:
         self.weight_version += 1
         self.num_syncs += 1
         checked = self._check_digests(loads, step) if self.digest else {}
-        probed = self._probe(step) if self._should_verify() else {}
+        probed = self._probe(step) if self._should_probe() else {}
         stats = self._metrics(time.perf_counter() - t0, loads, checked, probed)
         if rounding is not None:
             stats.update(merge_rounding_metrics(rounding, self.ctx.device))
@@ -204,7 +204,7 @@ class WeightSync:
             "sync/total_s": total_s,
             "sync/gather_s": gather_s,
             "sync/load_s": load_s,
-            "sync/verify_s": checked.get("seconds", 0.0),
+            "sync/digest_s": checked.get("seconds", 0.0),
             "sync/probe_s": probed.get("seconds", 0.0),
             "sync/bytes": nbytes,
             "sync/gbps": nbytes / move_s / 1e9 if move_s > 0 else 0.0,
@@ -310,15 +310,12 @@ class WeightSync:
             f"{self.strategy_name()}): the engine does not hold exactly what was streamed. " + text))
 
     # -- probe
-    def _should_verify(self) -> bool:
-        mode = str(self.cfg.sync.verify)
-        if mode == "every":
-            return True
-        if mode == "first":
-            return self.num_syncs == 1
-        if mode == "off":
-            return False
-        return (self.num_syncs - 1) % int(mode) == 0  # the first sync, then every N-th
+    def _should_probe(self) -> bool:
+        """sync.probe_every: 0 = off, -1 = the first sync only, N = the first sync, then every N-th."""
+        every = int(self.cfg.sync.probe_every)
+        if every <= 0:
+            return every == -1 and self.num_syncs == 1
+        return (self.num_syncs - 1) % every == 0
 
     def _probe(self, step: int) -> Dict[str, float]:
         """The logprob probe: the engine's prompt logprobs against the trainer's (collective)."""

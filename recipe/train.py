@@ -10,7 +10,8 @@ Each run holds its run directory for its whole life (recipe/preflight.py's RunDi
 Ctrl-C with the line that says how to resume. A start refused because the directory holds another
 run writes nothing there (its status goes to a file of its own, named on the console). In a
 multirun sweep a failing job is recorded and the sweep goes on; a single run exits non-zero (a
-refusal at start in one line, `error: ...`).
+refusal at start in one line, `error: ...`). A renamed config key given under its old name
+(`sync.verify=...`) is refused before Hydra composes, naming the new key.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf, open_dict
 
 from recipe.config import UnsupportedError, validate  # (importing it registers the ConfigStore schema)
-from recipe.config import ConfigError, expand_paths, launcher_world
+from recipe.config import ConfigError, expand_paths, launcher_world, refuse_renamed
 
 
 def run_rank(cfg: DictConfig, ctx) -> None:
@@ -184,5 +185,15 @@ def main(cfg: DictConfig) -> None:
             run.release()
 
 
-if __name__ == "__main__":
+def entry() -> None:
+    """`python -m recipe.train`: renamed keys on the command line are refused here, before Hydra parses them."""
+    try:
+        refuse_renamed(sys.argv[1:])
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(1) from None
     main()
+
+
+if __name__ == "__main__":
+    entry()

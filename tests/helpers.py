@@ -23,11 +23,11 @@ CONF_DIR = str(REPO / "conf")
 
 def compose(overrides: Sequence[str] = ()):
     """Compose conf/train.yaml with overrides, as `python -m recipe.train` would (no run dir).
-    Tests probe every sync (`sync.verify=every`, the default being every 10th) unless they say otherwise."""
+    Tests probe every sync (`sync.probe_every=1`, the default being every 10th) unless they say otherwise."""
     from hydra import compose as hydra_compose, initialize_config_dir
 
-    if not any(o.startswith("sync.verify=") for o in overrides):
-        overrides = ["sync.verify=every", *overrides]
+    if not any(o.startswith("sync.probe_every=") for o in overrides):
+        overrides = ["sync.probe_every=1", *overrides]
 
     import recipe.config  # noqa: F401  registers the schema
 

@@ -8,7 +8,7 @@
 The ranks start once; each combination then runs `recipe.grpo.run` (build, `--steps` GRPO steps with
 every sync checked, final checkpoint, close), and with `--resume` a second run that resumes from that
 checkpoint and makes one more step. Rank 0 prints one row per combination (status, median step time,
-median sync gather / load / verify seconds, the worst probe gap, the on-policy logprob gap, free GPU
+median sync gather / load / digest seconds, the worst probe gap, the on-policy logprob gap, free GPU
 memory before the engine, with the engine asleep and awake) and writes them as JSON to `--out`.
 Arguments after the options are Hydra overrides of conf/train.yaml.
 """
@@ -28,11 +28,11 @@ from typing import Dict, List, Sequence
 import torch
 from omegaconf import DictConfig, open_dict
 
-from recipe.config import UnsupportedError, validate
+from recipe.config import ConfigError, UnsupportedError, refuse_renamed, validate
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
 MEDIANS = {"step_s": "time/step_s", "gather_s": "sync/gather_s", "load_s": "sync/load_s",
-           "verify_s": "sync/verify_s"}
+           "digest_s": "sync/digest_s"}
 MAXIMA = {"parity_max": "sync/parity_max_abs_diff", "logprob_gap_max": "train/logprob_gap",
           "logprob_gap_token_max": "train/logprob_gap_max"}
 MEMORY = {"free_gb_before_engine": "rollout/mem_free_before_engine_gb", "free_gb_asleep": "rollout/mem_free_asleep_gb",
@@ -138,7 +138,7 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def table(rows: List[dict], cfg: DictConfig) -> str:
-    head = ("| combination | status | step s | gather s | load s | verify s | probe max gap | logprob gap max "
+    head = ("| combination | status | step s | gather s | load s | digest s | probe max gap | logprob gap max "
             "| token gap max | resumed | free GiB before engine / asleep / awake |")
     lines = [f"model {cfg.model.path} ({cfg.model.dtype}), world {cfg.trainer.world_size}, device {cfg.trainer.device}",
              head, "|" + "---|" * (head.count("|") - 1)]
@@ -146,7 +146,7 @@ def table(rows: List[dict], cfg: DictConfig) -> str:
         mem = " / ".join(_fmt(r.get(k), 1) for k in MEMORY)
         status = r["status"] + (f" ({r['error'][:80]})" if r["error"] else "")
         lines.append(f"| {r['combo']} | {status} | {_fmt(r.get('step_s'))} | {_fmt(r.get('gather_s'), 4)} "
-                     f"| {_fmt(r.get('load_s'), 4)} | {_fmt(r.get('verify_s'), 4)} | {_fmt(r.get('parity_max'), 4)} "
+                     f"| {_fmt(r.get('load_s'), 4)} | {_fmt(r.get('digest_s'), 4)} | {_fmt(r.get('parity_max'), 4)} "
                      f"| {_fmt(r.get('logprob_gap_max'), 4)} | {_fmt(r.get('logprob_gap_token_max'), 4)} "
                      f"| {_fmt(r.get('resumed'))} | {mem} |")
     return "\n".join(lines)
@@ -171,8 +171,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     unknown = sorted(set(combos) - set(all_combos()))
     if unknown:
         parser.error(f"--combos: {unknown} are not fsdp/offload/lora keys; choose from: {', '.join(all_combos())}")
+    try:
+        refuse_renamed(args.overrides)  # an old key name gets the new one, not Hydra's "not in struct"
+    except ConfigError as exc:
+        parser.error(str(exc))
     # every sync probed as well as digested (the trainer default probes every 10th); an override can change it
-    base = ["sync.verify=every", *args.overrides, "logger.backend=none", "logger.mode=disabled"]
+    base = ["sync.probe_every=1", *args.overrides, "logger.backend=none", "logger.mode=disabled"]
     cfg = compose(base)
     from recipe.assets import ensure_model
 

@@ -28,11 +28,11 @@ Limit of one sync of B bytes at world W (every rank receives the whole B):
 - on the device: t_limit = B / allgather (world 1: B / device-to-device copy).
 `x limit` = t_limit / t_measured (1.0 = at the limit). A strategy that raises (the naive
 reference under FSDP2 + CPUOffloadPolicy on CUDA, verl #5995) is a `crashed` row with its error.
-Verify cost: after the timed syncs, up to 3 more syncs run with the digest check of
+Digest cost: after the timed syncs, up to 3 more syncs run with the digest check of
 recipe.sync (the trainer digests what it streams, the sink digests what it holds, then they are
-compared); `verify s` is its median time and `x move` = verify / (gather + load) of the same
+compared); `digest s` is its median time and `x move` = digest / (gather + load) of the same
 sync (target <= 0.10). With the vLLM sink on CPU the engine's digests are taken inside its load,
-before packing, and that time is moved from the load to verify.
+before packing, and that time is moved from the load to the digest check.
 Profile (`bench.profile=true`): one more warm sync per strategy runs under torch.profiler; rank 0
 writes the key_averages table (top 25 by self device time on CUDA, else self CPU time) to
 `<dir of bench.out>/profile/<out stem>__<label>.txt`, with a chrome trace beside it when
@@ -379,7 +379,7 @@ class TrlColocateSink(VllmSink):
         return self.nbytes
 
     def check(self, streamed: Dict[str, Any]) -> Tuple[List[str], int, float]:
-        return [], 0, 0.0  # TRL checks nothing; the verify columns stay empty for this row
+        return [], 0, 0.0  # TRL checks nothing; the digest columns stay empty for this row
 
 
 def resolve_sink(cfg: DictConfig, device: torch.device) -> str:
@@ -424,9 +424,9 @@ def _one_sync(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[float
     return seconds, peak, nbytes, stream.seconds
 
 
-def _verify_cost(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[float, float, int, List[str]]:
-    """One sync with the digest check of recipe.sync: (verify seconds, gather + load seconds of the
-    same sync, tensors checked, problems). Verify = the trainer's digests as it streams + the
+def _digest_cost(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[float, float, int, List[str]]:
+    """One sync with the digest check of recipe.sync: (digest seconds, gather + load seconds of the
+    same sync, tensors checked, problems). Digest check = the trainer's digests as it streams + the
     engine's digests (for vLLM on CPU taken inside its load, before packing) + the comparison."""
     from recipe.state_dict import WeightStream, stream_weights
 
@@ -440,8 +440,8 @@ def _verify_cost(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[fl
     t1 = time.perf_counter()
     problems, count, in_load = sink.check(stream.digests())
     _sync(device)
-    verify = time.perf_counter() - t1 + stream.digest_seconds + in_load
-    return verify, move - in_load, count, problems
+    digest = time.perf_counter() - t1 + stream.digest_seconds + in_load
+    return digest, move - in_load, count, problems
 
 
 def _annotated(stream: Iterable[Tuple[str, torch.Tensor]]):
@@ -505,12 +505,12 @@ def profile_sync(model, cfg: DictConfig, ctx, sink, label: str, bench_cfg) -> Op
     return str(table_path)
 
 
-def _add_verify(row: Dict[str, Any], model, ccfg: DictConfig, ctx, sink, runs: int) -> None:
-    """Median over `runs` digest-checked syncs of verify / (gather + load); the slowest rank counts."""
-    costs = [_verify_cost(model, ccfg, ctx.device, sink) for _ in range(runs)]
-    verify, move = _max_over_ranks([statistics.median(c[0] for c in costs), statistics.median(c[1] for c in costs)])
-    row.update(verify_s=verify, verify_move_s=move, verify_ratio=verify / move if move > 0 else None,
-               verified_tensors=costs[-1][2], verify_problems=costs[-1][3][:3])
+def _add_digest(row: Dict[str, Any], model, ccfg: DictConfig, ctx, sink, runs: int) -> None:
+    """Median over `runs` digest-checked syncs of digest / (gather + load); the slowest rank counts."""
+    costs = [_digest_cost(model, ccfg, ctx.device, sink) for _ in range(runs)]
+    digest, move = _max_over_ranks([statistics.median(c[0] for c in costs), statistics.median(c[1] for c in costs)])
+    row.update(digest_s=digest, digest_move_s=move, digest_ratio=digest / move if move > 0 else None,
+               digested_tensors=costs[-1][2], digest_problems=costs[-1][3][:3])
 
 
 def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine) -> Dict[str, Any]:
@@ -551,7 +551,7 @@ def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine) -> Dict[str, 
                 break
         if cfg.bench.profile:
             row["profile"] = profile_sync(model, ccfg, ctx, sink, cell.label, cfg.bench)
-        _add_verify(row, model, ccfg, ctx, sink, max(1, min(3, cfg.bench.warm_iters)))
+        _add_digest(row, model, ccfg, ctx, sink, max(1, min(3, cfg.bench.warm_iters)))
     except Exception as exc:  # noqa: BLE001  reported, not hidden: the row says crashed
         row.update(status="crashed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
         if os.environ.get("SYNC_BENCH_TRACEBACK"):
@@ -562,8 +562,8 @@ def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine) -> Dict[str, 
         row.update(status="crashed", error="another rank raised (see its row in the log)")
     if row["status"] == "ok" and _max_over_ranks([float(bool(row.get("wrong")))])[0]:
         row.update(status="wrong", error=f"engine weights differ from the policy's: {row.get('wrong')}")
-    if row["status"] == "ok" and _max_over_ranks([float(bool(row.get("verify_problems")))])[0]:
-        row.update(status="wrong", error=f"digest check failed: {row.get('verify_problems')}")
+    if row["status"] == "ok" and _max_over_ranks([float(bool(row.get("digest_problems")))])[0]:
+        row.update(status="wrong", error=f"digest check failed: {row.get('digest_problems')}")
     if row["status"] == "ok":
         warm = times[1:]
         cold, med, gather = _max_over_ranks([times[0], statistics.median(warm), statistics.median(gathers[1:])])
@@ -624,8 +624,8 @@ def evaluate(rows: List[Dict[str, Any]], world: int) -> List[Dict[str, Any]]:
         # Proportional to bytes: the adapter's GB/s is at least half the full weights' GB/s.
         checks.append(_check(f"GB/s {f}/{off}/adapter / {full}",
                              ratio(get(f"{f}/{off}/adapter", "gbps"), get(full, "gbps")), 0.5))
-    ratios = [r["verify_ratio"] for r in ok.values() if r.get("verify_ratio") is not None]
-    checks.append(_check("max verify / (gather + load)", max(ratios) if ratios else None, 0.10, False))
+    ratios = [r["digest_ratio"] for r in ok.values() if r.get("digest_ratio") is not None]
+    checks.append(_check("max digest / (gather + load)", max(ratios) if ratios else None, 0.10, False))
     peaks = [r["peak_bytes"] / r["bound_bytes"] for r in ok.values() if r.get("peak_bytes") is not None]
     checks.append(_check("max peak extra memory / (largest unit + bucket)", max(peaks) if peaks else None, 1.0, False))
     return checks
@@ -642,7 +642,7 @@ def format_table(rows: List[Dict[str, Any]], checks: List[Dict[str, Any]], meta:
              f"all-gather {lim['allgather_gbps']:.1f} (at one bucket {lim['allgather_bucket_gbps']:.1f})",
              f"{'strategy':<30} {'status':<11} {'MB':>9} {'cold s':>8} {'warm s':>8} {'gather s':>8} {'load s':>8} {'GB/s':>7} "
              f"{'lim GB/s':>8} {'x limit':>7} {'x serial':>8} {'peak MiB':>9} {'bound MiB':>9} "
-             f"{'verify s':>8} {'x move':>6}"]
+             f"{'digest s':>8} {'x move':>6}"]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"{r['label']:<30} {r['status']:<11} {r['error']}")
@@ -652,7 +652,7 @@ def format_table(rows: List[Dict[str, Any]], checks: List[Dict[str, Any]], meta:
                      f"{_fmt(r.get('gather_s'), '8.4f')} {_fmt(r.get('load_s'), '8.4f')} "
                      f"{r['gbps']:>7.2f} {r['limit_gbps']:>8.1f} {r['x_limit']:>7.3f} {r['x_serial']:>8.3f} "
                      f"{_fmt(peak, '9.0f')} {r['bound_bytes'] / MiB:>9.0f} "
-                     f"{_fmt(r.get('verify_s'), '8.4f')} {_fmt(r.get('verify_ratio'), '6.3f')}"
+                     f"{_fmt(r.get('digest_s'), '8.4f')} {_fmt(r.get('digest_ratio'), '6.3f')}"
                      + (f"  missing {r['missing']}" if r.get("missing") else ""))
     lines.append("targets:")
     for c in checks:

@@ -182,7 +182,7 @@ def run_trl(args, prompts, cfg) -> dict:
 
 # Our per-step phase timings (metrics.jsonl keys), reported as medians over steps 2.. beside the table.
 PHASES = {"rollout/time_s": "rollout", "time/update_s": "update", "sync/total_s": "sync", "sync/gather_s": "gather",
-          "sync/load_s": "load", "sync/verify_s": "digest check", "sync/probe_s": "probe"}
+          "sync/load_s": "load", "sync/digest_s": "digest check", "sync/probe_s": "probe"}
 
 
 # Our per-step throughput (metrics.jsonl keys), medians over steps 2.. as well.
@@ -242,7 +242,7 @@ def main(argv=None) -> None:
                    help="extra Hydra override for this recipe's run (repeatable), e.g. trainer.world_size=2")
     p.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
                    help="one more run of this recipe with these space-separated overrides on top (repeatable), "
-                        "e.g. --also rollout=hf --also 'sync.verify=off sync.digest=false'")
+                        "e.g. --also rollout=hf --also 'sync.probe_every=0 sync.digest=false'")
     p.add_argument("--skip", choices=["trl", "ours"], action="append", default=[])
     p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
                    help="cuda: both sides in bf16 on one GPU with vLLM (TRL in colocate mode)")
@@ -257,7 +257,12 @@ def main(argv=None) -> None:
         args.trl_python = sys.executable if args.device == "cuda" else "/work/trl-venv/bin/python"
 
     from recipe.assets import ensure_model
+    from recipe.config import ConfigError, refuse_renamed
 
+    try:  # an old key name gets the new one, not Hydra's "not in struct"
+        refuse_renamed([*args.ours, *(o for extra in args.also for o in extra.split())])
+    except ConfigError as exc:
+        p.error(str(exc))
     cfg = project_config(args.ours)
     world = int(cfg.trainer.world_size)
     if args.prompts % world:

@@ -67,11 +67,11 @@ def test_vllm_sink_loads_the_stream_into_the_engine(tiny_model_dir, tmp_path):
     assert [(r["label"], r["status"], r["sink"]) for r in rows] == [
         ("fsdp2/cpu/merged", "ok", "vllm"), ("fsdp2/manual/adapter", "ok", "copy")]
     assert all(r["bytes"] > 0 for r in rows)
-    # the verify cost: every engine tensor digest-checked (the tied head too), with its time and ratio
-    assert rows[0]["verified_tensors"] == 17 and rows[0]["verify_problems"] == []
-    assert all(r["verify_s"] > 0 and r["verify_ratio"] > 0 for r in rows)
+    # the digest cost: every engine tensor digest-checked (the tied head too), with its time and ratio
+    assert rows[0]["digested_tensors"] == 17 and rows[0]["digest_problems"] == []
+    assert all(r["digest_s"] > 0 and r["digest_ratio"] > 0 for r in rows)
     checks = json.loads((tmp_path / "sync_bench_tiny_w1.json").read_text())["checks"]
-    assert "max verify / (gather + load)" in {c["target"] for c in checks}
+    assert "max digest / (gather + load)" in {c["target"] for c in checks}
 
 
 def test_bad_choice_names_the_field(tmp_path):

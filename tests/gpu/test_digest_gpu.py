@@ -26,7 +26,7 @@ def _cfg(model_dir, lora):
 
     return compose([f"model.path={model_dir}", "fsdp=fsdp2", "+offload=none", f"+lora={lora}", "trainer.device=cuda",
                     "model.dtype=bfloat16", "rollout.max_model_len=128", "rollout.gpu_memory_utilization=0.2",
-                    "sync.verify=first", "sync.tolerance=0.5"])
+                    "sync.probe_every=-1", "sync.probe_tolerance=0.5"])
 
 
 def _run(rank, world, model_dir, lora):

@@ -102,7 +102,7 @@ def test_every_numeric_field_refuses_values_outside_its_range(key, value):
     ("trainer.seed", 2**32 - 1, "trainer.seed <= 4294967294"),  # rank 1's engine would take 2**32
     ("lora.dropout", 2.0, "[0, 1)"),
     ("trainer.seed", -1, "[0, 4294967295]"),
-    ("sync.tolerance", -0.1, ">= 0"),
+    ("sync.probe_tolerance", -0.1, ">= 0"),
 ])
 def test_limits_of_the_engine_and_the_model_are_checked_at_start(key, value, hint):
     """Fields that used to fail late inside a rank with a library's message (a negative seed: numpy's

@@ -286,6 +286,17 @@ def test_old_logprobs_are_recomputed_only_when_sampling_truncates():
     assert behaviour_note(cfg).startswith("rollout.top_p=0.5: ") and "recomputed by the trainer" in behaviour_note(cfg)
 
 
+def test_start_line_states_the_global_batch():
+    """trainer.prompts_per_step is per rank: the start line multiplies it by the ranks and rollout.n."""
+    from omegaconf import OmegaConf
+
+    from recipe.grpo import batch_note
+
+    cfg = OmegaConf.merge(_loop_cfg(), {"trainer": {"prompts_per_step": 3}, "rollout": {"n": 4}})
+    assert batch_note(cfg, 2) == ("batch per step: 3 prompts per rank x 2 ranks x 4 samples (rollout.n) = "
+                                  "24 completions (6 prompts)")
+
+
 def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(monkeypatch):
     """`behaviour_logprobs` returns the policy's own logprobs with the update's micro-batch shapes: the
     first mini-batch then sees ratio 1 bit for bit (gap 0, nothing clipped), whatever the engine said."""

@@ -19,7 +19,7 @@ from recipe.state_dict import WeightStream
 from recipe.model import sequence_logprobs
 from recipe.sync import DEFAULT_TOLERANCE, WeightSync, default_tolerance, WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
 
-SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/verify_s", "sync/probe_s", "sync/bytes",
+SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/digest_s", "sync/probe_s", "sync/bytes",
              "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
              "sync/verified_bytes", "sync/digest", "sync/parity_max_abs_diff", "sync/parity_mean_abs_diff",
              "sync/fingerprint"}
@@ -63,7 +63,7 @@ def setup(tiny_model_dir, request):
     from recipe.model import torch_dtype
     from tests.helpers import compose
 
-    cfg = compose([f"model.path={tiny_model_dir}", "trainer.device=cpu", "sync.verify=2",
+    cfg = compose([f"model.path={tiny_model_dir}", "trainer.device=cpu", "sync.probe_every=2",
                    f"model.dtype={request.param}"])
     trainer = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype(request.param))
     ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
@@ -90,11 +90,11 @@ def test_sync_moves_weights_and_reports_metrics(setup):
     assert stats["sync/verified_tensors"] == len(streamed) + 1  # + the tied head, checked against the embedding
     assert stats["sync/verified_bytes"] == stats["sync/bytes"] and len(stats["sync/digest"]) == 16
     assert stats["sync/peak_mem_bytes"] > 0 and stats["sync/gather_s"] >= 0 and stats["sync/load_s"] >= 0
-    assert stats["sync/verify_s"] > 0 and stats["sync/probe_s"] > 0
+    assert stats["sync/digest_s"] > 0 and stats["sync/probe_s"] > 0
     assert stats["sync/strategy"] == "fsdp2/none/none"
 
 
-def test_verify_every_n_and_digest_changes(setup):
+def test_probe_every_n_and_digest_changes(setup):
     sync, trainer, _ = setup
     diffs, prints, probes = [], [], []
     for step in range(4):
@@ -103,7 +103,7 @@ def test_verify_every_n_and_digest_changes(setup):
         diffs.append(stats["sync/parity_max_abs_diff"])
         prints.append(stats["sync/digest"])
         probes.append(stats["sync/probe_s"])
-    assert [math.isnan(d) for d in diffs] == [False, True, False, True]  # sync.verify=2: 1st, 3rd, ...
+    assert [math.isnan(d) for d in diffs] == [False, True, False, True]  # sync.probe_every=2: 1st, 3rd, ...
     assert [p > 0 for p in probes] == [True, False, True, False]
     assert len(set(prints)) == 4
 
@@ -131,7 +131,7 @@ def test_digest_off_checks_nothing(setup):
     stats = sync.sync(1)
     assert "digests" not in engine.calls
     assert (stats["sync/verified_tensors"], stats["sync/verified_bytes"], stats["sync/digest"]) == (0, 0, "")
-    assert stats["sync/verify_s"] == 0.0
+    assert stats["sync/digest_s"] == 0.0
 
 
 def test_skipped_tensor_fails_name_check(setup):
@@ -149,16 +149,16 @@ def test_empty_stream_raises(setup):
         sync.sync(1)
 
 
-def test_verify_modes(setup):
+def test_probe_schedule(setup):
     sync, _, _ = setup
-    for mode, expected in [("every", [True] * 4), ("first", [True, False, False, False]), ("off", [False] * 4),
-                           ("3", [True, False, False, True])]:
-        sync.cfg.sync.verify = mode
+    for every, expected in [(1, [True] * 4), (-1, [True, False, False, False]), (0, [False] * 4),
+                            (3, [True, False, False, True])]:
+        sync.cfg.sync.probe_every = every
         got = []
         for n in range(1, 5):
             sync.num_syncs = n
-            got.append(sync._should_verify())
-        assert got == expected, mode
+            got.append(sync._should_probe())
+        assert got == expected, every
 
 
 def test_worst_token_and_tolerances():
