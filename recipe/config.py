@@ -288,7 +288,7 @@ RANGES: Dict[str, Range] = {
     "trainer.grad_clip": NON_NEGATIVE, "trainer.updates_per_batch": POSITIVE,
     "trainer.micro_batch_size": POSITIVE, "trainer.micro_batch_tokens": NON_NEGATIVE,
     "trainer.checkpoint_every": NON_NEGATIVE, "trainer.keep_checkpoints": NON_NEGATIVE,
-    "trainer.timeout_s": POSITIVE, "trainer.eval_every": NON_NEGATIVE, "trainer.eval_prompts": POSITIVE,
+    "trainer.timeout_s": POSITIVE, "trainer.eval_every": NON_NEGATIVE, "trainer.eval_prompts": NON_NEGATIVE,
     "trainer.profile_steps": NON_NEGATIVE,
 }
 # vLLM's own limit on the samples of one request (its default; the environment variable raises it).
@@ -463,6 +463,8 @@ def _evaluation(cfg: DictConfig) -> None:
     """The held-out evaluation: off (eval_every=0), or at least one prompt per rank."""
     if cfg.trainer.eval_every == 0:
         return
+    if cfg.trainer.eval_prompts <= 0:
+        raise ConfigError(f"trainer.eval_prompts must be > 0 with trainer.eval_every > 0, got {cfg.trainer.eval_prompts}")
     world = int(os.environ.get("WORLD_SIZE", cfg.trainer.world_size))
     if cfg.trainer.eval_prompts < world:
         raise ConfigError(f"trainer.eval_prompts={cfg.trainer.eval_prompts} is fewer than the ranks ({world}): "

@@ -73,5 +73,8 @@ def _merged_bf16_sync(rank, world, model_dir):
 def test_a_merged_bf16_sync_logs_its_rounding(tiny_model_dir):
     (stats, lines), _ = run_world(_merged_bf16_sync, 2, str(tiny_model_dir), timeout_s=300)
     assert set(stats) == {"sync/merge_rounding_mean", "sync/merge_rounding_max", "sync/merge_rounding_ratio"}
-    assert stats["sync/merge_rounding_max"] > 0 and stats["sync/merge_rounding_ratio"] > 1, stats
+    # The base is held in bf16 (model.dtype), so bf16(W + sBA) either keeps W (the update is lost whole:
+    # rounding == update) or moves by whole bf16 steps: the ratio is at most about 1. An update of 1e-4
+    # on the tiny model is mostly lost (measured: 0.93).
+    assert stats["sync/merge_rounding_max"] > 0 and stats["sync/merge_rounding_ratio"] > 0.5, stats
     assert len(lines) == 1 and "lora=adapter" in lines[0] and "exact" in lines[0]
