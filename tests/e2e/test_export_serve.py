@@ -37,6 +37,21 @@ def _llm(model, **kwargs):
                enable_chunked_prefill=False, enable_prefix_caching=False, **kwargs)
 
 
+@pytest.fixture(autouse=True)
+def no_process_group_left():
+    """vllm.LLM in the test's own process sets up torch.distributed's default group (world 1) and leaves
+    it: the tests after this one in the same pytest process start their own and would fail with
+    "trying to initialize the default process group twice"."""
+    yield
+    import torch.distributed as dist
+    from vllm.distributed.parallel_state import destroy_distributed_environment, destroy_model_parallel
+
+    destroy_model_parallel()
+    destroy_distributed_environment()
+    if dist.is_initialized():
+        dist.destroy_process_group()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_vllm_serves_the_export_and_the_adapter(tiny_model_dir, tmp_path):
