@@ -515,7 +515,7 @@ class GRPOTrainer:
         self.exported = self.step
         if self.ctx.is_main:
             size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-            print(f"exported step {self.step} to {out} ({size / 1e9:.2f} GB in {time.perf_counter() - t0:.1f} s)",
+            print(f"exported step {self.step} to {out} ({size / 1e6:,.1f} MB in {time.perf_counter() - t0:.2f} s)",
                   flush=True)
 
     def maybe_resume(self) -> None:
