@@ -38,6 +38,7 @@ def export_combos(rank: int, world: int, cfg_yamls: List[str], root: str) -> Lis
     from recipe.dist import DistContext
     from recipe.export import export
     from recipe.model import build_optimizer, build_policy, sequence_logprobs
+    from recipe.preflight import save_run_config
     from recipe.state_dict import stream_transform
     from tests.dist.test_state_dict import _train_step
 
@@ -64,7 +65,7 @@ def export_combos(rank: int, world: int, cfg_yamls: List[str], root: str) -> Lis
             save(run_dir / "checkpoints", model, optimizer, scheduler, 1, ctx,
                  base=cfg.model.path if lora else None)
             if rank == 0:
-                OmegaConf.save(cfg, run_dir / "config.yaml")
+                save_run_config(cfg, run_dir / "config.yaml")  # as a run writes it
         results.append(dict(out=str(out), logprobs=sequence_logprobs(model, BATCH, device),
                             streamed=streamed if rank == 0 else {}, adapter=adapter if rank == 0 else {}))
         del model, optimizer
