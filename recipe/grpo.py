@@ -74,8 +74,7 @@ from omegaconf import DictConfig
 from recipe.dist import DistContext, agree
 from recipe.metrics import peak_flops, throughput, train_flops_per_token
 from recipe.profiling import DeviceBusy
-from recipe.logprobs import token_entropy  # noqa: F401  (the loss's entropy of logits, block by block)
-from recipe.model import policy_logprobs, token_logprobs  # noqa: F401
+from recipe.model import policy_logprobs
 
 
 class NonFiniteError(RuntimeError):

@@ -43,7 +43,7 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from recipe.config import pin_memory
-from recipe.logprobs import chunked_logprobs, shifted_targets, token_logprobs as chunked_token_logprobs
+from recipe.logprobs import chunked_logprobs, shifted_targets, token_logprobs
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -371,12 +371,6 @@ def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
     if hasattr(norm, "full_tensor"):  # FSDP2: DTensor grads give a DTensor norm
         norm = norm.full_tensor()
     return float(norm)
-
-
-def token_logprobs(logits: torch.Tensor, input_ids: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
-    """log pi(x_t | x_<t) for t >= 1 from the logits of `input_ids`: shape [B, T-1], in fp32, computed
-    block by block (recipe/logprobs.py: never a float32 [tokens x vocabulary])."""
-    return chunked_token_logprobs(logits, input_ids, temperature)
 
 
 # Causal LMs whose forward ends in `logits = lm_head(hidden_states)` with nothing after it (no

@@ -54,7 +54,8 @@ def global_batch():
 
 def rank_batch(policy, rows: List[int], device):
     """This rank's rows as a `Batch`; the engine logprobs are the policy's own (on-policy, ratio 1)."""
-    from recipe.grpo import Batch, micro_batch_tensors, token_logprobs
+    from recipe.grpo import Batch, micro_batch_tensors
+    from recipe.logprobs import token_logprobs
 
     ids, adv = global_batch()
     ids, adv = [ids[i] for i in rows], adv[rows]

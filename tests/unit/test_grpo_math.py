@@ -7,7 +7,8 @@ import pytest
 import torch
 
 from recipe.grpo import (Batch, bonus_mask, clipped_surrogate, group_advantages, local_count, micro_batch_tensors, micro_batches,
-                         token_entropy, token_logprobs, warmup_lambda)
+                         warmup_lambda)
+from recipe.logprobs import token_entropy, token_logprobs
 
 
 def test_group_advantages_centre_and_scale_per_group():
