@@ -323,9 +323,14 @@ def check_numbers(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be {bound}, got {value}" + (f": {bound.why}" if bound.why else ""))
 
 
+def run_world(cfg: DictConfig) -> int:
+    """The run's number of ranks: torchrun's WORLD_SIZE when it started the process, else trainer.world_size."""
+    return int(os.environ.get("WORLD_SIZE", cfg.trainer.world_size))
+
+
 def _engine_limits(cfg: DictConfig) -> None:
     """Limits that come from the engine rather than from the field itself."""
-    world = int(os.environ.get("WORLD_SIZE", cfg.trainer.world_size))
+    world = run_world(cfg)
     if cfg.trainer.seed + world - 1 >= SEED_LIMIT:
         raise ConfigError(f"trainer.seed={cfg.trainer.seed} is too large: rank r's engine takes seed + r, and seeds "
                           f"are 32-bit; give trainer.seed <= {SEED_LIMIT - world}")
@@ -434,7 +439,7 @@ def validate(cfg: DictConfig) -> None:
             "memory unconditionally ('Cannot access accelerator device when none is available'). On a CPU-only "
             "machine use fsdp=fsdp2 +offload=cpu (CPUOffloadPolicy with pin_memory=False) or fsdp=fsdp1 +offload=manual."
         )
-    world = int(os.environ.get("WORLD_SIZE", cfg.trainer.world_size))  # torchrun's world wins
+    world = run_world(cfg)
     if world == 1 and cfg.fsdp.name == "fsdp1" and cfg.lora.name != "none" and cfg.offload.name != "cpu":
         raise UnsupportedError(
             f"fsdp=fsdp1 with lora={cfg.lora.name} at world size 1 is not supported: FSDP1 falls back to NO_SHARD "
@@ -465,7 +470,7 @@ def _evaluation(cfg: DictConfig) -> None:
         return
     if cfg.trainer.eval_prompts <= 0:
         raise ConfigError(f"trainer.eval_prompts must be > 0 with trainer.eval_every > 0, got {cfg.trainer.eval_prompts}")
-    world = int(os.environ.get("WORLD_SIZE", cfg.trainer.world_size))
+    world = run_world(cfg)
     if cfg.trainer.eval_prompts < world:
         raise ConfigError(f"trainer.eval_prompts={cfg.trainer.eval_prompts} is fewer than the ranks ({world}): "
                           "every rank evaluates its share of the held-out prompts; give at least one per rank")
