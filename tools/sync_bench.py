@@ -329,11 +329,11 @@ class CopySink:
 
 
 class VllmSink:
-    """The trainer's own in-process vLLM engine (recipe.rollout.VllmEngine): its `load_weights`
+    """The trainer's own in-process vLLM engine (recipe.engine.VllmEngine): its `load_weights`
     consumes the stream, so the figure includes everything a training sync's load does."""
 
     def __init__(self, cfg: DictConfig, ctx, model_dir: Path):
-        from recipe.rollout import VllmEngine
+        from recipe.engine import VllmEngine
 
         self.engine = VllmEngine(cfg, ctx, str(model_dir))
         self.nbytes = 0
@@ -358,7 +358,7 @@ class VllmSink:
         return []
 
     def close(self) -> None:
-        # Before the process group goes: the engine's ordered shutdown (see recipe/rollout.py).
+        # Before the process group goes: the engine's ordered shutdown (see recipe/engine/vllm.py).
         self.engine.close()
 
 

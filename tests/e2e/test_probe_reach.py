@@ -62,7 +62,7 @@ def _reach(rank, world, model_dir):
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy
-    from recipe.rollout import build_engine
+    from recipe.engine import build_engine
     from recipe.state_dict import stream_weights
     from recipe.sync import WeightSync
     from tests.helpers import compose

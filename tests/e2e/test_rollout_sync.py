@@ -110,7 +110,7 @@ def _max_gap(a, b):
 
 def _one_combo(combo, ctx, model_dir, engines, tok):
     from recipe.model import build_optimizer, build_policy
-    from recipe.rollout import HfCopyEngine, HfEngine
+    from recipe.engine import HfCopyEngine, HfEngine
     from recipe.sync import WeightSync
 
     fsdp, offload, lora = combo
@@ -230,13 +230,13 @@ def _engine_fault(engine, kind, stale, rank):
     import contextlib
     import unittest.mock as mock
 
-    import recipe.rollout
+    import recipe.engine.vllm
 
     base, _, where = kind.partition("@")
     if where and int(where) != rank:
         return contextlib.nullcontext()
     if base == "head_not_refreshed":  # vLLM CPU: the tied head keeps its old packed kernel
-        return mock.patch.object(recipe.rollout, "_refresh_embedding_kernels", lambda model: 0)
+        return mock.patch.object(recipe.engine.vllm, "refresh_embedding_kernels", lambda model: 0)
     corrupt, load = _corrupt(base, stale), engine.load_weights
     return mock.patch.object(engine, "load_weights", lambda weights: load(corrupt(weights)))
 
@@ -387,7 +387,7 @@ def _digest_checks(out, ctx, model_dir, dtype, engines, tok):
 @contextlib.contextmanager
 def _engines(ctx, model_dir, dtype):
     """One plain and one LoRA-enabled vLLM engine of `dtype` on this rank, closed after use."""
-    from recipe.rollout import build_engine
+    from recipe.engine import build_engine
 
     engines = {"plain": build_engine(_cfg(model_dir, extra=[f"model.dtype={dtype}"]), ctx, model_dir),
                "lora": build_engine(_cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}"]), ctx, model_dir)}

@@ -35,7 +35,7 @@ def _run(rank, world, model_dir, lora):
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy
-    from recipe.rollout import build_engine
+    from recipe.engine import build_engine
     from recipe.sync import WeightSync
 
     ctx = DistContext(rank, world, rank, torch.device("cuda", rank))

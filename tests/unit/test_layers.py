@@ -27,7 +27,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("loop", ("recipe.grpo",)),
     ("loop helpers", ("recipe.checkpoint", "recipe.preflight", "recipe.assets", "recipe.export")),
     ("sync", ("recipe.sync",)),
-    ("engine, state_dict", ("recipe.rollout", "recipe.state_dict")),
+    ("engine, weights", ("recipe.engine", "recipe.state_dict")),
     ("model", ("recipe.model", "recipe.names")),
     ("support", ("recipe.dist", "recipe.tasks", "recipe.metrics", "recipe.progress", "recipe.profiling")),
     ("config", ("recipe.config",)),
@@ -38,7 +38,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
 ALLOWED: Dict[str, Set[str]] = {
     "recipe.train": {"recipe.config", "recipe.grpo", "recipe.assets", "recipe.dist", "recipe.preflight",
                      "recipe.progress", "recipe.files"},
-    "recipe.grpo": {"recipe.dist", "recipe.metrics", "recipe.model", "recipe.rollout", "recipe.sync", "recipe.tasks",
+    "recipe.grpo": {"recipe.dist", "recipe.metrics", "recipe.model", "recipe.engine", "recipe.sync", "recipe.tasks",
                     "recipe.checkpoint", "recipe.progress", "recipe.profiling", "recipe.export", "recipe.logprobs",
                     "recipe.files"},
     "recipe.checkpoint": {"recipe.dist", "recipe.model", "recipe.names", "recipe.files"},
@@ -46,7 +46,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.preflight": {"recipe.config", "recipe.tasks", "recipe.files", "recipe.metrics"},
     "recipe.assets": {"recipe.config", "recipe.builtin_models"},
     "recipe.sync": {"recipe.state_dict", "recipe.model", "recipe.names", "recipe.digest", "recipe.config", "recipe.dist"},
-    "recipe.rollout": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest", "recipe.dist"},
+    "recipe.engine": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest", "recipe.dist"},
     "recipe.state_dict": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest"},
     "recipe.model": {"recipe.config", "recipe.logprobs"},
     "recipe.names": set(),
@@ -203,16 +203,17 @@ def test_imports_follow_the_layers(module):
 
 
 @pytest.mark.parametrize("module, source, expected", [
-    ("recipe.rollout", "def f():\n    from recipe.sync import WeightSync\n", "not in ALLOWED"),
-    ("recipe.rollout", "from recipe.state_dict import hf_name\n", "not in ALLOWED"),
+    ("recipe.engine.vllm", "def f():\n    from recipe.sync import WeightSync\n", "not in ALLOWED"),
+    ("recipe.engine.hf", "from recipe.state_dict import hf_name\n", "not in ALLOWED"),
+    ("recipe.engine.vllm", "from recipe.engine.worker import _vllm_model\n", "private name _vllm_model"),
     ("recipe.model", "import recipe.grpo\n", "not in ALLOWED"),
     ("recipe.assets", "from tools.make_tiny_model import main\n", "recipe never imports tools"),
     ("tools.sync_bench", "from recipe.model import _shard_fsdp1\n", "private name _shard_fsdp1"),
     ("tools.sync_bench", "from recipe import model as policy\npolicy._shard_fsdp2(1)\n",
      "uses private recipe.model._shard_fsdp2"),
     # relative imports, and modules inside a subpackage (placed by their package: recipe.model.parts)
-    ("recipe.rollout", "from .sync import WeightSync\n", "recipe.sync: not in ALLOWED"),
-    ("recipe.rollout", "from . import grpo\n", "recipe.grpo: not in ALLOWED"),
+    ("recipe.engine.vllm", "from ..sync import WeightSync\n", "recipe.sync: not in ALLOWED"),
+    ("recipe.engine.vllm", "from .. import grpo\n", "recipe.grpo: not in ALLOWED"),
     ("recipe.model.parts", "from recipe.sync import WeightSync\n", "recipe.sync: not in ALLOWED"),
     ("recipe.model.parts", "from ..grpo import run\n", "recipe.grpo: not in ALLOWED"),
     ("recipe.model.parts", "from tools import sync_bench\n", "recipe never imports tools"),

@@ -46,7 +46,7 @@ def test_nothing_is_measured_outside_the_block():
 def _merged_bf16_sync(rank, world, model_dir):
     from recipe.dist import DistContext
     from recipe.model import build_policy
-    from recipe.rollout import build_engine
+    from recipe.engine import build_engine
     from recipe.sync import WeightSync
     from tests.helpers import compose
     from transformers import AutoTokenizer

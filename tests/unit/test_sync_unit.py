@@ -14,7 +14,7 @@ import torch
 
 from recipe.digest import Digest, digest, digests
 from recipe.metrics import MetricsLogger
-from recipe.rollout import HfCopyEngine
+from recipe.engine import HfCopyEngine
 from recipe.state_dict import WeightStream
 from recipe.model import sequence_logprobs
 from recipe.sync import DEFAULT_TOLERANCE, WeightSync, default_tolerance, WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
@@ -293,7 +293,7 @@ def test_metrics_logger_rank0_writes_jsonl_rank1_noop(tmp_path, tiny_model_dir):
 
 def test_base_layer_name_follows_the_engines_fused_lora_layers():
     """vLLM 0.26 needs checkpoint names rewritten onto LoRA-wrapped layers (`qkv_proj.base_layer`)."""
-    from recipe.rollout import base_layer_name
+    from recipe.engine.layout import base_layer_name
 
     packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     wrapped = {"model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.down_proj"}
@@ -347,7 +347,7 @@ def _hf_like(vocab: int = 8):
 
 
 def test_direct_destinations_place_every_tensor_where_the_fused_layout_has_it():
-    from recipe.rollout import weight_destinations
+    from recipe.engine import weight_destinations
 
     engine, hf = _engine_like(), _hf_like()
     dest, reasons = weight_destinations(engine, {n: tuple(t.shape) for n, t in hf.items()})
@@ -368,7 +368,7 @@ def test_direct_destinations_place_every_tensor_where_the_fused_layout_has_it():
 
 
 def test_direct_destinations_refuse_what_they_cannot_place_exactly():
-    from recipe.rollout import weight_destinations
+    from recipe.engine import weight_destinations
 
     hf = _hf_like()
     shapes = {n: tuple(t.shape) for n, t in hf.items()}
