@@ -5,7 +5,7 @@
 
 The one place where peft prefixes (`base_model.model.`, `.base_layer`, `.lora_A.default`) and
 wrapper segments (FSDP1's `_fsdp_wrapped_module.`, activation checkpointing, torch.compile) are
-mapped: the dispatch table (recipe/state_dict.py), the sync's name checks (recipe/sync.py) and the
+mapped: the dispatch table (recipe/weights/), the sync's name checks (recipe/sync.py) and the
 engine's own copy (recipe/engine/) all use these functions.
 """
 

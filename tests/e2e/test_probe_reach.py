@@ -47,7 +47,7 @@ def _gap(sync):
 
 
 def _stale_stream(old):
-    from recipe.state_dict import stream_weights
+    from recipe.weights import stream_weights
 
     def stream(model, cfg, device):
         for name, t in stream_weights(model, cfg, device):
@@ -63,7 +63,7 @@ def _reach(rank, world, model_dir):
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy
     from recipe.engine import build_engine
-    from recipe.state_dict import stream_weights
+    from recipe.weights import stream_weights
     from recipe.sync import WeightSync
     from tests.helpers import compose
 

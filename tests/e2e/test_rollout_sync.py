@@ -66,7 +66,7 @@ def _cfg(model_dir: str, fsdp="fsdp2", offload="none", lora="none", extra=()):
 
 def remembering_stream(stale: dict):
     """The correct stream, keeping a copy of each tensor's first value in `stale` (for the stale-tensor fault)."""
-    from recipe.state_dict import stream_weights
+    from recipe.weights import stream_weights
 
     def stream(model, cfg, device):
         for name, t in stream_weights(model, cfg, device):
@@ -89,7 +89,7 @@ def _train_step(policy, optimizer, probe, device="cpu"):
 
 
 def _reference(policy, cfg):
-    """Unsharded copy of the trained model via DCP's full state dict (independent of recipe.state_dict)."""
+    """Unsharded copy of the trained model via DCP's full state dict (independent of recipe.weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from recipe.model import apply_lora, load_hf_model
@@ -158,7 +158,7 @@ def _stream_faults(ctx, model_dir, engine, tok):
     check; a stale value streamed as if current passes the digest (the engine holds what was
     streamed) and is caught by the logprob probe (float32)."""
     from recipe.model import build_optimizer, build_policy
-    from recipe.state_dict import stream_weights
+    from recipe.weights import stream_weights
     from recipe.sync import WeightSync
 
     cfg = _cfg(model_dir)

@@ -1,5 +1,5 @@
 """lora=merged into a bf16 engine: the rounding of W + s*B@A is measured on every sync and logged
-(`sync/merge_rounding_*`, recipe/state_dict.py `measure_merge_rounding`, recipe/sync.py)."""
+(`sync/merge_rounding_*`, recipe/weights/lora.py `measure_merge_rounding`, recipe/sync.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from recipe.state_dict import measure_merge_rounding, merge_lora
+from recipe.weights import measure_merge_rounding, merge_lora
 from recipe.sync import merge_rounding_metrics
 from tests.helpers import run_world
 

@@ -15,7 +15,7 @@ import torch
 from recipe.digest import Digest, digest, digests
 from recipe.metrics import MetricsLogger
 from recipe.engine import HfCopyEngine
-from recipe.state_dict import WeightStream
+from recipe.sync import WeightStream
 from recipe.model import sequence_logprobs
 from recipe.sync import DEFAULT_TOLERANCE, WeightSync, default_tolerance, WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
 
