@@ -15,7 +15,7 @@ import logging
 import math
 import time
 import weakref
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -230,19 +230,15 @@ class WeightSync:
     """
 
     def __init__(self, cfg: DictConfig, ctx, model: torch.nn.Module, engine, tokenizer,
-                 stream_fn: Optional[Callable] = None, base_stream_fn: Optional[Callable] = None,
                  residency: Optional[Residency] = None):
         self.cfg, self.ctx, self.model, self.engine = cfg, ctx, model, engine
         self.residency = residency if residency is not None else Residency(cfg, model, None, ctx.device)
-        self.stream_fn = stream_fn
-        self.base_stream_fn = base_stream_fn
         self.probe = probe_batch(tokenizer, cfg.sync.num_probe_prompts)
         self.tolerance = (cfg.sync.probe_tolerance if cfg.sync.probe_tolerance is not None
                           else default_tolerance(cfg.model.dtype, ctx.device.type))
         self.adapter = cfg.lora.name == "adapter"
-        self.digest = cfg.sync.digest and not engine.shares_policy
-        if not engine.shares_policy:
-            check_streamed_names(model, cfg.model.path)
+        self.digest = cfg.sync.digest
+        check_streamed_names(model, cfg.model.path)
         self.expected = expected_names(model, cfg.model.path)  # what a full (or base) load must cover
         self.expected_adapter = sorted(peft_name(n) for n, _ in model.named_parameters() if is_lora_param(n))
         self.weight_version = 0
@@ -250,8 +246,7 @@ class WeightSync:
         self._base_loaded = False
         self._peak = 0
         # lora=merged into a narrower engine dtype: the rounding of W + s*B@A is measured every sync
-        self.measure_rounding = (cfg.lora.name == "merged" and cfg.model.dtype != "float32"
-                                 and not engine.shares_policy)
+        self.measure_rounding = cfg.lora.name == "merged" and cfg.model.dtype != "float32"
         if self.measure_rounding:
             log.info("lora=merged with model.dtype=%s: the engine holds W + s*B@A rounded to %s, which can move it "
                      "more than the LoRA update itself (logged as sync/merge_rounding_*); lora=adapter keeps W and "
@@ -298,19 +293,20 @@ class WeightSync:
         }
 
     def strategy_name(self) -> str:
-        if self.engine.shares_policy:
-            return "shared"  # the engine is the policy: nothing moves
         return strategy_name(self.cfg)
 
     # -- gather + load
-    def _streams(self):
-        return self.stream_fn if self.stream_fn is not None else stream_weights
+    def update_stream(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The (hf_name, tensor) pairs of this sync's update: the table's entry for the config."""
+        return stream_weights(self.model, self.cfg, self.ctx.device)
+
+    def base_stream(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The base-only stream for lora=adapter's first load (the lora=none entry of the same fsdp/offload)."""
+        return stream_base_weights(self.model, self.cfg, self.ctx.device)
 
     def _transfer(self) -> List[Tuple[WeightStream, float]]:
         """Stream into the engine; returns (stream, load seconds) per load call of this sync."""
         self._peak = 0
-        if self.engine.shares_policy:
-            return []
         cuda = self.ctx.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -336,24 +332,17 @@ class WeightSync:
 
     def _loads(self):
         """(WeightStream, engine loader) pairs for this sync: the base once for adapters, then the weights."""
-        stream = self._streams()
         weight_form = self.engine.weight_held_form() if self.digest else None
         if not self.adapter:
-            yield self._wrap(stream(self.model, self.cfg, self.ctx.device), weight_form), self.engine.load_weights
+            yield self._wrap(self.update_stream(), weight_form), self.engine.load_weights
             return
         if not self._base_loaded:
-            base = self._base_stream()
-            yield self._wrap(base(self.model, self.cfg, self.ctx.device), weight_form), self.engine.load_weights
+            yield self._wrap(self.base_stream(), weight_form), self.engine.load_weights
             self._base_loaded = True
         config = adapter_config(self.cfg)
         version = self.weight_version + 1
         held = self.engine.adapter_held_form(config) if self.digest else None
-        yield self._wrap(stream(self.model, self.cfg, self.ctx.device), held), \
-            lambda s: self.engine.load_adapter(s, config, version)
-
-    def _base_stream(self):
-        """The base-only stream for lora=adapter (the lora=none entry of the same fsdp/offload)."""
-        return self.base_stream_fn if self.base_stream_fn is not None else stream_base_weights
+        yield self._wrap(self.update_stream(), held), lambda s: self.engine.load_adapter(s, config, version)
 
     # -- digest check
     def _check_digests(self, loads: List[Tuple[WeightStream, float]], step: int) -> Dict[str, object]:

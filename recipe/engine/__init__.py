@@ -20,9 +20,8 @@ Backends:
   `lora_int_id` per version; requests then name that id, so vLLM never reads a path.
 - ``hf`` (`HfCopyEngine`): HF `generate` on the engine's own unsharded copy of the model on
   the rank's device; the sync loads into it by name exactly as into vLLM, so the whole
-  gather -> load -> verify path runs on machines without vLLM. `HfEngine(policy, ...)`
-  generates with a given module directly (FSDP2 at world > 1 with `synced_gpus=True`, FSDP1
-  inside `summon_full_params`): tests use it as the reference "HF generate on the trained model".
+  gather -> load -> verify path runs on machines without vLLM. Its base, `HfEngine(module, ...)`,
+  generates with a given unsharded module.
 """
 
 from __future__ import annotations

@@ -29,7 +29,6 @@ class Engine:
     """Common interface; see the module docstring. `weight_version` counts loads."""
 
     backend = "none"
-    shares_policy = False  # True only when the engine generates with the trainer's own module
     lora_version: Optional[int] = None
     load_digest_seconds = 0.0  # digest time spent inside the last load_weights (vLLM CPU), else 0
 

@@ -1,9 +1,10 @@
-"""HF generate engines: `HfEngine` on a given module, `HfCopyEngine` (rollout=hf) on its own copy (see `recipe.engine`)."""
+"""HF generate engines: `HfEngine` on a given unsharded module, `HfCopyEngine` (rollout=hf) on its own copy
+(see `recipe.engine`)."""
 
 from __future__ import annotations
 
 import contextlib
-from typing import Dict, List, Optional
+from typing import ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -16,27 +17,16 @@ from recipe.names import hf_name, is_lora_param, peft_name
 
 
 class HfEngine(Engine):
-    """HF generate on `module` (the policy itself, or any unsharded HF / peft model)."""
+    """HF generate on `module`, an unsharded HF / peft model; `HfCopyEngine` loads the sync into its own."""
 
     backend = "hf"
-    shares_policy = True  # the engine IS the policy: a sync moves nothing
 
     def __init__(self, module: nn.Module, device: torch.device, eos_token_id: Optional[int], pad_token_id: int):
         self.module, self.device = module, device
         self.eos_token_id, self.pad_token_id = eos_token_id, pad_token_id
 
-    def _full_params(self):
-        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
-
-        if isinstance(self.module, FSDP):
-            return FSDP.summon_full_params(self.module, writeback=False), self.module.module, False
-        from torch.distributed.fsdp import FSDPModule
-
-        if isinstance(self.module, FSDPModule):
-            # generate() may bypass the root's forward (peft calls the inner model's generate), so
-            # gather the root's own params (embeddings, norm) up front; the layers gather in their
-            # forward hooks, one collective per step: hence synced_gpus.
-            return root_unsharded(self.module), self.module, torch.distributed.is_initialized()
+    def full_module(self) -> Tuple[ContextManager, nn.Module, bool]:
+        """(context in which the module's full parameters are present, the module to call, synced_gpus)."""
         return contextlib.nullcontext(), self.module, False
 
     @torch.no_grad()
@@ -61,7 +51,7 @@ class HfEngine(Engine):
         return [self._sample(r, new[i].tolist(), picked[i].tolist()) for i, r in enumerate(rows)]
 
     def _generate(self, ids, mask, max_new_tokens, temperature, top_p):
-        ctx, module, synced = self._full_params()
+        ctx, module, synced = self.full_module()
         greedy = temperature == 0
         with ctx, only_given_sampling(module):
             return module.generate(
@@ -79,19 +69,9 @@ class HfEngine(Engine):
     def prompt_logprobs(self, token_id_lists):
         from recipe.model import sequence_logprobs
 
-        ctx, module, _ = self._full_params()
+        ctx, module, _ = self.full_module()
         with ctx:
             return sequence_logprobs(module, token_id_lists, self.device)
-
-    def load_weights(self, weights):
-        """The engine is the policy: nothing to copy. The iterator is still drained (the gather is collective)."""
-        for _ in weights:
-            pass
-
-    def load_adapter(self, tensors, adapter_config, version):
-        for _ in tensors:
-            pass
-        self.lora_version = version
 
 
 @contextlib.contextmanager
@@ -117,15 +97,6 @@ def only_given_sampling(module: nn.Module):
             m.generation_config = config
 
 
-@contextlib.contextmanager
-def root_unsharded(module):
-    module.unshard()
-    try:
-        yield
-    finally:
-        module.reshard()
-
-
 class HfCopyEngine(HfEngine):
     """HF generate on the engine's OWN unsharded copy of the model, which the sync loads into.
 
@@ -133,8 +104,6 @@ class HfCopyEngine(HfEngine):
     vLLM (the GPU test machines) and as a second engine in tests. Loads are by HF name (full
     weights) or peft's saved-adapter name (lora=adapter); an unknown name raises, as vLLM does.
     """
-
-    shares_policy = False
 
     def __init__(self, cfg: DictConfig, ctx, model_dir: str):
         from transformers import AutoConfig

@@ -64,7 +64,7 @@ def _reach(rank, world, model_dir):
     from recipe.model import build_optimizer, build_policy
     from recipe.engine import build_engine
     from recipe.weights import stream_weights
-    from recipe.sync import WeightSync
+    from tests.doubles import HookedSync
     from tests.helpers import compose
 
     ctx = DistContext(rank, world, rank, torch.device("cpu"))
@@ -77,7 +77,7 @@ def _reach(rank, world, model_dir):
         engine = build_engine(cfg, ctx, model_dir)
         try:
             policy = build_policy(cfg, ctx)
-            sync = WeightSync(cfg, ctx, policy, engine, tok)
+            sync = HookedSync(cfg, ctx, policy, engine, tok)
             for lr in LRS:
                 for trained_on in ("other tokens", "probe tokens"):
                     optimizer = build_optimizer(policy, cfg)

@@ -17,7 +17,8 @@ from recipe.metrics import MetricsLogger
 from recipe.engine import HfCopyEngine
 from recipe.sync import WeightStream
 from recipe.model import sequence_logprobs
-from recipe.sync import DEFAULT_TOLERANCE, WeightSync, default_tolerance, WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
+from tests.doubles import HookedSync
+from recipe.sync import DEFAULT_TOLERANCE, default_tolerance, WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
 
 SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/digest_s", "sync/probe_s", "sync/bytes",
              "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
@@ -68,7 +69,7 @@ def setup(tiny_model_dir, request):
     trainer = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype(request.param))
     ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
     engine = FakeEngine(cfg, ctx, str(tiny_model_dir))
-    sync = WeightSync(cfg, ctx, trainer, engine, AutoTokenizer.from_pretrained(tiny_model_dir), stream_fn=_stream)
+    sync = HookedSync(cfg, ctx, trainer, engine, AutoTokenizer.from_pretrained(tiny_model_dir), stream_fn=_stream)
     return sync, trainer, engine
 
 
