@@ -5,10 +5,11 @@
         engine_weights[name].copy_(tensor)
 
 The key is built from the Hydra option names (`conf/fsdp`, `conf/offload`, `conf/lora`), the
-same tuples `recipe.config` validates against, so config and code cannot drift: every one of the
-2 x 3 x 3 = 18 combinations has exactly one entry, a duplicate registration is refused, and a
-missing key lists the registered ones. `sync.strategy` other than "auto" picks a reference
-strategy (`naive`, `dcp_full_cpu`, `dtensor_stream`) for comparison; they are never a fallback.
+same tuples `recipe.config` validates against, so config and code cannot drift: each of the
+2 x 3 x 3 = 18 combinations is composed when it is looked up (`get_strategy`), and a key outside
+them lists the valid ones. `sync.strategy` other than "auto" picks a reference strategy
+(`REFERENCES`: `naive`, `dcp_full_cpu`, `dtensor_stream`) for comparison; they are never a fallback.
+The streams are plain iterators; the sync wraps each in `recipe.sync.WeightStream` (counts, times, digests).
 
 Each strategy is two steps, composed in the table (`GATHERS` per (fsdp, offload) x `TRANSFORMS` per lora):
 1. a *gather* yields full tensors as fresh tensors on the engine device (or, on one rank whose
@@ -21,7 +22,7 @@ Each strategy is two steps, composed in the table (`GATHERS` per (fsdp, offload)
      offload the unit's flat shard is brought to the device for the summon and sent back after.
    Nothing calls `module.state_dict()` or `model.to(device)`, and no rank builds a full copy.
    A group holds whole "atoms": a LoRA layer's base weight comes with its A and B -- except
-   FSDP2 merged LoRA, which merges each rank's rows before the gather (`_merge_on_shards`) and
+   FSDP2 merged LoRA, which merges each rank's rows before the gather (`fsdp2.py`) and
    hands over the merged weight alone.
 2. a *transform* maps names and values: full weights (`hf_name`), merged LoRA
    (W + alpha/r * B @ A under the base name) or adapter tensors only (peft's saved names).

@@ -203,7 +203,7 @@ def fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes:
     """FSDP2, any offload: the local shards (device, pinned host or pageable host) are gathered
     in pieces of one bucket, in their `wire` dtype, overlapping copy-in, all-gather and the
     caller's use (see above). With `merge_scale`, LoRA layers are merged on the shards before the
-    gather (`_merge_on_shards`) and travel as plain weights in the engine dtype."""
+    gather (`_merge_on_shards` below) and travel as plain weights in the engine dtype."""
     units = cached_layout(model, "fsdp2 units", lambda: fsdp_units(model, is_fsdp2))
     named = [(n, p) for _, members in units for n, p in unique_tensors(members) if select(n)]
     if not named:
@@ -291,5 +291,5 @@ def _merged_source(weight, lora_a: torch.Tensor, lora_b, scale: float, dtype: to
     return rows
 
 
-def bucket_bytes(cfg: DictConfig) -> int:
+def bucket_bytes_of(cfg: DictConfig) -> int:
     return cfg.sync.bucket_mb * 2**20

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from recipe.config import FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, combo_key
 from recipe.weights.fsdp1 import fsdp1_manual_groups, fsdp1_summon_groups
-from recipe.weights.fsdp2 import bucket_bytes, fsdp2_pipelined_groups
+from recipe.weights.fsdp2 import bucket_bytes_of, fsdp2_pipelined_groups
 from recipe.weights.transforms import TRANSFORMS, Transform, full_weights
 from recipe.weights.units import Group, Named, Wire
 
@@ -56,7 +56,7 @@ Gather = Callable[[nn.Module, DictConfig, torch.device, Wire, Callable[[str], bo
 
 def _fsdp2_gather(model, cfg, device, wire, select, merge):
     scale = cfg.lora.alpha / cfg.lora.rank if merge else None
-    return fsdp2_pipelined_groups(model, device, bucket_bytes(cfg), wire, select, scale)
+    return fsdp2_pipelined_groups(model, device, bucket_bytes_of(cfg), wire, select, scale)
 
 
 def _fsdp1_summon_gather(model, cfg, device, wire, select, merge):
