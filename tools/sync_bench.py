@@ -474,6 +474,7 @@ def profile_sync(model, cfg: DictConfig, ctx, sink, label: str, bench_cfg) -> Op
     chrome trace, prints a summary line and returns the table's path."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
+    from recipe.sync import WeightStream
     from recipe.weights import stream_weights
 
     cuda = ctx.device.type == "cuda"
@@ -483,7 +484,7 @@ def profile_sync(model, cfg: DictConfig, ctx, sink, label: str, bench_cfg) -> Op
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         with record_function("sync"):
-            stream = stream_weights(model, cfg, ctx.device)
+            stream = WeightStream(stream_weights(model, cfg, ctx.device))
             sink.load(_annotated(stream))
             _sync(ctx.device)
         seconds = time.perf_counter() - t0
