@@ -18,7 +18,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-# The option names of the three groups that key the dispatch table (recipe/state_dict.py).
+# The option names of the three groups that key the dispatch table (recipe/weights/).
 FSDP_CHOICES = ("fsdp1", "fsdp2")
 OFFLOAD_CHOICES = ("none", "manual", "cpu")
 LORA_CHOICES = ("none", "merged", "adapter")

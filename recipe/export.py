@@ -13,7 +13,7 @@ Layout of `out` (`trainer.export`: `final` (default), `every_checkpoint`, `none`
 - `adapter/` (LoRA only): `adapter_config.json` and `adapter_model.safetensors` with peft's names;
 - `export.json`: the run directory, step, combination, dtype, base, and the sha256 of every file.
 
-The weights come through the dispatch table's strategies (recipe/state_dict.py), the sync's own
+The weights come through the dispatch table's strategies (recipe/weights/), the sync's own
 gathers: every rank takes part, no rank holds more of the model on its device than a sync does,
 and rank 0 writes. Host memory on rank 0: one safetensors shard (`shard_bytes`, 1 GiB) at most.
 
@@ -41,7 +41,7 @@ from recipe.config import combo_key
 from recipe.dist import agree
 from recipe.files import sha256, write_error
 from recipe.model import adapter_config
-from recipe.state_dict import stream_transform
+from recipe.weights import stream_transform
 
 MANIFEST = "export.json"
 SHARD_BYTES = 2**30

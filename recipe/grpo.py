@@ -335,7 +335,7 @@ class GRPOTrainer:
 
         from recipe.metrics import MetricsLogger
         from recipe.model import Residency, build_optimizer, build_policy, build_reference, parameter_counts
-        from recipe.rollout import build_engine
+        from recipe.engine import build_engine
         from recipe.sync import WeightSync
         from recipe.tasks import build_task
 

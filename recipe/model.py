@@ -28,7 +28,7 @@ Offload modes (conf/offload/):
   rollout has the device memory; `Residency` owns the moves (``offload_to_cpu`` /
   ``load_to_device``), and each phase that computes with the shards (update, parity probe,
   checkpoint) asks it for them. The weight sync runs while they are on the host
-  (recipe/state_dict.py streams each shard to the device and gathers it there).
+  (recipe/weights/ streams each shard to the device and gathers it there).
 """
 
 from __future__ import annotations
@@ -333,7 +333,7 @@ class Residency:
     to the device for a phase that computes with them (the update, the sync's parity probe, a
     checkpoint's save or load) and sends them back after. Under every other offload mode FSDP
     decides where the shards live, and on a CPU run host and device are one: every method is then a
-    no-op. (The weight sync itself reads the host shards: recipe/state_dict.py moves one unit at a time.)
+    no-op. (The weight sync itself reads the host shards: recipe/weights/fsdp1.py moves one unit at a time.)
     """
 
     def __init__(self, cfg: DictConfig, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],

@@ -5,8 +5,8 @@
 
 The one place where peft prefixes (`base_model.model.`, `.base_layer`, `.lora_A.default`) and
 wrapper segments (FSDP1's `_fsdp_wrapped_module.`, activation checkpointing, torch.compile) are
-mapped: the dispatch table (recipe/state_dict.py), the sync's name checks (recipe/sync.py) and the
-engine's own copy (recipe/rollout.py) all use these functions.
+mapped: the dispatch table (recipe/weights/), the sync's name checks (recipe/sync.py) and the
+engine's own copy (recipe/engine/) all use these functions.
 """
 
 from __future__ import annotations

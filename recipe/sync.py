@@ -14,18 +14,19 @@ import contextlib
 import logging
 import math
 import time
-from typing import Callable, Dict, List, Optional, Tuple
+import weakref
+from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from recipe import digest as digest_mod
 from recipe.digest import Digest, combined_hex
 from recipe.dist import agree
 from recipe.model import Residency, adapter_config, sequence_logprobs
 from recipe.names import checkpoint_shapes, hf_name, is_lora_param, peft_name
-from recipe.state_dict import (MergeRounding, WeightStream, measure_merge_rounding, stream_base_weights, stream_weights,
-                               strategy_name)
+from recipe.weights import MergeRounding, measure_merge_rounding, stream_base_weights, stream_weights, strategy_name
 
 log = logging.getLogger(__name__)
 
@@ -133,6 +134,83 @@ def check_streamed_names(model: torch.nn.Module, model_dir: str) -> None:
             f"could not place them. Models whose weights transformers converts at load are not supported.")
 
 
+class WeightStream:
+    """Iterator of (hf_name, tensor) that counts, times and (optionally) digests what it yields.
+
+    Counts: `num_tensors`, `num_bytes`, `max_tensor_bytes`, `names`. Time: `seconds` spent
+    producing tensors (inside `next()`: the FSDP all-gather, a LoRA merge, a host->device copy;
+    everything else inside the consumer's loop is the consumer's). `peak_live_bytes`: the most
+    bytes of yielded tensors alive at once (tracked with weakrefs), i.e. what the stream plus
+    the consumer's buffering hold beyond the model. With `digest=True` each tensor is digested
+    on its device as it is yielded (`recipe.digest`; `held_form(name, tensor)` maps it to the
+    form the consumer will hold, e.g. a scaled LoRA B); `digest_seconds` is that time and
+    `digests()` returns {name: Digest} after one host sync.
+    """
+
+    def __init__(self, pairs: Iterable[Tuple[str, torch.Tensor]], strategy: str = "", digest: bool = False,
+                 held_form: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None):
+        self._pairs, self.strategy = iter(pairs), strategy
+        self.num_tensors = self.num_bytes = self.max_tensor_bytes = 0
+        self.names: List[str] = []
+        self.seconds = self.digest_seconds = 0.0
+        self._live = self.peak_live_bytes = 0
+        self._digest, self._held_form = digest, held_form
+        self._info: List[Tuple[int, int, str]] = []
+        self._sums: List[Optional[torch.Tensor]] = []  # None: a small tensor, digested in a batch later
+        self._small: List[Tuple[int, torch.Tensor]] = []
+
+    def __iter__(self) -> "WeightStream":
+        return self
+
+    def __next__(self) -> Tuple[str, torch.Tensor]:
+        t0 = time.perf_counter()
+        try:
+            with torch.no_grad():  # gathers write into fresh buffers; the trained params keep no history
+                name, tensor = next(self._pairs)
+        finally:
+            self.seconds += time.perf_counter() - t0
+        size = tensor.numel() * tensor.element_size()
+        self.num_tensors += 1
+        self.num_bytes += size
+        self.max_tensor_bytes = max(self.max_tensor_bytes, size)
+        self.names.append(name)
+        self._live += size
+        self.peak_live_bytes = max(self.peak_live_bytes, self._live)
+        weakref.finalize(tensor, self._release, size)
+        if self._digest:
+            self._add_digest(name, tensor)
+        return name, tensor
+
+    def _release(self, size: int) -> None:
+        self._live -= size
+
+    @torch.no_grad()
+    def _add_digest(self, name: str, tensor: torch.Tensor) -> None:
+        """Large tensors are digested now (sums stay on the device); small ones are copied and
+        digested in batches at `digests()` (a copy costs less than a handful of small ops)."""
+        t0 = time.perf_counter()
+        held = self._held_form(name, tensor) if self._held_form is not None else tensor
+        if held.numel() * held.element_size() <= digest_mod.SMALL_BYTES:
+            self._small.append((len(self._info), held.detach().clone() if held is tensor else held))
+            self._info.append(digest_mod.shape_info(held))
+            self._sums.append(None)
+        else:
+            self._info.append(digest_mod.shape_info(held))
+            self._sums.append(digest_mod.digest_sums(held))
+        self.digest_seconds += time.perf_counter() - t0
+
+    def digests(self) -> Dict[str, "digest_mod.Digest"]:
+        """{name: Digest} of everything yielded so far (one host sync; timed in `digest_seconds`)."""
+        t0 = time.perf_counter()
+        large = [i for i, s in enumerate(self._sums) if s is not None]
+        done = dict(zip(large, digest_mod.finish([self._info[i] for i in large], [self._sums[i] for i in large])))
+        done.update(zip([i for i, _ in self._small], digest_mod.digests([t for _, t in self._small])))
+        out = {name: done[i] for i, name in enumerate(self.names) if i in done}
+        self.digest_seconds += time.perf_counter() - t0
+        return out
+
+
+
 class WeightSync:
     """Moves the trainer's weights into this rank's engine and proves they arrived.
 
@@ -140,7 +218,7 @@ class WeightSync:
       1. ``optimizer.step()`` has finished on every rank (the stream all-gathers shards, the
          verdicts are all-gathered, and the probe runs a sharded forward: all collectives, so
          every rank must call ``sync``).
-      2. ``sync(step)``: wakes the engine, streams ``recipe.state_dict.stream_weights`` into it
+      2. ``sync(step)``: wakes the engine, streams ``recipe.weights.stream_weights`` into it
          (full weights via ``engine.load_weights``; for lora=adapter only the adapter, as a new
          version via ``engine.load_adapter``; the base once, on the first call), bumps
          ``weight_version``, compares the engine's digests with the streamed ones (``sync.digest``)
@@ -152,19 +230,15 @@ class WeightSync:
     """
 
     def __init__(self, cfg: DictConfig, ctx, model: torch.nn.Module, engine, tokenizer,
-                 stream_fn: Optional[Callable] = None, base_stream_fn: Optional[Callable] = None,
                  residency: Optional[Residency] = None):
         self.cfg, self.ctx, self.model, self.engine = cfg, ctx, model, engine
         self.residency = residency if residency is not None else Residency(cfg, model, None, ctx.device)
-        self.stream_fn = stream_fn
-        self.base_stream_fn = base_stream_fn
         self.probe = probe_batch(tokenizer, cfg.sync.num_probe_prompts)
         self.tolerance = (cfg.sync.probe_tolerance if cfg.sync.probe_tolerance is not None
                           else default_tolerance(cfg.model.dtype, ctx.device.type))
         self.adapter = cfg.lora.name == "adapter"
-        self.digest = cfg.sync.digest and not engine.shares_policy
-        if not engine.shares_policy:
-            check_streamed_names(model, cfg.model.path)
+        self.digest = cfg.sync.digest
+        check_streamed_names(model, cfg.model.path)
         self.expected = expected_names(model, cfg.model.path)  # what a full (or base) load must cover
         self.expected_adapter = sorted(peft_name(n) for n, _ in model.named_parameters() if is_lora_param(n))
         self.weight_version = 0
@@ -172,8 +246,7 @@ class WeightSync:
         self._base_loaded = False
         self._peak = 0
         # lora=merged into a narrower engine dtype: the rounding of W + s*B@A is measured every sync
-        self.measure_rounding = (cfg.lora.name == "merged" and cfg.model.dtype != "float32"
-                                 and not engine.shares_policy)
+        self.measure_rounding = cfg.lora.name == "merged" and cfg.model.dtype != "float32"
         if self.measure_rounding:
             log.info("lora=merged with model.dtype=%s: the engine holds W + s*B@A rounded to %s, which can move it "
                      "more than the LoRA update itself (logged as sync/merge_rounding_*); lora=adapter keeps W and "
@@ -220,19 +293,20 @@ class WeightSync:
         }
 
     def strategy_name(self) -> str:
-        if self.engine.shares_policy:
-            return "shared"  # the engine is the policy: nothing moves
         return strategy_name(self.cfg)
 
     # -- gather + load
-    def _streams(self):
-        return self.stream_fn if self.stream_fn is not None else stream_weights
+    def update_stream(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The (hf_name, tensor) pairs of this sync's update: the table's entry for the config."""
+        return stream_weights(self.model, self.cfg, self.ctx.device)
+
+    def base_stream(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        """The base-only stream for lora=adapter's first load (the lora=none entry of the same fsdp/offload)."""
+        return stream_base_weights(self.model, self.cfg, self.ctx.device)
 
     def _transfer(self) -> List[Tuple[WeightStream, float]]:
         """Stream into the engine; returns (stream, load seconds) per load call of this sync."""
         self._peak = 0
-        if self.engine.shares_policy:
-            return []
         cuda = self.ctx.device.type == "cuda"
         if cuda:
             torch.cuda.synchronize()
@@ -258,24 +332,17 @@ class WeightSync:
 
     def _loads(self):
         """(WeightStream, engine loader) pairs for this sync: the base once for adapters, then the weights."""
-        stream = self._streams()
         weight_form = self.engine.weight_held_form() if self.digest else None
         if not self.adapter:
-            yield self._wrap(stream(self.model, self.cfg, self.ctx.device), weight_form), self.engine.load_weights
+            yield self._wrap(self.update_stream(), weight_form), self.engine.load_weights
             return
         if not self._base_loaded:
-            base = self._base_stream()
-            yield self._wrap(base(self.model, self.cfg, self.ctx.device), weight_form), self.engine.load_weights
+            yield self._wrap(self.base_stream(), weight_form), self.engine.load_weights
             self._base_loaded = True
         config = adapter_config(self.cfg)
         version = self.weight_version + 1
         held = self.engine.adapter_held_form(config) if self.digest else None
-        yield self._wrap(stream(self.model, self.cfg, self.ctx.device), held), \
-            lambda s: self.engine.load_adapter(s, config, version)
-
-    def _base_stream(self):
-        """The base-only stream for lora=adapter (the lora=none entry of the same fsdp/offload)."""
-        return self.base_stream_fn if self.base_stream_fn is not None else stream_base_weights
+        yield self._wrap(self.update_stream(), held), lambda s: self.engine.load_adapter(s, config, version)
 
     # -- digest check
     def _check_digests(self, loads: List[Tuple[WeightStream, float]], step: int) -> Dict[str, object]:

@@ -47,7 +47,7 @@ def compose(overrides: Sequence[str]) -> DictConfig:
 
 
 def all_combos() -> List[str]:
-    from recipe.state_dict import all_keys
+    from recipe.weights import all_keys
 
     return ["/".join(key) for key in all_keys()]
 

@@ -12,7 +12,7 @@ For one model shape (`bench_model`) and one world size (`trainer.world_size`) ev
 2. for each (fsdp, offload, lora) combination of the dispatch table, and each reference
    strategy (`sync.strategy` naive | dcp_full_cpu | dtensor_stream on fsdp2), builds the
    sharded policy, then times one cold and `bench.warm_iters` warm syncs of
-   `recipe.state_dict.stream_weights` into a sink;
+   `recipe.weights.stream_weights` into a sink;
 3. rank 0 prints a table and writes it, with the target checks, to `bench.out` (JSON).
 
 The sink is what the engine would do with the stream. `copy`: a preallocated destination laid
@@ -329,11 +329,11 @@ class CopySink:
 
 
 class VllmSink:
-    """The trainer's own in-process vLLM engine (recipe.rollout.VllmEngine): its `load_weights`
+    """The trainer's own in-process vLLM engine (recipe.engine.VllmEngine): its `load_weights`
     consumes the stream, so the figure includes everything a training sync's load does."""
 
     def __init__(self, cfg: DictConfig, ctx, model_dir: Path):
-        from recipe.rollout import VllmEngine
+        from recipe.engine import VllmEngine
 
         self.engine = VllmEngine(cfg, ctx, str(model_dir))
         self.nbytes = 0
@@ -358,7 +358,7 @@ class VllmSink:
         return []
 
     def close(self) -> None:
-        # Before the process group goes: the engine's ordered shutdown (see recipe/rollout.py).
+        # Before the process group goes: the engine's ordered shutdown (see recipe/engine/vllm.py).
         self.engine.close()
 
 
@@ -408,7 +408,8 @@ def engine_dir(cfg: DictConfig) -> str:
 def _one_sync(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[float, int, int, float]:
     """(seconds, peak extra device bytes, bytes streamed, gather seconds) of one sync on this rank.
     Gather = host time inside the stream's `next()` (as recipe.sync reports it); load = the rest."""
-    from recipe.state_dict import stream_weights
+    from recipe.sync import WeightStream
+    from recipe.weights import stream_weights
 
     _sync(device)
     dist.barrier()
@@ -416,7 +417,7 @@ def _one_sync(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[float
         torch.cuda.reset_peak_memory_stats(device)
         base_mem = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
-    stream = stream_weights(model, cfg, device)
+    stream = WeightStream(stream_weights(model, cfg, device))
     nbytes = sink.load(stream)
     _sync(device)
     seconds = time.perf_counter() - t0
@@ -428,7 +429,8 @@ def _digest_cost(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[fl
     """One sync with the digest check of recipe.sync: (digest seconds, gather + load seconds of the
     same sync, tensors checked, problems). Digest check = the trainer's digests as it streams + the
     engine's digests (for vLLM on CPU taken inside its load, before packing) + the comparison."""
-    from recipe.state_dict import WeightStream, stream_weights
+    from recipe.sync import WeightStream
+    from recipe.weights import stream_weights
 
     _sync(device)
     dist.barrier()
@@ -472,7 +474,8 @@ def profile_sync(model, cfg: DictConfig, ctx, sink, label: str, bench_cfg) -> Op
     chrome trace, prints a summary line and returns the table's path."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from recipe.state_dict import stream_weights
+    from recipe.sync import WeightStream
+    from recipe.weights import stream_weights
 
     cuda = ctx.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -481,7 +484,7 @@ def profile_sync(model, cfg: DictConfig, ctx, sink, label: str, bench_cfg) -> Op
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         with record_function("sync"):
-            stream = stream_weights(model, cfg, ctx.device)
+            stream = WeightStream(stream_weights(model, cfg, ctx.device))
             sink.load(_annotated(stream))
             _sync(ctx.device)
         seconds = time.perf_counter() - t0

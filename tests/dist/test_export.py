@@ -39,7 +39,7 @@ def export_combos(rank: int, world: int, cfg_yamls: List[str], root: str) -> Lis
     from recipe.export import export
     from recipe.model import build_optimizer, build_policy, sequence_logprobs
     from recipe.preflight import save_run_config
-    from recipe.state_dict import stream_transform
+    from recipe.weights import stream_transform
     from tests.dist.test_state_dict import _train_step
 
     device = torch.device("cpu")

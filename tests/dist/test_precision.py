@@ -164,7 +164,7 @@ def bf16_step(rank: int, world: int, model_dir: str, master: str) -> dict:
     from recipe.grpo import backward_mini_batch
     from recipe.model import build_optimizer, build_policy, clip_grad_norm
     from recipe.names import hf_name
-    from recipe.state_dict import stream_weights
+    from recipe.weights import stream_weights
     from tests.dist.test_state_dict import check_stream
 
     device = torch.device("cpu")

@@ -26,7 +26,7 @@ from typing import Dict, List
 import pytest
 import torch
 
-from recipe.state_dict import all_keys
+from recipe.weights import all_keys
 
 CPU_COMBOS = [k for k in all_keys() if k[:2] != ("fsdp1", "cpu")]
 # fp32: float32 throughout; bf16: bf16 compute and engine over float32 masters (the default
@@ -145,9 +145,10 @@ def param_dtypes(model, trainable: bool) -> set:
 def check_stream(stream, expected: Dict[str, torch.Tensor], device, baseline=None) -> dict:
     """Consume `stream` like an engine would; compare each tensor and track live yielded bytes.
     `changed` counts tensors that differ from `baseline` (the weights before the update)."""
-    names, bad, alive, peak, changed = [], [], [], 0, 0
+    names, bad, alive, peak, changed, nbytes = [], [], [], 0, 0, 0
     for name, tensor in stream:
         names.append(name)
+        nbytes += tensor.numel() * tensor.element_size()
         ref = expected.get(name)
         if ref is None or tensor.dtype != ref.dtype or tensor.device != device or not torch.equal(tensor.cpu(), ref.cpu()):
             bad.append(name)
@@ -156,7 +157,7 @@ def check_stream(stream, expected: Dict[str, torch.Tensor], device, baseline=Non
         alive = [(r, n) for r, n in alive if r() is not None] + [(weakref.ref(tensor), tensor.numel() * tensor.element_size())]
         peak = max(peak, sum(n for _, n in alive))
         del tensor, ref
-    return dict(names=names, bad=bad, peak=peak, bytes=stream.num_bytes, changed=changed)
+    return dict(names=names, bad=bad, peak=peak, bytes=nbytes, changed=changed)
 
 
 def checkpoint_state(path, dtype: str = "float32") -> Dict[str, torch.Tensor]:
@@ -171,7 +172,8 @@ def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) ->
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy, load_to_device, offload_to_cpu
-    from recipe.state_dict import combo_key, stream_base_weights, stream_weights
+    from recipe.config import combo_key
+    from recipe.weights import stream_base_weights, stream_weights
 
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=device)
@@ -286,7 +288,7 @@ def reference_strategies(rank: int, world: int, cfg_yaml: str) -> dict:
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy
-    from recipe.state_dict import stream_weights
+    from recipe.weights import stream_weights
 
     cfg, device = OmegaConf.create(cfg_yaml), torch.device("cpu")
     model = build_policy(cfg, DistContext(rank, world, rank, device))
@@ -342,7 +344,7 @@ def uneven_gathers(rank: int, world: int) -> List[str]:
     from torch.distributed.fsdp import fully_shard
 
     from recipe.names import is_lora_param
-    from recipe.state_dict import GATHERS, merge_lora
+    from recipe.weights import GATHERS, merge_lora
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 3), nn.Linear(3, 1), nn.Linear(1, 5, bias=False))

@@ -1,5 +1,5 @@
 """Per model, the direct load and the digest's picture of the engine are proven against vLLM's own
-loader when the engine starts (recipe/rollout.py `VllmEngine._check_layout`), on CPU with real vLLM:
+loader when the engine starts (recipe/engine/vllm.py `VllmEngine._check_layout`), on CPU with real vLLM:
 
 - the tiny Qwen2: vLLM's loader puts every checkpoint tensor where the direct map says (fused
   qkv / gate_up rows): the direct map is proven, and syncs pass the digest and the probe;
@@ -25,7 +25,7 @@ def _sync_twice(ctx, model_dir: str, dtype: str) -> dict:
     from transformers import AutoTokenizer
 
     from recipe.model import build_optimizer, build_policy
-    from recipe.rollout import build_engine
+    from recipe.engine import build_engine
     from recipe.sync import WeightSync
     from tests.e2e.test_rollout_sync import _train_step
     from tests.helpers import compose

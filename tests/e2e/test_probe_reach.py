@@ -47,7 +47,7 @@ def _gap(sync):
 
 
 def _stale_stream(old):
-    from recipe.state_dict import stream_weights
+    from recipe.weights import stream_weights
 
     def stream(model, cfg, device):
         for name, t in stream_weights(model, cfg, device):
@@ -62,9 +62,9 @@ def _reach(rank, world, model_dir):
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy
-    from recipe.rollout import build_engine
-    from recipe.state_dict import stream_weights
-    from recipe.sync import WeightSync
+    from recipe.engine import build_engine
+    from recipe.weights import stream_weights
+    from tests.doubles import HookedSync
     from tests.helpers import compose
 
     ctx = DistContext(rank, world, rank, torch.device("cpu"))
@@ -77,7 +77,7 @@ def _reach(rank, world, model_dir):
         engine = build_engine(cfg, ctx, model_dir)
         try:
             policy = build_policy(cfg, ctx)
-            sync = WeightSync(cfg, ctx, policy, engine, tok)
+            sync = HookedSync(cfg, ctx, policy, engine, tok)
             for lr in LRS:
                 for trained_on in ("other tokens", "probe tokens"):
                     optimizer = build_optimizer(policy, cfg)

@@ -10,7 +10,7 @@ LoRA enabled) and the tests below assert on what it returns:
   independent of the sync), with prompt logprobs within the fp32 tolerance;
 - rollout=hf (`HfCopyEngine`, an own unsharded copy loaded by name) passes the same sync and
   generates what the reference does;
-- `HfEngine` generates with the sharded policy itself (ranks with different prompt counts)
+- `PolicyEngine` (tests/doubles.py) generates with the sharded policy itself (ranks with different prompt counts)
   exactly what HF generate on the unsharded copy gives;
 - the adapter path generates with the new adapter: its logprobs move with each version and
   differ from the base model's;
@@ -66,7 +66,7 @@ def _cfg(model_dir: str, fsdp="fsdp2", offload="none", lora="none", extra=()):
 
 def remembering_stream(stale: dict):
     """The correct stream, keeping a copy of each tensor's first value in `stale` (for the stale-tensor fault)."""
-    from recipe.state_dict import stream_weights
+    from recipe.weights import stream_weights
 
     def stream(model, cfg, device):
         for name, t in stream_weights(model, cfg, device):
@@ -89,7 +89,7 @@ def _train_step(policy, optimizer, probe, device="cpu"):
 
 
 def _reference(policy, cfg):
-    """Unsharded copy of the trained model via DCP's full state dict (independent of recipe.state_dict)."""
+    """Unsharded copy of the trained model via DCP's full state dict (independent of recipe.weights)."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     from recipe.model import apply_lora, load_hf_model
@@ -110,7 +110,8 @@ def _max_gap(a, b):
 
 def _one_combo(combo, ctx, model_dir, engines, tok):
     from recipe.model import build_optimizer, build_policy
-    from recipe.rollout import HfCopyEngine, HfEngine
+    from recipe.engine import HfCopyEngine, HfEngine
+    from tests.doubles import PolicyEngine
     from recipe.sync import WeightSync
 
     fsdp, offload, lora = combo
@@ -132,7 +133,7 @@ def _one_combo(combo, ctx, model_dir, engines, tok):
            "moved": _max_gap(before, after), "tolerance": sync.tolerance}
     # backend hf: generate with the sharded policy itself; ranks get different prompt counts
     rank_ids = gen_ids[:1 + 2 * (ctx.rank % 2)]
-    out["hf_backend_greedy"] = _greedy(HfEngine(policy, ctx.device, tok.eos_token_id, tok.pad_token_id), rank_ids)
+    out["hf_backend_greedy"] = _greedy(PolicyEngine(policy, ctx.device, tok.eos_token_id, tok.pad_token_id), rank_ids)
     out["hf_backend_ref"] = _greedy(hf, rank_ids)
     # backend hf (rollout=hf): the engine's own unsharded copy, loaded by name through the same sync
     copy = HfCopyEngine(cfg, ctx, model_dir)
@@ -158,8 +159,8 @@ def _stream_faults(ctx, model_dir, engine, tok):
     check; a stale value streamed as if current passes the digest (the engine holds what was
     streamed) and is caught by the logprob probe (float32)."""
     from recipe.model import build_optimizer, build_policy
-    from recipe.state_dict import stream_weights
-    from recipe.sync import WeightSync
+    from recipe.weights import stream_weights
+    from tests.doubles import HookedSync
 
     cfg = _cfg(model_dir)
     policy = build_policy(cfg, ctx)
@@ -176,7 +177,7 @@ def _stream_faults(ctx, model_dir, engine, tok):
         "skip": lambda m, c, d: ((n, t) for n, t in stream_weights(m, c, d) if n != FAULT_NAME),
         "stale": lambda m, c, d: ((n, stale[n] if n == FAULT_NAME else t) for n, t in stream_weights(m, c, d)),
     }
-    sync = WeightSync(cfg, ctx, policy, engine, tok, stream_fn=capture)
+    sync = HookedSync(cfg, ctx, policy, engine, tok, stream_fn=capture)
     sync.sync(0)
     _train_step(policy, optimizer, sync.probe)
     results = {}
@@ -230,13 +231,13 @@ def _engine_fault(engine, kind, stale, rank):
     import contextlib
     import unittest.mock as mock
 
-    import recipe.rollout
+    import recipe.engine.vllm
 
     base, _, where = kind.partition("@")
     if where and int(where) != rank:
         return contextlib.nullcontext()
     if base == "head_not_refreshed":  # vLLM CPU: the tied head keeps its old packed kernel
-        return mock.patch.object(recipe.rollout, "_refresh_embedding_kernels", lambda model: 0)
+        return mock.patch.object(recipe.engine.vllm, "refresh_embedding_kernels", lambda model: 0)
     corrupt, load = _corrupt(base, stale), engine.load_weights
     return mock.patch.object(engine, "load_weights", lambda weights: load(corrupt(weights)))
 
@@ -245,13 +246,13 @@ def _faults(ctx, model_dir, dtype, engine, tok):
     """Each engine-side fault raises WeightSyncError on every rank naming the tensor; a correct sync
     afterwards passes both checks."""
     from recipe.model import build_optimizer, build_policy
-    from recipe.sync import WeightSync
+    from tests.doubles import HookedSync
 
     cfg = _cfg(model_dir, extra=[f"model.dtype={dtype}", "sync.probe_tolerance=0.5"])
     policy = build_policy(cfg, ctx)
     optimizer = build_optimizer(policy, cfg)
     stale = {}
-    sync = WeightSync(cfg, ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
+    sync = HookedSync(cfg, ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
     sync.sync(0)
     sync.stream_fn = None
     _train_step(policy, optimizer, sync.probe)
@@ -387,7 +388,7 @@ def _digest_checks(out, ctx, model_dir, dtype, engines, tok):
 @contextlib.contextmanager
 def _engines(ctx, model_dir, dtype):
     """One plain and one LoRA-enabled vLLM engine of `dtype` on this rank, closed after use."""
-    from recipe.rollout import build_engine
+    from recipe.engine import build_engine
 
     engines = {"plain": build_engine(_cfg(model_dir, extra=[f"model.dtype={dtype}"]), ctx, model_dir),
                "lora": build_engine(_cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}"]), ctx, model_dir)}

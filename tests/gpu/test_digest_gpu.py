@@ -35,8 +35,8 @@ def _run(rank, world, model_dir, lora):
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy
-    from recipe.rollout import build_engine
-    from recipe.sync import WeightSync
+    from recipe.engine import build_engine
+    from tests.doubles import HookedSync
 
     ctx = DistContext(rank, world, rank, torch.device("cuda", rank))
     cfg = _cfg(model_dir, lora)
@@ -47,7 +47,7 @@ def _run(rank, world, model_dir, lora):
         policy = build_policy(cfg, ctx)
         optimizer = build_optimizer(policy, cfg)
         stale = {}
-        sync = WeightSync(cfg, ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
+        sync = HookedSync(cfg, ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
         out["first"] = sync.sync(0)
         sync.stream_fn = None
         for step in range(5):

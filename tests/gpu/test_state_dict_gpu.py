@@ -11,7 +11,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from recipe.state_dict import all_keys
+from recipe.weights import all_keys
 from tests.dist.test_state_dict import (
     _train_step, assert_combo, check_stream, checkpoint_state, combo_cfg, reference, run_combos,
 )
@@ -34,7 +34,7 @@ def seed_regression(rank: int, world: int, cfg_yaml: str) -> dict:
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy
-    from recipe.state_dict import stream_weights
+    from recipe.weights import stream_weights
 
     cfg, device = OmegaConf.create(cfg_yaml), torch.device("cuda", rank)
     model = build_policy(cfg, DistContext(rank, world, rank, device))
@@ -112,7 +112,7 @@ def test_merged_rows_equal_rows_of_the_full_merge_on_cuda():
     """FSDP2 merged LoRA on CUDA: each rank's rows (Shard(0) at world 1-8) of the float32 merge
     are bit for bit those rows of `merge_lora` on the full tensors, at the benchmarked shapes and
     LoRA ranks 8-64 (the product is taken at the full shape, so cuBLAS must give the full merge's bits)."""
-    from recipe.state_dict import merge_lora, merge_lora_rows
+    from recipe.weights import merge_lora, merge_lora_rows
 
     if not torch.cuda.is_available():
         pytest.skip("needs CUDA")

@@ -28,7 +28,7 @@ def _needs(gpus: int) -> None:
 
 def engine_devices(rank: int, world: int, model_dir: str) -> dict:
     from recipe.dist import DistContext
-    from recipe.rollout import VllmEngine
+    from recipe.engine import VllmEngine
 
     cfg = compose([f"model.path={model_dir}", "trainer.device=cuda", "rollout.sleep=true",
                    "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.2"])
@@ -75,7 +75,7 @@ def test_every_combination_runs_checks_and_resumes_at_world_2(tmp_path, tiny_mod
 def direct_vs_reload(rank: int, world: int, model_dir: str, lora: str) -> dict:
     """The direct path and vLLM's reload write the same bytes into every engine parameter."""
     from recipe.dist import DistContext
-    from recipe.rollout import VllmEngine, streamed_shapes
+    from recipe.engine import VllmEngine, streamed_shapes
 
     cfg = compose([f"model.path={model_dir}", "trainer.device=cuda", "model.dtype=bfloat16", "sync.load=direct",
                    "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.2", f"+lora={lora}"])

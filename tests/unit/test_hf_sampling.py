@@ -1,6 +1,6 @@
 """`rollout=hf` samples with exactly `rollout.*`: the checkpoint's generation_config.json (here a
 `repetition_penalty` and a `no_repeat_ngram_size`, as real checkpoints ship) is not applied, so the
-logprobs the engine reports are the trainer's tempered distribution (recipe/rollout.py
+logprobs the engine reports are the trainer's tempered distribution (recipe/engine/hf.py
 `only_given_sampling`).
 
     .venv/bin/python -m pytest tests/unit/test_hf_sampling.py -q
@@ -31,7 +31,7 @@ def _checkpoint_with_penalties(tiny_model_dir, tmp_path):
 def test_hf_engine_ignores_the_checkpoints_generation_config(tiny_model_dir, tmp_path):
     from recipe.dist import DistContext
     from recipe.model import load_hf_model, token_logprobs
-    from recipe.rollout import HfCopyEngine
+    from recipe.engine import HfCopyEngine
     from tests.helpers import compose
 
     model_dir = _checkpoint_with_penalties(tiny_model_dir, tmp_path)

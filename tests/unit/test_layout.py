@@ -1,11 +1,11 @@
 """`compare_layout`: each checkpoint tensor against what vLLM's own loader wrote for it, byte for byte
-(recipe/rollout.py). An engine-like table stands in for the engine's parameters after that load."""
+(recipe/engine/layout.py). An engine-like table stands in for the engine's parameters after that load."""
 
 from __future__ import annotations
 
 import torch
 
-from recipe.rollout import compare_layout
+from recipe.engine import compare_layout
 
 PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 
@@ -61,7 +61,7 @@ def test_one_ulp_off_in_the_engine_is_not_proven():
 
 
 def test_a_tied_alias_stands_for_the_name_the_checkpoint_holds():
-    from recipe.rollout import alias_owners
+    from recipe.engine import alias_owners
 
     groups = [["transformer.wte.weight", "lm_head.weight"], ["lm_head.weight2", "model.embed.weight2"]]
     owners = alias_owners(groups, {"transformer.wte.weight", "model.embed.weight2"})

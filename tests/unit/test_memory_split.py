@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from recipe.config import ConfigError
-from recipe.rollout import check_gpu_memory_split
+from recipe.engine import check_gpu_memory_split
 from tests.helpers import compose
 
 GIB = 2**30

@@ -1,5 +1,5 @@
 """lora=merged into a bf16 engine: the rounding of W + s*B@A is measured on every sync and logged
-(`sync/merge_rounding_*`, recipe/state_dict.py `measure_merge_rounding`, recipe/sync.py)."""
+(`sync/merge_rounding_*`, recipe/weights/lora.py `measure_merge_rounding`, recipe/sync.py)."""
 
 from __future__ import annotations
 
@@ -8,7 +8,7 @@ import logging
 import pytest
 import torch
 
-from recipe.state_dict import measure_merge_rounding, merge_lora
+from recipe.weights import measure_merge_rounding, merge_lora
 from recipe.sync import merge_rounding_metrics
 from tests.helpers import run_world
 
@@ -46,7 +46,7 @@ def test_nothing_is_measured_outside_the_block():
 def _merged_bf16_sync(rank, world, model_dir):
     from recipe.dist import DistContext
     from recipe.model import build_policy
-    from recipe.rollout import build_engine
+    from recipe.engine import build_engine
     from recipe.sync import WeightSync
     from tests.helpers import compose
     from transformers import AutoTokenizer

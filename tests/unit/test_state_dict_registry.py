@@ -11,29 +11,18 @@ import pytest
 import torch
 
 from recipe import names
-from recipe import state_dict as sd
-from recipe.config import FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError
+from recipe import weights as sd
+from recipe.config import FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, SYNC_STRATEGY_CHOICES
 
 
-def test_every_combination_has_exactly_one_entry():
+def test_every_combination_has_a_strategy():
     expected = set(itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES, LORA_CHOICES))
     assert len(expected) == 18
-    assert set(sd.registered_keys()) == expected
+    assert set(sd.all_keys()) == expected
     for key in expected:
-        assert callable(sd.get_strategy(key))
+        assert sd.get_strategy(key).__name__ == (f"{sd.GATHERS[key[:2]].__name__.lstrip('_')}+"
+                                                  f"{sd.TRANSFORMS[key[2]].apply.__name__}")
     # That no two entries behave alike is test_table_is_one_gather_per_fsdp_offload_and_one_transform_per_lora's.
-
-
-def test_duplicate_registration_is_refused():
-    existing = sd.get_strategy(("fsdp2", "cpu", "merged"))
-    with pytest.raises(ValueError, match=r"duplicate strategy for \('fsdp2', 'cpu', 'merged'\)"):
-        sd.register("fsdp2", "cpu", "merged")(lambda model, cfg, device: iter(()))
-    assert sd.get_strategy(("fsdp2", "cpu", "merged")) is existing
-
-
-def test_register_rejects_unknown_option_names():
-    with pytest.raises(ConfigError, match="offload in"):
-        sd.register("fsdp2", "disk", "none")
 
 
 def test_lookup_miss_lists_valid_keys():
@@ -41,13 +30,22 @@ def test_lookup_miss_lists_valid_keys():
         sd.get_strategy(("fsdp3", "none", "none"))
     message = str(info.value)
     assert "('fsdp3', 'none', 'none')" in message
-    for key in sd.registered_keys():
+    for key in sd.all_keys():
         assert "/".join(key) in message
 
 
 def test_reference_lookup_miss_lists_choices():
     with pytest.raises(KeyError, match="dcp_full_cpu, dtensor_stream, naive"):
         sd.get_reference("fastest")
+
+
+def test_sync_strategy_choices_are_auto_and_the_reference_strategies():
+    """`sync.strategy` accepts exactly "auto" and the names of the reference strategies in the code: a
+    reference added to the code but not to the config (or the reverse) fails here."""
+    assert SYNC_STRATEGY_CHOICES[0] == "auto"
+    assert sorted(SYNC_STRATEGY_CHOICES[1:]) == sorted(sd.REFERENCES)
+    for name in SYNC_STRATEGY_CHOICES[1:]:
+        assert callable(sd.get_reference(name))
 
 
 @pytest.mark.parametrize("raw, expected", [

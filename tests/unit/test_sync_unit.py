@@ -14,10 +14,11 @@ import torch
 
 from recipe.digest import Digest, digest, digests
 from recipe.metrics import MetricsLogger
-from recipe.rollout import HfCopyEngine
-from recipe.state_dict import WeightStream
+from recipe.engine import HfCopyEngine
+from recipe.sync import WeightStream
 from recipe.model import sequence_logprobs
-from recipe.sync import DEFAULT_TOLERANCE, WeightSync, default_tolerance, WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
+from tests.doubles import HookedSync
+from recipe.sync import DEFAULT_TOLERANCE, default_tolerance, WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
 
 SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/digest_s", "sync/probe_s", "sync/bytes",
              "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
@@ -68,7 +69,7 @@ def setup(tiny_model_dir, request):
     trainer = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype(request.param))
     ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
     engine = FakeEngine(cfg, ctx, str(tiny_model_dir))
-    sync = WeightSync(cfg, ctx, trainer, engine, AutoTokenizer.from_pretrained(tiny_model_dir), stream_fn=_stream)
+    sync = HookedSync(cfg, ctx, trainer, engine, AutoTokenizer.from_pretrained(tiny_model_dir), stream_fn=_stream)
     return sync, trainer, engine
 
 
@@ -293,7 +294,7 @@ def test_metrics_logger_rank0_writes_jsonl_rank1_noop(tmp_path, tiny_model_dir):
 
 def test_base_layer_name_follows_the_engines_fused_lora_layers():
     """vLLM 0.26 needs checkpoint names rewritten onto LoRA-wrapped layers (`qkv_proj.base_layer`)."""
-    from recipe.rollout import base_layer_name
+    from recipe.engine.layout import base_layer_name
 
     packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     wrapped = {"model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.down_proj"}
@@ -347,7 +348,7 @@ def _hf_like(vocab: int = 8):
 
 
 def test_direct_destinations_place_every_tensor_where_the_fused_layout_has_it():
-    from recipe.rollout import weight_destinations
+    from recipe.engine import weight_destinations
 
     engine, hf = _engine_like(), _hf_like()
     dest, reasons = weight_destinations(engine, {n: tuple(t.shape) for n, t in hf.items()})
@@ -368,7 +369,7 @@ def test_direct_destinations_place_every_tensor_where_the_fused_layout_has_it():
 
 
 def test_direct_destinations_refuse_what_they_cannot_place_exactly():
-    from recipe.rollout import weight_destinations
+    from recipe.engine import weight_destinations
 
     hf = _hf_like()
     shapes = {n: tuple(t.shape) for n, t in hf.items()}

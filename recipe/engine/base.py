@@ -1,0 +1,75 @@
+"""The engine interface: what the loop and the sync call on a rollout engine (see `recipe.engine`)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
+
+import torch
+
+from recipe import digest as digest_mod
+
+WeightIter = Iterable[Tuple[str, torch.Tensor]]
+# An engine tensor: the streamed names it is made of (dim-0 concatenation order) and the Digest of
+# what the engine holds (None: the engine has no readable copy of it since the last load).
+Held = Tuple[Tuple[str, ...], Optional[digest_mod.Digest]]
+
+
+@dataclass
+class Sample:
+    """One completion: the prompt's ids, the sampled ids and their logprobs under the sampler."""
+
+    prompt_token_ids: List[int]
+    token_ids: List[int]
+    logprobs: List[float]
+    finish_reason: str = ""
+
+
+class Engine:
+    """Common interface; see the module docstring. `weight_version` counts loads."""
+
+    backend = "none"
+    lora_version: Optional[int] = None
+    load_digest_seconds = 0.0  # digest time spent inside the last load_weights (vLLM CPU), else 0
+
+    def generate(self, prompt_token_ids: List[List[int]], n: int, max_new_tokens: int, temperature: float,
+                 top_p: float, seed: int) -> List[Sample]:
+        raise NotImplementedError
+
+    def prompt_logprobs(self, token_id_lists: List[List[int]]) -> List[List[float]]:
+        raise NotImplementedError
+
+    def load_weights(self, weights: WeightIter) -> None:
+        raise NotImplementedError
+
+    def load_adapter(self, tensors: WeightIter, adapter_config: dict, version: int) -> None:
+        raise NotImplementedError
+
+    def weight_digests(self) -> Dict[str, Held]:
+        """{engine tensor name: (streamed names it is made of, Digest of what it holds now)}."""
+        raise NotImplementedError(f"{type(self).__name__} cannot digest its weights; set sync.digest=false")
+
+    def adapter_digests(self) -> Dict[str, Held]:
+        """The same for the live adapter, keyed by peft's saved names."""
+        raise NotImplementedError(f"{type(self).__name__} cannot digest its adapter; set sync.digest=false")
+
+    def adapter_held_form(self, adapter_config: dict) -> Optional[Callable[[str, torch.Tensor], torch.Tensor]]:
+        """Maps a streamed adapter tensor to the form this engine holds it in (None: as streamed)."""
+        return None
+
+    def weight_held_form(self) -> Optional[Callable[[str, torch.Tensor], torch.Tensor]]:
+        """Maps a streamed weight to the form this engine holds it in (None: as streamed)."""
+        return None
+
+    def sleep(self) -> None:
+        pass
+
+    def memory_stats(self) -> Dict[str, float]:
+        """GPU memory readings of the engine (free before start, asleep, awake), for the step metrics."""
+        return {}
+
+    def wake(self) -> None:
+        pass
+
+    def close(self) -> None:
+        pass
