@@ -29,32 +29,6 @@ from recipe.state_dict import (MergeRounding, WeightStream, measure_merge_roundi
 
 log = logging.getLogger(__name__)
 
-# Mean |logprob_trainer - logprob_engine| over the probe tokens when sync.probe_tolerance is null. A bound
-# on the worst token is too tight in bf16: its gap grows with the model and with training (logits
-# sharpen, a token at logprob -10 carries a large rounding error); SmolLM2 trained at lr 3e-5 on an
-# H200 showed 0.72 on one token at logprob -10 after 75 correct syncs, which stopped the run when
-# the bound was on the worst token. The mean over the ~50 probe tokens averages that rounding out; a wrong weight moves
-# most tokens. The worst token is still logged (sync/parity_max_abs_diff) and named in the error.
-# Worst-token figures, measured on CPU (docs/SYNC.md): float32 noise <= 5e-5 on SmolLM2-135M, while
-# one stale MLP tensor after one optimizer step shifts a probe token by 0.03 (tiny) to 0.11 (SmolLM2).
-# bfloat16 noise reaches 0.25 on SmolLM2 (engine and trainer round every matmul differently),
-# so its default sits at 2x that; it does not catch a single stale tensor, nor a missed update at small
-# learning rates (tiny model, step trained off the probe's tokens: 0.035 at lr 1e-4): the digest check
-# proves those; the probe checks kernels and layouts (docs/SYNC.md, "What each check can and cannot see").
-# float16 is not measured here: 0.1 follows from its 3 extra mantissa bits (8x finer than bf16).
-DEFAULT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
-# On CUDA the engine's float32 kernels (attention backend, fused ops) differ from the trainer's more than
-# on CPU: the tiny model's first, correct sync measured 0.0043 on an H200 (docs/GPU.md), which the CPU
-# float32 tolerance refused. 2.3x that; the exact digest check, not the probe, proves the weights there.
-CUDA_FLOAT32_TOLERANCE = 1e-2
-
-
-def default_tolerance(dtype: str, device_type: str) -> float:
-    """The probe's tolerance when sync.probe_tolerance is null: per dtype, and for float32 per device."""
-    if dtype == "float32" and device_type == "cuda":
-        return CUDA_FLOAT32_TOLERANCE
-    return DEFAULT_TOLERANCE[dtype]
-
 # Probe: fixed prompts in the task's style plus one fixed completion, so every sync scores
 # exactly the same tokens (a change in the numbers is a change in the weights).
 PROBE_PROMPTS = ["12+7=", "3*4=", "20-9=", "8+15=", "6*7=", "31-4=", "9+9=", "5*11="]

@@ -31,6 +31,7 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("model", ("recipe.model", "recipe.names")),
     ("support", ("recipe.dist", "recipe.tasks", "recipe.metrics", "recipe.progress", "recipe.profiling")),
     ("config", ("recipe.config",)),
+    ("settings", ("recipe.settings",)),
     ("leaves", ("recipe.digest", "recipe.builtin_models", "recipe.logprobs", "recipe.files")),
 ]
 
@@ -44,7 +45,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.checkpoint": {"recipe.dist", "recipe.model", "recipe.names", "recipe.files"},
     "recipe.export": {"recipe.config", "recipe.dist", "recipe.model", "recipe.state_dict", "recipe.files"},
     "recipe.preflight": {"recipe.config", "recipe.tasks", "recipe.files", "recipe.metrics"},
-    "recipe.assets": {"recipe.config", "recipe.builtin_models"},
+    "recipe.assets": {"recipe.config", "recipe.builtin_models", "recipe.settings"},
     "recipe.sync": {"recipe.state_dict", "recipe.model", "recipe.names", "recipe.digest", "recipe.config", "recipe.dist"},
     "recipe.rollout": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest", "recipe.dist"},
     "recipe.state_dict": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest"},
@@ -55,7 +56,8 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.metrics": {"recipe.files"},
     "recipe.progress": set(),
     "recipe.profiling": set(),
-    "recipe.config": {"recipe.builtin_models"},
+    "recipe.config": {"recipe.builtin_models", "recipe.settings"},
+    "recipe.settings": set(),
     "recipe.digest": set(),
     "recipe.builtin_models": set(),
     "recipe.logprobs": set(),

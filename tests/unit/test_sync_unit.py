@@ -17,7 +17,8 @@ from recipe.metrics import MetricsLogger
 from recipe.rollout import HfCopyEngine
 from recipe.state_dict import WeightStream
 from recipe.model import sequence_logprobs
-from recipe.sync import DEFAULT_TOLERANCE, WeightSync, default_tolerance, WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
+from recipe.settings import DEFAULT_TOLERANCE, default_tolerance
+from recipe.sync import WeightSync, WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
 
 SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/digest_s", "sync/probe_s", "sync/bytes",
              "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
