@@ -3,7 +3,7 @@
     from recipe.model import build_policy, build_optimizer, Residency
     model = build_policy(cfg, ctx)          # sharded, on ctx.device (or CPU for offload=cpu)
     optim = build_optimizer(model, cfg)
-    residency = Residency(cfg, model, optim, ctx.device)
+    residency = Residency(settings.offload, model, optim, ctx.device)
     with residency.on_device():             # offload=manual: the update's shards on the device
         ...
 
@@ -43,6 +43,7 @@ import torch.nn as nn
 from omegaconf import DictConfig
 
 from recipe.config import pin_memory
+from recipe.settings import Offload
 from recipe.logprobs import chunked_logprobs, shifted_targets, token_logprobs
 
 
@@ -336,10 +337,10 @@ class Residency:
     no-op. (The weight sync itself reads the host shards: recipe/state_dict.py moves one unit at a time.)
     """
 
-    def __init__(self, cfg: DictConfig, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+    def __init__(self, offload: Offload, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
                  device: torch.device):
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
-        self.manual = cfg.offload.name == "manual" and self.device.type != "cpu"
+        self.manual = offload.name == "manual" and self.device.type != "cpu"
 
     def to_device(self, optimizer: bool = True) -> None:
         if self.manual:

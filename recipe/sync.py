@@ -1,6 +1,6 @@
 """One weight sync, trainer -> rollout engine: gather -> load -> digest check (-> probe), timed and checked.
 
-    sync = WeightSync(cfg, ctx, policy, engine, tokenizer)
+    sync = WeightSync(settings, ctx, policy, engine, tokenizer)
     stats = sync.sync(step)     # every rank calls it; returns the `sync/*` metrics
 
 Two checks (docs/SYNC.md): every sync, an exact digest of every tensor the engine holds against
@@ -18,14 +18,13 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 
 from recipe.digest import Digest, combined_hex
 from recipe.dist import agree
 from recipe.model import Residency, adapter_config, sequence_logprobs
 from recipe.names import checkpoint_shapes, hf_name, is_lora_param, peft_name
-from recipe.state_dict import (MergeRounding, WeightStream, measure_merge_rounding, stream_base_weights, stream_weights,
-                               strategy_name)
+from recipe.settings import Settings
+from recipe.state_dict import MergeRounding, WeightStream, measure_merge_rounding, stream_base_weights, stream_weights
 
 log = logging.getLogger(__name__)
 
@@ -125,33 +124,32 @@ class WeightSync:
     all-gathered first), so no rank is left waiting in a collective.
     """
 
-    def __init__(self, cfg: DictConfig, ctx, model: torch.nn.Module, engine, tokenizer,
+    def __init__(self, settings: Settings, ctx, model: torch.nn.Module, engine, tokenizer,
                  stream_fn: Optional[Callable] = None, base_stream_fn: Optional[Callable] = None,
                  residency: Optional[Residency] = None):
-        self.cfg, self.ctx, self.model, self.engine = cfg, ctx, model, engine
-        self.residency = residency if residency is not None else Residency(cfg, model, None, ctx.device)
+        self.settings, self.ctx, self.model, self.engine = settings, ctx, model, engine
+        self.residency = residency if residency is not None else Residency(settings.offload, model, None, ctx.device)
         self.stream_fn = stream_fn
         self.base_stream_fn = base_stream_fn
-        self.probe = probe_batch(tokenizer, cfg.sync.num_probe_prompts)
-        self.tolerance = (cfg.sync.probe_tolerance if cfg.sync.probe_tolerance is not None
-                          else default_tolerance(cfg.model.dtype, ctx.device.type))
-        self.adapter = cfg.lora.name == "adapter"
-        self.digest = cfg.sync.digest and not engine.shares_policy
+        self.probe = probe_batch(tokenizer, settings.sync.num_probe_prompts)
+        self.tolerance = settings.sync.tolerance  # sync.probe_tolerance, or the dtype-aware default
+        self.adapter = settings.lora.name == "adapter"
+        self.digest = settings.sync.digest and not engine.shares_policy
         if not engine.shares_policy:
-            check_streamed_names(model, cfg.model.path)
-        self.expected = expected_names(model, cfg.model.path)  # what a full (or base) load must cover
+            check_streamed_names(model, settings.model.path)
+        self.expected = expected_names(model, settings.model.path)  # what a full (or base) load must cover
         self.expected_adapter = sorted(peft_name(n) for n, _ in model.named_parameters() if is_lora_param(n))
         self.weight_version = 0
         self.num_syncs = 0
         self._base_loaded = False
         self._peak = 0
         # lora=merged into a narrower engine dtype: the rounding of W + s*B@A is measured every sync
-        self.measure_rounding = (cfg.lora.name == "merged" and cfg.model.dtype != "float32"
+        self.measure_rounding = (settings.lora.name == "merged" and settings.model.dtype != "float32"
                                  and not engine.shares_policy)
         if self.measure_rounding:
             log.info("lora=merged with model.dtype=%s: the engine holds W + s*B@A rounded to %s, which can move it "
                      "more than the LoRA update itself (logged as sync/merge_rounding_*); lora=adapter keeps W and "
-                     "the adapter apart and is exact", cfg.model.dtype, cfg.model.dtype)
+                     "the adapter apart and is exact", settings.model.dtype, settings.model.dtype)
 
     # -- public
     def sync(self, step: int) -> Dict[str, object]:
@@ -196,7 +194,7 @@ class WeightSync:
     def strategy_name(self) -> str:
         if self.engine.shares_policy:
             return "shared"  # the engine is the policy: nothing moves
-        return strategy_name(self.cfg)
+        return self.settings.strategy_name
 
     # -- gather + load
     def _streams(self):
@@ -235,16 +233,16 @@ class WeightSync:
         stream = self._streams()
         weight_form = self.engine.weight_held_form() if self.digest else None
         if not self.adapter:
-            yield self._wrap(stream(self.model, self.cfg, self.ctx.device), weight_form), self.engine.load_weights
+            yield self._wrap(stream(self.model, self.settings, self.ctx.device), weight_form), self.engine.load_weights
             return
         if not self._base_loaded:
             base = self._base_stream()
-            yield self._wrap(base(self.model, self.cfg, self.ctx.device), weight_form), self.engine.load_weights
+            yield self._wrap(base(self.model, self.settings, self.ctx.device), weight_form), self.engine.load_weights
             self._base_loaded = True
-        config = adapter_config(self.cfg)
+        config = adapter_config(self.settings)
         version = self.weight_version + 1
         held = self.engine.adapter_held_form(config) if self.digest else None
-        yield self._wrap(stream(self.model, self.cfg, self.ctx.device), held), \
+        yield self._wrap(stream(self.model, self.settings, self.ctx.device), held), \
             lambda s: self.engine.load_adapter(s, config, version)
 
     def _base_stream(self):
@@ -286,7 +284,7 @@ class WeightSync:
     # -- probe
     def _should_probe(self) -> bool:
         """sync.probe_every: 0 = off, -1 = the first sync only, N = the first sync, then every N-th."""
-        every = int(self.cfg.sync.probe_every)
+        every = int(self.settings.sync.probe_every)
         if every <= 0:
             return every == -1 and self.num_syncs == 1
         return (self.num_syncs - 1) % every == 0
@@ -323,7 +321,7 @@ class WeightSync:
                  "transform) or the engine's kernels are wrong" if self.digest else "digests are off (sync.digest)")
         return (f"weight sync failed the parity probe at step {step} (weight version {self.weight_version}, "
                 f"strategy {self.strategy_name()}): mean |logprob trainer - engine| over {report['tokens']} probe tokens = "
-                f"{report['mean']:.3g} > tolerance {self.tolerance:g} ({self.cfg.model.dtype}) on rank {report['rank']}; "
+                f"{report['mean']:.3g} > tolerance {self.tolerance:g} ({self.settings.model.dtype}) on rank {report['rank']}; "
                 f"its worst: probe {report['row']} token {report['pos']} (id {token}): trainer {report['trainer']:.6g} vs "
                 f"engine {report['engine']:.6g}; {where}.")
 

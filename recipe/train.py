@@ -35,10 +35,12 @@ from recipe.config import ConfigError, expand_paths, launcher_world, refuse_rena
 
 
 def run_rank(cfg: DictConfig, ctx) -> None:
-    """Body of every rank (module level so spawn can pickle it)."""
+    """Body of every rank (module level so spawn can pickle it): the composed config travels to the ranks
+    as YAML and each rank types it once (the same Settings train() checked)."""
     from recipe.grpo import run
+    from recipe.settings import Settings
 
-    run(cfg, ctx)
+    run(Settings.from_cfg(cfg), ctx)
 
 
 def train(cfg: DictConfig, run=None) -> None:
@@ -60,7 +62,7 @@ def train(cfg: DictConfig, run=None) -> None:
         check_model_path(settings.model)
         console_env(settings.logger.verbose)  # before the ranks start: their torch reads it at import
         preflight(cfg)  # run directory, resumed config, wandb, engine: before anything is built or downloaded
-        check_context_length(cfg, ensure_model(cfg))
+        check_context_length(settings.task, settings.trainer, settings.rollout, ensure_model(cfg))
         run.adopt()  # a resumed run owns its directory only now, having passed every check
         if run.owned:
             save_run_config(cfg, Path(cfg.run_dir) / "config.yaml")  # a resumed run compares against this file

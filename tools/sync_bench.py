@@ -335,7 +335,7 @@ class VllmSink:
     def __init__(self, cfg: DictConfig, ctx, model_dir: Path):
         from recipe.rollout import VllmEngine
 
-        self.engine = VllmEngine(cfg, ctx, str(model_dir))
+        self.engine = VllmEngine(cfg, ctx, str(model_dir), load=cfg.sync.load, digest=cfg.sync.digest)
         self.nbytes = 0
 
     def _count(self, stream):

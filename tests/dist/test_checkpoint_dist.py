@@ -43,7 +43,7 @@ def save_and_load_manual_offload(rank: int, world: int, cfg_yamls: List[str], ro
         model = build_policy(cfg, ctx)
         optimizer = build_optimizer(model, cfg)
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        residency = Residency(cfg, model, optimizer, device)
+        residency = Residency(cfg.offload, model, optimizer, device)
 
         def step():  # as GRPOTrainer.update: device for the update, host between phases
             with residency.on_device():

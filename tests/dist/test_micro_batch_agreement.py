@@ -46,13 +46,13 @@ def split_counts(rank: int, world: int, model_dir: str) -> dict:
             policy = build_policy(cfg, ctx)
             batch = rank_batch(policy, rows, device)  # old logprobs = the policy's own, unsplit
             out["own"] = len(micro_batches(batch, mini, cfg.trainer.micro_batch_size, MICRO_TOKENS[world]))
-            out["agreed"] = len(agreed_micro_batches(batch, mini, cfg))
+            out["agreed"] = len(agreed_micro_batches(batch, mini, cfg.trainer))
             if fsdp == "fsdp2" and agg == "token_mean":
-                recomputed, _ = behaviour_logprobs(policy, batch, [mini], cfg, device)
+                recomputed, _ = behaviour_logprobs(policy, batch, [mini], cfg.trainer, cfg.rollout.temperature, device)
                 out["logprob_diff"] = max(abs(a - b) for got, want in zip(recomputed, batch.old_logprobs)
                                           for a, b in zip(got, want))
                 out["lengths_kept"] = [len(r) for r in recomputed] == [len(r) for r in batch.old_logprobs]
-            backward_mini_batch(policy, batch, mini, cfg, device, world)
+            backward_mini_batch(policy, batch, mini, cfg.algo, cfg.trainer, cfg.rollout.temperature, device, world)
             out["grads"][(fsdp, agg)] = full_grads(policy)
     return out
 

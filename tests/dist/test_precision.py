@@ -107,7 +107,8 @@ def objective_grads(rank: int, world: int, model_dir: str) -> dict:
                 if mode == "per_rank":  # the former normalisation: this rank's own count
                     grpo.global_count = lambda local: max(local, 1.0) * world
                 try:
-                    grpo.backward_mini_batch(policy, batch, list(range(len(rows))), cfg, device, world)
+                    grpo.backward_mini_batch(policy, batch, list(range(len(rows))), cfg.algo, cfg.trainer,
+                                             cfg.rollout.temperature, device, world)
                 finally:
                     grpo.global_count = count
                 out[(fsdp, agg, mode)] = full_grads(policy)
@@ -174,7 +175,8 @@ def bf16_step(rank: int, world: int, model_dir: str, master: str) -> dict:
     rows = ROWS[world][rank]
     batch = rank_batch(policy, rows, device)
     before = full_params(policy)
-    backward_mini_batch(policy, batch, list(range(len(rows))), cfg, device, world)
+    backward_mini_batch(policy, batch, list(range(len(rows))), cfg.algo, cfg.trainer, cfg.rollout.temperature,
+                        device, world)
     clip_grad_norm(policy, cfg.trainer.grad_clip)
     optimizer.step()
     after = full_params(policy)

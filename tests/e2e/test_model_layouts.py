@@ -32,7 +32,7 @@ def _sync_twice(ctx, model_dir: str, dtype: str) -> dict:
 
     cfg = compose([f"model.path={model_dir}", "fsdp=fsdp2", "+offload=none", "+lora=none", "trainer.device=cpu",
                    f"model.dtype={dtype}", "rollout.max_model_len=128"])
-    engine = build_engine(cfg, ctx, model_dir)
+    engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     try:
         policy = build_policy(cfg, ctx)
         optimizer = build_optimizer(policy, cfg)

@@ -74,7 +74,7 @@ def _reach(rank, world, model_dir):
     for dtype in ("float32", "bfloat16"):
         cfg = compose([f"model.path={model_dir}", "fsdp=fsdp2", "+offload=none", "+lora=none", "trainer.device=cpu",
                        f"model.dtype={dtype}", "rollout.max_model_len=128", "sync.probe_every=0", "sync.digest=false"])
-        engine = build_engine(cfg, ctx, model_dir)
+        engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
         try:
             policy = build_policy(cfg, ctx)
             sync = WeightSync(cfg, ctx, policy, engine, tok)

@@ -389,8 +389,9 @@ def _engines(ctx, model_dir, dtype):
     """One plain and one LoRA-enabled vLLM engine of `dtype` on this rank, closed after use."""
     from recipe.rollout import build_engine
 
-    engines = {"plain": build_engine(_cfg(model_dir, extra=[f"model.dtype={dtype}"]), ctx, model_dir),
-               "lora": build_engine(_cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}"]), ctx, model_dir)}
+    plain, lora = _cfg(model_dir, extra=[f"model.dtype={dtype}"]), _cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}"])
+    engines = {"plain": build_engine(plain, ctx, model_dir, load=plain.sync.load, digest=plain.sync.digest),
+               "lora": build_engine(lora, ctx, model_dir, load=lora.sync.load, digest=lora.sync.digest)}
     try:
         yield engines
     finally:

@@ -41,7 +41,7 @@ def _run(rank, world, model_dir, lora):
     ctx = DistContext(rank, world, rank, torch.device("cuda", rank))
     cfg = _cfg(model_dir, lora)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    engine = build_engine(cfg, ctx, model_dir)
+    engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     out = {"faults": {}, "clean": []}
     try:
         policy = build_policy(cfg, ctx)

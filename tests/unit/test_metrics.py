@@ -13,7 +13,7 @@ from tests.helpers import compose
 
 
 def _logger(tmp_path):
-    return MetricsLogger(compose(["logger=none", "trainer.device=cpu"]), str(tmp_path), rank=0)
+    return MetricsLogger(compose(["logger=none", "trainer.device=cpu"]).logger, str(tmp_path), rank=0)
 
 
 def test_rewind_drops_later_steps_and_keeps_earlier_lines(tmp_path):
@@ -45,7 +45,7 @@ def test_rewind_keeps_a_damaged_line_that_is_not_the_last(tmp_path):
 
 
 def test_ranks_above_zero_write_nothing(tmp_path):
-    logger = MetricsLogger(compose(["logger=none"]), str(tmp_path), rank=1)
+    logger = MetricsLogger(compose(["logger=none"]).logger, str(tmp_path), rank=1)
     logger.log({"a": 1}, step=1)
     logger.rewind(0)
     assert logger.records() == [] and not (tmp_path / "metrics.jsonl").exists()
