@@ -347,11 +347,11 @@ class GRPOTrainer:
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
         self.task = build_task(cfg.task, self.tokenizer)
         self.eval_prompts = held_out_share(self.task, cfg.trainer, ctx)  # [] when trainer.eval_every=0
-        self.policy = build_policy(cfg, ctx)
-        self.flops_per_token = train_flops_per_token(*parameter_counts(cfg))
+        self.policy = build_policy(cfg.policy, ctx)
+        self.flops_per_token = train_flops_per_token(*parameter_counts(cfg.policy))
         self.peak_flops = peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device.type == "cuda" else None
-        self.reference = build_reference(cfg, ctx) if cfg.algo.kl_coef > 0 else None  # in model.dtype
-        self.optimizer = build_optimizer(self.policy, cfg)
+        self.reference = build_reference(cfg.policy, ctx) if cfg.algo.kl_coef > 0 else None  # in model.dtype
+        self.optimizer = build_optimizer(self.policy, cfg.policy)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.trainer.warmup_steps))
         self.residency = Residency(cfg.offload, self.policy, self.optimizer, ctx.device)  # offload=manual: host between phases
         # the engine takes the sync's load mode and digest setting from here: it reads no sync settings itself

@@ -266,6 +266,19 @@ class Trainer:
             raise ConfigError(f"trainer.eval_prompts must be > 0 with trainer.eval_every > 0, got {self.eval_prompts}")
 
 
+@dataclass(frozen=True)
+class Policy:
+    """What builds, shards and optimizes the policy (recipe/model.py): the model, fsdp, offload and lora
+    slices, and the trainer's seed (LoRA's initialisation), learning rate and weight decay."""
+    model: Model
+    fsdp: Fsdp
+    offload: Offload
+    lora: Lora
+    seed: int
+    lr: float
+    weight_decay: float
+
+
 def device_of(setting: str) -> str:
     """`trainer.device` resolved against the hardware: "cpu" or "cuda"."""
     if setting != "auto":
@@ -299,6 +312,12 @@ class Settings:
     def combo(self) -> Tuple[str, str, str]:
         """The dispatch-table key: the option names of fsdp, offload and lora."""
         return (self.fsdp.name, self.offload.name, self.lora.name)
+
+    @property
+    def policy(self) -> Policy:
+        """The slices recipe/model.py builds the policy from."""
+        return Policy(self.model, self.fsdp, self.offload, self.lora, self.trainer.seed, self.trainer.lr,
+                      self.trainer.weight_decay)
 
     @property
     def strategy_name(self) -> str:

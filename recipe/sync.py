@@ -239,7 +239,7 @@ class WeightSync:
             base = self._base_stream()
             yield self._wrap(base(self.model, self.settings, self.ctx.device), weight_form), self.engine.load_weights
             self._base_loaded = True
-        config = adapter_config(self.settings)
+        config = adapter_config(self.settings.lora, self.settings.model.path)
         version = self.weight_version + 1
         held = self.engine.adapter_held_form(config) if self.digest else None
         yield self._wrap(stream(self.model, self.settings, self.ctx.device), held), \

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import run_world
+from tests.helpers import policy_of, run_world
 
 pytestmark = pytest.mark.slow
 FAULT_NAME = "model.layers.1.mlp.down_proj.weight"
@@ -76,11 +76,11 @@ def _reach(rank, world, model_dir):
                        f"model.dtype={dtype}", "rollout.max_model_len=128", "sync.probe_every=0", "sync.digest=false"])
         engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
         try:
-            policy = build_policy(cfg, ctx)
+            policy = build_policy(policy_of(cfg), ctx)
             sync = WeightSync(cfg, ctx, policy, engine, tok)
             for lr in LRS:
                 for trained_on in ("other tokens", "probe tokens"):
-                    optimizer = build_optimizer(policy, cfg)
+                    optimizer = build_optimizer(policy, policy_of(cfg))
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     sync.stream_fn = None

@@ -34,7 +34,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_world
+from tests.helpers import policy_of, run_world
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +95,7 @@ def _reference(policy, cfg):
     from recipe.model import apply_lora, load_hf_model
 
     state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
-    ref = apply_lora(load_hf_model(cfg), cfg)
+    ref = apply_lora(load_hf_model(cfg.model), cfg.lora, cfg.model.master_dtype)
     ref.load_state_dict(state)
     return ref.eval()
 
@@ -116,8 +116,8 @@ def _one_combo(combo, ctx, model_dir, engines, tok):
     fsdp, offload, lora = combo
     cfg = _cfg(model_dir, fsdp, offload, lora)
     engine = engines["lora" if lora == "adapter" else "plain"]
-    policy = build_policy(cfg, ctx)
-    optimizer = build_optimizer(policy, cfg)
+    policy = build_policy(policy_of(cfg), ctx)
+    optimizer = build_optimizer(policy, policy_of(cfg))
     sync = WeightSync(cfg, ctx, policy, engine, tok)
     gen_ids = [tok(p, add_special_tokens=False).input_ids for p in GEN_PROMPTS]
     first = sync.sync(0)
@@ -162,8 +162,8 @@ def _stream_faults(ctx, model_dir, engine, tok):
     from recipe.sync import WeightSync
 
     cfg = _cfg(model_dir)
-    policy = build_policy(cfg, ctx)
-    optimizer = build_optimizer(policy, cfg)
+    policy = build_policy(policy_of(cfg), ctx)
+    optimizer = build_optimizer(policy, policy_of(cfg))
     stale = {}
 
     def capture(model, cfg, device):  # the correct stream, remembering FAULT_NAME's pre-step value
@@ -248,8 +248,8 @@ def _faults(ctx, model_dir, dtype, engine, tok):
     from recipe.sync import WeightSync
 
     cfg = _cfg(model_dir, extra=[f"model.dtype={dtype}", "sync.probe_tolerance=0.5"])
-    policy = build_policy(cfg, ctx)
-    optimizer = build_optimizer(policy, cfg)
+    policy = build_policy(policy_of(cfg), ctx)
+    optimizer = build_optimizer(policy, policy_of(cfg))
     stale = {}
     sync = WeightSync(cfg, ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
     sync.sync(0)
@@ -285,8 +285,8 @@ def _adapter_faults(ctx, model_dir, dtype, engine, tok):
     from recipe.sync import WeightSync
 
     cfg = _cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}", "sync.probe_tolerance=0.5"])
-    policy = build_policy(cfg, ctx)
-    optimizer = build_optimizer(policy, cfg)
+    policy = build_policy(policy_of(cfg), ctx)
+    optimizer = build_optimizer(policy, policy_of(cfg))
     sync = WeightSync(cfg, ctx, policy, engine, tok)
     sync.sync(0)
     _train_step(policy, optimizer, sync.probe)  # B moves away from its zero init
@@ -307,8 +307,8 @@ def _clean_syncs(ctx, model_dir, dtype, engine, tok, lora, count):
     from recipe.sync import WeightSync
 
     cfg = _cfg(model_dir, lora=lora, extra=[f"model.dtype={dtype}", "sync.probe_every=-1"])
-    policy = build_policy(cfg, ctx)
-    optimizer = build_optimizer(policy, cfg)
+    policy = build_policy(policy_of(cfg), ctx)
+    optimizer = build_optimizer(policy, policy_of(cfg))
     sync = WeightSync(cfg, ctx, policy, engine, tok)
     t0 = time.perf_counter()
     digests, flagged, digest_s, move_s = set(), [], 0.0, 0.0

@@ -13,7 +13,7 @@ import pytest
 
 from tests.e2e.test_rollout_sync import (ADAPTER_FAULTS, FAULT_NAME, SQUARE_NAME, _adapter_fault, _engine_fault,
                                          _error_of, _train_step, remembering_stream)
-from tests.helpers import run_world
+from tests.helpers import policy_of, run_world
 
 pytestmark = pytest.mark.gpu
 
@@ -44,8 +44,8 @@ def _run(rank, world, model_dir, lora):
     engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     out = {"faults": {}, "clean": []}
     try:
-        policy = build_policy(cfg, ctx)
-        optimizer = build_optimizer(policy, cfg)
+        policy = build_policy(policy_of(cfg), ctx)
+        optimizer = build_optimizer(policy, policy_of(cfg))
         stale = {}
         sync = WeightSync(cfg, ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
         out["first"] = sync.sync(0)

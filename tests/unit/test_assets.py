@@ -188,4 +188,4 @@ def test_a_tilde_in_model_path_is_expanded_once_at_start(tmp_path, tiny_model_di
     assert cfg.model.path == str(tmp_path / "local") and cfg.run_dir == str(tmp_path / "run")
     _start_checks(cfg)
     assert ensure_model(cfg) == tmp_path / "local"
-    assert load_hf_model(cfg, "cpu") is not None  # reads cfg.model.path as the ranks do
+    assert load_hf_model(cfg.model, "cpu") is not None  # reads cfg.model.path as the ranks do

@@ -11,7 +11,7 @@ import torch
 from recipe.settings import Settings
 from recipe.state_dict import measure_merge_rounding, merge_lora
 from recipe.sync import merge_rounding_metrics
-from tests.helpers import run_world
+from tests.helpers import policy_of, run_world
 
 
 def _layer(seed=0, rows=256, cols=128, rank=8, b_scale=1e-4):
@@ -60,7 +60,7 @@ def _merged_bf16_sync(rank, world, model_dir):
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("recipe.sync").addHandler(handler)
     logging.getLogger("recipe.sync").setLevel(logging.INFO)
-    policy = build_policy(cfg, ctx)
+    policy = build_policy(policy_of(cfg), ctx)
     with torch.no_grad():  # a LoRA update of a realistic size (peft starts B at zero)
         for name, p in policy.named_parameters():
             if "lora_B" in name:

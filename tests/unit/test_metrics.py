@@ -9,7 +9,7 @@ import json
 
 from recipe.grpo import summarize
 from recipe.metrics import MetricsLogger
-from tests.helpers import compose
+from tests.helpers import compose, policy_of
 
 
 def _logger(tmp_path):
@@ -69,8 +69,8 @@ def test_throughput_and_mfu():
 def test_parameter_counts_on_the_meta_device(tiny_model_dir):
     from recipe.model import parameter_counts
 
-    full = parameter_counts(compose([f"model.path={tiny_model_dir}"]))
-    lora = parameter_counts(compose([f"model.path={tiny_model_dir}", "+lora=adapter"]))
+    full = parameter_counts(policy_of(compose([f"model.path={tiny_model_dir}"])))
+    lora = parameter_counts(policy_of(compose([f"model.path={tiny_model_dir}", "+lora=adapter"])))
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir)
