@@ -12,7 +12,6 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
@@ -21,7 +20,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 from recipe.settings import (  # noqa: F401  (the choices and errors are part of this module's interface)
     DEVICE_CHOICES, DTYPE_CHOICES, EXPORT_CHOICES, FSDP_CHOICES, LOGGER_CHOICES, LOGGER_MODES, LORA_CHOICES,
     LOSS_AGG_CHOICES, OFFLOAD_CHOICES, ROLLOUT_CHOICES, SYNC_LOAD_CHOICES, SYNC_STRATEGY_CHOICES, ConfigError,
-    Settings, UnsupportedError, pin_setting,
+    Settings, UnsupportedError,
 )
 
 
@@ -300,25 +299,21 @@ def check_numbers(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be {bound}, got {value}" + (f": {bound.why}" if bound.why else ""))
 
 
-def run_world(cfg: DictConfig) -> int:
-    """The run's number of ranks: torchrun's WORLD_SIZE when it started the process, else trainer.world_size."""
-    return int(os.environ.get("WORLD_SIZE", cfg.trainer.world_size))
-
-
-def _engine_limits(cfg: DictConfig) -> None:
-    """Limits that come from the engine rather than from the field itself."""
-    world = run_world(cfg)
-    if cfg.trainer.seed + world - 1 >= SEED_LIMIT:
-        raise ConfigError(f"trainer.seed={cfg.trainer.seed} is too large: rank r's engine takes seed + r, and seeds "
+def _engine_limits(s: Settings) -> None:
+    """Limits that come from the engine rather than from the field itself. The world is the run's
+    (`Settings.world_size`: torchrun's WORLD_SIZE when it started the process, else trainer.world_size)."""
+    world = s.world_size
+    if s.trainer.seed + world - 1 >= SEED_LIMIT:
+        raise ConfigError(f"trainer.seed={s.trainer.seed} is too large: rank r's engine takes seed + r, and seeds "
                           f"are 32-bit; give trainer.seed <= {SEED_LIMIT - world}")
-    if cfg.rollout.backend != "vllm":
+    if s.rollout.backend != "vllm":
         return
     max_n = int(os.environ.get("VLLM_MAX_N_SEQUENCES", VLLM_MAX_N_DEFAULT))
-    if cfg.rollout.n > max_n:
-        raise ConfigError(f"rollout.n={cfg.rollout.n} is more samples per prompt than vLLM takes in one request "
+    if s.rollout.n > max_n:
+        raise ConfigError(f"rollout.n={s.rollout.n} is more samples per prompt than vLLM takes in one request "
                           f"({max_n}; the environment variable VLLM_MAX_N_SEQUENCES raises it)")
-    if cfg.lora.name == "adapter" and cfg.lora.rank > 512:
-        raise ConfigError(f"lora.rank={cfg.lora.rank} is larger than vLLM's largest max_lora_rank (512) with "
+    if s.lora.name == "adapter" and s.lora.rank > 512:
+        raise ConfigError(f"lora.rank={s.lora.rank} is larger than vLLM's largest max_lora_rank (512) with "
                           "lora=adapter; use lora.rank <= 512, or lora=merged")
 
 
@@ -370,10 +365,10 @@ def validate(cfg: DictConfig) -> Settings:
     valid choices; returns the settings. The model directory is checked by recipe.assets.check_model_path."""
     _unknown_keys(cfg)
     check_numbers(cfg)  # first: later rules compare numbers, and a NaN passes every comparison
-    _engine_limits(cfg)
     if OmegaConf.is_missing(cfg.model, "path"):
         raise ConfigError("model.path is missing; set model.path=/path/to/hf_checkpoint (a local HF directory)")
     settings = Settings.from_cfg(cfg)
+    _engine_limits(settings)
     settings.check()
     _rollout_and_batch(settings)
     _evaluation(settings)
@@ -444,12 +439,6 @@ def launcher_world(cfg: DictConfig) -> None:
             print(f"note: trainer.world_size={cfg.trainer.world_size} but torchrun started {world} ranks; the run "
                   f"uses {world}", flush=True)
         cfg.trainer.world_size = world
-
-
-def pin_memory(cfg: DictConfig) -> bool:
-    """`offload.pin_memory` resolved: "auto" pins on CUDA only (Settings.offload.pin is the same value)."""
-    setting = pin_setting(cfg.offload.pin_memory)
-    return resolve_device(cfg) == "cuda" if setting is None else setting
 
 
 def combo_key(cfg: DictConfig) -> tuple:

@@ -196,13 +196,20 @@ def test_cli_prints_the_composed_config():
 
 
 def test_pin_memory_from_the_command_line():
-    # Hydra parses `true`/`false` as bools; the str field stores "True"/"False".
-    from recipe.config import pin_memory
+    # Hydra parses `true`/`false` as bools; the str field stores "True"/"False"; the settings hold
+    # Optional[bool] (None = auto) and `pin`, resolved once against the device.
+    from recipe.settings import Settings
 
-    assert pin_memory(compose(["offload.pin_memory=false", CPU])) is False
-    assert pin_memory(compose(["offload.pin_memory=auto", CPU])) is False
-    cfg = compose(["offload.pin_memory=true", "trainer.device=cuda"])
-    assert pin_memory(cfg) is True
+    def offload(overrides):
+        return Settings.from_cfg(compose(overrides)).offload
+
+    assert (offload(["offload.pin_memory=false", CPU]).pin_memory, offload(["offload.pin_memory=false", CPU]).pin) \
+        == (False, False)
+    assert (offload(["offload.pin_memory=auto", CPU]).pin_memory, offload(["offload.pin_memory=auto", CPU]).pin) \
+        == (None, False)
+    assert offload(["offload.pin_memory=auto", "trainer.device=cuda"]).pin is True  # auto pins on CUDA
+    on = offload(["offload.pin_memory=true", "trainer.device=cuda"])
+    assert (on.pin_memory, on.pin) == (True, True)
 
 
 def test_fsdp1_lora_at_world_one_is_refused_with_the_reason(tiny_model_dir):
