@@ -267,7 +267,7 @@ def build_policy_from(base: torch.nn.Module, cfg: DictConfig, ctx) -> Tuple[torc
     model = policy.shard(model, Settings.from_cfg(cfg).policy, ctx.device)
     if cfg.offload.name == "manual":
         _train_like(model, ctx.device)
-        policy.Residency(cfg, model, None, ctx.device).to_host()
+        policy.Residency(cfg.offload, model, None, ctx.device).to_host()
     return model, unit
 
 

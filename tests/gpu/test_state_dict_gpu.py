@@ -13,9 +13,9 @@ import torch
 
 from recipe.state_dict import all_keys
 from tests.dist.test_state_dict import (
-from tests.helpers import policy_of
     _train_step, assert_combo, check_stream, checkpoint_state, combo_cfg, reference, run_combos,
 )
+from tests.helpers import policy_of
 
 pytestmark = pytest.mark.gpu
 
