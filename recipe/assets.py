@@ -13,14 +13,33 @@ from pathlib import Path
 
 from omegaconf import DictConfig
 
-from recipe.builtin_models import NotOursError, fetch_default_model, make_tiny_model
+from recipe.builtin_models import NotOursError, check_buildable, fetch_default_model, make_tiny_model
 from recipe.config import ConfigError
+from recipe.settings import Model
 
 WEIGHT_PATTERNS = ("*.safetensors", "*.bin", "*.safetensors.index.json", "*.bin.index.json")
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json")
 # Encoded at start: a tokenizer that loads but turns text into no tokens (its tokenizer.json gone, the
 # rest of its files still there) would fail much later, in the engine ("The decoder prompt cannot be empty").
 PROBE_TEXT = "What is 12 + 30? Answer: 42"
+
+
+def check_model_path(model: Model) -> None:
+    """`model.path` at start, before anything is built (no I/O but stat): a built-in model is never built
+    over a directory the project did not make; any other model's directory exists."""
+    if model.builder != "none":
+        try:
+            check_buildable(model.path, model.builder)
+        except NotOursError as exc:
+            raise ConfigError(str(exc)) from None
+        return
+    where = Path(model.path).expanduser()
+    if where.exists() and not where.is_dir():
+        raise ConfigError(f"model.path={model.path!r} is a file, not a directory; give a local HF checkpoint "
+                          "directory (the folder that holds config.json, the weights and the tokenizer)")
+    if not where.is_dir():
+        raise ConfigError(f"model.path={model.path!r} does not exist; give a local HF checkpoint directory "
+                          "or use model=tiny / model=smollm2, which are created on first use")
 
 
 def check_model_dir(path: Path) -> None:

@@ -12,34 +12,16 @@ import math
 import os
 import typing
 from dataclasses import dataclass, field, fields, is_dataclass
-from pathlib import Path
 from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-# The option names of the three groups that key the dispatch table (recipe/weights/).
-FSDP_CHOICES = ("fsdp1", "fsdp2")
-OFFLOAD_CHOICES = ("none", "manual", "cpu")
-LORA_CHOICES = ("none", "merged", "adapter")
-DEVICE_CHOICES = ("auto", "cpu", "cuda")
-DTYPE_CHOICES = ("float32", "bfloat16", "float16")
-ROLLOUT_CHOICES = ("vllm", "hf")
-LOGGER_CHOICES = ("wandb", "none")
-LOGGER_MODES = ("offline", "online", "disabled")
-LOSS_AGG_CHOICES = ("token_mean", "seq_mean")
-# Reference strategies the benchmark may name; "auto" means the dispatch-table entry.
-SYNC_STRATEGY_CHOICES = ("auto", "naive", "dcp_full_cpu", "dtensor_stream")
-SYNC_LOAD_CHOICES = ("auto", "direct", "reload")
-EXPORT_CHOICES = ("final", "every_checkpoint", "none")
-
-
-class ConfigError(ValueError):
-    """A config value is invalid; the message names the field and the valid choices."""
-
-
-class UnsupportedError(ConfigError):
-    """The combination is valid but this machine cannot run it (e.g. needs an accelerator)."""
+from recipe.settings import (  # noqa: F401  (the choices and errors are part of this module's interface)
+    DEVICE_CHOICES, DTYPE_CHOICES, EXPORT_CHOICES, FSDP_CHOICES, LOGGER_CHOICES, LOGGER_MODES, LORA_CHOICES,
+    LOSS_AGG_CHOICES, OFFLOAD_CHOICES, ROLLOUT_CHOICES, SYNC_LOAD_CHOICES, SYNC_STRATEGY_CHOICES, ConfigError,
+    Settings, UnsupportedError,
+)
 
 
 @dataclass
@@ -226,12 +208,6 @@ def register_configs() -> None:
 register_configs()
 
 
-def _choice(cfg: DictConfig, key: str, choices) -> None:
-    value = OmegaConf.select(cfg, key)
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
-
-
 @dataclass(frozen=True)
 class Range:
     """The values a numeric field accepts; `str()` is how an error names them ("> 0", "in (0, 1]")."""
@@ -323,25 +299,21 @@ def check_numbers(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be {bound}, got {value}" + (f": {bound.why}" if bound.why else ""))
 
 
-def run_world(cfg: DictConfig) -> int:
-    """The run's number of ranks: torchrun's WORLD_SIZE when it started the process, else trainer.world_size."""
-    return int(os.environ.get("WORLD_SIZE", cfg.trainer.world_size))
-
-
-def _engine_limits(cfg: DictConfig) -> None:
-    """Limits that come from the engine rather than from the field itself."""
-    world = run_world(cfg)
-    if cfg.trainer.seed + world - 1 >= SEED_LIMIT:
-        raise ConfigError(f"trainer.seed={cfg.trainer.seed} is too large: rank r's engine takes seed + r, and seeds "
+def _engine_limits(s: Settings) -> None:
+    """Limits that come from the engine rather than from the field itself. The world is the run's
+    (`Settings.world_size`: torchrun's WORLD_SIZE when it started the process, else trainer.world_size)."""
+    world = s.world_size
+    if s.trainer.seed + world - 1 >= SEED_LIMIT:
+        raise ConfigError(f"trainer.seed={s.trainer.seed} is too large: rank r's engine takes seed + r, and seeds "
                           f"are 32-bit; give trainer.seed <= {SEED_LIMIT - world}")
-    if cfg.rollout.backend != "vllm":
+    if s.rollout.backend != "vllm":
         return
     max_n = int(os.environ.get("VLLM_MAX_N_SEQUENCES", VLLM_MAX_N_DEFAULT))
-    if cfg.rollout.n > max_n:
-        raise ConfigError(f"rollout.n={cfg.rollout.n} is more samples per prompt than vLLM takes in one request "
+    if s.rollout.n > max_n:
+        raise ConfigError(f"rollout.n={s.rollout.n} is more samples per prompt than vLLM takes in one request "
                           f"({max_n}; the environment variable VLLM_MAX_N_SEQUENCES raises it)")
-    if cfg.lora.name == "adapter" and cfg.lora.rank > 512:
-        raise ConfigError(f"lora.rank={cfg.lora.rank} is larger than vLLM's largest max_lora_rank (512) with "
+    if s.lora.name == "adapter" and s.lora.rank > 512:
+        raise ConfigError(f"lora.rank={s.lora.rank} is larger than vLLM's largest max_lora_rank (512) with "
                           "lora=adapter; use lora.rank <= 512, or lora=merged")
 
 
@@ -387,103 +359,63 @@ def resolve_device(cfg: DictConfig) -> str:
     return cfg.trainer.device
 
 
-def validate(cfg: DictConfig) -> None:
-    """Cross-field rules. Raises ConfigError naming the field(s) and the valid choices."""
+def validate(cfg: DictConfig) -> Settings:
+    """Every rule: unknown keys and numeric ranges on the composed config, each group's own rules
+    (`Settings.check`), then the rules across groups. Raises ConfigError naming the field(s) and the
+    valid choices; returns the settings. The model directory is checked by recipe.assets.check_model_path."""
     _unknown_keys(cfg)
     check_numbers(cfg)  # first: later rules compare numbers, and a NaN passes every comparison
-    _engine_limits(cfg)
-    _choice(cfg, "fsdp.name", FSDP_CHOICES)
-    _choice(cfg, "offload.name", OFFLOAD_CHOICES)
-    if _pin_setting(cfg) not in ("auto", "true", "false"):
-        raise ConfigError(f"offload.pin_memory={cfg.offload.pin_memory!r} is not valid; choose one of: auto, true, false")
-    _choice(cfg, "lora.name", LORA_CHOICES)
-    _choice(cfg, "trainer.device", DEVICE_CHOICES)
-    _choice(cfg, "model.dtype", DTYPE_CHOICES)
-    _choice(cfg, "model.master_dtype", DTYPE_CHOICES)
-    if cfg.model.master_dtype not in ("float32", cfg.model.dtype):
-        raise ConfigError(f"model.master_dtype={cfg.model.master_dtype!r} with model.dtype={cfg.model.dtype!r} is not "
-                          f"valid; choose one of: float32, {cfg.model.dtype} (masters at least as precise as compute)")
-    _choice(cfg, "model.builder", ("tiny", "smollm2", "none"))
-    _choice(cfg, "rollout.backend", ROLLOUT_CHOICES)
-    _choice(cfg, "logger.backend", LOGGER_CHOICES)
-    _choice(cfg, "logger.mode", LOGGER_MODES)
-    _choice(cfg, "algo.loss_agg", LOSS_AGG_CHOICES)
-    _choice(cfg, "sync.strategy", SYNC_STRATEGY_CHOICES)
-    _choice(cfg, "sync.load", SYNC_LOAD_CHOICES)
-    _choice(cfg, "trainer.export", EXPORT_CHOICES)
-    if cfg.trainer.profile_steps > 0 and cfg.trainer.steps < 2:
-        raise ConfigError(f"trainer.profile_steps={cfg.trainer.profile_steps} needs trainer.steps >= 2 (the first "
-                          f"step is warm-up and is not profiled); got trainer.steps={cfg.trainer.steps}")
-    _rollout_and_batch(cfg)
-    _evaluation(cfg)
-    if cfg.lora.name != "none" and not cfg.lora.target_modules:
-        raise ConfigError("lora.target_modules must name at least one module when lora is merged or adapter")
     if OmegaConf.is_missing(cfg.model, "path"):
         raise ConfigError("model.path is missing; set model.path=/path/to/hf_checkpoint (a local HF directory)")
-    if cfg.model.builder != "none":
-        _check_builtin_model_path(cfg)
-    if cfg.model.builder == "none":
-        _check_local_model_path(cfg.model.path)
-    if cfg.sync.strategy != "auto" and cfg.lora.name != "none":
-        raise ConfigError(f"sync.strategy={cfg.sync.strategy!r} is a full-weight reference strategy; "
-                          f"it requires lora=none (got lora.name={cfg.lora.name!r}); use sync.strategy=auto")
-    device = resolve_device(cfg)
-    if device == "cuda":
+    settings = Settings.from_cfg(cfg)
+    _engine_limits(settings)
+    settings.check()
+    _rollout_and_batch(settings)
+    _evaluation(settings)
+    _hardware(settings)
+    return settings
+
+
+def _hardware(s: Settings) -> None:
+    """What this machine (device, world size) can run with the chosen fsdp, offload and lora."""
+    if s.sync.strategy != "auto" and s.lora.name != "none":
+        raise ConfigError(f"sync.strategy={s.sync.strategy!r} is a full-weight reference strategy; "
+                          f"it requires lora=none (got lora.name={s.lora.name!r}); use sync.strategy=auto")
+    if s.device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
-    if device == "cpu" and cfg.fsdp.name == "fsdp1" and cfg.offload.name == "cpu":
+    if s.device == "cpu" and s.fsdp.name == "fsdp1" and s.offload.name == "cpu":
         raise UnsupportedError(
             "fsdp=fsdp1 with offload=cpu needs an accelerator: FSDP1's CPUOffload(offload_params=True) pins host "
             "memory unconditionally ('Cannot access accelerator device when none is available'). On a CPU-only "
             "machine use fsdp=fsdp2 +offload=cpu (CPUOffloadPolicy with pin_memory=False) or fsdp=fsdp1 +offload=manual."
         )
-    world = run_world(cfg)
-    if world == 1 and cfg.fsdp.name == "fsdp1" and cfg.lora.name != "none" and cfg.offload.name != "cpu":
+    if s.world_size == 1 and s.fsdp.name == "fsdp1" and s.lora.name != "none" and s.offload.name != "cpu":
         raise UnsupportedError(
-            f"fsdp=fsdp1 with lora={cfg.lora.name} at world size 1 is not supported: FSDP1 falls back to NO_SHARD "
+            f"fsdp=fsdp1 with lora={s.lora.name} at world size 1 is not supported: FSDP1 falls back to NO_SHARD "
             "there, and with peft's frozen and trainable parameters in one flat parameter the second forward "
             "fails (torch 2.13: 'as_params=True type(prim_param)=Tensor'). Use fsdp=fsdp2, or "
             "trainer.world_size >= 2."
         )
-    if device == "cpu" and _pin_setting(cfg) == "true":
+    if s.device == "cpu" and s.offload.pin_memory is True:
         raise ConfigError("offload.pin_memory=true needs CUDA; on CPU use offload.pin_memory=auto or false")
 
 
-def _rollout_and_batch(cfg: DictConfig) -> None:
+def _rollout_and_batch(s: Settings) -> None:
     """Values that pass one by one but cannot sample or train together."""
-    samples = cfg.trainer.prompts_per_step * cfg.rollout.n
-    if cfg.trainer.updates_per_batch > samples:
-        raise ConfigError(f"trainer.updates_per_batch={cfg.trainer.updates_per_batch} is more than the samples per "
+    samples = s.trainer.prompts_per_step * s.rollout.n
+    if s.trainer.updates_per_batch > samples:
+        raise ConfigError(f"trainer.updates_per_batch={s.trainer.updates_per_batch} is more than the samples per "
                           f"rank (trainer.prompts_per_step * rollout.n = {samples}): a mini-batch would be empty")
-    if cfg.rollout.backend == "vllm" and cfg.rollout.kv_cache_gb <= 0:
-        raise ConfigError(f"rollout.kv_cache_gb must be > 0 for rollout=vllm, got {cfg.rollout.kv_cache_gb}")
-    if cfg.rollout.max_model_len <= cfg.rollout.max_new_tokens:
-        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} leaves no room for a prompt before "
-                          f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}; it must hold prompt + completion")
 
 
-def _evaluation(cfg: DictConfig) -> None:
+def _evaluation(s: Settings) -> None:
     """The held-out evaluation: off (eval_every=0), or at least one prompt per rank."""
-    if cfg.trainer.eval_every == 0:
-        return
-    if cfg.trainer.eval_prompts <= 0:
-        raise ConfigError(f"trainer.eval_prompts must be > 0 with trainer.eval_every > 0, got {cfg.trainer.eval_prompts}")
-    world = run_world(cfg)
-    if cfg.trainer.eval_prompts < world:
-        raise ConfigError(f"trainer.eval_prompts={cfg.trainer.eval_prompts} is fewer than the ranks ({world}): "
+    if s.trainer.eval_every != 0 and s.trainer.eval_prompts < s.world_size:
+        raise ConfigError(f"trainer.eval_prompts={s.trainer.eval_prompts} is fewer than the ranks ({s.world_size}): "
                           "every rank evaluates its share of the held-out prompts; give at least one per rank")
-
-
-def _check_local_model_path(path: str) -> None:
-    where = Path(path).expanduser()
-    if where.exists() and not where.is_dir():
-        raise ConfigError(f"model.path={path!r} is a file, not a directory; give a local HF checkpoint directory "
-                          "(the folder that holds config.json, the weights and the tokenizer)")
-    if not where.is_dir():
-        raise ConfigError(f"model.path={path!r} does not exist; give a local HF checkpoint directory "
-                          "or use model=tiny / model=smollm2, which are created on first use")
 
 
 def expand_paths(cfg: DictConfig) -> None:
@@ -507,27 +439,6 @@ def launcher_world(cfg: DictConfig) -> None:
             print(f"note: trainer.world_size={cfg.trainer.world_size} but torchrun started {world} ranks; the run "
                   f"uses {world}", flush=True)
         cfg.trainer.world_size = world
-
-
-def _check_builtin_model_path(cfg: DictConfig) -> None:
-    """A built-in model is never built over a directory the project did not make (no I/O but stat)."""
-    from recipe.builtin_models import NotOursError, check_buildable
-
-    try:
-        check_buildable(cfg.model.path, cfg.model.builder)
-    except NotOursError as exc:
-        raise ConfigError(str(exc)) from None
-
-
-def _pin_setting(cfg: DictConfig) -> str:
-    # `offload.pin_memory=true` on the command line arrives as the bool True, stored as "True".
-    return str(cfg.offload.pin_memory).lower()
-
-
-def pin_memory(cfg: DictConfig) -> bool:
-    if _pin_setting(cfg) == "auto":
-        return resolve_device(cfg) == "cuda"
-    return _pin_setting(cfg) == "true"
 
 
 def combo_key(cfg: DictConfig) -> tuple:

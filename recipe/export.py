@@ -221,7 +221,7 @@ def write_adapter(cfg: DictConfig, out: Path, tensors: Dict[str, torch.Tensor]) 
     try:
         out.mkdir(exist_ok=True)
         save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(adapter_config(cfg), indent=2, sort_keys=True) + "\n")
+        (out / "adapter_config.json").write_text(json.dumps(adapter_config(cfg.lora, cfg.model.path), indent=2, sort_keys=True) + "\n")
     except Exception as exc:  # noqa: BLE001
         return write_error(exc, out)
     return None

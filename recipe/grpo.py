@@ -69,11 +69,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 
 from recipe.dist import DistContext, agree
 from recipe.metrics import peak_flops, throughput, train_flops_per_token
 from recipe.profiling import DeviceBusy
+from recipe.settings import Algo, Rollout, Settings, Trainer
 from recipe.model import policy_logprobs
 
 
@@ -214,7 +214,7 @@ def micro_batch_tensors(batch: Batch, idx: Sequence[int], device) -> Dict[str, t
                                                                  old_logp=old, mask=mask, adv=adv).items()}
 
 
-def agreed_micro_batches(batch: Batch, mini: Sequence[int], cfg: DictConfig) -> List[List[int]]:
+def agreed_micro_batches(batch: Batch, mini: Sequence[int], trainer: Trainer) -> List[List[int]]:
     """This rank's `micro_batches` of `mini`, then empty ones ([]) up to the largest count over ranks.
 
     Each micro-batch is one forward (and backward) of the sharded policy, i.e. FSDP collectives, and
@@ -222,7 +222,7 @@ def agreed_micro_batches(batch: Batch, mini: Sequence[int], cfg: DictConfig) -> 
     it cut more micro-batches, and the ranks' collectives never matched (both ranks waited for the
     process-group timeout). An empty entry stands for a zero-weight micro-batch (`placeholder_tensors`).
     """
-    own = micro_batches(batch, mini, cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_tokens)
+    own = micro_batches(batch, mini, trainer.micro_batch_size, trainer.micro_batch_tokens)
     count = torch.tensor([len(own)], dtype=torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(count, op=dist.ReduceOp.MAX)
@@ -243,8 +243,8 @@ def micro_batch_inputs(batch: Batch, idx: Sequence[int], device) -> Dict[str, to
     return micro_batch_tensors(batch, idx, device) if idx else placeholder_tensors(batch, device)
 
 
-def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConfig, device, world_size: int,
-                        reference=None) -> Dict[str, float]:
+def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], algo: Algo, trainer: Trainer,
+                        temperature: float, device, world_size: int, reference=None) -> Dict[str, float]:
     """Backpropagate this rank's share of the global mini-batch objective; grads accumulate.
 
     The objective is J = (sum of L over the global mini-batch) / N, N = the global token count
@@ -257,20 +257,20 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
     `kl` (sums over tokens), `tokens`, and the gap of the trainer's logprobs to `old_logprobs`
     (`gap_sum` over tokens, `gap_max`).
     """
-    norm = global_count(local_count(batch, mini, cfg.algo.loss_agg)) / world_size
+    norm = global_count(local_count(batch, mini, algo.loss_agg)) / world_size
     keys = ("loss", "clip_frac", "kl", "entropy", "tokens", "gap_sum")
     sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # summed on the device ...
     gap_max = torch.zeros((), dtype=torch.float64, device=device)
-    for idx in agreed_micro_batches(batch, mini, cfg):
+    for idx in agreed_micro_batches(batch, mini, trainer):
         t = micro_batch_inputs(batch, idx, device)
         # logprobs (and the entropy, a full-vocabulary pass, only when the loss uses it) at the
         # completion positions, fused into the model's output layer
-        logp, entropy = policy_logprobs(policy, t["input_ids"], t["attention_mask"], cfg.rollout.temperature,
-                                        positions=t["mask"], entropy=cfg.algo.entropy_coef > 0, entropy_grad=True)
-        ref_logp = reference_logprobs(reference, t, cfg.rollout.temperature) if reference is not None else None
-        loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
-                                        cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef, entropy,
-                                        cfg.algo.entropy_coef, cfg.algo.entropy_tokens)
+        logp, entropy = policy_logprobs(policy, t["input_ids"], t["attention_mask"], temperature,
+                                        positions=t["mask"], entropy=algo.entropy_coef > 0, entropy_grad=True)
+        ref_logp = reference_logprobs(reference, t, temperature) if reference is not None else None
+        loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], algo.clip_eps,
+                                        algo.loss_agg, ref_logp, algo.kl_coef, entropy,
+                                        algo.entropy_coef, algo.entropy_tokens)
         (loss_sum / norm).backward()
         gap = (logp.detach() - t["old_logp"]).abs() * t["mask"]
         sums += torch.stack([loss_sum.detach(), s["clip_frac"], s["kl"], s["entropy"], s["tokens"], gap.sum()]).double()
@@ -281,18 +281,18 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
     return stats
 
 
-def truncated_sampling(cfg: DictConfig) -> Optional[str]:
+def truncated_sampling(rollout: Rollout) -> Optional[str]:
     """Why the engine's logprobs are not the trainer's distribution (None when they are): sampling that
     is not plain temperature sampling reports logprobs of a truncated, renormalised distribution.
     Every `rollout.*` setting that filters the distribution belongs here."""
-    if cfg.rollout.top_p < 1:
-        return f"rollout.top_p={cfg.rollout.top_p}"
+    if rollout.top_p < 1:
+        return f"rollout.top_p={rollout.top_p}"
     return None
 
 
 @torch.no_grad()
-def behaviour_logprobs(policy, batch: Batch, minis: Sequence[Sequence[int]], cfg: DictConfig,
-                       device) -> Tuple[List[List[float]], Dict[str, float]]:
+def behaviour_logprobs(policy, batch: Batch, minis: Sequence[Sequence[int]], trainer: Trainer,
+                       temperature: float, device) -> Tuple[List[List[float]], Dict[str, float]]:
     """The trainer's own logprobs of every completion token under the weights before the update (the
     old policy of the ratio, when the engine's are of a truncated distribution: `truncated_sampling`).
 
@@ -304,9 +304,9 @@ def behaviour_logprobs(policy, batch: Batch, minis: Sequence[Sequence[int]], cfg
     out: List[List[float]] = [list(lps) for lps in batch.old_logprobs]
     gap = dict(gap_sum=0.0, gap_max=0.0, tokens=0.0)
     for mini in minis:
-        for idx in agreed_micro_batches(batch, mini, cfg):
+        for idx in agreed_micro_batches(batch, mini, trainer):
             t = micro_batch_inputs(batch, idx, device)
-            logp = policy_logprobs(policy, t["input_ids"], t["attention_mask"], cfg.rollout.temperature,
+            logp = policy_logprobs(policy, t["input_ids"], t["attention_mask"], temperature,
                                    positions=t["mask"])[0]  # computed as the update computes it
             diff = (logp - t["old_logp"]).abs() * t["mask"]
             gap["gap_sum"] += diff.sum().item()
@@ -328,9 +328,10 @@ def reference_logprobs(reference, t: Dict[str, torch.Tensor], temperature: float
 
 
 class GRPOTrainer:
-    """Holds the objects of one rank; `run()` is the loop. Config is read-only here."""
+    """Holds the objects of one rank; `run()` is the loop. It holds the run's settings and hands each
+    component its slice."""
 
-    def __init__(self, cfg: DictConfig, ctx: DistContext):
+    def __init__(self, settings: Settings, ctx: DistContext):
         from transformers import AutoTokenizer
 
         from recipe.metrics import MetricsLogger
@@ -339,30 +340,31 @@ class GRPOTrainer:
         from recipe.sync import WeightSync
         from recipe.tasks import build_task
 
-        self.cfg, self.ctx = cfg, ctx
+        self.settings, self.ctx = cfg, ctx = settings, ctx
         torch.manual_seed(cfg.trainer.seed)
         self.model_dir = str(Path(cfg.model.path).expanduser().resolve())
         self.lora_base = self.model_dir if cfg.lora.name != "none" else None  # LoRA checkpoints: adapters + a reference
         self.tokenizer = AutoTokenizer.from_pretrained(self.model_dir)
-        self.task = build_task(cfg, self.tokenizer)
-        self.eval_prompts = held_out_share(self.task, cfg, ctx)  # [] when trainer.eval_every=0
-        self.policy = build_policy(cfg, ctx)
-        self.flops_per_token = train_flops_per_token(*parameter_counts(cfg))
+        self.task = build_task(cfg.task, self.tokenizer)
+        self.eval_prompts = held_out_share(self.task, cfg.trainer, ctx)  # [] when trainer.eval_every=0
+        self.policy = build_policy(cfg.policy, ctx)
+        self.flops_per_token = train_flops_per_token(*parameter_counts(cfg.policy))
         self.peak_flops = peak_flops(torch.cuda.get_device_name(ctx.device)) if ctx.device.type == "cuda" else None
-        self.reference = build_reference(cfg, ctx) if cfg.algo.kl_coef > 0 else None  # in model.dtype
-        self.optimizer = build_optimizer(self.policy, cfg)
+        self.reference = build_reference(cfg.policy, ctx) if cfg.algo.kl_coef > 0 else None  # in model.dtype
+        self.optimizer = build_optimizer(self.policy, cfg.policy)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.trainer.warmup_steps))
-        self.residency = Residency(cfg, self.policy, self.optimizer, ctx.device)  # offload=manual: host between phases
-        self.engine = build_engine(cfg, ctx, self.model_dir)
+        self.residency = Residency(cfg.offload, self.policy, self.optimizer, ctx.device)  # offload=manual: host between phases
+        # the engine takes the sync's load mode and digest setting from here: it reads no sync settings itself
+        self.engine = build_engine(cfg, ctx, self.model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
         self.sync = WeightSync(cfg, ctx, self.policy, self.engine, self.tokenizer, residency=self.residency)
-        self.logger = MetricsLogger(cfg, cfg.run_dir, ctx.rank)
+        self.logger = MetricsLogger(cfg.logger, cfg.run_dir, ctx.rank, resume=cfg.trainer.resume, config=cfg.source)
         self.step = 0
         self.resumed = False
         self.exported = -1  # the step last exported
 
     # -- phase 1: rollout
     def rollout(self, step: int):
-        cfg = self.cfg
+        cfg = self.settings
         prompts = self.task.batch(step * self.ctx.world_size + self.ctx.rank, cfg.trainer.prompts_per_step)
         seed = cfg.trainer.seed * 1_000_003 + step * 1009 + self.ctx.rank
         samples = self.generate(prompts, cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p, seed)
@@ -373,7 +375,7 @@ class GRPOTrainer:
         """`n` samples per prompt from the engine (woken first, left awake), up to rollout.max_new_tokens."""
         prompt_ids = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in prompts]
         self.engine.wake()
-        return self.engine.generate(prompt_ids, n=n, max_new_tokens=self.cfg.rollout.max_new_tokens,
+        return self.engine.generate(prompt_ids, n=n, max_new_tokens=self.settings.rollout.max_new_tokens,
                                     temperature=temperature, top_p=top_p, seed=seed)
 
     def decode(self, samples) -> List[str]:
@@ -382,8 +384,8 @@ class GRPOTrainer:
     # -- held-out evaluation
     def eval_due(self) -> bool:
         """Every `trainer.eval_every` steps (step 0 = before training) and after the last step."""
-        every = self.cfg.trainer.eval_every
-        return every > 0 and (self.step % every == 0 or self.step == self.cfg.trainer.steps)
+        every = self.settings.trainer.eval_every
+        return every > 0 and (self.step % every == 0 or self.step == self.settings.trainer.steps)
 
     def evaluate(self) -> Dict[str, float]:
         """Greedy answers of the engine (which holds the weights of `self.step`) to this rank's share of
@@ -401,7 +403,7 @@ class GRPOTrainer:
 
     # -- phase 2: reward
     def score(self, prompts, samples):
-        n = self.cfg.rollout.n
+        n = self.settings.rollout.n
         texts = self.decode(samples)
         rewards = torch.tensor([self.task.reward(prompts[i // n], t) for i, t in enumerate(texts)])
         correct = torch.tensor([float(self.task.correct(prompts[i // n], t)) for i, t in enumerate(texts)])
@@ -409,7 +411,7 @@ class GRPOTrainer:
 
     # -- phase 3: advantage
     def make_batch(self, samples, rewards, correct) -> Batch:
-        adv = group_advantages(rewards, self.cfg.rollout.n, self.cfg.algo.scale_by_std)
+        adv = group_advantages(rewards, self.settings.rollout.n, self.settings.algo.scale_by_std)
         return Batch(
             input_ids=[list(s.prompt_token_ids) + list(s.token_ids) for s in samples],
             prompt_lens=[len(s.prompt_token_ids) for s in samples],
@@ -420,7 +422,7 @@ class GRPOTrainer:
 
     # -- phase 4: update
     def update(self, batch: Batch) -> Dict[str, float]:
-        cfg = self.cfg
+        cfg = self.settings
         self.residency.to_device()  # offload=manual: parameters and optimizer state to the device for the update
         self.policy.train()
         order = list(range(len(batch.input_ids)))
@@ -429,8 +431,9 @@ class GRPOTrainer:
         busy = DeviceBusy(self.ctx.device)  # CUDA: events around each optimizer step's device work
         t0 = time.perf_counter()
         gap = None  # the trainer-engine gap: of the first mini-batch, or of the recomputation
-        if truncated_sampling(cfg):
-            batch.old_logprobs, gap = behaviour_logprobs(self.policy, batch, minis, cfg, self.ctx.device)
+        if truncated_sampling(cfg.rollout):
+            batch.old_logprobs, gap = behaviour_logprobs(self.policy, batch, minis, cfg.trainer,
+                                                         cfg.rollout.temperature, self.ctx.device)
         t_old = time.perf_counter() - t0
         per_mini = []
         for mini in minis:
@@ -447,8 +450,8 @@ class GRPOTrainer:
         return out
 
     def _optimizer_step(self, batch: Batch, mini: List[int]) -> Dict[str, float]:
-        stats = backward_mini_batch(self.policy, batch, mini, self.cfg, self.ctx.device, self.ctx.world_size,
-                                    self.reference)
+        stats = backward_mini_batch(self.policy, batch, mini, self.settings.algo, self.settings.trainer,
+                                    self.settings.rollout.temperature, self.ctx.device, self.ctx.world_size, self.reference)
         self._check_finite(stats["loss"], "loss")
         stats["grad_norm"] = self._clip_grad()
         self._check_finite(stats["grad_norm"], "gradient norm")
@@ -481,14 +484,14 @@ class GRPOTrainer:
             "train/logprob_gap": first[0].item() / max(first[1].item(), 1.0),
             "train/logprob_gap_max": gap_max.item(),
         }
-        if self.cfg.algo.entropy_coef > 0:  # (not computed otherwise)
+        if self.settings.algo.entropy_coef > 0:  # (not computed otherwise)
             out["train/entropy"] = entropy / tokens  # of the trainer's tempered distribution, per completion token
         return out
 
     def _clip_grad(self) -> float:
         from recipe.model import clip_grad_norm
 
-        return clip_grad_norm(self.policy, self.cfg.trainer.grad_clip)
+        return clip_grad_norm(self.policy, self.settings.trainer.grad_clip)
 
     def _check_finite(self, value: float, what: str) -> None:
         """All ranks agree before anyone raises, so a NaN on one rank cannot hang the others."""
@@ -499,7 +502,7 @@ class GRPOTrainer:
     def save_checkpoint(self) -> None:
         from recipe.checkpoint import save
 
-        cfg = self.cfg
+        cfg = self.settings
         counters = {"weight_version": self.sync.weight_version, "num_syncs": self.sync.num_syncs}
         save(Path(cfg.run_dir) / "checkpoints", self.policy, self.optimizer, self.scheduler, self.step, self.ctx,
              state=counters, keep=cfg.trainer.keep_checkpoints, residency=self.residency, base=self.lora_base)
@@ -508,9 +511,9 @@ class GRPOTrainer:
         """The policy of this step as a Hugging Face (and, for LoRA, PEFT) directory (recipe/export.py)."""
         from recipe.export import export, export_dir
 
-        out = export_dir(self.cfg.run_dir, self.step)
+        out = export_dir(self.settings.run_dir, self.step)
         t0 = time.perf_counter()
-        export(self.policy, self.cfg, self.ctx, out, self.step, self.cfg.run_dir)
+        export(self.policy, self.settings, self.ctx, out, self.step, self.settings.run_dir)
         self.exported = self.step
         if self.ctx.is_main:
             size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
@@ -522,9 +525,9 @@ class GRPOTrainer:
         newest complete checkpoint; metrics.jsonl loses the records after that step."""
         from recipe.checkpoint import load, latest
 
-        if not self.cfg.trainer.resume or self.resumed:
+        if not self.settings.trainer.resume or self.resumed:
             return
-        path = latest(Path(self.cfg.run_dir) / "checkpoints")
+        path = latest(Path(self.settings.run_dir) / "checkpoints")
         if path is None:  # stopped before its first checkpoint: it starts again from step 0, in place
             self.logger.rewind(-1)
             self.resumed = True
@@ -544,18 +547,18 @@ class GRPOTrainer:
         from recipe.profiling import StepProfiler, phase
         from recipe.progress import Progress
 
-        cfg = self.cfg
+        cfg = self.settings
         self.maybe_resume()
         self.sync.sync(self.step)  # engine starts from the trainer's weights (and loads the adapter base)
         progress = Progress(cfg.trainer.steps, initial=self.step, enabled=self.ctx.is_main)
-        progress.note(batch_note(cfg, self.ctx.world_size))
-        if truncated_sampling(cfg):
-            progress.note(behaviour_note(cfg))
+        progress.note(batch_note(cfg.trainer, cfg.rollout, self.ctx.world_size))
+        if truncated_sampling(cfg.rollout):
+            progress.note(behaviour_note(cfg.rollout))
         if self.step == 0 and self.eval_due():
             before = self.evaluate()  # 0. held-out accuracy before training
             self.logger.log(before, step=0)
             progress.update(before)
-        profiler = StepProfiler(cfg, self.ctx, self.step)  # trainer.profile_steps > 0: steps 2.. under torch.profiler
+        profiler = StepProfiler(cfg.trainer, cfg.run_dir, self.ctx, self.step)  # trainer.profile_steps > 0: steps 2.. under torch.profiler
         while self.step < cfg.trainer.steps:
             profiler.step_begins(self.step)
             if self.ctx.device.type == "cuda":
@@ -625,26 +628,26 @@ class GRPOTrainer:
         self.engine.close()
 
 
-def batch_note(cfg: DictConfig, world_size: int) -> str:
+def batch_note(trainer: Trainer, rollout: Rollout, world_size: int) -> str:
     """The line the run prints at start: the global batch, since trainer.prompts_per_step is per rank
     (each rank draws its own prompts)."""
-    prompts, n = cfg.trainer.prompts_per_step, cfg.rollout.n
+    prompts, n = trainer.prompts_per_step, rollout.n
     return (f"batch per step: {prompts} prompts per rank x {world_size} ranks x {n} samples (rollout.n) = "
             f"{prompts * world_size * n} completions ({prompts * world_size} prompts)")
 
 
-def behaviour_note(cfg: DictConfig) -> str:
+def behaviour_note(rollout: Rollout) -> str:
     """The line the run prints at start when the trainer recomputes the old logprobs."""
-    return (f"{truncated_sampling(cfg)}: the engine's logprobs are of a truncated distribution the trainer does not "
+    return (f"{truncated_sampling(rollout)}: the engine's logprobs are of a truncated distribution the trainer does not "
             "reproduce; the old (behaviour) logprobs of the ratio are recomputed by the trainer before each update "
             "(one forward pass without gradients per batch)")
 
 
-def held_out_share(task, cfg: DictConfig, ctx: DistContext) -> List:
+def held_out_share(task, trainer: Trainer, ctx: DistContext) -> List:
     """This rank's share of the held-out prompts (every world_size-th, from its rank on); [] when eval is off."""
-    if cfg.trainer.eval_every == 0:
+    if trainer.eval_every == 0:
         return []
-    return task.heldout(cfg.trainer.eval_prompts)[ctx.rank::ctx.world_size]
+    return task.heldout(trainer.eval_prompts)[ctx.rank::ctx.world_size]
 
 
 def summarize(history: List[Dict]) -> Dict[str, float]:
@@ -666,23 +669,23 @@ def summarize(history: List[Dict]) -> Dict[str, float]:
     return out
 
 
-def run(cfg: DictConfig, ctx: DistContext) -> Dict[str, float]:
-    """Entry of every rank (recipe/train.py launches it)."""
+def run(settings: Settings, ctx: DistContext) -> Dict[str, float]:
+    """Entry of every rank (recipe/train.py launches it), with the run's settings."""
     from recipe.progress import configure_console
 
-    configure_console(cfg.logger.verbose)
-    trainer = GRPOTrainer(cfg, ctx)
+    configure_console(settings.logger.verbose)
+    trainer = GRPOTrainer(settings, ctx)
     try:
         summary = trainer.run()
-        if cfg.trainer.checkpoint_every == 0 or trainer.step % cfg.trainer.checkpoint_every:
+        if settings.trainer.checkpoint_every == 0 or trainer.step % settings.trainer.checkpoint_every:
             trainer.save_checkpoint()  # always leave the final state
-        if cfg.trainer.export != "none" and trainer.exported != trainer.step:
+        if settings.trainer.export != "none" and trainer.exported != trainer.step:
             trainer.export()  # and the model, ready to load
     finally:
         trainer.close()
     if ctx.is_main:
         from recipe.files import write_atomic
 
-        write_atomic(Path(cfg.run_dir) / "summary.json", json.dumps(summary, indent=1))
-        print(f"\nrun directory: {cfg.run_dir}\nsummary: {json.dumps(summary)}", flush=True)
+        write_atomic(Path(settings.run_dir) / "summary.json", json.dumps(summary, indent=1))
+        print(f"\nrun directory: {settings.run_dir}\nsummary: {json.dumps(summary)}", flush=True)
     return summary

@@ -24,9 +24,8 @@ import uuid
 from pathlib import Path
 from typing import Any, Dict, List, Optional
 
-from omegaconf import DictConfig, OmegaConf
-
 from recipe.files import DiskFullError, disk_full, write_atomic
+from recipe.settings import Logger
 
 
 def _jsonable(value: Any) -> Any:
@@ -69,9 +68,11 @@ def throughput(generated: float, trained: float, rollout_s: float, update_s: flo
 
 
 class MetricsLogger:
-    """One JSON object per `log()` call (with "step") in metrics.jsonl, and the same dict to wandb."""
+    """One JSON object per `log()` call (with "step") in metrics.jsonl, and the same dict to wandb (which
+    records `config`, the run's composed config, and resumes its own run when `resume`)."""
 
-    def __init__(self, cfg: DictConfig, run_dir: str, rank: int):
+    def __init__(self, logger: Logger, run_dir: str, rank: int, resume: bool = False,
+                 config: Optional[Dict[str, Any]] = None):
         self.enabled = rank == 0
         self.run = None
         self._file = None
@@ -81,12 +82,11 @@ class MetricsLogger:
         run_dir.mkdir(parents=True, exist_ok=True)
         self.path = run_dir / "metrics.jsonl"
         self._file = open(self.path, "ab", buffering=0)  # unbuffered: readable while the run goes on
-        if cfg.logger.backend == "wandb" and cfg.logger.mode != "disabled":
+        if logger.backend == "wandb" and logger.mode != "disabled":
             import wandb
 
-            self.run = wandb.init(dir=str(run_dir), mode=cfg.logger.mode, project=cfg.logger.project,
-                                  config=OmegaConf.to_container(cfg, resolve=True),
-                                  id=_run_id(run_dir, cfg.trainer.resume), resume="allow")
+            self.run = wandb.init(dir=str(run_dir), mode=logger.mode, project=logger.project, config=config or {},
+                                  id=_run_id(run_dir, resume), resume="allow")
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         if not self.enabled:

@@ -1,9 +1,9 @@
 """The policy model: HF checkpoint -> optional peft LoRA -> FSDP1 or FSDP2 (+ offload).
 
     from recipe.model import build_policy, build_optimizer, Residency
-    model = build_policy(cfg, ctx)          # sharded, on ctx.device (or CPU for offload=cpu)
-    optim = build_optimizer(model, cfg)
-    residency = Residency(cfg, model, optim, ctx.device)
+    model = build_policy(settings.policy, ctx)   # sharded, on ctx.device (or CPU for offload=cpu)
+    optim = build_optimizer(model, settings.policy)
+    residency = Residency(settings.offload, model, optim, ctx.device)
     with residency.on_device():             # offload=manual: the update's shards on the device
         ...
 
@@ -40,10 +40,8 @@ from typing import Iterator, List, Optional, Set, Tuple, Type
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
-
-from recipe.config import pin_memory
 from recipe.logprobs import chunked_logprobs, shifted_targets, token_logprobs
+from recipe.settings import Lora, Model, Offload, Policy
 
 
 def torch_dtype(name: str) -> torch.dtype:
@@ -51,85 +49,87 @@ def torch_dtype(name: str) -> torch.dtype:
     return getattr(torch, name)
 
 
-def mixed_precision(cfg: DictConfig) -> bool:
+def mixed_precision(model: Model) -> bool:
     """True when FSDP computes in `model.dtype` over masters of another dtype."""
-    return cfg.model.master_dtype != cfg.model.dtype
+    return model.master_dtype != model.dtype
 
 
-def load_hf_model(cfg: DictConfig, device: str | torch.device = "cpu", dtype: Optional[str] = None) -> nn.Module:
+def load_hf_model(settings: Model, device: str | torch.device = "cpu", dtype: Optional[str] = None) -> nn.Module:
     """AutoModelForCausalLM from `model.path` on `device`, in `dtype` (default `model.dtype`, the
     engine's; the policy loads its masters in `model.master_dtype`)."""
     from transformers import AutoModelForCausalLM
 
-    model = AutoModelForCausalLM.from_pretrained(cfg.model.path, dtype=torch_dtype(dtype or cfg.model.dtype))
+    model = AutoModelForCausalLM.from_pretrained(settings.path, dtype=torch_dtype(dtype or settings.dtype))
     return model.to(device)
 
 
-def lora_config(cfg: DictConfig):
-    """The peft LoraConfig of `cfg.lora` (also the source of the adapter_config.json we publish)."""
+def lora_config(lora: Lora):
+    """The peft LoraConfig of the `lora` slice (also the source of the adapter_config.json we publish)."""
     from peft import LoraConfig
 
     return LoraConfig(
-        r=cfg.lora.rank,
-        lora_alpha=cfg.lora.alpha,
-        lora_dropout=cfg.lora.dropout,
-        target_modules=list(cfg.lora.target_modules),
+        r=lora.rank,
+        lora_alpha=lora.alpha,
+        lora_dropout=lora.dropout,
+        target_modules=list(lora.target_modules),
         bias="none",
         task_type="CAUSAL_LM",
     )
 
 
-def adapter_config(cfg: DictConfig) -> dict:
-    """The adapter_config.json that peft's `save_pretrained` writes for `cfg.lora` on `model.path`."""
-    config = lora_config(cfg)
-    config.base_model_name_or_path = cfg.model.path
+def adapter_config(lora: Lora, base: str) -> dict:
+    """The adapter_config.json that peft's `save_pretrained` writes for `lora` on the model at `base`
+    (`model.path`)."""
+    config = lora_config(lora)
+    config.base_model_name_or_path = base
     config.inference_mode = True
     out = config.to_dict()
     out["target_modules"] = sorted(out["target_modules"])  # a set in peft; saved as a list
     return json.loads(json.dumps(out))
 
 
-def apply_lora(model: nn.Module, cfg: DictConfig) -> nn.Module:
+def apply_lora(model: nn.Module, lora: Lora, master_dtype: str) -> nn.Module:
     """Wrap with peft LoRA when `lora.name` is merged or adapter; only LoRA params then train.
 
     The adapters are made in `model.master_dtype` whatever the base's dtype: a LoRA base is
     loaded in `model.dtype` (frozen: no masters, see `base_dtype`), the adapters are what trains.
     peft initialises them in the base's dtype first (it casts new adapters to the base layer's),
     so over a bf16 base their initial values are bf16 values held in float32."""
-    if cfg.lora.name == "none":
+    if lora.name == "none":
         return model
     from peft import get_peft_model
 
-    model = get_peft_model(model, lora_config(cfg), autocast_adapter_dtype=False)
-    master = torch_dtype(cfg.model.master_dtype)
+    model = get_peft_model(model, lora_config(lora), autocast_adapter_dtype=False)
+    master = torch_dtype(master_dtype)
     for param in model.parameters():
         if param.requires_grad and param.dtype != master:
             param.data = param.data.to(master)
     return model
 
 
-def base_dtype(cfg: DictConfig) -> str:
+def base_dtype(model: Model, lora: Lora) -> str:
     """dtype the checkpoint's weights are held in by the trainer: `model.master_dtype` when they
     train (full fine-tuning), `model.dtype` when they are a frozen LoRA base (float32 masters of
     weights that never change would only double their memory and checkpoint)."""
-    return cfg.model.master_dtype if cfg.lora.name == "none" else cfg.model.dtype
+    return model.master_dtype if lora.name == "none" else model.dtype
 
 
-def unsharded_policy(cfg: DictConfig) -> nn.Module:
+def unsharded_policy(spec: Policy) -> nn.Module:
     """The policy before sharding, on the host: the checkpoint in `base_dtype`, LoRA applied
     (initialised from `trainer.seed`, so every rank and every rebuild gets the same adapters)."""
-    torch.manual_seed(cfg.trainer.seed)
-    return apply_lora(load_hf_model(cfg, "cpu", base_dtype(cfg)), cfg)
+    torch.manual_seed(spec.seed)
+    return apply_lora(load_hf_model(spec.model, "cpu", base_dtype(spec.model, spec.lora)), spec.lora,
+                      spec.model.master_dtype)
 
 
-def parameter_counts(cfg: DictConfig) -> Tuple[int, int]:
+def parameter_counts(spec: Policy) -> Tuple[int, int]:
     """(all, trainable) parameters of the policy `build_policy` makes, counted on the meta device
     (nothing loaded; a tied weight counts once): the FLOPs of the throughput metrics."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    config = AutoConfig.from_pretrained(cfg.model.path)
+    config = AutoConfig.from_pretrained(spec.model.path)
     with torch.device("meta"):
-        model = apply_lora(AutoModelForCausalLM.from_config(config), cfg)
+        model = apply_lora(AutoModelForCausalLM.from_config(config), spec.lora, spec.model.master_dtype)
     params = list(model.parameters())
     return sum(p.numel() for p in params), sum(p.numel() for p in params if p.requires_grad)
 
@@ -160,18 +160,18 @@ def largest_unit_bytes(model: nn.Module) -> int:
     return max([nbytes(model.parameters()) - sum(per_layer)] + per_layer)
 
 
-def _shard_fsdp1(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
+def _shard_fsdp1(model: nn.Module, spec: Policy, device: torch.device) -> nn.Module:
     from torch.distributed.fsdp import CPUOffload, FullyShardedDataParallel as FSDP, MixedPrecision, ShardingStrategy
 
-    strategy = ShardingStrategy.FULL_SHARD if cfg.fsdp.reshard_after_forward else ShardingStrategy.SHARD_GRAD_OP
+    strategy = ShardingStrategy.FULL_SHARD if spec.fsdp.reshard_after_forward else ShardingStrategy.SHARD_GRAD_OP
     policy = None
-    if mixed_precision(cfg):  # buffer_dtype unset: buffers keep their dtype, as under FSDP2
-        policy = MixedPrecision(param_dtype=torch_dtype(cfg.model.dtype), reduce_dtype=torch.float32)
+    if mixed_precision(spec.model):  # buffer_dtype unset: buffers keep their dtype, as under FSDP2
+        policy = MixedPrecision(param_dtype=torch_dtype(spec.model.dtype), reduce_dtype=torch.float32)
     return FSDP(
         model,
         auto_wrap_policy=_fsdp1_wrap_policy(model, policy),
         sharding_strategy=strategy,
-        cpu_offload=CPUOffload(offload_params=cfg.offload.name == "cpu"),
+        cpu_offload=CPUOffload(offload_params=spec.offload.name == "cpu"),
         use_orig_params=True,  # the root unit may hold frozen and trainable params in one flat parameter
         device_id=device,
         mixed_precision=policy,
@@ -210,55 +210,55 @@ def _fsdp1_wrap_policy(model: nn.Module, policy):
     return CustomPolicy(wrap)
 
 
-def _shard_fsdp2(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
+def _shard_fsdp2(model: nn.Module, spec: Policy, device: torch.device) -> nn.Module:
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import CPUOffloadPolicy, MixedPrecisionPolicy, OffloadPolicy, fully_shard
 
     mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-    offload = CPUOffloadPolicy(pin_memory=pin_memory(cfg)) if cfg.offload.name == "cpu" else OffloadPolicy()
-    kwargs = dict(mesh=mesh, reshard_after_forward=cfg.fsdp.reshard_after_forward, offload_policy=offload)
-    if mixed_precision(cfg):
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(cfg.model.dtype), reduce_dtype=torch.float32)
+    offload = CPUOffloadPolicy(pin_memory=spec.offload.pin) if spec.offload.name == "cpu" else OffloadPolicy()
+    kwargs = dict(mesh=mesh, reshard_after_forward=spec.fsdp.reshard_after_forward, offload_policy=offload)
+    if mixed_precision(spec.model):
+        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(spec.model.dtype), reduce_dtype=torch.float32)
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)  # moves shards to the mesh device, or keeps them on the host (cpu)
     return model
 
 
-def build_policy(cfg: DictConfig, ctx) -> nn.Module:
+def build_policy(spec: Policy, ctx) -> nn.Module:
     """Load, apply LoRA, shard (FSDP1 or FSDP2 per `fsdp.name`) with the offload of `offload.name`.
 
     Every rank loads the same checkpoint (and seeds LoRA init from `trainer.seed`), so the
     shards agree without a broadcast. Trained parameters are in `model.master_dtype`, a frozen
     LoRA base in `model.dtype` (`base_dtype`); FSDP computes in `model.dtype` (module docstring).
     """
-    if not mixed_precision(cfg) and cfg.model.dtype != "float32" and ctx.rank == 0:
+    if not mixed_precision(spec.model) and spec.model.dtype != "float32" and ctx.rank == 0:
         logging.getLogger(__name__).warning(
             "model.master_dtype=%s equals model.dtype: parameters and AdamW state are kept in %s, so an update "
             "smaller than about 2^-9 (bfloat16) of a weight is rounded away; model.master_dtype=float32 keeps "
-            "float32 masters", cfg.model.master_dtype, cfg.model.dtype)
-    return shard(unsharded_policy(cfg), cfg, ctx.device)
+            "float32 masters", spec.model.master_dtype, spec.model.dtype)
+    return shard(unsharded_policy(spec), spec, ctx.device)
 
 
-def build_reference(cfg: DictConfig, ctx) -> nn.Module:
+def build_reference(spec: Policy, ctx) -> nn.Module:
     """The frozen KL reference: the checkpoint in `model.dtype` (it never trains, so no masters),
     sharded like the policy. Without LoRA it is the policy at step 0; with LoRA too, since peft's B
     starts at zero and the adapters then add exactly nothing."""
-    model = load_hf_model(cfg, "cpu", cfg.model.dtype)
+    model = load_hf_model(spec.model, "cpu", spec.model.dtype)
     for param in model.parameters():
         param.requires_grad_(False)
-    return shard(model, cfg, ctx.device)
+    return shard(model, spec, ctx.device)
 
 
-def shard(model: nn.Module, cfg: DictConfig, device: torch.device) -> nn.Module:
+def shard(model: nn.Module, spec: Policy, device: torch.device) -> nn.Module:
     """Wrap an unsharded (peft) model with FSDP1 or FSDP2 per `fsdp.name`, with the offload and
-    mixed-precision policies of `cfg`."""
-    if cfg.fsdp.name == "fsdp1":
-        return _shard_fsdp1(model, cfg, device)
-    return _shard_fsdp2(model, cfg, device)
+    mixed-precision policies of `spec`."""
+    if spec.fsdp.name == "fsdp1":
+        return _shard_fsdp1(model, spec, device)
+    return _shard_fsdp2(model, spec, device)
 
 
-def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
+def build_optimizer(model: nn.Module, spec: Policy) -> torch.optim.Optimizer:
     """AdamW over the trainable params (LoRA: only the adapters); warm-up is the loop's job.
 
     The fused implementation (one kernel over all tensors, on CPU and CUDA): on the tiny model's
@@ -266,7 +266,7 @@ def build_optimizer(model: nn.Module, cfg: DictConfig) -> torch.optim.Optimizer:
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
-    return torch.optim.AdamW(params, lr=cfg.trainer.lr, weight_decay=cfg.trainer.weight_decay, fused=True)
+    return torch.optim.AdamW(params, lr=spec.lr, weight_decay=spec.weight_decay, fused=True)
 
 
 def move_fsdp1_unit(unit: nn.Module, device: torch.device) -> torch.device:
@@ -336,10 +336,10 @@ class Residency:
     no-op. (The weight sync itself reads the host shards: recipe/weights/fsdp1.py moves one unit at a time.)
     """
 
-    def __init__(self, cfg: DictConfig, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
+    def __init__(self, offload: Offload, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
                  device: torch.device):
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
-        self.manual = cfg.offload.name == "manual" and self.device.type != "cpu"
+        self.manual = offload.name == "manual" and self.device.type != "cpu"
 
     def to_device(self, optimizer: bool = True) -> None:
         if self.manual:

@@ -16,7 +16,7 @@ launching process, before any rank starts or any model is built (recipe/train.py
   steps than it has done, and has a metrics.jsonl that holds each step done once; wandb's project
   name is one wandb accepts, and `logger.mode=online` can reach the server with an API key, else the
   run falls back to offline; the engine runs in the rank's process (VLLM_ENABLE_V1_MULTIPROCESSING=0);
-- `check_context_length(cfg, model_dir)`, once the model directory exists: the longest prompt of
+- `check_context_length(task, trainer, rollout, model_dir)`, once the model directory exists: the longest prompt of
   the task (training pool and, with `trainer.eval_every`, the held-out prompts, which the task must
   be able to supply) plus `rollout.max_new_tokens` fits `rollout.max_model_len`, and that fits the
   model's `max_position_embeddings`.
@@ -41,6 +41,8 @@ from omegaconf import DictConfig, OmegaConf
 from recipe.config import ConfigError
 from recipe.files import write_atomic
 from recipe.metrics import check_history
+from recipe.settings import Rollout, Trainer
+from recipe.settings import Task as TaskSettings
 
 # Fields a resumed run may change: they do not change what is computed.
 RESUMABLE = ("trainer.steps", "trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoints",
@@ -275,23 +277,24 @@ def _check_progress(cfg: DictConfig, run_dir: Path) -> None:
             print(f"resume: {note}", flush=True)
 
 
-def check_context_length(cfg: DictConfig, model_dir: Path) -> None:
+def check_context_length(task: TaskSettings, trainer: Trainer, rollout: Rollout, model_dir: Path) -> None:
+    """The longest prompt (training pool and held-out set) plus the completion fits the engine and the model."""
     from transformers import AutoTokenizer
 
     from recipe.tasks import build_task
 
     tokenizer = AutoTokenizer.from_pretrained(str(model_dir))
-    task = build_task(cfg, tokenizer)
-    held_out = task.heldout(cfg.trainer.eval_prompts) if cfg.trainer.eval_every else []  # too few: ConfigError
+    settings, task = task, build_task(task, tokenizer)
+    held_out = task.heldout(trainer.eval_prompts) if trainer.eval_every else []  # too few: ConfigError
     longest = max(len(tokenizer(p.text, add_special_tokens=False).input_ids) for p in task.pool + held_out)
-    need = longest + cfg.rollout.max_new_tokens
-    if cfg.rollout.max_model_len < need:
-        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} is shorter than the longest prompt of "
-                          f"task {cfg.task.name!r} ({longest} tokens) plus rollout.max_new_tokens="
-                          f"{cfg.rollout.max_new_tokens}; set rollout.max_model_len >= {need}")
+    need = longest + rollout.max_new_tokens
+    if rollout.max_model_len < need:
+        raise ConfigError(f"rollout.max_model_len={rollout.max_model_len} is shorter than the longest prompt of "
+                          f"task {settings.name!r} ({longest} tokens) plus rollout.max_new_tokens="
+                          f"{rollout.max_new_tokens}; set rollout.max_model_len >= {need}")
     limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
-    if limit and cfg.rollout.max_model_len > limit:
-        raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} is longer than the model's "
+    if limit and rollout.max_model_len > limit:
+        raise ConfigError(f"rollout.max_model_len={rollout.max_model_len} is longer than the model's "
                           f"max_position_embeddings={limit} ({model_dir}/config.json); set rollout.max_model_len "
                           f"between {need} and {limit}")
 

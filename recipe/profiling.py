@@ -24,7 +24,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
+
+from recipe.settings import Trainer
 
 PHASES = ("rollout", "score", "advantage", "update", "sync", "log")
 
@@ -76,11 +77,11 @@ class DeviceBusy:
 
 
 class StepProfiler:
-    def __init__(self, cfg: DictConfig, ctx, start: int = 0):
-        self.steps = int(cfg.trainer.profile_steps)
-        self.trace = bool(cfg.trainer.profile_trace)
+    def __init__(self, trainer: Trainer, run_dir: str, ctx, start: int = 0):
+        self.steps = int(trainer.profile_steps)
+        self.trace = bool(trainer.profile_trace)
         self.ctx = ctx
-        self.folder = Path(cfg.run_dir) / "profile"
+        self.folder = Path(run_dir) / "profile"
         self.first = start + 1  # 0-based loop step at which profiling starts: this process's second step
         self.prof: Optional[torch.profiler.profile] = None
         self.t0 = 0.0

@@ -1,6 +1,6 @@
 """One weight sync, trainer -> rollout engine: gather -> load -> digest check (-> probe), timed and checked.
 
-    sync = WeightSync(cfg, ctx, policy, engine, tokenizer)
+    sync = WeightSync(settings, ctx, policy, engine, tokenizer)
     stats = sync.sync(step)     # every rank calls it; returns the `sync/*` metrics
 
 Two checks (docs/SYNC.md): every sync, an exact digest of every tensor the engine holds against
@@ -19,42 +19,16 @@ from typing import Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
-from omegaconf import DictConfig
 
 from recipe import digest as digest_mod
 from recipe.digest import Digest, combined_hex
 from recipe.dist import agree
 from recipe.model import Residency, adapter_config, sequence_logprobs
 from recipe.names import checkpoint_shapes, hf_name, is_lora_param, peft_name
-from recipe.weights import MergeRounding, measure_merge_rounding, stream_base_weights, stream_weights, strategy_name
+from recipe.settings import Settings
+from recipe.weights import MergeRounding, measure_merge_rounding, stream_base_weights, stream_weights
 
 log = logging.getLogger(__name__)
-
-# Mean |logprob_trainer - logprob_engine| over the probe tokens when sync.probe_tolerance is null. A bound
-# on the worst token is too tight in bf16: its gap grows with the model and with training (logits
-# sharpen, a token at logprob -10 carries a large rounding error); SmolLM2 trained at lr 3e-5 on an
-# H200 showed 0.72 on one token at logprob -10 after 75 correct syncs, which stopped the run when
-# the bound was on the worst token. The mean over the ~50 probe tokens averages that rounding out; a wrong weight moves
-# most tokens. The worst token is still logged (sync/parity_max_abs_diff) and named in the error.
-# Worst-token figures, measured on CPU (docs/SYNC.md): float32 noise <= 5e-5 on SmolLM2-135M, while
-# one stale MLP tensor after one optimizer step shifts a probe token by 0.03 (tiny) to 0.11 (SmolLM2).
-# bfloat16 noise reaches 0.25 on SmolLM2 (engine and trainer round every matmul differently),
-# so its default sits at 2x that; it does not catch a single stale tensor, nor a missed update at small
-# learning rates (tiny model, step trained off the probe's tokens: 0.035 at lr 1e-4): the digest check
-# proves those; the probe checks kernels and layouts (docs/SYNC.md, "What each check can and cannot see").
-# float16 is not measured here: 0.1 follows from its 3 extra mantissa bits (8x finer than bf16).
-DEFAULT_TOLERANCE = {"float32": 1e-3, "bfloat16": 0.5, "float16": 0.1}
-# On CUDA the engine's float32 kernels (attention backend, fused ops) differ from the trainer's more than
-# on CPU: the tiny model's first, correct sync measured 0.0043 on an H200 (docs/GPU.md), which the CPU
-# float32 tolerance refused. 2.3x that; the exact digest check, not the probe, proves the weights there.
-CUDA_FLOAT32_TOLERANCE = 1e-2
-
-
-def default_tolerance(dtype: str, device_type: str) -> float:
-    """The probe's tolerance when sync.probe_tolerance is null: per dtype, and for float32 per device."""
-    if dtype == "float32" and device_type == "cuda":
-        return CUDA_FLOAT32_TOLERANCE
-    return DEFAULT_TOLERANCE[dtype]
 
 # Probe: fixed prompts in the task's style plus one fixed completion, so every sync scores
 # exactly the same tokens (a change in the numbers is a change in the weights).
@@ -229,28 +203,27 @@ class WeightSync:
     all-gathered first), so no rank is left waiting in a collective.
     """
 
-    def __init__(self, cfg: DictConfig, ctx, model: torch.nn.Module, engine, tokenizer,
+    def __init__(self, settings: Settings, ctx, model: torch.nn.Module, engine, tokenizer,
                  residency: Optional[Residency] = None):
-        self.cfg, self.ctx, self.model, self.engine = cfg, ctx, model, engine
-        self.residency = residency if residency is not None else Residency(cfg, model, None, ctx.device)
-        self.probe = probe_batch(tokenizer, cfg.sync.num_probe_prompts)
-        self.tolerance = (cfg.sync.probe_tolerance if cfg.sync.probe_tolerance is not None
-                          else default_tolerance(cfg.model.dtype, ctx.device.type))
-        self.adapter = cfg.lora.name == "adapter"
-        self.digest = cfg.sync.digest
-        check_streamed_names(model, cfg.model.path)
-        self.expected = expected_names(model, cfg.model.path)  # what a full (or base) load must cover
+        self.settings, self.ctx, self.model, self.engine = settings, ctx, model, engine
+        self.residency = residency if residency is not None else Residency(settings.offload, model, None, ctx.device)
+        self.probe = probe_batch(tokenizer, settings.sync.num_probe_prompts)
+        self.tolerance = settings.sync.tolerance  # sync.probe_tolerance, or the dtype-aware default
+        self.adapter = settings.lora.name == "adapter"
+        self.digest = settings.sync.digest
+        check_streamed_names(model, settings.model.path)
+        self.expected = expected_names(model, settings.model.path)  # what a full (or base) load must cover
         self.expected_adapter = sorted(peft_name(n) for n, _ in model.named_parameters() if is_lora_param(n))
         self.weight_version = 0
         self.num_syncs = 0
         self._base_loaded = False
         self._peak = 0
         # lora=merged into a narrower engine dtype: the rounding of W + s*B@A is measured every sync
-        self.measure_rounding = cfg.lora.name == "merged" and cfg.model.dtype != "float32"
+        self.measure_rounding = settings.lora.name == "merged" and settings.model.dtype != "float32"
         if self.measure_rounding:
             log.info("lora=merged with model.dtype=%s: the engine holds W + s*B@A rounded to %s, which can move it "
                      "more than the LoRA update itself (logged as sync/merge_rounding_*); lora=adapter keeps W and "
-                     "the adapter apart and is exact", cfg.model.dtype, cfg.model.dtype)
+                     "the adapter apart and is exact", settings.model.dtype, settings.model.dtype)
 
     # -- public
     def sync(self, step: int) -> Dict[str, object]:
@@ -293,16 +266,16 @@ class WeightSync:
         }
 
     def strategy_name(self) -> str:
-        return strategy_name(self.cfg)
+        return self.settings.strategy_name
 
     # -- gather + load
     def update_stream(self) -> Iterator[Tuple[str, torch.Tensor]]:
         """The (hf_name, tensor) pairs of this sync's update: the table's entry for the config."""
-        return stream_weights(self.model, self.cfg, self.ctx.device)
+        return stream_weights(self.model, self.settings, self.ctx.device)
 
     def base_stream(self) -> Iterator[Tuple[str, torch.Tensor]]:
         """The base-only stream for lora=adapter's first load (the lora=none entry of the same fsdp/offload)."""
-        return stream_base_weights(self.model, self.cfg, self.ctx.device)
+        return stream_base_weights(self.model, self.settings, self.ctx.device)
 
     def _transfer(self) -> List[Tuple[WeightStream, float]]:
         """Stream into the engine; returns (stream, load seconds) per load call of this sync."""
@@ -339,7 +312,7 @@ class WeightSync:
         if not self._base_loaded:
             yield self._wrap(self.base_stream(), weight_form), self.engine.load_weights
             self._base_loaded = True
-        config = adapter_config(self.cfg)
+        config = adapter_config(self.settings.lora, self.settings.model.path)
         version = self.weight_version + 1
         held = self.engine.adapter_held_form(config) if self.digest else None
         yield self._wrap(self.update_stream(), held), lambda s: self.engine.load_adapter(s, config, version)
@@ -379,7 +352,7 @@ class WeightSync:
     # -- probe
     def _should_probe(self) -> bool:
         """sync.probe_every: 0 = off, -1 = the first sync only, N = the first sync, then every N-th."""
-        every = int(self.cfg.sync.probe_every)
+        every = int(self.settings.sync.probe_every)
         if every <= 0:
             return every == -1 and self.num_syncs == 1
         return (self.num_syncs - 1) % every == 0
@@ -416,7 +389,7 @@ class WeightSync:
                  "transform) or the engine's kernels are wrong" if self.digest else "digests are off (sync.digest)")
         return (f"weight sync failed the parity probe at step {step} (weight version {self.weight_version}, "
                 f"strategy {self.strategy_name()}): mean |logprob trainer - engine| over {report['tokens']} probe tokens = "
-                f"{report['mean']:.3g} > tolerance {self.tolerance:g} ({self.cfg.model.dtype}) on rank {report['rank']}; "
+                f"{report['mean']:.3g} > tolerance {self.tolerance:g} ({self.settings.model.dtype}) on rank {report['rank']}; "
                 f"its worst: probe {report['row']} token {report['pos']} (id {token}): trainer {report['trainer']:.6g} vs "
                 f"engine {report['engine']:.6g}; {where}.")
 

@@ -27,9 +27,8 @@ import re
 from dataclasses import dataclass
 from typing import Any, List, Optional, Union
 
-from omegaconf import DictConfig, OmegaConf
-
 from recipe.config import ConfigError
+from recipe.settings import Task as TaskSettings
 
 # Held-out prompts: draws per prompt asked for before the task's prompt space counts as exhausted.
 HELDOUT_TRIES = 50
@@ -279,15 +278,15 @@ def _accepted_params(cls) -> List[str]:
     return names
 
 
-def build_task(cfg: DictConfig, tokenizer: Any = None) -> Task:
-    """Instantiate `cfg.task.target` with `cfg.task.params` (+ seed, num_prompts, tokenizer)."""
-    cls = _import(cfg.task.target)
-    params = OmegaConf.to_container(cfg.task.params, resolve=True)
+def build_task(settings: TaskSettings, tokenizer: Any = None) -> Task:
+    """Instantiate `task.target` with `task.params` (+ seed, num_prompts, tokenizer): the `task` slice."""
+    cls = _import(settings.target)
+    params = dict(settings.params)
     accepted = _accepted_params(cls)
     unknown = sorted(k for k in params if k not in accepted or k in ("seed", "num_prompts", "tokenizer"))
     if unknown:
         known = [n for n in accepted if n not in ("seed", "num_prompts", "tokenizer")]
-        raise ConfigError(f"task.params has unknown key(s) {unknown} for {cfg.task.target}; "
+        raise ConfigError(f"task.params has unknown key(s) {unknown} for {settings.target}; "
                           f"accepted: {', '.join(known) or '(none)'} (seed and num_prompts are task.seed, "
                           "task.num_prompts)")
-    return cls(seed=cfg.task.seed, num_prompts=cfg.task.num_prompts, tokenizer=tokenizer, **params)
+    return cls(seed=settings.seed, num_prompts=settings.num_prompts, tokenizer=tokenizer, **params)

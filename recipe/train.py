@@ -35,16 +35,18 @@ from recipe.config import ConfigError, expand_paths, launcher_world, refuse_rena
 
 
 def run_rank(cfg: DictConfig, ctx) -> None:
-    """Body of every rank (module level so spawn can pickle it)."""
+    """Body of every rank (module level so spawn can pickle it): the composed config travels to the ranks
+    as YAML and each rank types it once (the same Settings train() checked)."""
     from recipe.grpo import run
+    from recipe.settings import Settings
 
-    run(cfg, ctx)
+    run(Settings.from_cfg(cfg), ctx)
 
 
 def train(cfg: DictConfig, run=None) -> None:
     """Take the run directory (`run`, a recipe.preflight.RunDir; made here when None), validate, make the
     model directory if needed, check what needs I/O, start the ranks. Tests call this directly."""
-    from recipe.assets import ensure_model
+    from recipe.assets import check_model_path, ensure_model
     from recipe.dist import launch
     from recipe.files import write_atomic
     from recipe.preflight import RunDir, check_context_length, preflight, save_run_config
@@ -56,10 +58,11 @@ def train(cfg: DictConfig, run=None) -> None:
     run = run or RunDir(cfg.run_dir)
     try:
         run.claim(bool(cfg.trainer.resume))  # a second run into this directory stops here, writing nothing
-        validate(cfg)
-        console_env(cfg.logger.verbose)  # before the ranks start: their torch reads it at import
+        settings = validate(cfg)  # Settings.from_cfg(cfg), every rule checked: the typed slices of the run
+        check_model_path(settings.model)
+        console_env(settings.logger.verbose)  # before the ranks start: their torch reads it at import
         preflight(cfg)  # run directory, resumed config, wandb, engine: before anything is built or downloaded
-        check_context_length(cfg, ensure_model(cfg))
+        check_context_length(settings.task, settings.trainer, settings.rollout, ensure_model(cfg))
         run.adopt()  # a resumed run owns its directory only now, having passed every check
         if run.owned:
             save_run_config(cfg, Path(cfg.run_dir) / "config.yaml")  # a resumed run compares against this file

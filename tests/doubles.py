@@ -64,4 +64,4 @@ class HookedSync(WeightSync):
     def update_stream(self):
         if self.stream_fn is None:
             return super().update_stream()
-        return self.stream_fn(self.model, self.cfg, self.ctx.device)
+        return self.stream_fn(self.model, self.settings, self.ctx.device)

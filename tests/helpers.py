@@ -35,6 +35,20 @@ def compose(overrides: Sequence[str] = ()):
         return hydra_compose(config_name="train", overrides=list(overrides))
 
 
+def typed(overrides: Sequence[str] = ()):
+    """`compose(overrides)` as the typed settings a run's components are given (recipe.settings)."""
+    from recipe.settings import Settings
+
+    return Settings.from_cfg(compose(overrides))
+
+
+def policy_of(cfg):
+    """The policy slices of a composed config, as recipe.model's builders take them (Settings.policy)."""
+    from recipe.settings import Settings
+
+    return Settings.from_cfg(cfg).policy
+
+
 def _rank_main(rank: int, fn: Callable, world: int, port: int, out_dir: str, backend: str,
                timeout_s: int, args: tuple) -> None:
     os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),

@@ -78,15 +78,15 @@ def summarize(records: List[dict]) -> Dict[str, float]:
 
 def one_combo(ctx, overrides: Sequence[str], combo: str, root: Path, steps: int, resume: bool) -> dict:
     from recipe.grpo import run
+    from recipe.settings import Settings
 
     run_dir = root / combo.replace("/", "-")
     row: Dict[str, object] = {"combo": combo, "status": "ok", "error": "", "resumed": None}
     try:
         cfg = combo_cfg(overrides, combo, run_dir, steps, False)
-        validate(cfg)
-        run(cfg, ctx)
+        run(validate(cfg), ctx)  # (validate returns the typed settings the ranks run with)
         if resume:
-            run(combo_cfg(overrides, combo, run_dir, steps + 1, True), ctx)
+            run(Settings.from_cfg(combo_cfg(overrides, combo, run_dir, steps + 1, True)), ctx)
             row["resumed"] = True
     except UnsupportedError as exc:
         row.update(status="unsupported", error=str(exc).splitlines()[0])

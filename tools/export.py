@@ -83,6 +83,7 @@ def export_checkpoint(path: Path, out: Optional[Path] = None, adapter_only: bool
     from recipe.export import SHARD_BYTES, export, export_dir
     from recipe.model import build_policy
     from recipe.preflight import load_run_config
+    from recipe.settings import Settings
 
     checkpoint, run_dir = locate(path)
     cfg = OmegaConf.create(load_run_config(run_dir / "config.yaml"))  # refuses a cut or damaged file
@@ -96,7 +97,7 @@ def export_checkpoint(path: Path, out: Optional[Path] = None, adapter_only: bool
         dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
         ctx = DistContext(0, 1, 0, torch.device("cpu"))
-        model = build_policy(cfg, ctx)
+        model = build_policy(Settings.from_cfg(cfg).policy, ctx)
         step = load_weights(checkpoint, model, base=cfg.model.path if cfg.lora.name != "none" else None)
         target = Path(out) if out is not None else export_dir(run_dir, step)
         with run_dir_lock(run_dir, target):

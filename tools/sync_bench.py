@@ -242,7 +242,7 @@ def build_base(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
         from recipe.assets import ensure_model
 
         ensure_model(cfg)
-        return load_hf_model(cfg, device, cfg.model.master_dtype)
+        return load_hf_model(cfg.model, device, cfg.model.master_dtype)
     from transformers import AutoModelForCausalLM, Qwen2Config
 
     dtype = torch_dtype(cfg.model.master_dtype)
@@ -258,14 +258,16 @@ def build_policy_from(base: torch.nn.Module, cfg: DictConfig, ctx) -> Tuple[torc
     returns the largest FSDP unit's bytes. Manual offload leaves the shards on the host, as
     the trainer does before a sync."""
     from recipe import model as policy
+    from recipe.settings import Settings
 
     torch.manual_seed(cfg.trainer.seed)
-    model = policy.apply_lora(copy.deepcopy(base).to(policy.torch_dtype(policy.base_dtype(cfg))), cfg)
+    held = policy.torch_dtype(policy.base_dtype(cfg.model, cfg.lora))
+    model = policy.apply_lora(copy.deepcopy(base).to(held), cfg.lora, cfg.model.master_dtype)
     unit = policy.largest_unit_bytes(model)
-    model = policy.shard(model, cfg, ctx.device)
+    model = policy.shard(model, Settings.from_cfg(cfg).policy, ctx.device)
     if cfg.offload.name == "manual":
         _train_like(model, ctx.device)
-        policy.Residency(cfg, model, None, ctx.device).to_host()
+        policy.Residency(cfg.offload, model, None, ctx.device).to_host()
     return model, unit
 
 
@@ -335,7 +337,7 @@ class VllmSink:
     def __init__(self, cfg: DictConfig, ctx, model_dir: Path):
         from recipe.engine import VllmEngine
 
-        self.engine = VllmEngine(cfg, ctx, str(model_dir))
+        self.engine = VllmEngine(cfg, ctx, str(model_dir), load=cfg.sync.load, digest=cfg.sync.digest)
         self.nbytes = 0
 
     def _count(self, stream):

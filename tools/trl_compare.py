@@ -65,9 +65,10 @@ def project_config(overrides):
 
 def step_prompts(cfg, steps: int, world: int, per_rank: int):
     """The prompts this recipe trains on, step by step, in rank order: [{text, answer, question}]."""
+    from recipe.settings import Settings
     from recipe.tasks import build_task
 
-    task = build_task(cfg)
+    task = build_task(Settings.from_cfg(cfg).task)
     out = []
     for step in range(steps):
         for rank in range(world):

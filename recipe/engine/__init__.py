@@ -38,11 +38,12 @@ __all__ = ["Engine", "Held", "Sample", "WeightIter", "HfEngine", "HfCopyEngine",
            "lora_scaling", "build_engine"]
 
 
-def build_engine(cfg: DictConfig, ctx, model_dir: str) -> Engine:
+def build_engine(cfg: DictConfig, ctx, model_dir: str, *, load: str, digest: bool) -> Engine:
     """The engine named by `rollout.backend`: "vllm", or "hf" (an own HF copy the sync loads into).
-    (`HfEngine(policy, ...)` generates with the policy itself.)"""
+    `load` and `digest`: the sync's settings (`sync.load`, `sync.digest`), passed by the loop; the
+    engine reads no sync settings itself."""
     if cfg.rollout.backend == "vllm":
-        return VllmEngine(cfg, ctx, str(model_dir))
+        return VllmEngine(cfg, ctx, str(model_dir), load=load, digest=digest)
     if cfg.rollout.backend == "hf":
         return HfCopyEngine(cfg, ctx, str(model_dir))
     raise ValueError(f"rollout.backend={cfg.rollout.backend!r} is not valid; choose one of: vllm, hf")

@@ -111,9 +111,9 @@ class HfCopyEngine(HfEngine):
         from recipe.model import apply_lora, load_hf_model
 
         hf_cfg = AutoConfig.from_pretrained(model_dir)
-        module = load_hf_model(cfg, ctx.device)
+        module = load_hf_model(cfg.model, ctx.device)
         if cfg.lora.name == "adapter":
-            module = apply_lora(module, cfg)
+            module = apply_lora(module, cfg.lora, cfg.model.master_dtype)
         module.eval().requires_grad_(False)
         super().__init__(module, ctx.device, hf_cfg.eos_token_id,
                          hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0)

@@ -126,12 +126,15 @@ def _quiet_vllm_logs() -> None:
 class VllmEngine(Engine):
     backend = "vllm"
 
-    def __init__(self, cfg: DictConfig, ctx, model_dir: str):
+    def __init__(self, cfg: DictConfig, ctx, model_dir: str, *, load: str, digest: bool):
+        """`load` ("auto", "direct", "reload": how streamed weights are written) and `digest` (whether
+        the engine digests what it holds) are the sync's settings, given by whoever builds the engine."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: reload via iterator
         _quiet_vllm_logs()
         from vllm import LLM
 
         self.cfg, self.ctx = cfg, ctx
+        self.load_mode, self.digest = load, digest
         self.on_cpu = resolve_device(cfg) == "cpu"
         self.memory: Dict[str, float] = {}  # GPU memory free at start, after sleep and after wake (GiB)
         if not self.on_cpu:
@@ -142,7 +145,7 @@ class VllmEngine(Engine):
         self._asleep = False
         self._packed = self.llm.collective_rpc(packed_modules_in_worker)[0]
         self._aliases = alias_owners(self.llm.collective_rpc(aliases_in_worker)[0], set(checkpoint_shapes(model_dir)))
-        self._hooked = self.on_cpu and cfg.sync.digest
+        self._hooked = self.on_cpu and digest
         if self._hooked:  # CPU packs linear weights after a load: digest them just before (see above)
             self.llm.collective_rpc(install_digest_hooks_in_worker)
         self.layout = self._check_layout(model_dir)
@@ -157,14 +160,14 @@ class VllmEngine(Engine):
         load (CUDA) and for the digest; a layout the digest cannot follow is refused here, at start."""
         from recipe.config import ConfigError
 
-        direct_wanted = not self.on_cpu and self.cfg.sync.load != "reload"
-        if not (direct_wanted or self.cfg.sync.digest):
+        direct_wanted = not self.on_cpu and self.load_mode != "reload"
+        if not (direct_wanted or self.digest):
             return None
         if self.on_cpu:
             self.llm.collective_rpc(copy_next_load_in_worker)
             self.reload_weights(checkpoint_tensors(model_dir))
         report = self.llm.collective_rpc(layout_in_worker, args=(model_dir, sorted(self._aliases)))[0]
-        if report.rearranged and self.cfg.sync.digest:
+        if report.rearranged and self.digest:
             first = next(iter(report.rearranged))
             raise ConfigError(
                 f"sync.digest=true: vLLM's loader rearranges {len(report.rearranged)} tensors of {model_dir} in a way "
@@ -188,7 +191,7 @@ class VllmEngine(Engine):
         loaders); "auto" takes direct where it applies (CUDA, every name placed) and reload otherwise."""
         from recipe.config import ConfigError
 
-        mode = self.cfg.sync.load
+        mode = self.load_mode
         if mode == "reload" or (mode == "auto" and self.on_cpu):
             return None
         if self.on_cpu:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import pytest
 import torch
 
+from recipe.settings import Settings
 from tests.helpers import run_world
 
 # max |trainer - engine| mean logprob gap at top_p 1 (float32 on both sides, same weights): the
@@ -45,7 +46,7 @@ def first_update(rank, world, model_dir, run_dir):
                        "sync.num_probe_prompts=2"])
         with open_dict(cfg):
             cfg.run_dir = run_dir
-        trainer = grpo.GRPOTrainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+        trainer = grpo.GRPOTrainer(Settings.from_cfg(cfg), DistContext(rank, world, rank, torch.device("cpu")))
         prompts, samples = trainer.rollout(0)
         rewards, correct, _ = trainer.score(prompts, samples)
         batch = trainer.make_batch(samples, rewards, correct)

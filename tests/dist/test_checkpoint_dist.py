@@ -12,6 +12,7 @@ from typing import List
 
 import pytest
 import torch
+from tests.helpers import policy_of
 
 COMBOS = [(f, "manual", lora) for f in ("fsdp1", "fsdp2") for lora in ("none", "merged")]
 
@@ -40,10 +41,10 @@ def save_and_load_manual_offload(rank: int, world: int, cfg_yamls: List[str], ro
     results = []
     for i, cfg_yaml in enumerate(cfg_yamls):
         cfg = OmegaConf.create(cfg_yaml)
-        model = build_policy(cfg, ctx)
-        optimizer = build_optimizer(model, cfg)
+        model = build_policy(policy_of(cfg), ctx)
+        optimizer = build_optimizer(model, policy_of(cfg))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
-        residency = Residency(cfg, model, optimizer, device)
+        residency = Residency(cfg.offload, model, optimizer, device)
 
         def step():  # as GRPOTrainer.update: device for the update, host between phases
             with residency.on_device():
@@ -97,9 +98,9 @@ def lora_checkpoint(rank: int, world: int, cfg_yamls: List[str], root: str, chan
     results = []
     for i, cfg_yaml in enumerate(cfg_yamls):
         cfg = OmegaConf.create(cfg_yaml)
-        model = build_policy(cfg, ctx)
-        reference = build_reference(cfg, ctx)
-        optimizer = build_optimizer(model, cfg)
+        model = build_policy(policy_of(cfg), ctx)
+        reference = build_reference(policy_of(cfg), ctx)
+        optimizer = build_optimizer(model, policy_of(cfg))
         scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: 1.0)
         _train_step(model, optimizer, device)
         path = save(f"{root}/{i}", model, optimizer, scheduler, 1, ctx, base=cfg.model.path)

@@ -21,6 +21,7 @@ import pytest
 import torch
 
 from tests.dist.test_state_dict import CPU_COMBOS, combo_cfg
+from tests.helpers import policy_of
 
 BATCH = [[1, 7, 12, 30, 4, 9, 22, 5], [3, 8, 40, 2, 17]]
 # float32 logprobs of the merged weights (W + s * B @ A) against the trainer's unmerged forward
@@ -47,8 +48,8 @@ def export_combos(rank: int, world: int, cfg_yamls: List[str], root: str) -> Lis
     results = []
     for i, cfg_yaml in enumerate(cfg_yamls):
         cfg = OmegaConf.create(cfg_yaml)
-        model = build_policy(cfg, ctx)
-        optimizer = build_optimizer(model, cfg)
+        model = build_policy(policy_of(cfg), ctx)
+        optimizer = build_optimizer(model, policy_of(cfg))
         _train_step(model, optimizer, device)
         if cfg.offload.name == "manual":
             from recipe.model import offload_to_cpu

@@ -20,7 +20,7 @@ import pytest
 import torch
 
 from tests.dist.test_precision import GRAD_TOL, ROWS, _max_rel_diff, full_grads, rank_batch
-from tests.helpers import compose, run_world
+from tests.helpers import compose, policy_of, run_world
 
 MICRO_TOKENS = {1: 0, 2: 16}  # world -> trainer.micro_batch_tokens: world 1 unsplit, world 2 as above
 # max |old logprob recomputed in split micro-batches - one unsplit forward|: float32 rounding of other
@@ -43,16 +43,16 @@ def split_counts(rank: int, world: int, model_dir: str) -> dict:
         for agg in ("token_mean", "seq_mean"):
             cfg = compose([f"model.path={model_dir}", "model.builder=none", f"fsdp={fsdp}", "trainer.device=cpu",
                            f"algo.loss_agg={agg}", f"trainer.micro_batch_tokens={MICRO_TOKENS[world]}"])
-            policy = build_policy(cfg, ctx)
+            policy = build_policy(policy_of(cfg), ctx)
             batch = rank_batch(policy, rows, device)  # old logprobs = the policy's own, unsplit
             out["own"] = len(micro_batches(batch, mini, cfg.trainer.micro_batch_size, MICRO_TOKENS[world]))
-            out["agreed"] = len(agreed_micro_batches(batch, mini, cfg))
+            out["agreed"] = len(agreed_micro_batches(batch, mini, cfg.trainer))
             if fsdp == "fsdp2" and agg == "token_mean":
-                recomputed, _ = behaviour_logprobs(policy, batch, [mini], cfg, device)
+                recomputed, _ = behaviour_logprobs(policy, batch, [mini], cfg.trainer, cfg.rollout.temperature, device)
                 out["logprob_diff"] = max(abs(a - b) for got, want in zip(recomputed, batch.old_logprobs)
                                           for a, b in zip(got, want))
                 out["lengths_kept"] = [len(r) for r in recomputed] == [len(r) for r in batch.old_logprobs]
-            backward_mini_batch(policy, batch, mini, cfg, device, world)
+            backward_mini_batch(policy, batch, mini, cfg.algo, cfg.trainer, cfg.rollout.temperature, device, world)
             out["grads"][(fsdp, agg)] = full_grads(policy)
     return out
 

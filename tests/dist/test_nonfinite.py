@@ -8,6 +8,7 @@ every rank's error names the rank whose value it was.
 import pytest
 import torch
 
+from recipe.settings import Settings
 from tests.helpers import run_world
 
 
@@ -39,7 +40,7 @@ def nonfinite_on_rank1(rank, world, model_dir, run_dir, what):
                    "trainer.micro_batch_size=4", "sync.num_probe_prompts=2"])
     with open_dict(cfg):
         cfg.run_dir = run_dir
-    trainer = GRPOTrainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+    trainer = GRPOTrainer(Settings.from_cfg(cfg), DistContext(rank, world, rank, torch.device("cpu")))
     if rank == 1:
         _poison(trainer, what)
     before = {n: p.detach().clone() for n, p in trainer.policy.named_parameters()}

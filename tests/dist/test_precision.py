@@ -22,6 +22,7 @@ from typing import Dict, List
 
 import pytest
 import torch
+from tests.helpers import policy_of
 
 # The global mini-batch: 7 sequences, prompt 3 tokens; rank 0 of world 2 gets the first three
 # (1-2 completion tokens), rank 1 the last four (7-9 completion tokens). Unequal sequence counts
@@ -101,13 +102,14 @@ def objective_grads(rank: int, world: int, model_dir: str) -> dict:
             cfg = _cfg(model_dir, fsdp, [f"algo.loss_agg={agg}"])
             modes = ("global", "per_rank") if world > 1 else ("global",)
             for mode in modes:
-                policy = build_policy(cfg, ctx)
+                policy = build_policy(policy_of(cfg), ctx)
                 batch = rank_batch(policy, rows, device)
                 count = grpo.global_count
                 if mode == "per_rank":  # the former normalisation: this rank's own count
                     grpo.global_count = lambda local: max(local, 1.0) * world
                 try:
-                    grpo.backward_mini_batch(policy, batch, list(range(len(rows))), cfg, device, world)
+                    grpo.backward_mini_batch(policy, batch, list(range(len(rows))), cfg.algo, cfg.trainer,
+                                             cfg.rollout.temperature, device, world)
                 finally:
                     grpo.global_count = count
                 out[(fsdp, agg, mode)] = full_grads(policy)
@@ -169,12 +171,13 @@ def bf16_step(rank: int, world: int, model_dir: str, master: str) -> dict:
 
     device = torch.device("cpu")
     cfg = _cfg(model_dir, "fsdp2", ["model.dtype=bfloat16", f"model.master_dtype={master}", f"trainer.lr={LR}"])
-    policy = build_policy(cfg, DistContext(rank, world, rank, device))
-    optimizer = build_optimizer(policy, cfg)
+    policy = build_policy(policy_of(cfg), DistContext(rank, world, rank, device))
+    optimizer = build_optimizer(policy, policy_of(cfg))
     rows = ROWS[world][rank]
     batch = rank_batch(policy, rows, device)
     before = full_params(policy)
-    backward_mini_batch(policy, batch, list(range(len(rows))), cfg, device, world)
+    backward_mini_batch(policy, batch, list(range(len(rows))), cfg.algo, cfg.trainer, cfg.rollout.temperature,
+                        device, world)
     clip_grad_norm(policy, cfg.trainer.grad_clip)
     optimizer.step()
     after = full_params(policy)

@@ -27,6 +27,7 @@ import pytest
 import torch
 
 from recipe.weights import all_keys
+from tests.helpers import policy_of
 
 CPU_COMBOS = [k for k in all_keys() if k[:2] != ("fsdp1", "cpu")]
 # fp32: float32 throughout; bf16: bf16 compute and engine over float32 masters (the default
@@ -82,14 +83,14 @@ def reference(cfg, device) -> Dict[str, torch.Tensor]:
 
     from recipe.model import build_optimizer, mixed_precision, torch_dtype, unsharded_policy
 
-    model = unsharded_policy(cfg).to(device)  # same LoRA init as build_policy: on the host RNG
+    model = unsharded_policy(policy_of(cfg)).to(device)  # same LoRA init as build_policy: on the host RNG
     dtype = torch_dtype(cfg.model.dtype)
-    _train_step(model, build_optimizer(model, cfg), device, host_update=cfg.offload.name == "cpu",
-                compute_dtype=dtype if mixed_precision(cfg) else None)
+    _train_step(model, build_optimizer(model, policy_of(cfg)), device, host_update=cfg.offload.name == "cpu",
+                compute_dtype=dtype if mixed_precision(cfg.model) else None)
     with torch.no_grad():
         if cfg.lora.name == "adapter":
             return {n: t.detach().to(dtype).clone() for n, t in get_peft_model_state_dict(model).items()}
-        if cfg.lora.name == "merged" and (cfg.model.dtype != "float32" or mixed_precision(cfg)):
+        if cfg.lora.name == "merged" and (cfg.model.dtype != "float32" or mixed_precision(cfg.model)):
             return _merged_fp32(model, cfg)
         if cfg.lora.name == "merged":
             model = model.merge_and_unload()  # in float32 our merge is peft's, bit for bit
@@ -119,7 +120,7 @@ def unit_bytes_bound(cfg) -> int:
     """Largest FSDP unit (a decoder layer, or the root's leftovers) plus the largest tensor."""
     from recipe.model import largest_unit_bytes, unsharded_policy
 
-    model = unsharded_policy(cfg)
+    model = unsharded_policy(policy_of(cfg))
     largest = max(p.numel() * p.element_size() for p in model.parameters())
     return largest_unit_bytes(model) + largest
 
@@ -128,7 +129,7 @@ def lora_a_bytes(cfg) -> int:
     """Bytes of every LoRA A in the master dtype (the tiny model's rank divides evenly: no padding)."""
     from recipe.model import unsharded_policy
 
-    model = unsharded_policy(cfg)
+    model = unsharded_policy(policy_of(cfg))
     return sum(p.numel() * p.element_size() for n, p in model.named_parameters() if ".lora_A." in n)
 
 
@@ -179,10 +180,10 @@ def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) ->
     ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=device)
     results = []
     for cfg in map(OmegaConf.create, cfg_yamls):
-        model = build_policy(cfg, ctx)
+        model = build_policy(policy_of(cfg), ctx)
         base = check_stream(stream_base_weights(model, cfg, device), checkpoint_state(cfg.model.path, cfg.model.dtype),
                             device)
-        optimizer = build_optimizer(model, cfg)
+        optimizer = build_optimizer(model, policy_of(cfg))
         _train_step(model, optimizer, device)
         if cfg.offload.name == "manual":
             offload_to_cpu(model, optimizer)
@@ -230,7 +231,7 @@ def initial_state(cfg) -> Dict[str, torch.Tensor]:
 
     if cfg.lora.name != "adapter":
         return checkpoint_state(cfg.model.path, cfg.model.dtype)
-    state = get_peft_model_state_dict(unsharded_policy(cfg))
+    state = get_peft_model_state_dict(unsharded_policy(policy_of(cfg)))
     return {n: t.to(getattr(torch, cfg.model.dtype)) for n, t in state.items()}
 
 
@@ -291,8 +292,8 @@ def reference_strategies(rank: int, world: int, cfg_yaml: str) -> dict:
     from recipe.weights import stream_weights
 
     cfg, device = OmegaConf.create(cfg_yaml), torch.device("cpu")
-    model = build_policy(cfg, DistContext(rank, world, rank, device))
-    _train_step(model, build_optimizer(model, cfg), device)
+    model = build_policy(policy_of(cfg), DistContext(rank, world, rank, device))
+    _train_step(model, build_optimizer(model, policy_of(cfg)), device)
     expected = reference(cfg, device)
     out = {}
     for name in ("dtensor_stream", "dcp_full_cpu", "naive"):

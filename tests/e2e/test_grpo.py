@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipe.settings import Settings
 from tests.helpers import compose, run_world
 
 CPU_COMBOS = [(f, o, lora) for f in ("fsdp1", "fsdp2") for o in ("none", "manual", "cpu")
@@ -44,7 +45,7 @@ def _three_steps(rank, world, model_dir, root):
     results = {}
     for combo in CPU_COMBOS:
         cfg = _cfg(model_dir, Path(root) / "_".join(combo), combo, ["rollout=hf", "trainer.steps=3"])
-        trainer = GRPOTrainer(cfg, ctx)
+        trainer = GRPOTrainer(Settings.from_cfg(cfg), ctx)
         before = _local_params(trainer.policy)
         trainer.run()
         after = _local_params(trainer.policy)
@@ -81,7 +82,7 @@ def _final_state(rank, world, model_dir, run_dir, steps, resume, checkpoint_ever
     cfg = _cfg(model_dir, run_dir, ("fsdp2", "none", "none"),
                ["rollout=hf", f"trainer.steps={steps}", f"trainer.resume={str(resume).lower()}",
                 f"trainer.checkpoint_every={checkpoint_every}"])
-    trainer = GRPOTrainer(cfg, ctx)
+    trainer = GRPOTrainer(Settings.from_cfg(cfg), ctx)
     trainer.maybe_resume()
     start = trainer.step
     trainer.run()

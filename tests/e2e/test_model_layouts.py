@@ -15,7 +15,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import run_world
+from recipe.settings import Settings
+
+from tests.helpers import policy_of, run_world
 
 pytestmark = pytest.mark.slow
 
@@ -32,11 +34,11 @@ def _sync_twice(ctx, model_dir: str, dtype: str) -> dict:
 
     cfg = compose([f"model.path={model_dir}", "fsdp=fsdp2", "+offload=none", "+lora=none", "trainer.device=cpu",
                    f"model.dtype={dtype}", "rollout.max_model_len=128"])
-    engine = build_engine(cfg, ctx, model_dir)
+    engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     try:
-        policy = build_policy(cfg, ctx)
-        optimizer = build_optimizer(policy, cfg)
-        sync = WeightSync(cfg, ctx, policy, engine, AutoTokenizer.from_pretrained(model_dir))
+        policy = build_policy(policy_of(cfg), ctx)
+        optimizer = build_optimizer(policy, policy_of(cfg))
+        sync = WeightSync(Settings.from_cfg(cfg), ctx, policy, engine, AutoTokenizer.from_pretrained(model_dir))
         first = sync.sync(0)
         _train_step(policy, optimizer, sync.probe)
         second = sync.sync(1)

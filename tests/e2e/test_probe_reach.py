@@ -16,7 +16,9 @@ from __future__ import annotations
 
 import pytest
 
-from tests.helpers import run_world
+from recipe.settings import Settings
+
+from tests.helpers import policy_of, run_world
 
 pytestmark = pytest.mark.slow
 FAULT_NAME = "model.layers.1.mlp.down_proj.weight"
@@ -74,13 +76,13 @@ def _reach(rank, world, model_dir):
     for dtype in ("float32", "bfloat16"):
         cfg = compose([f"model.path={model_dir}", "fsdp=fsdp2", "+offload=none", "+lora=none", "trainer.device=cpu",
                        f"model.dtype={dtype}", "rollout.max_model_len=128", "sync.probe_every=0", "sync.digest=false"])
-        engine = build_engine(cfg, ctx, model_dir)
+        engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
         try:
-            policy = build_policy(cfg, ctx)
-            sync = HookedSync(cfg, ctx, policy, engine, tok)
+            policy = build_policy(policy_of(cfg), ctx)
+            sync = HookedSync(Settings.from_cfg(cfg), ctx, policy, engine, tok)
             for lr in LRS:
                 for trained_on in ("other tokens", "probe tokens"):
-                    optimizer = build_optimizer(policy, cfg)
+                    optimizer = build_optimizer(policy, policy_of(cfg))
                     for group in optimizer.param_groups:
                         group["lr"] = lr
                     sync.stream_fn = None

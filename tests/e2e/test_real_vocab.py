@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from recipe.settings import Settings
 from tests.helpers import compose, peak_rss_above_start, run_world
 
 VOCAB = 49_152
@@ -29,7 +30,7 @@ def _three_steps(rank, world, model_dir, run_dir):
                    "trainer.updates_per_batch=1", "logger=none", "sync.num_probe_prompts=2"])
     with open_dict(cfg):
         cfg.run_dir = run_dir
-    trainer = GRPOTrainer(cfg, DistContext(rank, world, rank, torch.device("cpu")))
+    trainer = GRPOTrainer(Settings.from_cfg(cfg), DistContext(rank, world, rank, torch.device("cpu")))
     update, peaks = trainer.update, []
 
     def measured(batch):

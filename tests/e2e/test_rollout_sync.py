@@ -34,7 +34,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.helpers import run_world
+from recipe.settings import Settings
+
+from tests.helpers import policy_of, run_world
 
 pytestmark = pytest.mark.slow
 
@@ -95,7 +97,7 @@ def _reference(policy, cfg):
     from recipe.model import apply_lora, load_hf_model
 
     state = get_model_state_dict(policy, options=StateDictOptions(full_state_dict=True))
-    ref = apply_lora(load_hf_model(cfg), cfg)
+    ref = apply_lora(load_hf_model(cfg.model), cfg.lora, cfg.model.master_dtype)
     ref.load_state_dict(state)
     return ref.eval()
 
@@ -117,9 +119,9 @@ def _one_combo(combo, ctx, model_dir, engines, tok):
     fsdp, offload, lora = combo
     cfg = _cfg(model_dir, fsdp, offload, lora)
     engine = engines["lora" if lora == "adapter" else "plain"]
-    policy = build_policy(cfg, ctx)
-    optimizer = build_optimizer(policy, cfg)
-    sync = WeightSync(cfg, ctx, policy, engine, tok)
+    policy = build_policy(policy_of(cfg), ctx)
+    optimizer = build_optimizer(policy, policy_of(cfg))
+    sync = WeightSync(Settings.from_cfg(cfg), ctx, policy, engine, tok)
     gen_ids = [tok(p, add_special_tokens=False).input_ids for p in GEN_PROMPTS]
     first = sync.sync(0)
     before = engine.prompt_logprobs(sync.probe)
@@ -137,7 +139,7 @@ def _one_combo(combo, ctx, model_dir, engines, tok):
     out["hf_backend_ref"] = _greedy(hf, rank_ids)
     # backend hf (rollout=hf): the engine's own unsharded copy, loaded by name through the same sync
     copy = HfCopyEngine(cfg, ctx, model_dir)
-    out["copy_sync"] = WeightSync(cfg, ctx, policy, copy, tok).sync(2)
+    out["copy_sync"] = WeightSync(Settings.from_cfg(cfg), ctx, policy, copy, tok).sync(2)
     out["copy_greedy"] = _greedy(copy, gen_ids)
     if lora == "adapter":
         out["lora_version"] = engine.lora_version
@@ -163,8 +165,8 @@ def _stream_faults(ctx, model_dir, engine, tok):
     from tests.doubles import HookedSync
 
     cfg = _cfg(model_dir)
-    policy = build_policy(cfg, ctx)
-    optimizer = build_optimizer(policy, cfg)
+    policy = build_policy(policy_of(cfg), ctx)
+    optimizer = build_optimizer(policy, policy_of(cfg))
     stale = {}
 
     def capture(model, cfg, device):  # the correct stream, remembering FAULT_NAME's pre-step value
@@ -177,7 +179,7 @@ def _stream_faults(ctx, model_dir, engine, tok):
         "skip": lambda m, c, d: ((n, t) for n, t in stream_weights(m, c, d) if n != FAULT_NAME),
         "stale": lambda m, c, d: ((n, stale[n] if n == FAULT_NAME else t) for n, t in stream_weights(m, c, d)),
     }
-    sync = HookedSync(cfg, ctx, policy, engine, tok, stream_fn=capture)
+    sync = HookedSync(Settings.from_cfg(cfg), ctx, policy, engine, tok, stream_fn=capture)
     sync.sync(0)
     _train_step(policy, optimizer, sync.probe)
     results = {}
@@ -249,10 +251,10 @@ def _faults(ctx, model_dir, dtype, engine, tok):
     from tests.doubles import HookedSync
 
     cfg = _cfg(model_dir, extra=[f"model.dtype={dtype}", "sync.probe_tolerance=0.5"])
-    policy = build_policy(cfg, ctx)
-    optimizer = build_optimizer(policy, cfg)
+    policy = build_policy(policy_of(cfg), ctx)
+    optimizer = build_optimizer(policy, policy_of(cfg))
     stale = {}
-    sync = HookedSync(cfg, ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
+    sync = HookedSync(Settings.from_cfg(cfg), ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
     sync.sync(0)
     sync.stream_fn = None
     _train_step(policy, optimizer, sync.probe)
@@ -286,9 +288,9 @@ def _adapter_faults(ctx, model_dir, dtype, engine, tok):
     from recipe.sync import WeightSync
 
     cfg = _cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}", "sync.probe_tolerance=0.5"])
-    policy = build_policy(cfg, ctx)
-    optimizer = build_optimizer(policy, cfg)
-    sync = WeightSync(cfg, ctx, policy, engine, tok)
+    policy = build_policy(policy_of(cfg), ctx)
+    optimizer = build_optimizer(policy, policy_of(cfg))
+    sync = WeightSync(Settings.from_cfg(cfg), ctx, policy, engine, tok)
     sync.sync(0)
     _train_step(policy, optimizer, sync.probe)  # B moves away from its zero init
     results = {}
@@ -308,9 +310,9 @@ def _clean_syncs(ctx, model_dir, dtype, engine, tok, lora, count):
     from recipe.sync import WeightSync
 
     cfg = _cfg(model_dir, lora=lora, extra=[f"model.dtype={dtype}", "sync.probe_every=-1"])
-    policy = build_policy(cfg, ctx)
-    optimizer = build_optimizer(policy, cfg)
-    sync = WeightSync(cfg, ctx, policy, engine, tok)
+    policy = build_policy(policy_of(cfg), ctx)
+    optimizer = build_optimizer(policy, policy_of(cfg))
+    sync = WeightSync(Settings.from_cfg(cfg), ctx, policy, engine, tok)
     t0 = time.perf_counter()
     digests, flagged, digest_s, move_s = set(), [], 0.0, 0.0
     for step in range(count):
@@ -390,8 +392,9 @@ def _engines(ctx, model_dir, dtype):
     """One plain and one LoRA-enabled vLLM engine of `dtype` on this rank, closed after use."""
     from recipe.engine import build_engine
 
-    engines = {"plain": build_engine(_cfg(model_dir, extra=[f"model.dtype={dtype}"]), ctx, model_dir),
-               "lora": build_engine(_cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}"]), ctx, model_dir)}
+    plain, lora = _cfg(model_dir, extra=[f"model.dtype={dtype}"]), _cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}"])
+    engines = {"plain": build_engine(plain, ctx, model_dir, load=plain.sync.load, digest=plain.sync.digest),
+               "lora": build_engine(lora, ctx, model_dir, load=lora.sync.load, digest=lora.sync.digest)}
     try:
         yield engines
     finally:

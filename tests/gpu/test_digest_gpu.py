@@ -11,9 +11,11 @@ from __future__ import annotations
 
 import pytest
 
+from recipe.settings import Settings
+
 from tests.e2e.test_rollout_sync import (ADAPTER_FAULTS, FAULT_NAME, SQUARE_NAME, _adapter_fault, _engine_fault,
                                          _error_of, _train_step, remembering_stream)
-from tests.helpers import run_world
+from tests.helpers import policy_of, run_world
 
 pytestmark = pytest.mark.gpu
 
@@ -41,13 +43,13 @@ def _run(rank, world, model_dir, lora):
     ctx = DistContext(rank, world, rank, torch.device("cuda", rank))
     cfg = _cfg(model_dir, lora)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    engine = build_engine(cfg, ctx, model_dir)
+    engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     out = {"faults": {}, "clean": []}
     try:
-        policy = build_policy(cfg, ctx)
-        optimizer = build_optimizer(policy, cfg)
+        policy = build_policy(policy_of(cfg), ctx)
+        optimizer = build_optimizer(policy, policy_of(cfg))
         stale = {}
-        sync = HookedSync(cfg, ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
+        sync = HookedSync(Settings.from_cfg(cfg), ctx, policy, engine, tok, stream_fn=remembering_stream(stale))
         out["first"] = sync.sync(0)
         sync.stream_fn = None
         for step in range(5):

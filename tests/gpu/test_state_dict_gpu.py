@@ -15,6 +15,7 @@ from recipe.weights import all_keys
 from tests.dist.test_state_dict import (
     _train_step, assert_combo, check_stream, checkpoint_state, combo_cfg, reference, run_combos,
 )
+from tests.helpers import policy_of
 
 pytestmark = pytest.mark.gpu
 
@@ -37,8 +38,8 @@ def seed_regression(rank: int, world: int, cfg_yaml: str) -> dict:
     from recipe.weights import stream_weights
 
     cfg, device = OmegaConf.create(cfg_yaml), torch.device("cuda", rank)
-    model = build_policy(cfg, DistContext(rank, world, rank, device))
-    _train_step(model, build_optimizer(model, cfg), device)
+    model = build_policy(policy_of(cfg), DistContext(rank, world, rank, device))
+    _train_step(model, build_optimizer(model, policy_of(cfg)), device)
     on_host = all(p.to_local().device.type == "cpu" for p in model.parameters())
     ours = check_stream(stream_weights(model, cfg, device), reference(cfg, device), device)
     cfg.sync.strategy = "naive"

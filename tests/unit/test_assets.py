@@ -13,12 +13,19 @@ import sys
 import pytest
 from omegaconf import open_dict
 
-from recipe.assets import check_model_dir, ensure_model
+from recipe.assets import check_model_dir, check_model_path, ensure_model
 from recipe.config import ConfigError, validate
 from tests.helpers import REPO, compose
 
 CPU = "trainer.device=cpu"
 
+
+
+def _start_checks(cfg):
+    """What train() checks before anything is built: the config (validate) and the model directory."""
+    settings = validate(cfg)
+    check_model_path(settings.model)
+    return settings
 
 def _user_model(path):
     path.mkdir(parents=True)
@@ -48,7 +55,7 @@ def test_user_model_path_is_refused_at_start(tmp_path):
     before = _user_model(mine)
     cfg = compose([f"model.path={mine}", CPU])  # model=tiny (the default) keeps builder: tiny
     with pytest.raises(ConfigError) as err:
-        validate(cfg)
+        _start_checks(cfg)
     msg = str(err.value)
     assert "model.path=" in msg and "without recipe_model.json" in msg
     assert f"model=local model.path={str(mine)!r}" in msg  # what to use instead
@@ -74,19 +81,19 @@ def test_checkout_as_model_path_is_refused(tmp_path, monkeypatch):
     (tmp_path / "README.md").write_text("a checkout")
     monkeypatch.chdir(tmp_path)
     with pytest.raises(ConfigError, match="model=local"):
-        validate(compose(["model.path=.", CPU]))
+        _start_checks(compose(["model.path=.", CPU]))
     assert (tmp_path / "README.md").read_text() == "a checkout"
 
 
 def test_a_file_or_another_builders_directory_is_refused(tmp_path):
     (tmp_path / "file").write_text("x")
     with pytest.raises(ConfigError, match="is a file"):
-        validate(compose([f"model.path={tmp_path / 'file'}", CPU]))
+        _start_checks(compose([f"model.path={tmp_path / 'file'}", CPU]))
     other = tmp_path / "smol"
     other.mkdir()
     (other / "recipe_model.json").write_text(json.dumps({"builder": "smollm2"}))
     with pytest.raises(ConfigError, match="built by 'smollm2'"):
-        validate(compose([f"model.path={other}", CPU]))
+        _start_checks(compose([f"model.path={other}", CPU]))
     assert (other / "recipe_model.json").exists()
 
 
@@ -94,13 +101,13 @@ def test_empty_directory_and_older_copy_of_ours_are_built(tmp_path, tiny_model_d
     empty = tmp_path / "empty"
     empty.mkdir()
     cfg = compose([f"model.path={empty}", CPU])
-    validate(cfg)
+    _start_checks(cfg)
     assert (ensure_model(cfg) / "model.safetensors").is_file()
     old = tmp_path / "old"
     shutil.copytree(tiny_model_dir, old)
     (old / "recipe_model.json").write_text(json.dumps({"builder": "tiny", "version": 1}))
     cfg = compose([f"model.path={old}", CPU])
-    validate(cfg)
+    _start_checks(cfg)
     ensure_model(cfg)
     assert json.loads((old / "recipe_model.json").read_text())["version"] > 1  # rebuilt in place
 
@@ -119,7 +126,7 @@ def test_model_directory_without_weights_or_tokenizer_is_refused(tmp_path, tiny_
     cfg = compose(["model=local", f"model.path={local}", CPU])
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path / "run")
-    validate(cfg)
+    _start_checks(cfg)
     with pytest.raises(ConfigError) as err:
         ensure_model(cfg)
     assert f"model.path={str(local)!r}" in str(err.value) and missing in str(err.value)
@@ -155,7 +162,7 @@ def test_a_damaged_json_file_is_named_in_one_line(tmp_path, tiny_model_dir, name
 def test_a_file_as_a_local_model_path_is_named_as_a_file(tmp_path):
     (tmp_path / "weights.safetensors").write_text("x")
     with pytest.raises(ConfigError, match="is a file, not a directory"):
-        validate(compose(["model=local", f"model.path={tmp_path / 'weights.safetensors'}", CPU]))
+        _start_checks(compose(["model=local", f"model.path={tmp_path / 'weights.safetensors'}", CPU]))
 
 
 def test_a_config_error_at_the_cli_is_one_line(tmp_path, tiny_model_dir):
@@ -179,6 +186,6 @@ def test_a_tilde_in_model_path_is_expanded_once_at_start(tmp_path, tiny_model_di
     cfg = compose(["model=local", "model.path='~/local'", CPU, "run_dir='~/run'"])
     expand_paths(cfg)
     assert cfg.model.path == str(tmp_path / "local") and cfg.run_dir == str(tmp_path / "run")
-    validate(cfg)
+    _start_checks(cfg)
     assert ensure_model(cfg) == tmp_path / "local"
-    assert load_hf_model(cfg, "cpu") is not None  # reads cfg.model.path as the ranks do
+    assert load_hf_model(cfg.model, "cpu") is not None  # reads cfg.model.path as the ranks do

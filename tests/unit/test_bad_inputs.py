@@ -19,6 +19,7 @@ import pytest
 from omegaconf import OmegaConf, open_dict
 
 from recipe.config import RANGES, ConfigError, numeric_fields, validate
+from recipe.settings import Settings
 from recipe.preflight import (check_context_length, check_resume_config, check_run_dir, check_wandb,
                               save_run_config)
 from tests.helpers import REPO, compose
@@ -121,21 +122,27 @@ def _run_cfg(tmp_path, overrides=()):
     return cfg
 
 
+def _check_context(cfg, model_dir):
+    """check_context_length as train() calls it: with the task, trainer and rollout slices."""
+    settings = Settings.from_cfg(cfg)
+    check_context_length(settings.task, settings.trainer, settings.rollout, model_dir)
+
+
 def test_context_shorter_than_longest_prompt_plus_new_tokens(tmp_path, tiny_model_dir):
     # "a+b=" prompts of the arith task are 4-5 tokens; 8 new tokens: 10 passes validate (> 8), fails here
     cfg = _run_cfg(tmp_path, ["rollout.max_model_len=10", f"model.path={tiny_model_dir}"])
     validate(cfg)
     with pytest.raises(ConfigError) as err:
-        check_context_length(cfg, tiny_model_dir)
+        _check_context(cfg, tiny_model_dir)
     msg = str(err.value)
     assert "rollout.max_model_len=10" in msg and "longest prompt" in msg and "rollout.max_new_tokens=8" in msg
-    check_context_length(_run_cfg(tmp_path, ["rollout.max_model_len=64"]), tiny_model_dir)  # fits
+    _check_context(_run_cfg(tmp_path, ["rollout.max_model_len=64"]), tiny_model_dir)  # fits
 
 
 def test_context_longer_than_the_model_allows(tmp_path, tiny_model_dir):
     cfg = _run_cfg(tmp_path, ["rollout.max_model_len=4096"])
     with pytest.raises(ConfigError, match="max_position_embeddings=256"):
-        check_context_length(cfg, tiny_model_dir)
+        _check_context(cfg, tiny_model_dir)
 
 
 def test_unwritable_run_directory_is_refused(tmp_path):

@@ -14,6 +14,7 @@ import pytest
 import yaml
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
+from recipe.assets import check_model_path
 from recipe.config import (FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, UnsupportedError, combo_key,
                            refuse_renamed, validate)
 from tests.helpers import CONF_DIR, REPO, compose
@@ -21,6 +22,13 @@ from tests.helpers import CONF_DIR, REPO, compose
 CPU = "trainer.device=cpu"  # validate() as on a CPU-only machine, wherever the test runs
 COMBOS = list(itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES, LORA_CHOICES))
 
+
+
+def _start_checks(cfg):
+    """What train() checks before anything is built: the config (validate) and the model directory."""
+    settings = validate(cfg)
+    check_model_path(settings.model)
+    return settings
 
 def test_choices_match_the_option_files():
     for group, choices in [("fsdp", FSDP_CHOICES), ("offload", OFFLOAD_CHOICES), ("lora", LORA_CHOICES)]:
@@ -82,14 +90,14 @@ def test_unknown_option_lists_the_available_ones(override, group, options):
 ])
 def test_bad_values_name_the_field(overrides, field, choices):
     with pytest.raises(ConfigError) as err:
-        validate(compose(overrides))
+        _start_checks(compose(overrides))
     assert field in str(err.value) and choices in str(err.value)
 
 
 def test_good_values_pass():
     for overrides in (["sync.probe_every=3"], ["sync.probe_every=-1"], ["sync.probe_every=0"], ["trainer.lr=1e-5"],
                       ["model=local", "model.path=."]):
-        validate(compose(overrides + [CPU]))
+        _start_checks(compose(overrides + [CPU]))
 
 
 @pytest.mark.parametrize("old,new", [("sync.verify=every", "sync.probe_every"),
@@ -188,13 +196,20 @@ def test_cli_prints_the_composed_config():
 
 
 def test_pin_memory_from_the_command_line():
-    # Hydra parses `true`/`false` as bools; the str field stores "True"/"False".
-    from recipe.config import pin_memory
+    # Hydra parses `true`/`false` as bools; the str field stores "True"/"False"; the settings hold
+    # Optional[bool] (None = auto) and `pin`, resolved once against the device.
+    from recipe.settings import Settings
 
-    assert pin_memory(compose(["offload.pin_memory=false", CPU])) is False
-    assert pin_memory(compose(["offload.pin_memory=auto", CPU])) is False
-    cfg = compose(["offload.pin_memory=true", "trainer.device=cuda"])
-    assert pin_memory(cfg) is True
+    def offload(overrides):
+        return Settings.from_cfg(compose(overrides)).offload
+
+    assert (offload(["offload.pin_memory=false", CPU]).pin_memory, offload(["offload.pin_memory=false", CPU]).pin) \
+        == (False, False)
+    assert (offload(["offload.pin_memory=auto", CPU]).pin_memory, offload(["offload.pin_memory=auto", CPU]).pin) \
+        == (None, False)
+    assert offload(["offload.pin_memory=auto", "trainer.device=cuda"]).pin is True  # auto pins on CUDA
+    on = offload(["offload.pin_memory=true", "trainer.device=cuda"])
+    assert (on.pin_memory, on.pin) == (True, True)
 
 
 def test_fsdp1_lora_at_world_one_is_refused_with_the_reason(tiny_model_dir):

@@ -118,7 +118,7 @@ def test_a_metrics_line_is_written_whole_or_not_at_all(small_fs):
     cfg = compose(["logger=none"])
     with open_dict(cfg):
         cfg.run_dir = str(small_fs / "run")
-    logger = MetricsLogger(cfg, cfg.run_dir, rank=0)
+    logger = MetricsLogger(cfg.logger, cfg.run_dir, rank=0)
     logger.log({"reward/mean": 0.5}, step=1)
     fill(small_fs)
     with pytest.raises(DiskFullError, match="no space left on device: .*metrics.jsonl"):

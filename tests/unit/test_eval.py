@@ -53,14 +53,14 @@ def test_a_task_without_prompts_outside_its_pool_is_refused():
 def test_rank_shares_cover_the_held_out_set_once(world, count):
     task = WordProblems(seed=0, num_prompts=16)
     cfg = OmegaConf.create({"trainer": {"eval_every": 2, "eval_prompts": count}})
-    shares = [held_out_share(task, cfg, SimpleNamespace(rank=r, world_size=world)) for r in range(world)]
+    shares = [held_out_share(task, cfg.trainer, SimpleNamespace(rank=r, world_size=world)) for r in range(world)]
     assert sorted(p.text for s in shares for p in s) == sorted(p.text for p in task.heldout(count))
     assert all(shares)  # every rank has a prompt: validate() asks for eval_prompts >= world size
 
 
 def test_no_held_out_prompts_when_eval_is_off():
     cfg = OmegaConf.create({"trainer": {"eval_every": 0, "eval_prompts": 5}})
-    assert held_out_share(Arithmetic(seed=0, max_operand=1, num_prompts=64), cfg,
+    assert held_out_share(Arithmetic(seed=0, max_operand=1, num_prompts=64), cfg.trainer,
                           SimpleNamespace(rank=0, world_size=1)) == []  # not even drawn: this task has none
 
 

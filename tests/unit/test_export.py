@@ -17,7 +17,7 @@ import torch.distributed as dist
 from recipe.dist import DistContext
 from recipe.export import ExportError, export
 from recipe.files import write_error
-from tests.helpers import compose
+from tests.helpers import compose, policy_of
 
 
 @pytest.fixture
@@ -32,7 +32,7 @@ def policy(ctx, tiny_model_dir):
     from recipe.model import build_policy
 
     cfg = compose([f"model.path={tiny_model_dir}", "+lora=merged", "trainer.world_size=1"])
-    return cfg, build_policy(cfg, ctx)
+    return cfg, build_policy(policy_of(cfg), ctx)
 
 
 def _tree(path):

@@ -221,6 +221,11 @@ def _loop_cfg(**algo):
         "trainer": {"micro_batch_size": 2, "micro_batch_tokens": 0}})
 
 
+def _update_args(cfg):
+    """backward_mini_batch's settings: the algo and trainer slices and the sampling temperature."""
+    return cfg.algo, cfg.trainer, cfg.rollout.temperature
+
+
 def _loop_batch():
     g = torch.Generator().manual_seed(3)
     lens = [2, 3, 1, 4, 2]
@@ -240,9 +245,9 @@ def test_entropy_is_not_computed_when_its_coefficient_is_zero(monkeypatch):
                         lambda *a, **k: (calls.append(1) if k.get("entropy") else None) or real(*a, **k))
     monkeypatch.setattr(grpo, "global_count", lambda local: max(local, 1.0))  # one process, no group
     batch, policy = _loop_batch(), _TinyLM()
-    stats = grpo.backward_mini_batch(policy, batch, range(5), _loop_cfg(), "cpu", 1)
+    stats = grpo.backward_mini_batch(policy, batch, range(5), *_update_args(_loop_cfg()), "cpu", 1)
     assert calls == [] and stats["entropy"] == 0.0
-    stats = grpo.backward_mini_batch(policy, batch, range(5), _loop_cfg(entropy_coef=0.1), "cpu", 1)
+    stats = grpo.backward_mini_batch(policy, batch, range(5), *_update_args(_loop_cfg(entropy_coef=0.1)), "cpu", 1)
     assert len(calls) == 3 and stats["entropy"] > 0  # micro-batches of 2, 2, 1
 
 
@@ -258,7 +263,7 @@ def test_a_placeholder_micro_batch_adds_exactly_nothing(monkeypatch):
         own = grpo.agreed_micro_batches
         monkeypatch.setattr(grpo, "agreed_micro_batches", lambda b, m, c, own=own, extra=extra: own(b, m, c) + [[]] * extra)
         policy = _TinyLM()
-        stats = grpo.backward_mini_batch(policy, _loop_batch(), range(5), cfg, "cpu", 1, reference=_TinyLM())
+        stats = grpo.backward_mini_batch(policy, _loop_batch(), range(5), *_update_args(cfg), "cpu", 1, reference=_TinyLM())
         results.append((stats, {n: p.grad.clone() for n, p in policy.named_parameters()}))
         monkeypatch.setattr(grpo, "agreed_micro_batches", own)
     (plain, g_plain), (padded, g_padded) = results
@@ -272,7 +277,7 @@ def test_agreed_micro_batches_in_one_process_are_the_own_ones():
     from recipe.grpo import agreed_micro_batches
 
     batch = _loop_batch()
-    assert agreed_micro_batches(batch, range(5), _loop_cfg()) == micro_batches(batch, range(5), 2, 0)
+    assert agreed_micro_batches(batch, range(5), _loop_cfg().trainer) == micro_batches(batch, range(5), 2, 0)
 
 
 def test_old_logprobs_are_recomputed_only_when_sampling_truncates():
@@ -281,10 +286,10 @@ def test_old_logprobs_are_recomputed_only_when_sampling_truncates():
     from recipe.grpo import behaviour_note, truncated_sampling
 
     cfg = _loop_cfg()
-    assert truncated_sampling(cfg) is None
+    assert truncated_sampling(cfg.rollout) is None
     cfg = OmegaConf.merge(cfg, {"rollout": {"top_p": 0.5}})
-    assert truncated_sampling(cfg) == "rollout.top_p=0.5"
-    assert behaviour_note(cfg).startswith("rollout.top_p=0.5: ") and "recomputed by the trainer" in behaviour_note(cfg)
+    assert truncated_sampling(cfg.rollout) == "rollout.top_p=0.5"
+    assert behaviour_note(cfg.rollout).startswith("rollout.top_p=0.5: ") and "recomputed by the trainer" in behaviour_note(cfg.rollout)
 
 
 def test_start_line_states_the_global_batch():
@@ -294,7 +299,7 @@ def test_start_line_states_the_global_batch():
     from recipe.grpo import batch_note
 
     cfg = OmegaConf.merge(_loop_cfg(), {"trainer": {"prompts_per_step": 3}, "rollout": {"n": 4}})
-    assert batch_note(cfg, 2) == ("batch per step: 3 prompts per rank x 2 ranks x 4 samples (rollout.n) = "
+    assert batch_note(cfg.trainer, cfg.rollout, 2) == ("batch per step: 3 prompts per rank x 2 ranks x 4 samples (rollout.n) = "
                                   "24 completions (6 prompts)")
 
 
@@ -306,9 +311,9 @@ def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(monkeypatch):
     monkeypatch.setattr(grpo, "global_count", lambda local: max(local, 1.0))
     cfg, batch, policy = _loop_cfg(), _loop_batch(), _TinyLM()
     minis = [[0, 2, 4], [1, 3]]
-    old, gap = grpo.behaviour_logprobs(policy, batch, minis, cfg, "cpu")
+    old, gap = grpo.behaviour_logprobs(policy, batch, minis, cfg.trainer, cfg.rollout.temperature, "cpu")
     assert [len(r) for r in old] == [len(r) for r in batch.old_logprobs]
     assert gap["tokens"] == 12 and gap["gap_sum"] > 0  # against the engine's -2.0 everywhere
     batch.old_logprobs = old
-    stats = grpo.backward_mini_batch(policy, batch, minis[0], cfg, "cpu", 1)
+    stats = grpo.backward_mini_batch(policy, batch, minis[0], *_update_args(cfg), "cpu", 1)
     assert stats["gap_sum"] == 0.0 and stats["gap_max"] == 0.0 and stats["clip_frac"] == 0.0

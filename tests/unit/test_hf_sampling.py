@@ -42,7 +42,7 @@ def test_hf_engine_ignores_the_checkpoints_generation_config(tiny_model_dir, tmp
     prompts = [[5, 6, 7, 5, 6, 7], [9, 9, 9, 9]]
     samples = engine.generate(prompts, n=4, max_new_tokens=8, temperature=0.7, top_p=1.0, seed=0)
     assert engine.module.generation_config.repetition_penalty == 3.0  # ... and given back after the call
-    trainer = load_hf_model(cfg)
+    trainer = load_hf_model(cfg.model)
     worst = 0.0
     with torch.no_grad():
         for s in samples:

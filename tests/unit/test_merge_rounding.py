@@ -8,9 +8,10 @@ import logging
 import pytest
 import torch
 
+from recipe.settings import Settings
 from recipe.weights import measure_merge_rounding, merge_lora
 from recipe.sync import merge_rounding_metrics
-from tests.helpers import run_world
+from tests.helpers import policy_of, run_world
 
 
 def _layer(seed=0, rows=256, cols=128, rank=8, b_scale=1e-4):
@@ -59,13 +60,13 @@ def _merged_bf16_sync(rank, world, model_dir):
     handler.emit = lambda record: lines.append(record.getMessage())
     logging.getLogger("recipe.sync").addHandler(handler)
     logging.getLogger("recipe.sync").setLevel(logging.INFO)
-    policy = build_policy(cfg, ctx)
+    policy = build_policy(policy_of(cfg), ctx)
     with torch.no_grad():  # a LoRA update of a realistic size (peft starts B at zero)
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 1e-4)
-    engine = build_engine(cfg, ctx, model_dir)
-    sync = WeightSync(cfg, ctx, policy, engine, AutoTokenizer.from_pretrained(model_dir))
+    engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+    sync = WeightSync(Settings.from_cfg(cfg), ctx, policy, engine, AutoTokenizer.from_pretrained(model_dir))
     stats = sync.sync(0)
     return {k: v for k, v in stats.items() if "merge_rounding" in k}, [line for line in lines if "lora=merged" in line]
 

@@ -9,11 +9,11 @@ import json
 
 from recipe.grpo import summarize
 from recipe.metrics import MetricsLogger
-from tests.helpers import compose
+from tests.helpers import compose, policy_of
 
 
 def _logger(tmp_path):
-    return MetricsLogger(compose(["logger=none", "trainer.device=cpu"]), str(tmp_path), rank=0)
+    return MetricsLogger(compose(["logger=none", "trainer.device=cpu"]).logger, str(tmp_path), rank=0)
 
 
 def test_rewind_drops_later_steps_and_keeps_earlier_lines(tmp_path):
@@ -45,7 +45,7 @@ def test_rewind_keeps_a_damaged_line_that_is_not_the_last(tmp_path):
 
 
 def test_ranks_above_zero_write_nothing(tmp_path):
-    logger = MetricsLogger(compose(["logger=none"]), str(tmp_path), rank=1)
+    logger = MetricsLogger(compose(["logger=none"]).logger, str(tmp_path), rank=1)
     logger.log({"a": 1}, step=1)
     logger.rewind(0)
     assert logger.records() == [] and not (tmp_path / "metrics.jsonl").exists()
@@ -69,8 +69,8 @@ def test_throughput_and_mfu():
 def test_parameter_counts_on_the_meta_device(tiny_model_dir):
     from recipe.model import parameter_counts
 
-    full = parameter_counts(compose([f"model.path={tiny_model_dir}"]))
-    lora = parameter_counts(compose([f"model.path={tiny_model_dir}", "+lora=adapter"]))
+    full = parameter_counts(policy_of(compose([f"model.path={tiny_model_dir}"])))
+    lora = parameter_counts(policy_of(compose([f"model.path={tiny_model_dir}", "+lora=adapter"])))
     from transformers import AutoModelForCausalLM
 
     loaded = AutoModelForCausalLM.from_pretrained(tiny_model_dir)

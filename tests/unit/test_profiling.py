@@ -11,7 +11,7 @@ from recipe.profiling import StepProfiler, phase
 def _profiler(tmp_path, start):
     cfg = OmegaConf.create({"trainer": {"profile_steps": 1, "profile_trace": False}, "run_dir": str(tmp_path)})
     ctx = SimpleNamespace(device=torch.device("cpu"), rank=0, is_main=True)
-    return StepProfiler(cfg, ctx, start)
+    return StepProfiler(cfg.trainer, cfg.run_dir, ctx, start)
 
 
 def _run(profiler, steps):

@@ -26,7 +26,7 @@ def moves(monkeypatch):
 
 def residency(offload: str, device: str) -> Residency:
     cfg = SimpleNamespace(offload=SimpleNamespace(name=offload))
-    return Residency(cfg, torch.nn.Linear(2, 2), "optim", torch.device(device))
+    return Residency(cfg.offload, torch.nn.Linear(2, 2), "optim", torch.device(device))
 
 
 def test_manual_on_gpu_moves_in_and_back_even_when_the_phase_fails(moves):

@@ -90,7 +90,7 @@ def test_peft_names_match_peft(tiny_model_dir):
     from tests.helpers import compose
 
     cfg = compose([f"model.path={tiny_model_dir}", "+lora=adapter"])
-    model = apply_lora(load_hf_model(cfg), cfg)
+    model = apply_lora(load_hf_model(cfg.model), cfg.lora, cfg.model.master_dtype)
     ours = {names.peft_name(n) for n, _ in model.named_parameters() if names.is_lora_param(n)}
     assert ours == set(get_peft_model_state_dict(model))
     base = {names.hf_name(n) for n, _ in model.named_parameters() if not names.is_lora_param(n)}
@@ -107,10 +107,10 @@ def test_adapter_config_equals_peft_save(tiny_model_dir, tmp_path):
     from tests.helpers import compose
 
     cfg = compose([f"model.path={tiny_model_dir}", "+lora=adapter"])
-    apply_lora(load_hf_model(cfg), cfg).save_pretrained(tmp_path)
+    apply_lora(load_hf_model(cfg.model), cfg.lora, cfg.model.master_dtype).save_pretrained(tmp_path)
     saved = json.loads((tmp_path / "adapter_config.json").read_text())
     saved["target_modules"] = sorted(saved["target_modules"])  # peft saves a set in hash order
-    assert adapter_config(cfg) == saved
+    assert adapter_config(cfg.lora, cfg.model.path) == saved
 
 
 def test_merge_lora_is_fp32_and_leaves_inputs_alone():

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import math
+from dataclasses import replace
 from types import SimpleNamespace
 
 import pytest
@@ -18,7 +19,8 @@ from recipe.engine import HfCopyEngine
 from recipe.sync import WeightStream
 from recipe.model import sequence_logprobs
 from tests.doubles import HookedSync
-from recipe.sync import DEFAULT_TOLERANCE, default_tolerance, WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
+from recipe.settings import DEFAULT_TOLERANCE, Settings, default_tolerance
+from recipe.sync import WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
 
 SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/digest_s", "sync/probe_s", "sync/bytes",
              "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
@@ -69,7 +71,7 @@ def setup(tiny_model_dir, request):
     trainer = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype(request.param))
     ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
     engine = FakeEngine(cfg, ctx, str(tiny_model_dir))
-    sync = HookedSync(cfg, ctx, trainer, engine, AutoTokenizer.from_pretrained(tiny_model_dir), stream_fn=_stream)
+    sync = HookedSync(Settings.from_cfg(cfg), ctx, trainer, engine, AutoTokenizer.from_pretrained(tiny_model_dir), stream_fn=_stream)
     return sync, trainer, engine
 
 
@@ -154,7 +156,7 @@ def test_probe_schedule(setup):
     sync, _, _ = setup
     for every, expected in [(1, [True] * 4), (-1, [True, False, False, False]), (0, [False] * 4),
                             (3, [True, False, False, True])]:
-        sync.cfg.sync.probe_every = every
+        sync.settings = replace(sync.settings, sync=replace(sync.settings.sync, probe_every=every))  # frozen
         got = []
         for n in range(1, 5):
             sync.num_syncs = n
@@ -281,11 +283,11 @@ def test_metrics_logger_rank0_writes_jsonl_rank1_noop(tmp_path, tiny_model_dir):
     from tests.helpers import compose
 
     cfg = compose([f"model.path={tiny_model_dir}", "logger=none"])
-    rank1 = MetricsLogger(cfg, str(tmp_path / "r1"), rank=1)
+    rank1 = MetricsLogger(cfg.logger, str(tmp_path / "r1"), rank=1)
     rank1.log({"sync/total_s": 1.0}, step=1)
     rank1.close()
     assert not (tmp_path / "r1").exists()
-    logger = MetricsLogger(cfg, str(tmp_path), rank=0)
+    logger = MetricsLogger(cfg.logger, str(tmp_path), rank=0)
     logger.log({"sync/total_s": 0.5, "sync/parity_max_abs_diff": float("nan")}, step=3)
     logger.close()
     line = json.loads((tmp_path / "metrics.jsonl").read_text())

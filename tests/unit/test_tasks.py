@@ -9,7 +9,7 @@ import pytest
 from recipe.config import ConfigError
 from recipe.tasks import (Arithmetic, Prompt, Task, WordProblems, build_task, leading_match, parse_leading_int,
                           parse_last_int)
-from tests.helpers import compose
+from tests.helpers import typed
 
 
 @pytest.mark.parametrize("cls", [Arithmetic, WordProblems])
@@ -132,20 +132,20 @@ def test_word_problems_use_the_chat_template():
 
 
 def test_build_task_from_config():
-    task = build_task(compose(["task.seed=5", "task.num_prompts=7"]))
+    task = build_task(typed(["task.seed=5", "task.num_prompts=7"]).task)
     assert isinstance(task, Arithmetic) and task.seed == 5 and len(task.pool) == 7
-    assert isinstance(build_task(compose(["task=gsm"])), WordProblems)
+    assert isinstance(build_task(typed(["task=gsm"]).task), WordProblems)
 
 
 def test_build_task_errors_name_the_field():
     with pytest.raises(ConfigError, match="task.target='recipe.tasks.Nope'"):
-        build_task(compose(["task.target=recipe.tasks.Nope"]))
+        build_task(typed(["task.target=recipe.tasks.Nope"]).task)
     with pytest.raises(ConfigError, match="subclass of recipe.tasks.Task"):
-        build_task(compose(["task.target=random.Random"]))
+        build_task(typed(["task.target=random.Random"]).task)
     with pytest.raises(ConfigError, match=r"task.params has unknown key\(s\) \['max_operandz'\].*max_operand"):
-        build_task(compose(["+task.params.max_operandz=3"]))
+        build_task(typed(["+task.params.max_operandz=3"]).task)
     with pytest.raises(ConfigError, match="task.params.ops"):
-        build_task(compose(["+task.params.ops=/"]))
+        build_task(typed(["+task.params.ops=/"]).task)
 
 
 class Echo(Task):
@@ -163,8 +163,8 @@ class Echo(Task):
 
 
 def test_user_task_by_dotted_path():
-    task = build_task(compose(["task.target=tests.unit.test_tasks.Echo", "~task.params.max_operand",
-                               "+task.params.word=yo"]))
+    task = build_task(typed(["task.target=tests.unit.test_tasks.Echo", "~task.params.max_operand",
+                               "+task.params.word=yo"]).task)
     assert isinstance(task, Echo) and task.word == "yo"
     p = task.batch(0, 1)[0]
     assert p.text.startswith("say yo") and task.correct(p, "yo") and not task.correct(p, "no")
