@@ -127,6 +127,11 @@ class AlgoConfig:
     # Divide group-centred rewards by the group std (GRPO paper) or not (Dr. GRPO).
     scale_by_std: bool = True
     loss_agg: str = "token_mean"
+    # 0: the batch of step k is sampled with the weights of step k. 1: with those of step k-1, so an engine that
+    # generates elsewhere samples the next batch while the trainer updates (recipe/grpo.py, "Off-policy").
+    off_policy_steps: int = 0
+    # off_policy_steps=1: the cap C of each token's importance weight min(pi_prox / pi_behav, C).
+    is_cap: float = 2.0
 
 
 @dataclass
@@ -279,6 +284,8 @@ RANGES: Dict[str, Range] = {
     "task.seed": Range(0, SEED_LIMIT - 1), "task.num_prompts": POSITIVE,
     "algo.clip_eps": NON_NEGATIVE, "algo.kl_coef": NON_NEGATIVE, "algo.entropy_coef": NON_NEGATIVE,
     "algo.entropy_tokens": NON_NEGATIVE,
+    "algo.off_policy_steps": Range(0, 1, why="0 = on-policy, 1 = the batch is sampled one weight version behind"),
+    "algo.is_cap": Range(1, why="the cap of the truncated importance weight; below 1 it would shrink on-policy tokens"),
     "sync.probe_tolerance": NON_NEGATIVE,
     "sync.probe_every": Range(-1, why="0 = off, 1 = every sync, N = the 1st and every N-th, -1 = the first only"),
     "sync.bucket_mb": POSITIVE, "sync.num_probe_prompts": POSITIVE,
@@ -459,6 +466,11 @@ def _rollout_and_batch(cfg: DictConfig) -> None:
                           f"rank (trainer.prompts_per_step * rollout.n = {samples}): a mini-batch would be empty")
     if cfg.rollout.backend == "vllm" and cfg.rollout.kv_cache_gb <= 0:
         raise ConfigError(f"rollout.kv_cache_gb must be > 0 for rollout=vllm, got {cfg.rollout.kv_cache_gb}")
+    if cfg.algo.off_policy_steps > 0 and cfg.rollout.top_p < 1:
+        raise ConfigError(f"algo.off_policy_steps={cfg.algo.off_policy_steps} with rollout.top_p={cfg.rollout.top_p} "
+                          "is not supported: with top_p < 1 the engine reports logprobs of the truncated distribution, "
+                          "so the stale sampler's probability (the importance weight's denominator) is unknown; use "
+                          "rollout.top_p=1 or algo.off_policy_steps=0")
     if cfg.rollout.max_model_len <= cfg.rollout.max_new_tokens:
         raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} leaves no room for a prompt before "
                           f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}; it must hold prompt + completion")
