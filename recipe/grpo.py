@@ -323,8 +323,7 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
         ref_logp = reference_logprobs(reference, t, cfg.rollout.temperature) if reference is not None else None
         loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], cfg.algo.clip_eps,
                                         cfg.algo.loss_agg, ref_logp, cfg.algo.kl_coef, entropy,
-                                        cfg.algo.entropy_coef, cfg.algo.entropy_tokens, t.get("behav_logp"),
-                                        cfg.algo.is_cap)
+                                        cfg.algo.entropy_coef, cfg.algo.entropy_tokens, *off_policy_inputs(t, cfg))
         (loss_sum / norm).backward()
         gap = (logp.detach() - t["old_logp"]).abs() * t["mask"]
         sums += torch.stack([loss_sum.detach(), s["clip_frac"], s["kl"], s["entropy"], s["tokens"], s["is_weight"],
@@ -334,6 +333,12 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
     stats = dict(zip(keys, totals), gap_max=top)
     stats["loss"] /= norm * world_size
     return stats
+
+
+def off_policy_inputs(t: Dict[str, torch.Tensor], cfg: DictConfig) -> Tuple:
+    """`clipped_surrogate`'s behaviour logprobs and cap: those of the batch when it holds the engine's
+    (off_policy_steps=1), else none (no weight)."""
+    return (t["behav_logp"], cfg.algo.is_cap) if "behav_logp" in t else ()
 
 
 def truncated_sampling(cfg: DictConfig) -> Optional[str]:
