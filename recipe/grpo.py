@@ -545,7 +545,7 @@ class GRPOTrainer:
     def _update_metrics(self, per_mini: List[Dict[str, float]], gap: Optional[Dict[str, float]] = None) -> Dict[str, float]:
         """Global (all-ranks) update metrics. The logprob gap of trainer and engine is of the first, on-policy
         mini-batch, or, when the old logprobs were recomputed (`gap`), of the whole batch before the update
-        (then it includes what the engine's truncation removed)."""
+        (then it includes what the engine's truncation removed or, off-policy, the weights' one-step lag)."""
         keys = ("loss", "clip_frac", "kl", "entropy", "tokens", "is_weight", "is_capped")
         sums = torch.tensor([[s[k] for k in keys] for s in per_mini], dtype=torch.float64)
         gap = gap or per_mini[0]
