@@ -652,6 +652,8 @@ class GRPOTrainer:
         progress.note(batch_note(cfg, self.ctx.world_size))
         if truncated_sampling(cfg):
             progress.note(behaviour_note(cfg))
+        if cfg.algo.off_policy_steps > 0:
+            progress.note(off_policy_note(cfg))
         if self.step == 0 and self.eval_due():
             before = self.evaluate()  # 0. held-out accuracy before training
             self.logger.log(before, step=0)
@@ -743,6 +745,13 @@ def behaviour_note(cfg: DictConfig) -> str:
     return (f"{truncated_sampling(cfg)}: the engine's logprobs are of a truncated distribution the trainer does not "
             "reproduce; the old (behaviour) logprobs of the ratio are recomputed by the trainer before each update "
             "(one forward pass without gradients per batch)")
+
+
+def off_policy_note(cfg: DictConfig) -> str:
+    """The line the run prints at start with algo.off_policy_steps=1."""
+    return (f"algo.off_policy_steps={cfg.algo.off_policy_steps}: the batch of step k is sampled with the weights of "
+            f"step k-1; the trainer recomputes its own logprobs before each update (one forward pass without "
+            f"gradients) and weights each token by min(pi_prox / pi_engine, algo.is_cap={cfg.algo.is_cap})")
 
 
 def held_out_share(task, cfg: DictConfig, ctx: DistContext) -> List:

@@ -405,3 +405,12 @@ def test_on_policy_loss_is_the_clipped_surrogate_formula():
     want = (-torch.min(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None]) * mask.float()).sum()
     assert torch.equal(loss, want)
     assert stats["is_weight"] == 0 and stats["is_capped"] == 0
+
+
+def test_off_policy_start_line_names_the_setting_and_the_cap():
+    from omegaconf import OmegaConf
+
+    from recipe.grpo import off_policy_note
+
+    cfg = OmegaConf.create({"algo": {"off_policy_steps": 1, "is_cap": 3.0}})
+    assert off_policy_note(cfg).startswith("algo.off_policy_steps=1: ") and "algo.is_cap=3.0" in off_policy_note(cfg)
