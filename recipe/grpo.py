@@ -34,8 +34,8 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   fixed), so it is detached. It is unbounded where pi_behav gave little mass to a token pi_prox now
   favours, and an importance-sampled mean's variance grows with E[w^2]: one such token could carry the
   batch. So it is truncated (truncated IS, Ionides 2008; verl's TIS; V-trace's and Retrace's cap):
-  w_t = min(pi_prox / pi_behav, C), C = `algo.is_cap` >= 1, and each token's weight, hence the
-  variance, is at most C times (C^2 times) the on-policy one's. The truncation's bias:
+  w_t = min(pi_prox / pi_behav, C), C = `algo.is_cap` >= 1: no token weighs more than C, so no term's
+  second moment exceeds C^2 times its unweighted one's. The truncation's bias:
   E_behav[min(w, C) f] = E_prox[f] - E_behav[(w - C)^+ f]: tokens the policy moved up by more than C
   since pi_behav are under-weighted by C / w; nothing else is, and with no token above the cap there is
   no bias (`train/is_capped_frac` is the share at the cap, `train/is_weight_mean` the mean weight). Tokens
@@ -307,8 +307,8 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], cfg: DictConf
     sum_r loss_sum_r / N = J, and the gradient the optimizer sees is dJ/dtheta.
 
     Returns this rank's sums: `loss` (its part of J; J is the sum over ranks), `clip_frac`, `kl`,
-    `is_weight` and `is_capped` (sums over tokens; the last two 0 on-policy), `tokens`, and the gap of the trainer's logprobs to `old_logprobs`
-    (`gap_sum` over tokens, `gap_max`).
+    `is_weight` and `is_capped` (sums over tokens; the last two 0 on-policy), `tokens`, and the gap of
+    the trainer's logprobs to `old_logprobs` (`gap_sum` over tokens, `gap_max`).
     """
     norm = global_count(local_count(batch, mini, cfg.algo.loss_agg)) / world_size
     keys = ("loss", "clip_frac", "kl", "entropy", "tokens", "is_weight", "is_capped", "gap_sum")

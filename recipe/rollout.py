@@ -87,7 +87,9 @@ class Engine:
                top_p: float, seed: int):
         """`generate` as a handle whose `.result()` returns the samples. Here they are generated at once. An
         engine that generates elsewhere returns at once and keeps order: a load called after a submit applies
-        after that submit's generation, so the batch has the weights the engine held when it was submitted."""
+        after that submit's generation, so the batch has the weights the engine held when it was submitted.
+        The trainer wakes the engine before a submit and puts it to sleep after (a colocated engine frees the
+        device for the update); an engine on devices of its own may take both as no-ops."""
         return Finished(self.generate(prompt_token_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
                                       top_p=top_p, seed=seed))
 
