@@ -109,6 +109,11 @@ class AlgoConfig:
     # Divide group-centred rewards by the group std (GRPO paper) or not (Dr. GRPO).
     scale_by_std: bool = True
     loss_agg: str = "token_mean"
+    # 0: the batch of step k is sampled with the weights of step k. 1: with those of step k-1, so an engine that
+    # generates elsewhere samples the next batch while the trainer updates (recipe/grpo.py, "Off-policy").
+    off_policy_steps: int = 0
+    # off_policy_steps=1: the cap C of each token's importance weight min(pi_prox / pi_behav, C).
+    is_cap: float = 2.0
 
 
 @dataclass
@@ -255,6 +260,8 @@ RANGES: Dict[str, Range] = {
     "task.seed": Range(0, SEED_LIMIT - 1), "task.num_prompts": POSITIVE,
     "algo.clip_eps": NON_NEGATIVE, "algo.kl_coef": NON_NEGATIVE, "algo.entropy_coef": NON_NEGATIVE,
     "algo.entropy_tokens": NON_NEGATIVE,
+    "algo.off_policy_steps": Range(0, 1, why="0 = on-policy, 1 = the batch is sampled one weight version behind"),
+    "algo.is_cap": Range(1, why="the cap of the truncated importance weight; below 1 it would shrink on-policy tokens"),
     "sync.probe_tolerance": NON_NEGATIVE,
     "sync.probe_every": Range(-1, why="0 = off, 1 = every sync, N = the 1st and every N-th, -1 = the first only"),
     "sync.bucket_mb": POSITIVE, "sync.num_probe_prompts": POSITIVE,
@@ -409,6 +416,11 @@ def _rollout_and_batch(s: Settings) -> None:
     if s.trainer.updates_per_batch > samples:
         raise ConfigError(f"trainer.updates_per_batch={s.trainer.updates_per_batch} is more than the samples per "
                           f"rank (trainer.prompts_per_step * rollout.n = {samples}): a mini-batch would be empty")
+    if s.algo.off_policy_steps > 0 and s.rollout.top_p < 1:
+        raise ConfigError(f"algo.off_policy_steps={s.algo.off_policy_steps} with rollout.top_p={s.rollout.top_p} "
+                          "is not supported: with top_p < 1 the engine reports logprobs of the truncated distribution, "
+                          "so the stale sampler's probability (the importance weight's denominator) is unknown; use "
+                          "rollout.top_p=1 or algo.off_policy_steps=0")
 
 
 def _evaluation(s: Settings) -> None:

@@ -19,6 +19,31 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   token before any step); there, as verl and TRL do, pi_old is the trainer's own distribution
   before the update, recomputed by a forward pass without gradients (`behaviour_logprobs`):
   L_t = -min(rho_t * A, clip(rho_t, 1 - eps, 1 + eps) * A).
+- Off-policy (`algo.off_policy_steps=1`, default 0): the batch of step k is sampled with the weights of
+  step k-1 (step 0 and the first step after a resume: with the step's own), so an engine that generates
+  elsewhere (`Engine.submit` returns at once) samples batch k+1 while the trainer updates on batch k; see
+  `GRPOTrainer.run` for the order. The loss is decoupled PPO (Hilton et al. 2022; AReaL, Fu et al. 2025),
+  which splits pi_old's two roles. The proximal policy pi_prox, the trust region's centre, is the
+  trainer's policy before the update, recomputed without gradients (`behaviour_logprobs`, as for
+  top_p < 1; the first mini-batch's ratio is exactly 1); the behaviour policy pi_behav, which only drew
+  the samples, is the engine's logprob of each sampled token (one weight version behind). The objective
+  is the on-policy one at pi_prox, E_{y ~ pi_prox}[min(rho A, clip(rho) A)] with rho = pi_theta / pi_prox,
+  but y ~ pi_behav; per token, E_{pi_prox}[f] = E_{pi_behav}[(pi_prox / pi_behav) f], so each token's
+  term is weighted by w_t = pi_prox / pi_behav (per token as PPO's ratio is; a sequence's product of
+  weights has a variance exponential in its length). w is a constant of the update (both policies are
+  fixed), so it is detached. It is unbounded where pi_behav gave little mass to a token pi_prox now
+  favours, and an importance-sampled mean's variance grows with E[w^2]: one such token could carry the
+  batch. So it is truncated (truncated IS, Ionides 2008; verl's TIS; V-trace's and Retrace's cap):
+  w_t = min(pi_prox / pi_behav, C), C = `algo.is_cap` >= 1: no token weighs more than C, so no term's
+  second moment exceeds C^2 times its unweighted one's. The truncation's bias:
+  E_behav[min(w, C) f] = E_prox[f] - E_behav[(w - C)^+ f]: tokens the policy moved up by more than C
+  since pi_behav are under-weighted by C / w; nothing else is, and with no token above the cap there is
+  no bias (`train/is_capped_frac` is the share at the cap, `train/is_weight_mean` the mean weight). Tokens
+  with w < 1 are down-weighted, never truncated. The KL and entropy terms are not weighted (as in AReaL
+  and verl). L_t = -w_t min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A). On-policy (0), pi_behav is pi_prox
+  (the engine's logprobs are pi_old, as above) and w = 1: the code takes no weight at all, so the loss is
+  the one above bit for bit. With top_p < 1 the engine's logprobs are of the truncated distribution, so
+  pi_behav is unknown: off_policy_steps=1 with top_p < 1 is refused at start (recipe/config.py).
 - KL (off by default, `algo.kl_coef`): k3 estimator to a frozen reference,
   KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (unbiased, always >= 0), clamped as verl
   clamps it: ref_t - logp_t to [-20, 20] before exp (no overflow, so no inf x 0 = NaN in the
@@ -101,8 +126,12 @@ def bonus_mask(mask: torch.Tensor, first: int) -> torch.Tensor:
 
 
 def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str, ref_logp=None, kl_coef=0.0,
-                      entropy=None, entropy_coef=0.0, entropy_tokens=0):
+                      entropy=None, entropy_coef=0.0, entropy_tokens=0, behav_logp=None, is_cap=math.inf):
     """The GRPO loss of one micro-batch and its stats; see the module docstring.
+
+    Off-policy (`behav_logp`, the sampler's logprobs; `old_logp` is then pi_prox): each token's clipped
+    term is weighted by the detached min(exp(old_logp - behav_logp), is_cap). Without it no weight is
+    computed: the loss is the on-policy one bit for bit.
 
     The entropy bonus covers each completion's first `entropy_tokens` tokens (0: all of them);
     `stats["entropy"]` sums the entropy over every completion token either way.
@@ -113,6 +142,11 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
     """
     ratio = torch.exp(logp - old_logp)
     per_token = -torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
+    weight = capped = None
+    if behav_logp is not None:  # truncated importance weight pi_prox / pi_behav (inputs: no gradient)
+        raw = torch.exp(old_logp - behav_logp).detach()
+        weight, capped = raw.clamp(max=is_cap), (raw >= is_cap).float()
+        per_token = per_token * weight
     kl = torch.zeros_like(per_token)
     if ref_logp is not None and kl_coef > 0:
         kl = k3_kl(logp, ref_logp)
@@ -130,6 +164,8 @@ def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str,
         "kl": (kl.detach() * mask).sum(),
         "entropy": (entropy.detach() * mask).sum() if entropy is not None else mask.new_zeros(()),
         "tokens": mask.sum(),
+        "is_weight": (weight * mask).sum() if weight is not None else mask.new_zeros(()),
+        "is_capped": (capped * mask).sum() if capped is not None else mask.new_zeros(()),
     }
     return loss_sum, stats
 
@@ -178,6 +214,20 @@ class Batch:
     advantages: torch.Tensor
     correct: torch.Tensor
     completion_lens: torch.Tensor
+    # algo.off_policy_steps=1: the engine's logprobs (pi_behav) once `old_logprobs` holds the recomputed pi_prox
+    behav_logprobs: Optional[List[List[float]]] = None
+
+
+@dataclass
+class Pending:
+    """A batch handed to the engine: its step, prompts, the engine's handle (`.result()` -> samples), the
+    weight version the engine held at the submit, and when it was submitted (perf_counter)."""
+
+    step: int
+    prompts: List
+    handle: object
+    version: int
+    since: float
 
 
 def micro_batches(batch: Batch, mini: Sequence[int], max_seqs: int, max_tokens: int) -> List[List[int]]:
@@ -209,9 +259,12 @@ def micro_batch_tensors(batch: Batch, idx: Sequence[int], device) -> Dict[str, t
     old = torch.zeros(mask.shape)
     old[mask] = torch.tensor([lp for i in idx for lp in batch.old_logprobs[i]])  # row-major, as mask orders them
     adv = batch.advantages[idx]
+    out = dict(input_ids=input_ids, attention_mask=attn, old_logp=old, mask=mask, adv=adv)
+    if batch.behav_logprobs is not None:
+        out["behav_logp"] = torch.zeros(mask.shape)
+        out["behav_logp"][mask] = torch.tensor([lp for i in idx for lp in batch.behav_logprobs[i]])
     # non_blocking: from pageable memory the copy is staged at once, without waiting for the device's queue
-    return {k: v.to(device, non_blocking=True) for k, v in dict(input_ids=input_ids, attention_mask=attn,
-                                                                 old_logp=old, mask=mask, adv=adv).items()}
+    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
 
 
 def agreed_micro_batches(batch: Batch, mini: Sequence[int], trainer: Trainer) -> List[List[int]]:
@@ -253,12 +306,12 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], algo: Algo, t
     W), so each rank backpropagates W * loss_sum_r / N: the average over ranks of that is
     sum_r loss_sum_r / N = J, and the gradient the optimizer sees is dJ/dtheta.
 
-    Returns this rank's sums: `loss` (its part of J; J is the sum over ranks), `clip_frac` and
-    `kl` (sums over tokens), `tokens`, and the gap of the trainer's logprobs to `old_logprobs`
-    (`gap_sum` over tokens, `gap_max`).
+    Returns this rank's sums: `loss` (its part of J; J is the sum over ranks), `clip_frac`, `kl`,
+    `is_weight` and `is_capped` (sums over tokens; the last two 0 on-policy), `tokens`, and the gap of
+    the trainer's logprobs to `old_logprobs` (`gap_sum` over tokens, `gap_max`).
     """
     norm = global_count(local_count(batch, mini, algo.loss_agg)) / world_size
-    keys = ("loss", "clip_frac", "kl", "entropy", "tokens", "gap_sum")
+    keys = ("loss", "clip_frac", "kl", "entropy", "tokens", "is_weight", "is_capped", "gap_sum")
     sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # summed on the device ...
     gap_max = torch.zeros((), dtype=torch.float64, device=device)
     for idx in agreed_micro_batches(batch, mini, trainer):
@@ -270,15 +323,22 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], algo: Algo, t
         ref_logp = reference_logprobs(reference, t, temperature) if reference is not None else None
         loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], algo.clip_eps,
                                         algo.loss_agg, ref_logp, algo.kl_coef, entropy,
-                                        algo.entropy_coef, algo.entropy_tokens)
+                                        algo.entropy_coef, algo.entropy_tokens, *off_policy_inputs(t, algo))
         (loss_sum / norm).backward()
         gap = (logp.detach() - t["old_logp"]).abs() * t["mask"]
-        sums += torch.stack([loss_sum.detach(), s["clip_frac"], s["kl"], s["entropy"], s["tokens"], gap.sum()]).double()
+        sums += torch.stack([loss_sum.detach(), s["clip_frac"], s["kl"], s["entropy"], s["tokens"], s["is_weight"],
+                             s["is_capped"], gap.sum()]).double()
         gap_max = torch.maximum(gap_max, gap.max().double())
     *totals, top = torch.cat([sums, gap_max[None]]).tolist()  # ... and read once per mini-batch
     stats = dict(zip(keys, totals), gap_max=top)
     stats["loss"] /= norm * world_size
     return stats
+
+
+def off_policy_inputs(t: Dict[str, torch.Tensor], algo: Algo) -> Tuple:
+    """`clipped_surrogate`'s behaviour logprobs and cap: those of the batch when it holds the engine's
+    (off_policy_steps=1), else none (no weight)."""
+    return (t["behav_logp"], algo.is_cap) if "behav_logp" in t else ()
 
 
 def truncated_sampling(rollout: Rollout) -> Optional[str]:
@@ -361,18 +421,40 @@ class GRPOTrainer:
         self.step = 0
         self.resumed = False
         self.exported = -1  # the step last exported
+        self.step_began = 0.0  # perf_counter at the current step's start
 
     # -- phase 1: rollout
     def rollout(self, step: int):
+        """The prompts of `step` and their samples, generated now."""
+        prompts, samples, _ = self.collect(self.submit(step))
+        return prompts, samples
+
+    def submit(self, step: int) -> Pending:
+        """Hands the prompts of `step` to the engine (woken first, put to sleep after: the colocated engine
+        generates inside `submit`); the batch is sampled with the weights the engine holds now."""
         cfg = self.settings
         prompts = self.task.batch(step * self.ctx.world_size + self.ctx.rank, cfg.trainer.prompts_per_step)
         seed = cfg.trainer.seed * 1_000_003 + step * 1009 + self.ctx.rank
-        samples = self.generate(prompts, cfg.rollout.n, cfg.rollout.temperature, cfg.rollout.top_p, seed)
+        prompt_ids = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in prompts]
+        since = time.perf_counter()
+        self.engine.wake()
+        handle = self.engine.submit(prompt_ids, n=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens,
+                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
         self.engine.sleep()
-        return prompts, samples
+        return Pending(step, prompts, handle, self.sync.weight_version, since)
+
+    def collect(self, pending: Pending):
+        """(prompts, samples, stats) of a submitted batch: `time/rollout_wait_s`, the seconds from the step's
+        start (or the submit, if later) until the samples were in hand, and `rollout/staleness`, how many
+        weight versions the engine's were behind the trainer's when they were sampled (0 or 1)."""
+        samples = pending.handle.result()
+        stats = {"time/rollout_wait_s": time.perf_counter() - max(pending.since, self.step_began),
+                 "rollout/staleness": self.sync.weight_version - pending.version}
+        return pending.prompts, samples, stats
 
     def generate(self, prompts, n: int, temperature: float, top_p: float, seed: int):
-        """`n` samples per prompt from the engine (woken first, left awake), up to rollout.max_new_tokens."""
+        """`n` samples per prompt from the engine (woken first, left awake), up to rollout.max_new_tokens. An
+        engine that keeps order generates them after whatever was submitted and loaded before."""
         prompt_ids = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in prompts]
         self.engine.wake()
         return self.engine.generate(prompt_ids, n=n, max_new_tokens=self.settings.rollout.max_new_tokens,
@@ -431,9 +513,12 @@ class GRPOTrainer:
         busy = DeviceBusy(self.ctx.device)  # CUDA: events around each optimizer step's device work
         t0 = time.perf_counter()
         gap = None  # the trainer-engine gap: of the first mini-batch, or of the recomputation
-        if truncated_sampling(cfg.rollout):
-            batch.old_logprobs, gap = behaviour_logprobs(self.policy, batch, minis, cfg.trainer,
-                                                         cfg.rollout.temperature, self.ctx.device)
+        if truncated_sampling(cfg.rollout) or cfg.algo.off_policy_steps > 0:
+            proximal, gap = behaviour_logprobs(self.policy, batch, minis, cfg.trainer, cfg.rollout.temperature,
+                                               self.ctx.device)
+            if cfg.algo.off_policy_steps > 0:  # the engine's logprobs weight each token (the module docstring)
+                batch.behav_logprobs = batch.old_logprobs
+            batch.old_logprobs = proximal
         t_old = time.perf_counter() - t0
         per_mini = []
         for mini in minis:
@@ -463,8 +548,8 @@ class GRPOTrainer:
     def _update_metrics(self, per_mini: List[Dict[str, float]], gap: Optional[Dict[str, float]] = None) -> Dict[str, float]:
         """Global (all-ranks) update metrics. The logprob gap of trainer and engine is of the first, on-policy
         mini-batch, or, when the old logprobs were recomputed (`gap`), of the whole batch before the update
-        (then it includes what the engine's truncation removed)."""
-        keys = ("loss", "clip_frac", "kl", "entropy", "tokens")
+        (then it includes what the engine's truncation removed or, off-policy, the weights' one-step lag)."""
+        keys = ("loss", "clip_frac", "kl", "entropy", "tokens", "is_weight", "is_capped")
         sums = torch.tensor([[s[k] for k in keys] for s in per_mini], dtype=torch.float64)
         gap = gap or per_mini[0]
         first = torch.tensor([gap["gap_sum"], gap["tokens"]], dtype=torch.float64)
@@ -472,7 +557,7 @@ class GRPOTrainer:
         dist.all_reduce(sums)
         dist.all_reduce(first)
         dist.all_reduce(gap_max, op=dist.ReduceOp.MAX)
-        loss, clip, kl, entropy, tokens = sums.sum(0).tolist()
+        loss, clip, kl, entropy, tokens, is_weight, is_capped = sums.sum(0).tolist()
         tokens = max(tokens, 1.0)
         out = {
             "train/loss": loss / len(per_mini),  # the objective J, mean over the mini-batches
@@ -486,6 +571,9 @@ class GRPOTrainer:
         }
         if self.settings.algo.entropy_coef > 0:  # (not computed otherwise)
             out["train/entropy"] = entropy / tokens  # of the trainer's tempered distribution, per completion token
+        if self.settings.algo.off_policy_steps > 0:  # the truncated importance weights, per completion token
+            out["train/is_weight_mean"] = is_weight / tokens
+            out["train/is_capped_frac"] = is_capped / tokens
         return out
 
     def _clip_grad(self) -> float:
@@ -544,6 +632,19 @@ class GRPOTrainer:
 
     # -- the loop
     def run(self) -> Dict[str, float]:
+        """The loop. Step k: take batch k, score, advantage, update, sync the weights of step k + 1, log.
+
+        Off-policy (`algo.off_policy_steps=1`): batch k is taken from the submit of the previous step (at the
+        first step, and the first after a resume, it is submitted and awaited then), and batch k + 1 is
+        submitted right after it (unless k is the last step), before the update. So an engine that generates
+        elsewhere samples batch k + 1 with the weights of step k during update k, and the sync after update
+        k reaches it after that generation (engines keep order, `Engine.submit`); the colocated engine
+        generates inside the submit, with the same weights: the same batches, no overlap. The evaluation
+        after a sync generates after the sync in both cases (it follows it in the engine's order), so it
+        sees the synced weights. A checkpoint holds no submitted batch: after a resume, the first batch is
+        sampled with the resumed weights (staleness 0), where the uninterrupted run's had staleness 1, so
+        the two runs part there.
+        """
         from recipe.profiling import StepProfiler, phase
         from recipe.progress import Progress
 
@@ -554,18 +655,23 @@ class GRPOTrainer:
         progress.note(batch_note(cfg.trainer, cfg.rollout, self.ctx.world_size))
         if truncated_sampling(cfg.rollout):
             progress.note(behaviour_note(cfg.rollout))
+        if cfg.algo.off_policy_steps > 0:
+            progress.note(off_policy_note(cfg.algo))
         if self.step == 0 and self.eval_due():
             before = self.evaluate()  # 0. held-out accuracy before training
             self.logger.log(before, step=0)
             progress.update(before)
         profiler = StepProfiler(cfg.trainer, cfg.run_dir, self.ctx, self.step)  # trainer.profile_steps > 0: steps 2.. under torch.profiler
+        pending = None  # off_policy_steps=1: the next step's batch, submitted (not checkpointed)
         while self.step < cfg.trainer.steps:
             profiler.step_begins(self.step)
             if self.ctx.device.type == "cuda":
                 torch.cuda.reset_peak_memory_stats(self.ctx.device)  # memory/trainer_peak_gib is per step
-            t0 = time.perf_counter()
-            with phase("rollout"):
-                prompts, samples = self.rollout(self.step)  # 1. rollout
+            t0 = self.step_began = time.perf_counter()
+            with phase("rollout"):  # 1. rollout: this step's batch, then (off-policy) the next step's submit
+                prompts, samples, rollout_stats = self.collect(pending or self.submit(self.step))
+                ahead = cfg.algo.off_policy_steps > 0 and self.step + 1 < cfg.trainer.steps
+                pending = self.submit(self.step + 1) if ahead else None
             t_rollout = time.perf_counter() - t0
             with phase("score"):
                 rewards, correct, texts = self.score(prompts, samples)  # 2. reward
@@ -578,6 +684,7 @@ class GRPOTrainer:
             with phase("sync"):
                 sync_stats = self.sync.sync(self.step)  # 5. sync (gather -> load -> verify)
             metrics = self.metrics(batch, train_stats, sync_stats, t_rollout, time.perf_counter() - t0, texts)
+            metrics.update(rollout_stats)
             if self.eval_due():
                 metrics.update(self.evaluate())  # held-out accuracy of the weights just synced
             with phase("log"):
@@ -641,6 +748,13 @@ def behaviour_note(rollout: Rollout) -> str:
     return (f"{truncated_sampling(rollout)}: the engine's logprobs are of a truncated distribution the trainer does not "
             "reproduce; the old (behaviour) logprobs of the ratio are recomputed by the trainer before each update "
             "(one forward pass without gradients per batch)")
+
+
+def off_policy_note(algo: Algo) -> str:
+    """The line the run prints at start with algo.off_policy_steps=1."""
+    return (f"algo.off_policy_steps={algo.off_policy_steps}: the batch of step k is sampled with the weights of "
+            f"step k-1; the trainer recomputes its own logprobs before each update (one forward pass without "
+            f"gradients) and weights each token by min(pi_prox / pi_engine, algo.is_cap={algo.is_cap})")
 
 
 def held_out_share(task, trainer: Trainer, ctx: DistContext) -> List:

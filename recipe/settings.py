@@ -94,8 +94,13 @@ def _node(cfg: DictConfig, group: str) -> Dict[str, Any]:
 
 
 def _build(cls, values: Dict[str, Any], **resolved):
+    """The slice `cls` of one group's values; a key the slice does not declare is an error here (a field
+    added to a group's config must be added to its slice too, or it would be dropped unseen)."""
     known = {f.name for f in fields(cls)}
-    return cls(**{**{k: v for k, v in values.items() if k in known}, **resolved})
+    unknown = sorted(set(values) - known - set(resolved))
+    if unknown:
+        raise TypeError(f"{cls.__name__} has no field for {unknown}: add them to recipe/settings.py")
+    return cls(**{**values, **resolved})
 
 
 @dataclass(frozen=True)
@@ -198,6 +203,8 @@ class Algo:
     entropy_tokens: int
     scale_by_std: bool
     loss_agg: str
+    off_policy_steps: int
+    is_cap: float
 
     def check(self) -> None:
         choose("algo.loss_agg", self.loss_agg, LOSS_AGG_CHOICES)

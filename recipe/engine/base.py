@@ -25,6 +25,16 @@ class Sample:
     finish_reason: str = ""
 
 
+class Finished:
+    """The handle `Engine.submit` returns when the samples already exist."""
+
+    def __init__(self, samples: List[Sample]):
+        self.samples = samples
+
+    def result(self) -> List[Sample]:
+        return self.samples
+
+
 class Engine:
     """Common interface; see the module docstring. `weight_version` counts loads."""
 
@@ -35,6 +45,16 @@ class Engine:
     def generate(self, prompt_token_ids: List[List[int]], n: int, max_new_tokens: int, temperature: float,
                  top_p: float, seed: int) -> List[Sample]:
         raise NotImplementedError
+
+    def submit(self, prompt_token_ids: List[List[int]], n: int, max_new_tokens: int, temperature: float,
+               top_p: float, seed: int):
+        """`generate` as a handle whose `.result()` returns the samples. Here they are generated at once. An
+        engine that generates elsewhere returns at once and keeps order: a load called after a submit applies
+        after that submit's generation, so the batch has the weights the engine held when it was submitted.
+        The trainer wakes the engine before a submit and puts it to sleep after (a colocated engine frees the
+        device for the update); an engine on devices of its own may take both as no-ops."""
+        return Finished(self.generate(prompt_token_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
+                                      top_p=top_p, seed=seed))
 
     def prompt_logprobs(self, token_id_lists: List[List[int]]) -> List[List[float]]:
         raise NotImplementedError

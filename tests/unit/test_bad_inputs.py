@@ -41,11 +41,19 @@ CPU = "trainer.device=cpu"
     (["rollout.gpu_memory_utilization=0"], "rollout.gpu_memory_utilization", "got 0"),
     (["rollout.kv_cache_gb=0"], "rollout.kv_cache_gb", "> 0"),
     (["algo.entropy_tokens=-1"], "algo.entropy_tokens", ">= 0"),
+    (["algo.off_policy_steps=2"], "algo.off_policy_steps", "in [0, 1]"),
+    (["algo.is_cap=0.5"], "algo.is_cap", ">= 1"),
+    (["algo.off_policy_steps=1", "rollout.top_p=0.9"], "algo.off_policy_steps=1 with rollout.top_p=0.9", "top_p=1"),
 ])
 def test_bad_values_are_refused_with_the_field(overrides, field, hint):
     with pytest.raises(ConfigError) as err:
         validate(compose(overrides + [CPU]))
     assert field in str(err.value) and hint in str(err.value)
+
+
+def test_off_policy_settings_that_pass():
+    validate(compose(["algo.off_policy_steps=1", "algo.is_cap=1", CPU]))  # a cap of 1: weights only shrink
+    validate(compose(["algo.off_policy_steps=0", "rollout.top_p=0.9", CPU]))  # on-policy: top_p is free
 
 
 NUMERIC = list(numeric_fields())

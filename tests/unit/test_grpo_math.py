@@ -317,3 +317,105 @@ def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(monkeypatch):
     batch.old_logprobs = old
     stats = grpo.backward_mini_batch(policy, batch, minis[0], *_update_args(cfg), "cpu", 1)
     assert stats["gap_sum"] == 0.0 and stats["gap_max"] == 0.0 and stats["clip_frac"] == 0.0
+
+
+# --- off-policy (algo.off_policy_steps=1): decoupled PPO with a truncated importance weight
+
+def _off_policy_batch():
+    """Four tokens of two sequences: pi_theta, pi_prox (recomputed), pi_behav (the engine's, stale)."""
+    logp = [[math.log(0.7), math.log(0.3)], [math.log(0.5), math.log(0.15)]]
+    prox = [[math.log(0.5), math.log(0.3)], [math.log(0.4), math.log(0.25)]]
+    behav = [[math.log(0.4), math.log(0.1)], [math.log(0.5), math.log(0.25)]]
+    return logp, prox, behav, [1.5, -2.0]
+
+
+def test_off_policy_loss_and_gradient_by_hand():
+    logp, prox, behav, adv = _off_policy_batch()
+    eps, cap = 0.2, 2.0
+    lp = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
+    mask = torch.ones(2, 2, dtype=torch.bool)
+    loss, stats = clipped_surrogate(lp, torch.tensor(prox, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64),
+                                    mask, eps, "token_mean", behav_logp=torch.tensor(behav, dtype=torch.float64),
+                                    is_cap=cap)
+    loss.backward()
+    want_loss, want_grad, weights, capped = 0.0, [[0.0, 0.0], [0.0, 0.0]], [], 0
+    for i in range(2):
+        for t in range(2):
+            rho = math.exp(logp[i][t] - prox[i][t])
+            raw = math.exp(prox[i][t] - behav[i][t])
+            w = min(raw, cap)
+            weights.append(w)
+            capped += raw >= cap
+            a = adv[i]
+            unclipped, clipped = rho * a, min(max(rho, 1 - eps), 1 + eps) * a
+            want_loss += -w * min(unclipped, clipped)
+            # d/dlogp: the unclipped branch is rho * A (d rho / d logp = rho); the clipped one is constant
+            want_grad[i][t] = -w * a * rho if unclipped < clipped or 1 - eps < rho < 1 + eps else 0.0
+    # rho 1.4 (A > 0: clipped, no gradient), 1, 1.25 (A < 0: unclipped), 0.6 (A < 0: clipped, no gradient);
+    # weights 1.25, 3 (capped at 2), 0.8, 1
+    assert weights == pytest.approx([1.25, 2.0, 0.8, 1.0]) and capped == 1
+    assert loss.item() == pytest.approx(want_loss, rel=1e-12)
+    assert want_grad == [[0.0, -3.0], [pytest.approx(2.0), 0.0]]
+    for got, want in zip(lp.grad.tolist(), want_grad):
+        assert got == pytest.approx(want, rel=1e-12)
+    assert stats["is_weight"].item() == pytest.approx(sum(weights)) and stats["is_capped"].item() == 1
+
+
+def test_off_policy_weight_is_detached_and_capped():
+    """A token whose pi_prox / pi_behav is 10 contributes as if it were the cap (2), not 10: its loss and its
+    gradient are the cap times the unweighted ones; one at 1.5 contributes 1.5 times its own; no gradient
+    flows into the weight (pi_behav is the sampler's, a constant)."""
+    logp = torch.zeros(1, 2, requires_grad=True)
+    prox = torch.zeros(1, 2)
+    behav = torch.tensor([[-math.log(10.0), -math.log(1.5)]], requires_grad=True)
+    adv, mask = torch.tensor([1.0]), torch.ones(1, 2, dtype=torch.bool)
+    loss, stats = clipped_surrogate(logp, prox, adv, mask, 0.2, "token_mean", behav_logp=behav, is_cap=2.0)
+    loss.backward()
+    assert loss.item() == pytest.approx(-3.5)  # -(2 + 1.5)
+    assert logp.grad.tolist()[0] == pytest.approx([-2.0, -1.5])
+    assert behav.grad is None
+    assert stats["is_capped"].item() == 1 and stats["is_weight"].item() == pytest.approx(3.5)
+    unweighted, _ = clipped_surrogate(logp.detach(), prox, adv, mask, 0.2, "token_mean")
+    assert unweighted.item() == pytest.approx(-2.0)
+
+
+@pytest.mark.parametrize("loss_agg", ["token_mean", "seq_mean"])
+def test_on_policy_loss_is_the_off_policy_loss_at_pi_behav_equal_pi_prox(loss_agg):
+    """With pi_behav = pi_prox every weight is exp(0) = 1 and the loss and its gradient equal, bit for
+    bit, the loss without a weight (what off_policy_steps=0 computes), with a KL and an entropy term."""
+    torch.manual_seed(0)
+    logp0, old, ref, ent = (torch.randn(3, 5) * 0.3 - 1 for _ in range(4))
+    adv, mask = torch.randn(3), torch.rand(3, 5) > 0.3
+    grads, losses = [], []
+    for behav in (None, old.clone()):
+        logp = logp0.clone().requires_grad_()
+        entropy = ent.abs().clone().requires_grad_()
+        loss, stats = clipped_surrogate(logp, old, adv, mask, 0.2, loss_agg, ref, 0.1, entropy, 0.05, 2,
+                                        behav_logp=behav, is_cap=2.0)
+        loss.backward()
+        losses.append(loss.detach())
+        grads.append((logp.grad, entropy.grad))
+    assert torch.equal(losses[0], losses[1])
+    assert torch.equal(grads[0][0], grads[1][0]) and torch.equal(grads[0][1], grads[1][1])
+
+
+def test_on_policy_loss_is_the_clipped_surrogate_formula():
+    """off_policy_steps=0 computes no weight: the loss is -sum min(rho A, clip(rho) A) over the mask exactly
+    (the same float32 operations, in the same order), and the stats have no weight in them."""
+    torch.manual_seed(1)
+    logp, old = torch.randn(2, 4) * 0.2 - 1, torch.randn(2, 4) * 0.2 - 1
+    adv, mask = torch.randn(2), torch.rand(2, 4) > 0.2
+    loss, stats = clipped_surrogate(logp, old, adv, mask, 0.2, "token_mean")
+    ratio = torch.exp(logp - old)
+    want = (-torch.min(ratio * adv[:, None], ratio.clamp(0.8, 1.2) * adv[:, None]) * mask.float()).sum()
+    assert torch.equal(loss, want)
+    assert stats["is_weight"] == 0 and stats["is_capped"] == 0
+
+
+def test_off_policy_start_line_names_the_setting_and_the_cap():
+    from omegaconf import OmegaConf
+
+    from recipe.grpo import off_policy_note
+
+    algo = OmegaConf.create({"off_policy_steps": 1, "is_cap": 3.0})
+    assert off_policy_note(algo).startswith("algo.off_policy_steps=1: ") and "algo.is_cap=3.0" in off_policy_note(algo)
