@@ -25,6 +25,7 @@ LORA_CHOICES = ("none", "merged", "adapter")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 ROLLOUT_CHOICES = ("vllm", "hf")
+PLACEMENT_CHOICES = ("colocated", "separate")
 LOGGER_CHOICES = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 LOSS_AGG_CHOICES = ("token_mean", "seq_mean")
@@ -102,6 +103,15 @@ class RolloutConfig:
     # CUDA: skip CUDA-graph capture and compilation (the engine starts in seconds, decodes slower).
     # On CPU the engine always runs eagerly.
     enforce_eager: bool = False
+    # "colocated": the engine runs in the trainer's process (one per rank). "separate": each rank's engine
+    # runs in a process of its own (recipe/remote.py), on `devices` under CUDA; weights go across a
+    # process group of two (gloo on CPU, NCCL on CUDA) with the same digest check.
+    placement: str = "colocated"
+    # Engine processes in all; null = one per trainer rank, the only layout supported for now.
+    num_engines: Optional[int] = None
+    # CUDA device ids of the engines with placement=separate, rank r's engine on devices[r]; empty = the
+    # devices after the trainer's (world_size + r). Ignored on CPU; never one of the trainer's devices.
+    devices: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -275,7 +285,7 @@ RANGES: Dict[str, Range] = {
     "rollout.top_p": Range(0, 1, low_open=True), "rollout.kv_cache_gb": NON_NEGATIVE,
     "rollout.gpu_memory_utilization": Range(0, 1, low_open=True, high_open=True,
                                             why="the engine's share of the GPU, the trainer keeps the rest"),
-    "rollout.max_model_len": POSITIVE,
+    "rollout.max_model_len": POSITIVE, "rollout.num_engines": POSITIVE,
     "task.seed": Range(0, SEED_LIMIT - 1), "task.num_prompts": POSITIVE,
     "algo.clip_eps": NON_NEGATIVE, "algo.kl_coef": NON_NEGATIVE, "algo.entropy_coef": NON_NEGATIVE,
     "algo.entropy_tokens": NON_NEGATIVE,
@@ -405,6 +415,7 @@ def validate(cfg: DictConfig) -> None:
                           f"valid; choose one of: float32, {cfg.model.dtype} (masters at least as precise as compute)")
     _choice(cfg, "model.builder", ("tiny", "smollm2", "none"))
     _choice(cfg, "rollout.backend", ROLLOUT_CHOICES)
+    _choice(cfg, "rollout.placement", PLACEMENT_CHOICES)
     _choice(cfg, "logger.backend", LOGGER_CHOICES)
     _choice(cfg, "logger.mode", LOGGER_MODES)
     _choice(cfg, "algo.loss_agg", LOSS_AGG_CHOICES)
@@ -415,6 +426,7 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"trainer.profile_steps={cfg.trainer.profile_steps} needs trainer.steps >= 2 (the first "
                           f"step is warm-up and is not profiled); got trainer.steps={cfg.trainer.steps}")
     _rollout_and_batch(cfg)
+    _placement(cfg)
     _evaluation(cfg)
     if cfg.lora.name != "none" and not cfg.lora.target_modules:
         raise ConfigError("lora.target_modules must name at least one module when lora is merged or adapter")
@@ -462,6 +474,34 @@ def _rollout_and_batch(cfg: DictConfig) -> None:
     if cfg.rollout.max_model_len <= cfg.rollout.max_new_tokens:
         raise ConfigError(f"rollout.max_model_len={cfg.rollout.max_model_len} leaves no room for a prompt before "
                           f"rollout.max_new_tokens={cfg.rollout.max_new_tokens}; it must hold prompt + completion")
+
+
+def _placement(cfg: DictConfig) -> None:
+    """One engine per trainer rank; with placement=separate on CUDA, on devices the trainer does not use."""
+    world = run_world(cfg)
+    if cfg.rollout.num_engines is not None and cfg.rollout.num_engines != world:
+        raise ConfigError(f"rollout.num_engines={cfg.rollout.num_engines} is not valid with {world} trainer ranks: "
+                          f"every rank samples its own prompts from an engine of its own; choose one of: null, {world}")
+    devices = list(cfg.rollout.devices)
+    if cfg.rollout.placement != "separate" or resolve_device(cfg) != "cuda":
+        return  # colocated engines share their rank's device; on CPU there are no device ids
+    import torch
+
+    devices = devices or list(range(world, 2 * world))
+    trainer = set(range(world))  # rank r trains on cuda:<local rank r> (recipe/dist.py)
+    if len(devices) != world:
+        raise ConfigError(f"rollout.devices={devices} gives {len(devices)} devices for {world} engines; give one per "
+                          f"trainer rank (rank r's engine takes rollout.devices[r])")
+    shared = sorted(trainer & set(devices))
+    if shared:
+        raise ConfigError(f"rollout.devices={devices} overlaps the trainer's devices {sorted(trainer)} (cuda:{shared[0]}); "
+                          f"with rollout.placement=separate choose devices outside them, or rollout.placement=colocated")
+    if len(set(devices)) != len(devices):
+        raise ConfigError(f"rollout.devices={devices} names a device twice; give each engine a device of its own")
+    visible = torch.cuda.device_count()
+    if max(devices) >= visible:
+        raise ConfigError(f"rollout.devices={devices} needs device {max(devices)} but {visible} CUDA devices are "
+                          f"visible; rollout.placement=separate needs {2 * world} (trainer + engines)")
 
 
 def _evaluation(cfg: DictConfig) -> None:

@@ -335,7 +335,7 @@ class GRPOTrainer:
 
         from recipe.metrics import MetricsLogger
         from recipe.model import Residency, build_optimizer, build_policy, build_reference, parameter_counts
-        from recipe.rollout import build_engine
+        from recipe.remote import place_engine
         from recipe.sync import WeightSync
         from recipe.tasks import build_task
 
@@ -353,7 +353,7 @@ class GRPOTrainer:
         self.optimizer = build_optimizer(self.policy, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.trainer.warmup_steps))
         self.residency = Residency(cfg, self.policy, self.optimizer, ctx.device)  # offload=manual: host between phases
-        self.engine = build_engine(cfg, ctx, self.model_dir)
+        self.engine = place_engine(cfg, ctx, self.model_dir)  # rollout.placement: here or in its own process
         self.sync = WeightSync(cfg, ctx, self.policy, self.engine, self.tokenizer, residency=self.residency)
         self.logger = MetricsLogger(cfg, cfg.run_dir, ctx.rank)
         self.step = 0
