@@ -341,14 +341,14 @@ class RemoteEngine(Engine):
             bound = f"trainer.timeout_s={limit:g} s" if limit == self.timeout_s else f"{limit:g} s"
             raise self._fault(what, f"did not answer within {bound} (it was killed)", kill=True)
         if reply is None:
-            raise self._fault(what, "exited")
+            raise self._fault(what)
         ok, value, version = reply
         if not ok:
             raise self._fail(f"{self.name} (process {self.process.pid}) failed in request {what!r}:\n{value}")
         return (value, version) if with_version else value
 
-    def _fault(self, what: str, happened: str, kill: bool = False) -> EngineError:
-        """An EngineError naming the engine, the request and, for a dead child, its exit code."""
+    def _fault(self, what: str, happened: Optional[str] = None, kill: bool = False) -> EngineError:
+        """An EngineError naming the engine, the request and how the child ended (None: it is gone, say how)."""
         process = self.process
         if kill and process.is_alive():
             process.kill()
@@ -357,14 +357,15 @@ class RemoteEngine(Engine):
             process.join(timeout=EXIT_GRACE_S)
         code = process.exitcode
         if code is None:
-            status = "it is still running"
+            status = "is still running"
         elif code < 0:
-            status = f"it exited by signal {signal.Signals(-code).name}"
+            status = f"exited by signal {signal.Signals(-code).name}"
         else:
-            status = f"it exited with code {code}"
-        text = (f"{self.name} (process {process.pid}) {happened} during request {what!r}; {status}. The run stops; "
-                f"resume it with trainer.resume=true")
-        return self._fail(text)
+            status = f"exited with code {code}"
+        head = f"{status} during request {what!r}" if happened is None else \
+            f"{happened} during request {what!r}; it {status}"
+        return self._fail(f"{self.name} (process {process.pid}) {head}. The run stops; resume it with "
+                          "trainer.resume=true")
 
     def _fail(self, text: str) -> EngineError:
         self._failure = EngineError(text)
