@@ -2,6 +2,8 @@
 
 - on-policy, separate placement gives the same samples, rewards, losses and digests as colocated,
   bit for bit, over 3 steps of a real run (vLLM in the child), at world 1 and 2;
+- lora=adapter into vLLM in the engine process passes the digest check (vLLM's held form of the
+  adapter, a closure, comes back from the child with cloudpickle);
 - the digest check across the process boundary catches a corruption injected in the engine process
   (one element one ulp off on rank 0's engine: both ranks raise, naming rank 0 and the tensor);
 - a killed engine, a hung one (SIGSTOP) and one that reports another weight version stop the caller
@@ -238,3 +240,33 @@ def test_an_engine_process_that_exits_ends_the_run_at_world_2(tiny_model_dir, tm
     text = result.stdout + result.stderr
     assert "rank 1's rollout engine" in text and "exited with code 3 during request 'generate'" in text, text[-3000:]
     assert time.monotonic() - t0 < 600
+
+
+def _adapter_syncs(rank, world, model_dir):
+    import torch
+    from transformers import AutoTokenizer
+
+    from recipe.dist import DistContext
+    from recipe.model import build_policy
+    from recipe.remote import RemoteEngine
+    from recipe.sync import WeightSync
+
+    cfg = _cfg(model_dir, "+lora=adapter")
+    ctx = DistContext(rank, world, rank, torch.device("cpu"))
+    engine = RemoteEngine(cfg, ctx, model_dir)
+    try:
+        sync = WeightSync(cfg, ctx, build_policy(cfg, ctx), engine, AutoTokenizer.from_pretrained(model_dir))
+        first, second = sync.sync(0), sync.sync(1)
+        return first, second, engine.lora_version
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+def test_adapter_sync_into_a_separate_vllm_engine_passes_the_digest_check(tiny_model_dir):
+    """lora=adapter into vLLM in the engine process: the digest check needs vLLM's held form of the adapter
+    (lora_B scaled in place), a closure made in the child and sent back with cloudpickle."""
+    (first, second, lora_version), = run_world(_adapter_syncs, 1, str(tiny_model_dir))
+    assert first["sync/verified_tensors"] > second["sync/verified_tensors"] > 0  # base + adapter, then the adapter
+    assert second["sync/weight_version"] == lora_version == 2
+    assert second["sync/parity_mean_abs_diff"] <= 1e-3
