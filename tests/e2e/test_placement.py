@@ -255,8 +255,14 @@ def _adapter_syncs(rank, world, model_dir):
     ctx = DistContext(rank, world, rank, torch.device("cpu"))
     engine = RemoteEngine(cfg, ctx, model_dir)
     try:
-        sync = WeightSync(cfg, ctx, build_policy(cfg, ctx), engine, AutoTokenizer.from_pretrained(model_dir))
-        first, second = sync.sync(0), sync.sync(1)
+        policy = build_policy(cfg, ctx)
+        sync = WeightSync(cfg, ctx, policy, engine, AutoTokenizer.from_pretrained(model_dir))
+        first = sync.sync(0)
+        with torch.no_grad():  # B moves away from its zero init: a scaling left out would now show
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.add_(0.01)
+        second = sync.sync(1)
         return first, second, engine.lora_version
     finally:
         engine.close()
