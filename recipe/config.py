@@ -84,6 +84,15 @@ class RolloutConfig:
     # CUDA: skip CUDA-graph capture and compilation (the engine starts in seconds, decodes slower).
     # On CPU the engine always runs eagerly.
     enforce_eager: bool = False
+    # "colocated": the engine runs in the trainer's process (one per rank). "separate": each rank's engine
+    # runs in a process of its own (recipe/remote.py), on `devices` under CUDA; weights go across a
+    # process group of two (gloo on CPU, NCCL on CUDA) with the same digest check.
+    placement: str = "colocated"
+    # Engine processes in all; null = one per trainer rank, the only layout supported for now.
+    num_engines: Optional[int] = None
+    # CUDA device ids of the engines with placement=separate, rank r's engine on devices[r]; empty = the
+    # devices after the trainer's (world_size + r). Ignored on CPU; never one of the trainer's devices.
+    devices: List[int] = field(default_factory=list)
 
 
 @dataclass
@@ -256,7 +265,7 @@ RANGES: Dict[str, Range] = {
     "rollout.top_p": Range(0, 1, low_open=True), "rollout.kv_cache_gb": NON_NEGATIVE,
     "rollout.gpu_memory_utilization": Range(0, 1, low_open=True, high_open=True,
                                             why="the engine's share of the GPU, the trainer keeps the rest"),
-    "rollout.max_model_len": POSITIVE,
+    "rollout.max_model_len": POSITIVE, "rollout.num_engines": POSITIVE,
     "task.seed": Range(0, SEED_LIMIT - 1), "task.num_prompts": POSITIVE,
     "algo.clip_eps": NON_NEGATIVE, "algo.kl_coef": NON_NEGATIVE, "algo.entropy_coef": NON_NEGATIVE,
     "algo.entropy_tokens": NON_NEGATIVE,
@@ -378,6 +387,7 @@ def validate(cfg: DictConfig) -> Settings:
     _engine_limits(settings)
     settings.check()
     _rollout_and_batch(settings)
+    _placement(settings)
     _evaluation(settings)
     _hardware(settings)
     return settings
@@ -421,6 +431,34 @@ def _rollout_and_batch(s: Settings) -> None:
                           "is not supported: with top_p < 1 the engine reports logprobs of the truncated distribution, "
                           "so the stale sampler's probability (the importance weight's denominator) is unknown; use "
                           "rollout.top_p=1 or algo.off_policy_steps=0")
+
+
+def _placement(s: Settings) -> None:
+    """One engine per trainer rank; with placement=separate on CUDA, on devices the trainer does not use."""
+    world = s.world_size
+    if s.rollout.num_engines is not None and s.rollout.num_engines != world:
+        raise ConfigError(f"rollout.num_engines={s.rollout.num_engines} is not valid with {world} trainer ranks: "
+                          f"every rank samples its own prompts from an engine of its own; choose one of: null, {world}")
+    devices = list(s.rollout.devices)
+    if s.rollout.placement != "separate" or s.device != "cuda":
+        return  # colocated engines share their rank's device; on CPU there are no device ids
+    import torch
+
+    devices = devices or list(range(world, 2 * world))
+    trainer = set(range(world))  # rank r trains on cuda:<local rank r> (recipe/dist.py)
+    if len(devices) != world:
+        raise ConfigError(f"rollout.devices={devices} gives {len(devices)} devices for {world} engines; give one per "
+                          f"trainer rank (rank r's engine takes rollout.devices[r])")
+    shared = sorted(trainer & set(devices))
+    if shared:
+        raise ConfigError(f"rollout.devices={devices} overlaps the trainer's devices {sorted(trainer)} (cuda:{shared[0]}); "
+                          f"with rollout.placement=separate choose devices outside them, or rollout.placement=colocated")
+    if len(set(devices)) != len(devices):
+        raise ConfigError(f"rollout.devices={devices} names a device twice; give each engine a device of its own")
+    visible = torch.cuda.device_count()
+    if max(devices) >= visible:
+        raise ConfigError(f"rollout.devices={devices} needs device {max(devices)} but {visible} CUDA devices are "
+                          f"visible; rollout.placement=separate needs {2 * world} (trainer + engines)")
 
 
 def _evaluation(s: Settings) -> None:

@@ -396,7 +396,7 @@ class GRPOTrainer:
 
         from recipe.metrics import MetricsLogger
         from recipe.model import Residency, build_optimizer, build_policy, build_reference, parameter_counts
-        from recipe.engine import build_engine
+        from recipe.remote import place_engine
         from recipe.sync import WeightSync
         from recipe.tasks import build_task
 
@@ -414,8 +414,9 @@ class GRPOTrainer:
         self.optimizer = build_optimizer(self.policy, cfg.policy)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.trainer.warmup_steps))
         self.residency = Residency(cfg.offload, self.policy, self.optimizer, ctx.device)  # offload=manual: host between phases
-        # the engine takes the sync's load mode and digest setting from here: it reads no sync settings itself
-        self.engine = build_engine(cfg, ctx, self.model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+        # rollout.placement: here or in its own process; the engine takes the sync's load mode and digest
+        # setting from here: it reads no sync settings itself
+        self.engine = place_engine(cfg, ctx, self.model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
         self.sync = WeightSync(cfg, ctx, self.policy, self.engine, self.tokenizer, residency=self.residency)
         self.logger = MetricsLogger(cfg.logger, cfg.run_dir, ctx.rank, resume=cfg.trainer.resume, config=cfg.source)
         self.step = 0

@@ -49,7 +49,8 @@ RESUMABLE = ("trainer.steps", "trainer.resume", "trainer.checkpoint_every", "tra
              "trainer.timeout_s", "logger.", "run_dir", "cache_dir", "sync.probe_every", "sync.probe_tolerance",
              "sync.num_probe_prompts", "sync.bucket_mb", "rollout.kv_cache_gb", "rollout.gpu_memory_utilization",
              "rollout.sleep", "trainer.eval_every", "trainer.eval_prompts", "trainer.profile_steps",
-             "trainer.profile_trace", "trainer.export")
+             "trainer.profile_trace", "trainer.export", "rollout.placement", "rollout.num_engines",
+             "rollout.devices")
 # What makes a directory hold a run: a fresh run there would mix with or overwrite it.
 RUN_FILES = ("checkpoints", "metrics.jsonl")
 WANDB_TIMEOUT_S = 10.0

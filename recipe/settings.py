@@ -26,6 +26,7 @@ LORA_CHOICES = ("none", "merged", "adapter")
 DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 ROLLOUT_CHOICES = ("vllm", "hf")
+PLACEMENT_CHOICES = ("colocated", "separate")
 LOGGER_CHOICES = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 LOSS_AGG_CHOICES = ("token_mean", "seq_mean")
@@ -173,9 +174,13 @@ class Rollout:
     sleep: bool
     max_model_len: int
     enforce_eager: bool
+    placement: str
+    num_engines: Optional[int]
+    devices: Tuple[int, ...]
 
     def check(self) -> None:
         choose("rollout.backend", self.backend, ROLLOUT_CHOICES)
+        choose("rollout.placement", self.placement, PLACEMENT_CHOICES)
         if self.backend == "vllm" and self.kv_cache_gb <= 0:
             raise ConfigError(f"rollout.kv_cache_gb must be > 0 for rollout=vllm, got {self.kv_cache_gb}")
         if self.max_model_len <= self.max_new_tokens:
@@ -350,6 +355,8 @@ class Settings:
         pinned = pin_setting(offload.get("pin_memory", "auto"))
         lora = _node(cfg, "lora")
         lora["target_modules"] = tuple(lora.get("target_modules") or ())
+        rollout = _node(cfg, "rollout")
+        rollout["devices"] = tuple(rollout.get("devices") or ())
         sync = _node(cfg, "sync")
         tolerance = sync["probe_tolerance"]
         if tolerance is None:  # (an unknown dtype has none: Model.check refuses it)
@@ -359,7 +366,7 @@ class Settings:
             fsdp=_build(Fsdp, _node(cfg, "fsdp")),
             offload=_build(Offload, offload, pin_memory=pinned, pin=(device == "cuda") if pinned is None else pinned),
             lora=_build(Lora, lora),
-            rollout=_build(Rollout, _node(cfg, "rollout")),
+            rollout=_build(Rollout, rollout),
             task=_build(Task, _node(cfg, "task")),
             algo=_build(Algo, _node(cfg, "algo")),
             sync=_build(Sync, sync, tolerance=tolerance),

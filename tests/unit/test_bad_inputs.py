@@ -349,3 +349,31 @@ def test_the_engine_runs_in_process_whatever_the_environment_says(tmp_path, monk
     assert "VLLM_ENABLE_V1_MULTIPROCESSING=1 in the environment is overridden with 0" in capsys.readouterr().out
     engine_in_process(_run_cfg(tmp_path))
     assert capsys.readouterr().out == ""  # already 0: nothing to say
+
+
+@pytest.mark.parametrize("overrides,field,hint", [
+    (["rollout.placement=remote"], "rollout.placement='remote'", "colocated, separate"),
+    (["rollout.num_engines=3", "trainer.world_size=2"], "rollout.num_engines=3", "choose one of: null, 2"),
+    (["rollout.num_engines=0"], "rollout.num_engines", "> 0"),
+])
+def test_placement_values_are_refused_with_the_field(overrides, field, hint):
+    """rollout.placement=separate runs one engine process per trainer rank; other layouts are refused at start."""
+    with pytest.raises(ConfigError) as err:
+        validate(compose(overrides + [CPU]))
+    assert field in str(err.value) and hint in str(err.value), str(err.value)
+
+
+def test_placement_devices_must_not_overlap_the_trainers(monkeypatch):
+    """On CUDA the engines' devices are checked against the trainer's (rank r trains on cuda:r)."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    base = ["trainer.device=cuda", "trainer.world_size=2", "rollout.placement=separate"]
+    for devices, hint in (("[1,2]", "overlaps the trainer's devices [0, 1]"), ("[2]", "gives 1 devices for 2 engines"),
+                          ("[2,2]", "names a device twice"), ("[2,4]", "4 CUDA devices are visible")):
+        with pytest.raises(ConfigError) as err:
+            validate(compose([*base, f"rollout.devices={devices}"]))
+        assert "rollout.devices" in str(err.value) and hint in str(err.value), str(err.value)
+    validate(compose([*base, "rollout.devices=[2,3]"]))
+    validate(compose([*base]))  # empty: devices 2 and 3
