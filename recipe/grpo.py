@@ -71,6 +71,7 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
+from recipe.config import resolve_device
 from recipe.dist import DistContext, agree
 from recipe.metrics import peak_flops, throughput, train_flops_per_token
 from recipe.profiling import DeviceBusy
@@ -214,6 +215,21 @@ def micro_batch_tensors(batch: Batch, idx: Sequence[int], device) -> Dict[str, t
                                                                  old_logp=old, mask=mask, adv=adv).items()}
 
 
+CPU_MICRO_BATCH_TOKENS = 4096  # trainer.micro_batch_tokens=null on CPU
+
+
+def micro_batch_tokens(cfg: DictConfig) -> int:
+    """`trainer.micro_batch_tokens`, or when null 4096 on CPU and on CUDA `auto_micro_batch_tokens`."""
+    if cfg.trainer.micro_batch_tokens is not None:
+        return int(cfg.trainer.micro_batch_tokens)
+    if resolve_device(cfg) != "cuda":
+        return CPU_MICRO_BATCH_TOKENS
+    from recipe.model import auto_micro_batch_tokens
+
+    engine_share = cfg.rollout.gpu_memory_utilization if cfg.rollout.backend == "vllm" else 0.0
+    return auto_micro_batch_tokens(str(Path(cfg.model.path).expanduser()), engine_share, torch.cuda.current_device())
+
+
 def agreed_micro_batches(batch: Batch, mini: Sequence[int], cfg: DictConfig) -> List[List[int]]:
     """This rank's `micro_batches` of `mini`, then empty ones ([]) up to the largest count over ranks.
 
@@ -222,7 +238,7 @@ def agreed_micro_batches(batch: Batch, mini: Sequence[int], cfg: DictConfig) -> 
     it cut more micro-batches, and the ranks' collectives never matched (both ranks waited for the
     process-group timeout). An empty entry stands for a zero-weight micro-batch (`placeholder_tensors`).
     """
-    own = micro_batches(batch, mini, cfg.trainer.micro_batch_size, cfg.trainer.micro_batch_tokens)
+    own = micro_batches(batch, mini, cfg.trainer.micro_batch_size, micro_batch_tokens(cfg))
     count = torch.tensor([len(own)], dtype=torch.int64)
     if dist.is_initialized() and dist.get_world_size() > 1:
         dist.all_reduce(count, op=dist.ReduceOp.MAX)

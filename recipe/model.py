@@ -34,8 +34,10 @@ Offload modes (conf/offload/):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import math
 from typing import Iterator, List, Optional, Set, Tuple, Type
 
 import torch
@@ -357,6 +359,30 @@ class Residency:
             yield
         finally:
             self.to_host(optimizer)
+
+
+# The device's share left to activations by default: 0.65 minus the engine's share (colocated vLLM,
+# `rollout.gpu_memory_utilization`); the other 0.35 holds the weights, gradients, AdamW state and
+# transients (1.5B with float32 masters: 25 GB of 141). Activations per token and layer, in bf16:
+# about 10 hidden-size and 4 intermediate-size values (measured at 1.5B: see docs/PERFORMANCE.md).
+ACTIVATION_SHARE = 0.65
+ACTIVATION_VALUES = (10, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def auto_micro_batch_tokens(model_path: str, engine_share: float, device: int = 0) -> int:
+    """Padded tokens per micro-batch on CUDA (`trainer.micro_batch_tokens=null`): the activations
+    of the model's shape that fit in the device's share for them, as a power of two, 4096 at least.
+    Per micro-batch the host pays a fixed cost (Python, autograd and FSDP's hooks over every layer,
+    forward and backward) that 4096 tokens of a 1.5B model did not cover: the device waited on the
+    host. 16384 for Qwen2 1.5B and 8192 for 7B on an H200 beside a vLLM at 0.3."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    per_token = config.num_hidden_layers * (ACTIVATION_VALUES[0] * config.hidden_size
+                                            + ACTIVATION_VALUES[1] * config.intermediate_size) * 2
+    budget = max(ACTIVATION_SHARE - engine_share, 0.1) * torch.cuda.get_device_properties(device).total_memory
+    return max(4096, 1 << int(math.log2(max(budget / per_token, 1))))
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:

@@ -102,6 +102,11 @@ def main(argv=None) -> None:
     tokens = sum(len(x) for x in batch.input_ids)
     flops = (6 * trainable + 4 * (total - trainable)) * tokens
     label = args.label or " ".join(overrides) or "defaults"
+    try:  # the token limit the update cuts micro-batches with (null: resolved per device)
+        from recipe.grpo import micro_batch_tokens
+        print(f"[{label}] micro_batch_tokens {micro_batch_tokens(trainer.cfg)}, {tokens} tokens per update")
+    except ImportError:
+        print(f"[{label}] micro_batch_tokens {trainer.cfg.trainer.micro_batch_tokens}, {tokens} tokens per update")
     for step in range(args.steps):
         prof = None
         if args.profile and step == args.steps - 1:
