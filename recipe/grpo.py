@@ -71,11 +71,10 @@ import torch
 import torch.distributed as dist
 from omegaconf import DictConfig
 
-from recipe.config import resolve_device
 from recipe.dist import DistContext, agree
 from recipe.metrics import peak_flops, throughput, train_flops_per_token
 from recipe.profiling import DeviceBusy
-from recipe.model import policy_logprobs
+from recipe.model import micro_batch_tokens, policy_logprobs
 
 
 class NonFiniteError(RuntimeError):
@@ -213,21 +212,6 @@ def micro_batch_tensors(batch: Batch, idx: Sequence[int], device) -> Dict[str, t
     # non_blocking: from pageable memory the copy is staged at once, without waiting for the device's queue
     return {k: v.to(device, non_blocking=True) for k, v in dict(input_ids=input_ids, attention_mask=attn,
                                                                  old_logp=old, mask=mask, adv=adv).items()}
-
-
-CPU_MICRO_BATCH_TOKENS = 4096  # trainer.micro_batch_tokens=null on CPU
-
-
-def micro_batch_tokens(cfg: DictConfig) -> int:
-    """`trainer.micro_batch_tokens`, or when null 4096 on CPU and on CUDA `auto_micro_batch_tokens`."""
-    if cfg.trainer.micro_batch_tokens is not None:
-        return int(cfg.trainer.micro_batch_tokens)
-    if resolve_device(cfg) != "cuda":
-        return CPU_MICRO_BATCH_TOKENS
-    from recipe.model import auto_micro_batch_tokens
-
-    engine_share = cfg.rollout.gpu_memory_utilization if cfg.rollout.backend == "vllm" else 0.0
-    return auto_micro_batch_tokens(str(Path(cfg.model.path).expanduser()), engine_share, torch.cuda.current_device())
 
 
 def agreed_micro_batches(batch: Batch, mini: Sequence[int], cfg: DictConfig) -> List[List[int]]:

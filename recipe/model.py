@@ -38,13 +38,14 @@ import functools
 import json
 import logging
 import math
+from pathlib import Path
 from typing import Iterator, List, Optional, Set, Tuple, Type
 
 import torch
 import torch.nn as nn
 from omegaconf import DictConfig
 
-from recipe.config import pin_memory
+from recipe.config import pin_memory, resolve_device
 from recipe.logprobs import chunked_logprobs, shifted_targets, token_logprobs
 
 
@@ -383,6 +384,19 @@ def auto_micro_batch_tokens(model_path: str, engine_share: float, device: int = 
                                             + ACTIVATION_VALUES[1] * config.intermediate_size) * 2
     budget = max(ACTIVATION_SHARE - engine_share, 0.1) * torch.cuda.get_device_properties(device).total_memory
     return max(4096, 1 << int(math.log2(max(budget / per_token, 1))))
+
+
+CPU_MICRO_BATCH_TOKENS = 4096  # trainer.micro_batch_tokens=null on CPU
+
+
+def micro_batch_tokens(cfg: DictConfig) -> int:
+    """`trainer.micro_batch_tokens`, or when null 4096 on CPU and on CUDA `auto_micro_batch_tokens`."""
+    if cfg.trainer.micro_batch_tokens is not None:
+        return int(cfg.trainer.micro_batch_tokens)
+    if resolve_device(cfg) != "cuda":
+        return CPU_MICRO_BATCH_TOKENS
+    engine_share = cfg.rollout.gpu_memory_utilization if cfg.rollout.backend == "vllm" else 0.0
+    return auto_micro_batch_tokens(str(Path(cfg.model.path).expanduser()), engine_share, torch.cuda.current_device())
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:

@@ -103,7 +103,7 @@ def main(argv=None) -> None:
     flops = (6 * trainable + 4 * (total - trainable)) * tokens
     label = args.label or " ".join(overrides) or "defaults"
     try:  # the token limit the update cuts micro-batches with (null: resolved per device)
-        from recipe.grpo import micro_batch_tokens
+        from recipe.model import micro_batch_tokens
         print(f"[{label}] micro_batch_tokens {micro_batch_tokens(trainer.cfg)}, {tokens} tokens per update")
     except ImportError:
         print(f"[{label}] micro_batch_tokens {trainer.cfg.trainer.micro_batch_tokens}, {tokens} tokens per update")
