@@ -16,6 +16,7 @@ kernels and host operators. Trailing arguments are config overrides, as for `pyt
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import random
 import time
@@ -57,7 +58,7 @@ def synthetic_batch(seqs: int, prompt_len: int, new_tokens: int, vocab: int, see
 
     rng = random.Random(seed)
     ids = [[rng.randrange(vocab) for _ in range(prompt_len + new_tokens)] for _ in range(seqs)]
-    old = [[-rng.uniform(5.0, 15.0) for _ in range(new_tokens)] for _ in range(seqs)]
+    old = [[0.0] * new_tokens for _ in range(seqs)]  # replaced by the policy's own (main)
     gen = torch.Generator().manual_seed(seed)
     return Batch(input_ids=ids, prompt_lens=[prompt_len] * seqs, old_logprobs=old,
                  rewards=torch.zeros(seqs), advantages=torch.randn(seqs, generator=gen),
@@ -99,6 +100,14 @@ def main(argv=None) -> None:
     trainer, (total, trainable) = build(overrides, args.model, args.device)
     # ids of the tiny tokenizer (every checkpoint here has them); the logits span the whole vocabulary
     batch = synthetic_batch(args.seqs, args.prompt_len, args.new_tokens, 64, trainer.cfg.trainer.seed)
+    # the engine's logprobs stand-in: the policy's own (an on-policy first mini-batch, ratio 1, as in a run)
+    from recipe.grpo import behaviour_logprobs
+
+    batch.old_logprobs = behaviour_logprobs(trainer.policy, batch, [list(range(args.seqs))], trainer.cfg,
+                                            trainer.ctx.device)[0]
+    bad = sum(not math.isfinite(lp) for row in batch.old_logprobs for lp in row)
+    if bad:
+        print(f"{bad} non-finite logprobs of the policy on the synthetic batch (the forward overflows)")
     tokens = sum(len(x) for x in batch.input_ids)
     flops = (6 * trainable + 4 * (total - trainable)) * tokens
     label = args.label or " ".join(overrides) or "defaults"
