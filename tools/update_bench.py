@@ -113,9 +113,10 @@ def main(argv=None) -> None:
     label = args.label or " ".join(overrides) or "defaults"
     try:  # the token limit the update cuts micro-batches with (null: resolved per device)
         from recipe.model import micro_batch_tokens
-        print(f"[{label}] micro_batch_tokens {micro_batch_tokens(trainer.cfg)}, {tokens} tokens per update")
-    except ImportError:
-        print(f"[{label}] micro_batch_tokens {trainer.cfg.trainer.micro_batch_tokens}, {tokens} tokens per update")
+        limit = micro_batch_tokens(trainer.cfg)
+    except ImportError:  # a checkout from before the null default
+        limit = trainer.cfg.trainer.micro_batch_tokens
+    print(f"[{label}] micro_batch_tokens {limit}, {tokens} tokens per update")
     for step in range(args.steps):
         prof = None
         if args.profile and step == args.steps - 1:

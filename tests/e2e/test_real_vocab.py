@@ -23,6 +23,7 @@ def _three_steps(rank, world, model_dir, run_dir):
 
     from recipe.dist import DistContext
     from recipe.grpo import GRPOTrainer, micro_batches
+    from recipe.model import micro_batch_tokens
 
     cfg = compose(["model=local", f"model.path={model_dir}", "model.dtype=float32", "trainer.device=cpu",
                    "trainer.steps=3", "trainer.prompts_per_step=2", "rollout.n=12", f"rollout.max_new_tokens={NEW_TOKENS}",
@@ -35,7 +36,7 @@ def _three_steps(rank, world, model_dir, run_dir):
     def measured(batch):
         widest = max(len(idx) * max(len(batch.input_ids[i]) for i in idx)
                      for idx in micro_batches(batch, range(len(batch.input_ids)), cfg.trainer.micro_batch_size,
-                                              cfg.trainer.micro_batch_tokens))
+                                              micro_batch_tokens(cfg)))
         stats, extra = peak_rss_above_start(lambda: update(batch))
         peaks.append({"extra": extra, "logits": widest * VOCAB * 4})
         return stats
