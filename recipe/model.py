@@ -362,11 +362,14 @@ class Residency:
             self.to_host(optimizer)
 
 
-# The device's share left to activations by default: 0.65 minus the engine's share (colocated vLLM,
-# `rollout.gpu_memory_utilization`); the other 0.35 holds the weights, gradients, AdamW state and
-# transients (1.5B with float32 masters: 25 GB of 141). Activations per token and layer, in bf16:
-# about 10 hidden-size and 4 intermediate-size values (measured at 1.5B: see docs/PERFORMANCE.md).
-ACTIVATION_SHARE = 0.65
+# The device's share left to activations by default: 0.55 minus the engine's share (colocated vLLM,
+# `rollout.gpu_memory_utilization`); the other 0.45 holds the weights, gradients, AdamW state and
+# transients: at 1.5B with float32 masters the states alone are 23 GiB, and the trainer's measured
+# peak at 4096 tokens (59.4 GiB, docs/PERFORMANCE.md) is about 25 GiB more than states plus this
+# estimate of activations explains, so the share stays cautious until a profile splits that peak.
+# Activations per token and layer, in bf16: about 10 hidden-size and 4 intermediate-size values
+# (HF Qwen2: the two RMSNorms' float32 inputs, rotary q, attention in/out, and gate, up, silu, product).
+ACTIVATION_SHARE = 0.55
 ACTIVATION_VALUES = (10, 4)
 
 
@@ -375,8 +378,9 @@ def auto_micro_batch_tokens(model_path: str, engine_share: float, device: int = 
     """Padded tokens per micro-batch on CUDA (`trainer.micro_batch_tokens=null`): the activations
     of the model's shape that fit in the device's share for them, as a power of two, 4096 at least.
     Per micro-batch the host pays a fixed cost (Python, autograd and FSDP's hooks over every layer,
-    forward and backward) that 4096 tokens of a 1.5B model did not cover: the device waited on the
-    host. 16384 for Qwen2 1.5B and 8192 for 7B on an H200 beside a vLLM at 0.3."""
+    forward and backward) and the device fixed work (FSDP's parameter casts and gradient reductions);
+    at 4096 tokens of a 1.5B model a pass held ~45 ms of matrix work against ~245 ms of wall per pass
+    in docs/PERFORMANCE.md's table, so fewer, larger passes are the first lever. 8192 for Qwen2 1.5B and 4096 for 7B on an H200 beside a vLLM at 0.3."""
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)

@@ -38,7 +38,8 @@ def test_null_on_cpu_is_the_former_default():
     assert micro_batch_tokens(_cfg(None)) == 4096
 
 
-@pytest.mark.parametrize("shape,share,expected", [("q15", 0.3, 16384), ("q7", 0.3, 8192), ("q15", 0.6, 4096)])
+@pytest.mark.parametrize("shape,share,expected", [("q15", 0.3, 8192), ("q7", 0.3, 4096), ("q15", 0.1, 16384),
+                                                       ("q15", 0.6, 4096)])
 def test_null_on_cuda_scales_with_the_shape_and_the_engine_share(tmp_path, monkeypatch, shape, share, expected):
     monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=H200_BYTES))
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
