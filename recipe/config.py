@@ -171,8 +171,10 @@ class TrainerConfig:
     updates_per_batch: int = 2
     # A micro-batch (one forward/backward) holds at most micro_batch_size sequences and, when
     # micro_batch_tokens > 0, at most that many padded tokens (sequences x the longest one).
+    # null: 4096 on CPU; on CUDA what the device's memory holds in activations for the model's shape
+    # (recipe.model.auto_micro_batch_tokens: 8192 for a 1.5B Qwen2 on an H200, 4096 for a 7B).
     micro_batch_size: int = 256
-    micro_batch_tokens: int = 4096
+    micro_batch_tokens: Optional[int] = None
     checkpoint_every: int = 0
     # Complete checkpoints kept (the newest); older ones are removed only after a newer one is
     # complete. 0 keeps all.

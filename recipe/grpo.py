@@ -84,6 +84,7 @@ programmatic task (recipe/tasks.py), not a reward model.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -99,7 +100,7 @@ from recipe.dist import DistContext, agree
 from recipe.metrics import peak_flops, throughput, train_flops_per_token
 from recipe.profiling import DeviceBusy
 from recipe.settings import Algo, Rollout, Settings, Trainer
-from recipe.model import policy_logprobs
+from recipe.model import micro_batch_tokens, policy_logprobs
 
 
 class NonFiniteError(RuntimeError):
@@ -400,6 +401,9 @@ class GRPOTrainer:
         from recipe.sync import WeightSync
         from recipe.tasks import build_task
 
+        # trainer.micro_batch_tokens=null is resolved here, once (it reads the model's shape and the device)
+        settings = dataclasses.replace(settings, trainer=dataclasses.replace(
+            settings.trainer, micro_batch_tokens=micro_batch_tokens(settings)))
         self.settings, self.ctx = cfg, ctx = settings, ctx
         torch.manual_seed(cfg.trainer.seed)
         self.model_dir = str(Path(cfg.model.path).expanduser().resolve())

@@ -53,6 +53,10 @@ import torch.nn.functional as F
 # 49,152 also 256 (48 MiB); at 64 (the tiny model) 131,072, i.e. one block.
 CHUNK_BYTES = 32 << 20
 MIN_ROWS = 256
+# On CUDA, blocks of 512 MiB of float32 logits (883 rows at 151,936; four such blocks at most at
+# once, 2 GiB): each block re-reads the [V x H] weight three times and adds a [V x H] float32
+# weight gradient, fixed costs that 256-row blocks paid about 500 times per 128k-token update.
+CUDA_CHUNK_BYTES = 512 << 20
 
 
 def chunk_rows(vocab: int, chunk_bytes: int = CHUNK_BYTES) -> int:
@@ -176,7 +180,7 @@ def chunked_logprobs(x: torch.Tensor, targets: torch.Tensor, temperature: float 
     logits); entropy is zeros with `entropy=False`, and not differentiable unless `entropy_grad`
     (then backward skips its recomputation, even when a caller's stack of the two would send zeros)."""
     vocab = weight.shape[0] if weight is not None else x.shape[-1]
-    rows = rows or chunk_rows(vocab)
+    rows = rows or chunk_rows(vocab, CUDA_CHUNK_BYTES if x.is_cuda else CHUNK_BYTES)
     return ChunkedLogprobs.apply(x, weight, targets, float(temperature), int(rows), bool(entropy), bool(entropy_grad))
 
 

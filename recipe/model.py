@@ -34,12 +34,16 @@ Offload modes (conf/offload/):
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
+import math
+from pathlib import Path
 from typing import Iterator, List, Optional, Set, Tuple, Type
 
 import torch
 import torch.nn as nn
+
 from recipe.logprobs import chunked_logprobs, shifted_targets, token_logprobs
 from recipe.settings import Lora, Model, Offload, Policy
 
@@ -357,6 +361,50 @@ class Residency:
             yield
         finally:
             self.to_host(optimizer)
+
+
+# The device's share left to activations by default: 0.55 minus the engine's share (colocated vLLM,
+# `rollout.gpu_memory_utilization`); the other 0.45 holds the weights, gradients, AdamW state and
+# transients: at 1.5B with float32 masters the states alone are 23 GiB, and the trainer's measured
+# peak at 4096 tokens (59.4 GiB, docs/PERFORMANCE.md) is about 25 GiB more than states plus this
+# estimate of activations explains, so the share stays cautious until a profile splits that peak.
+# Activations per token and layer, in bf16: about 10 hidden-size and 4 intermediate-size values
+# (HF Qwen2: the two RMSNorms' float32 inputs, rotary q, attention in/out, and gate, up, silu, product).
+ACTIVATION_SHARE = 0.55
+ACTIVATION_VALUES = (10, 4)
+
+
+@functools.lru_cache(maxsize=None)
+def auto_micro_batch_tokens(model_path: str, engine_share: float, device: int = 0) -> int:
+    """Padded tokens per micro-batch on CUDA (`trainer.micro_batch_tokens=null`): the activations
+    of the model's shape that fit in the device's share for them, as a power of two, 4096 at least.
+    Per micro-batch the host pays a fixed cost (Python, autograd and FSDP's hooks over every layer,
+    forward and backward) and the device fixed work (FSDP's parameter casts and gradient reductions);
+    at 4096 tokens of a 1.5B model a pass held ~45 ms of matrix work against ~245 ms of wall per pass
+    in docs/PERFORMANCE.md's table, so fewer, larger passes are the first lever. 8192 for Qwen2 1.5B and 4096 for 7B on an H200 beside a vLLM at 0.3."""
+    from transformers import AutoConfig
+
+    config = AutoConfig.from_pretrained(model_path)
+    per_token = config.num_hidden_layers * (ACTIVATION_VALUES[0] * config.hidden_size
+                                            + ACTIVATION_VALUES[1] * config.intermediate_size) * 2
+    budget = max(ACTIVATION_SHARE - engine_share, 0.1) * torch.cuda.get_device_properties(device).total_memory
+    return max(4096, 1 << int(math.log2(max(budget / per_token, 1))))
+
+
+CPU_MICRO_BATCH_TOKENS = 4096  # trainer.micro_batch_tokens=null on CPU
+
+
+def micro_batch_tokens(settings) -> int:
+    """`trainer.micro_batch_tokens` of the run's settings, or when null 4096 on CPU and on CUDA
+    `auto_micro_batch_tokens` (the engine's share counts only when it shares the device: colocated vLLM)."""
+    if settings.trainer.micro_batch_tokens is not None:
+        return int(settings.trainer.micro_batch_tokens)
+    if settings.device != "cuda":
+        return CPU_MICRO_BATCH_TOKENS
+    colocated = settings.rollout.backend == "vllm" and settings.rollout.placement == "colocated"
+    engine_share = settings.rollout.gpu_memory_utilization if colocated else 0.0
+    return auto_micro_batch_tokens(str(Path(settings.model.path).expanduser()), engine_share,
+                                   torch.cuda.current_device())
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:

@@ -257,7 +257,7 @@ class Trainer:
     grad_clip: float
     updates_per_batch: int
     micro_batch_size: int
-    micro_batch_tokens: int
+    micro_batch_tokens: Optional[int]  # null: per device (recipe.model.micro_batch_tokens, resolved by the loop)
     checkpoint_every: int
     keep_checkpoints: int
     resume: bool

@@ -36,7 +36,7 @@ def _three_steps(rank, world, model_dir, run_dir):
     def measured(batch):
         widest = max(len(idx) * max(len(batch.input_ids[i]) for i in idx)
                      for idx in micro_batches(batch, range(len(batch.input_ids)), cfg.trainer.micro_batch_size,
-                                              cfg.trainer.micro_batch_tokens))
+                                              trainer.settings.trainer.micro_batch_tokens))
         stats, extra = peak_rss_above_start(lambda: update(batch))
         peaks.append({"extra": extra, "logits": widest * VOCAB * 4})
         return stats
