@@ -1,6 +1,6 @@
 """Metrics: `metrics.jsonl` in the run directory plus wandb (offline by default), rank 0 only.
 
-    logger = MetricsLogger(cfg, run_dir, rank)
+    logger = MetricsLogger(settings.logger, run_dir, rank, resume=settings.trainer.resume, config=settings.source)
     logger.log({"reward/mean": 0.5, "sync/total_s": 0.01}, step=3)
     logger.close()
 

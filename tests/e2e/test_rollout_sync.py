@@ -33,6 +33,7 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 
 from recipe.settings import Settings
 
@@ -341,7 +342,7 @@ def _log_metrics(ctx, model_dir, run_dir, records):
     from recipe.metrics import MetricsLogger
 
     cfg = _cfg(model_dir, extra=["logger=wandb", "logger.mode=offline"])
-    logger = MetricsLogger(cfg, run_dir, ctx.rank)
+    logger = MetricsLogger(cfg.logger, run_dir, ctx.rank, config=OmegaConf.to_container(cfg, resolve=True))
     for step, record in enumerate(records, start=1):
         logger.log(record, step=step)
     files = str(logger.run_files_dir) if logger.run_files_dir else None
