@@ -1,7 +1,8 @@
 """rollout.placement=separate (recipe/remote.py): the engine in a process of its own, on CPU.
 
 - on-policy, separate placement gives the same samples, rewards, losses and digests as colocated,
-  bit for bit, over 3 steps of a real run (vLLM in the child), at world 1 and 2;
+  bit for bit, over 3 steps of a real run (vLLM in the child), at world 1 and 2; one step off-policy too
+  (world 1), where the child generates the next batch during the update;
 - lora=adapter into vLLM in the engine process passes the digest check (vLLM's held form of the
   adapter, a closure, comes back from the child with cloudpickle);
 - the digest check across the process boundary catches a corruption injected in the engine process
@@ -126,16 +127,20 @@ def _generate(engine):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world", [1, 2])
-def test_separate_placement_matches_colocated_bit_for_bit(tiny_model_dir, tmp_path, world):
+@pytest.mark.parametrize("world,off", [(1, 0), (2, 0), (1, 1)])
+def test_separate_placement_matches_colocated_bit_for_bit(tiny_model_dir, tmp_path, world, off):
+    """On-policy, and one step off-policy (algo.off_policy_steps=1: the child generates batch k + 1 while the
+    trainer updates on batch k, where the colocated engine generates it before the update, from the same
+    weights), the two placements log the same steps bit for bit."""
     runs = {}
     for placement in ("colocated", "separate"):
         result = _run(tiny_model_dir, tmp_path / placement, f"trainer.world_size={world}",
-                      f"rollout.placement={placement}")
+                      f"rollout.placement={placement}", f"algo.off_policy_steps={off}")
         assert result.returncode == 0, result.stderr[-3000:]
         runs[placement] = _compared(tmp_path / placement)
     assert len(runs["separate"]) == 3
     assert runs["separate"] == runs["colocated"]
+    assert [r["rollout/staleness"] for r in runs["separate"]] == ([0, 1, 1] if off else [0, 0, 0])
     assert {"reward/mean", "sync/digest", "rollout/example"} <= set(runs["separate"][0])
     assert all(r["sync/verified_tensors"] > 0 for r in runs["separate"])
 
