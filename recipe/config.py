@@ -119,7 +119,7 @@ class AlgoConfig:
     scale_by_std: bool = True
     loss_agg: str = "token_mean"
     # 0: the batch of step k is sampled with the weights of step k. 1: with those of step k-1, so an engine that
-    # generates elsewhere samples the next batch while the trainer updates (recipe/grpo.py, "Off-policy").
+    # generates elsewhere samples the next batch while the trainer updates (recipe/loss.py, "Off-policy").
     off_policy_steps: int = 0
     # off_policy_steps=1: the cap C of each token's importance weight min(pi_prox / pi_behav, C).
     is_cap: float = 2.0

@@ -5,58 +5,10 @@ Every rank runs this loop on its own prompts (data parallel): its own engine sam
 sharded across ranks with FSDP, and after each update the weights stream from the shards
 into every rank's engine (recipe/sync.py).
 
-The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl implement it:
-- Advantage: for the group of n samples of one prompt with rewards r_1..r_n,
-  A_i = (r_i - mean(r)) / (std(r) + eps) with `algo.scale_by_std`, else r_i - mean(r)
-  (Dr. GRPO drops the std to avoid favouring easy/hard prompts). Every token of sample i
-  gets A_i. A group whose rewards are all equal has A = 0 and contributes no gradient.
-- Policy loss per token t: the clipped surrogate of PPO with importance ratio
-  rho_t = pi_theta(y_t | y_<t) / pi_old(y_t | y_<t). Both sides use the tempered distribution
-  softmax(logits / T). With plain temperature sampling (`rollout.top_p` = 1) pi_old's logprobs are
-  the ones the engine reported while sampling (so engine/trainer drift is corrected, not ignored).
-  With top_p < 1 the engine's logprobs are those of the truncated, renormalised distribution,
-  which the trainer's full-vocabulary one never equals (at top_p 0.5 the ratio was clipped on every
-  token before any step); there, as verl and TRL do, pi_old is the trainer's own distribution
-  before the update, recomputed by a forward pass without gradients (`behaviour_logprobs`):
-  L_t = -min(rho_t * A, clip(rho_t, 1 - eps, 1 + eps) * A).
-- Off-policy (`algo.off_policy_steps=1`, default 0): the batch of step k is sampled with the weights of
-  step k-1 (step 0 and the first step after a resume: with the step's own), so an engine that generates
-  elsewhere (`Engine.submit` returns at once) samples batch k+1 while the trainer updates on batch k; see
-  `GRPOTrainer.run` for the order. The loss is decoupled PPO (Hilton et al. 2022; AReaL, Fu et al. 2025),
-  which splits pi_old's two roles. The proximal policy pi_prox, the trust region's centre, is the
-  trainer's policy before the update, recomputed without gradients (`behaviour_logprobs`, as for
-  top_p < 1; the first mini-batch's ratio is exactly 1); the behaviour policy pi_behav, which only drew
-  the samples, is the engine's logprob of each sampled token (one weight version behind). The objective
-  is the on-policy one at pi_prox, E_{y ~ pi_prox}[min(rho A, clip(rho) A)] with rho = pi_theta / pi_prox,
-  but y ~ pi_behav; per token, E_{pi_prox}[f] = E_{pi_behav}[(pi_prox / pi_behav) f], so each token's
-  term is weighted by w_t = pi_prox / pi_behav (per token as PPO's ratio is; a sequence's product of
-  weights has a variance exponential in its length). w is a constant of the update (both policies are
-  fixed), so it is detached. It is unbounded where pi_behav gave little mass to a token pi_prox now
-  favours, and an importance-sampled mean's variance grows with E[w^2]: one such token could carry the
-  batch. So it is truncated (truncated IS, Ionides 2008; verl's TIS; V-trace's and Retrace's cap):
-  w_t = min(pi_prox / pi_behav, C), C = `algo.is_cap` >= 1: no token weighs more than C, so no term's
-  second moment exceeds C^2 times its unweighted one's. The truncation's bias:
-  E_behav[min(w, C) f] = E_prox[f] - E_behav[(w - C)^+ f]: tokens the policy moved up by more than C
-  since pi_behav are under-weighted by C / w; nothing else is, and with no token above the cap there is
-  no bias (`train/is_capped_frac` is the share at the cap, `train/is_weight_mean` the mean weight). Tokens
-  with w < 1 are down-weighted, never truncated. The KL and entropy terms are not weighted (as in AReaL
-  and verl). L_t = -w_t min(rho_t A, clip(rho_t, 1 - eps, 1 + eps) A). On-policy (0), pi_behav is pi_prox
-  (the engine's logprobs are pi_old, as above) and w = 1: the code takes no weight at all, so the loss is
-  the one above bit for bit. With top_p < 1 the engine's logprobs are of the truncated distribution, so
-  pi_behav is unknown: off_policy_steps=1 with top_p < 1 is refused at start (recipe/config.py).
-- KL (off by default, `algo.kl_coef`): k3 estimator to a frozen reference,
-  KL_t = exp(ref_t - logp_t) - (ref_t - logp_t) - 1 (unbiased, always >= 0), clamped as verl
-  clamps it: ref_t - logp_t to [-20, 20] before exp (no overflow, so no inf x 0 = NaN in the
-  backward) and KL_t to [-10, 10].
-- Entropy bonus (off by default, `algo.entropy_coef`): the loss subtracts entropy_coef x H_t,
-  the entropy of the tempered policy at token t, over each completion's first
-  `algo.entropy_tokens` tokens (0: all), so the policy keeps sampling different answers. With
-  the coefficient 0 the entropy (a full-vocabulary pass) is not computed, nor logged.
-- Aggregation (`algo.loss_agg`), over the *global* mini-batch (the mini-batches of all ranks
-  together): `token_mean` averages L_t over all its completion tokens (long answers weigh
-  more); `seq_mean` averages within each sequence first, then over all its sequences (every
-  sample weighs the same). The token (or sequence) count is all-reduced, so world 1 and
-  world N train the same way on the same global batch (see `backward_mini_batch`).
+The objective (advantages, the clipped surrogate, the off-policy importance weight, KL, entropy bonus,
+aggregation) and its derivation are in recipe/loss.py; the batch, its micro-batches and the counts all
+ranks agree on in recipe/batch.py; the update's passes over the policy (the backward of a mini-batch, the
+recompute of the old logprobs) in recipe/update.py. Here, the order of the phases and what they log:
 - Precision: the trainer's logprobs, the loss and the advantages are float32 (the logits come
   in the compute dtype `model.dtype`, as the engine's do, and are cast before log_softmax; both
   are computed block by block inside the model's output layer, recipe/logprobs.py, so neither a
@@ -78,8 +30,6 @@ The algorithm, as in the GRPO paper (Shao et al., 2024) and as TRL and verl impl
   dense bf16 peak, recipe/metrics.py) and `perf/update_gpu_busy` (the share of the update's wall
   time the device spent inside optimizer steps, from CUDA events: recipe/profiling.py DeviceBusy).
   The update reads its stats from the device once per optimizer step, not per micro-batch.
-Departures: no value model (GRPO has none); an optional entropy bonus (GRPO has none); rewards come from a
-programmatic task (recipe/tasks.py), not a reward model.
 """
 
 from __future__ import annotations
@@ -91,132 +41,27 @@ import random
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, Optional
 
 import torch
 import torch.distributed as dist
 
+from recipe.batch import Batch
 from recipe.dist import DistContext, agree
+from recipe.loss import group_advantages
 from recipe.metrics import peak_flops, throughput, train_flops_per_token
 from recipe.profiling import DeviceBusy
 from recipe.settings import Algo, Rollout, Settings, Trainer
-from recipe.model import micro_batch_tokens, policy_logprobs
+from recipe.model import micro_batch_tokens
+from recipe.update import backward_mini_batch, behaviour_logprobs, truncated_sampling
 
 
 class NonFiniteError(RuntimeError):
     """Loss or reward is NaN/inf: the run stops rather than train on garbage."""
 
 
-# ----------------------------------------------------------------------------- math
-
-
-def group_advantages(rewards: torch.Tensor, group_size: int, scale_by_std: bool, eps: float = 1e-6) -> torch.Tensor:
-    """Group-relative advantages; `rewards` is prompt-major: [p0s0, p0s1, ..., p1s0, ...]."""
-    grouped = rewards.float().view(-1, group_size)
-    centred = grouped - grouped.mean(dim=1, keepdim=True)
-    if scale_by_std:
-        centred = centred / (grouped.std(dim=1, keepdim=True) + eps)
-    return centred.reshape(-1)
-
-
-def bonus_mask(mask: torch.Tensor, first: int) -> torch.Tensor:
-    """`mask` (float, [B, T]) limited to each row's first `first` completion tokens; 0 keeps all."""
-    if first <= 0:
-        return mask
-    return mask * (mask.cumsum(1) <= first).float()
-
-
-def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str, ref_logp=None, kl_coef=0.0,
-                      entropy=None, entropy_coef=0.0, entropy_tokens=0, behav_logp=None, is_cap=math.inf):
-    """The GRPO loss of one micro-batch and its stats; see the module docstring.
-
-    Off-policy (`behav_logp`, the sampler's logprobs; `old_logp` is then pi_prox): each token's clipped
-    term is weighted by the detached min(exp(old_logp - behav_logp), is_cap). Without it no weight is
-    computed: the loss is the on-policy one bit for bit.
-
-    The entropy bonus covers each completion's first `entropy_tokens` tokens (0: all of them);
-    `stats["entropy"]` sums the entropy over every completion token either way.
-
-    Returns (loss_sum, stats): the sum over tokens (`token_mean`) or of per-sequence token means
-    (`seq_mean`); the caller divides by the global mini-batch's token or sequence count. The stats
-    are 0-d tensors on the loss's device.
-    """
-    ratio = torch.exp(logp - old_logp)
-    per_token = -torch.min(ratio * adv[:, None], ratio.clamp(1 - clip_eps, 1 + clip_eps) * adv[:, None])
-    weight = capped = None
-    if behav_logp is not None:  # truncated importance weight pi_prox / pi_behav (inputs: no gradient)
-        raw = torch.exp(old_logp - behav_logp).detach()
-        weight, capped = raw.clamp(max=is_cap), (raw >= is_cap).float()
-        per_token = per_token * weight
-    kl = torch.zeros_like(per_token)
-    if ref_logp is not None and kl_coef > 0:
-        kl = k3_kl(logp, ref_logp)
-        per_token = per_token + kl_coef * kl
-    mask = mask.float()
-    if entropy is not None and entropy_coef > 0:
-        per_token = per_token - entropy_coef * entropy * bonus_mask(mask, entropy_tokens)
-    if loss_agg == "token_mean":
-        loss_sum = (per_token * mask).sum()
-    else:  # seq_mean: each sequence's token mean, summed; normalised by the sequence count
-        loss_sum = ((per_token * mask).sum(1) / mask.sum(1).clamp(min=1)).sum()
-    clipped = ((ratio - 1).abs() > clip_eps).float()
-    stats = {  # 0-d tensors: the caller adds them up and reads them once (no host sync per micro-batch)
-        "clip_frac": (clipped * mask).sum(),
-        "kl": (kl.detach() * mask).sum(),
-        "entropy": (entropy.detach() * mask).sum() if entropy is not None else mask.new_zeros(()),
-        "tokens": mask.sum(),
-        "is_weight": (weight * mask).sum() if weight is not None else mask.new_zeros(()),
-        "is_capped": (capped * mask).sum() if capped is not None else mask.new_zeros(()),
-    }
-    return loss_sum, stats
-
-
-KL_LOG_RATIO_MAX = 20.0  # |ref - logp| before exp (verl: 20)
-KL_MAX = 10.0  # |k3| per token (verl: 10)
-
-
-def k3_kl(logp: torch.Tensor, ref_logp: torch.Tensor) -> torch.Tensor:
-    """Schulman's k3 estimate of KL(pi_theta || pi_ref) per token, clamped as verl clamps it: the log
-    ratio to [-20, 20] (exp stays finite, so its gradient is never inf x 0 = NaN) and k3 to [-10, 10]
-    (one token far from the reference cannot dominate the loss)."""
-    log_r = (ref_logp - logp).clamp(-KL_LOG_RATIO_MAX, KL_LOG_RATIO_MAX)
-    return (torch.exp(log_r) - log_r - 1).clamp(-KL_MAX, KL_MAX)
-
-
-def global_count(local: float) -> float:
-    """Sum of `local` over all ranks (at least 1): the global mini-batch's token or sequence count."""
-    count = torch.tensor([float(local)], dtype=torch.float64)
-    dist.all_reduce(count)
-    return max(count.item(), 1.0)
-
-
-def local_count(batch: Batch, mini: Sequence[int], loss_agg: str) -> float:
-    """What this rank's part of the mini-batch adds to the normaliser: tokens or sequences."""
-    if loss_agg == "seq_mean":
-        return float(len(mini))
-    return float(sum(len(batch.old_logprobs[i]) for i in mini))
-
-
 def warmup_lambda(warmup_steps: int):
     return lambda step: min(1.0, (step + 1) / max(1, warmup_steps))
-
-
-# ----------------------------------------------------------------------------- batch
-
-
-@dataclass
-class Batch:
-    """One rank's rollout batch, prompt-major (n samples per prompt, consecutive)."""
-
-    input_ids: List[List[int]]  # prompt + completion
-    prompt_lens: List[int]
-    old_logprobs: List[List[float]]  # per completion token, from the engine
-    rewards: torch.Tensor
-    advantages: torch.Tensor
-    correct: torch.Tensor
-    completion_lens: torch.Tensor
-    # algo.off_policy_steps=1: the engine's logprobs (pi_behav) once `old_logprobs` holds the recomputed pi_prox
-    behav_logprobs: Optional[List[List[float]]] = None
 
 
 @dataclass
@@ -229,160 +74,6 @@ class Pending:
     handle: object
     version: int
     since: float
-
-
-def micro_batches(batch: Batch, mini: Sequence[int], max_seqs: int, max_tokens: int) -> List[List[int]]:
-    """`mini` cut in order into micro-batches of at most `max_seqs` sequences and, with
-    `max_tokens` > 0, at most `max_tokens` padded tokens (sequences x the longest one); a
-    sequence longer than `max_tokens` goes alone."""
-    out, current, width = [], [], 0
-    for i in mini:
-        wider = max(width, len(batch.input_ids[i]))
-        if current and (len(current) >= max_seqs or (max_tokens and (len(current) + 1) * wider > max_tokens)):
-            out.append(current)
-            current, wider = [], len(batch.input_ids[i])
-        current.append(i)
-        width = wider
-    return out + [current] if current else out
-
-
-def micro_batch_tensors(batch: Batch, idx: Sequence[int], device) -> Dict[str, torch.Tensor]:
-    """Right-padded tensors for samples `idx`; logprob tensors are aligned to input_ids[:, 1:]."""
-    idx = list(idx)
-    lens = torch.tensor([len(batch.input_ids[i]) for i in idx])
-    input_ids = torch.nn.utils.rnn.pad_sequence([torch.tensor(batch.input_ids[i]) for i in idx], batch_first=True)
-    width = input_ids.shape[1]
-    attn = (torch.arange(width)[None] < lens[:, None]).long()
-    start = torch.tensor([batch.prompt_lens[i] - 1 for i in idx])[:, None]  # position t-1 predicts token t
-    end = start + torch.tensor([len(batch.old_logprobs[i]) for i in idx])[:, None]
-    positions = torch.arange(width - 1)[None]
-    mask = (positions >= start) & (positions < end)
-    old = torch.zeros(mask.shape)
-    old[mask] = torch.tensor([lp for i in idx for lp in batch.old_logprobs[i]])  # row-major, as mask orders them
-    adv = batch.advantages[idx]
-    out = dict(input_ids=input_ids, attention_mask=attn, old_logp=old, mask=mask, adv=adv)
-    if batch.behav_logprobs is not None:
-        out["behav_logp"] = torch.zeros(mask.shape)
-        out["behav_logp"][mask] = torch.tensor([lp for i in idx for lp in batch.behav_logprobs[i]])
-    # non_blocking: from pageable memory the copy is staged at once, without waiting for the device's queue
-    return {k: v.to(device, non_blocking=True) for k, v in out.items()}
-
-
-def agreed_micro_batches(batch: Batch, mini: Sequence[int], trainer: Trainer) -> List[List[int]]:
-    """This rank's `micro_batches` of `mini`, then empty ones ([]) up to the largest count over ranks.
-
-    Each micro-batch is one forward (and backward) of the sharded policy, i.e. FSDP collectives, and
-    each rank cuts its own samples by their own padded widths: with longer completions on one rank
-    it cut more micro-batches, and the ranks' collectives never matched (both ranks waited for the
-    process-group timeout). An empty entry stands for a zero-weight micro-batch (`placeholder_tensors`).
-    """
-    own = micro_batches(batch, mini, trainer.micro_batch_size, trainer.micro_batch_tokens)
-    count = torch.tensor([len(own)], dtype=torch.int64)
-    if dist.is_initialized() and dist.get_world_size() > 1:
-        dist.all_reduce(count, op=dist.ReduceOp.MAX)
-    return own + [[] for _ in range(int(count.item()) - len(own))]
-
-
-def placeholder_tensors(batch: Batch, device) -> Dict[str, torch.Tensor]:
-    """A zero-weight micro-batch: sample 0's tensors with no token in the mask and advantage 0. Its
-    forward and backward run (they are collectives) and add exactly 0 to every gradient and sum."""
-    t = micro_batch_tensors(batch, [0], device)
-    t["mask"] = torch.zeros_like(t["mask"])
-    t["adv"] = torch.zeros_like(t["adv"])
-    return t
-
-
-def micro_batch_inputs(batch: Batch, idx: Sequence[int], device) -> Dict[str, torch.Tensor]:
-    """`micro_batch_tensors` of `idx`, or a placeholder for an empty entry of `agreed_micro_batches`."""
-    return micro_batch_tensors(batch, idx, device) if idx else placeholder_tensors(batch, device)
-
-
-def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], algo: Algo, trainer: Trainer,
-                        temperature: float, device, world_size: int, reference=None) -> Dict[str, float]:
-    """Backpropagate this rank's share of the global mini-batch objective; grads accumulate.
-
-    The objective is J = (sum of L over the global mini-batch) / N, N = the global token count
-    (`token_mean`) or sequence count (`seq_mean`), L per token or per sequence as in the module
-    docstring. FSDP averages gradients over ranks (its reduce-scatter divides by the world size
-    W), so each rank backpropagates W * loss_sum_r / N: the average over ranks of that is
-    sum_r loss_sum_r / N = J, and the gradient the optimizer sees is dJ/dtheta.
-
-    Returns this rank's sums: `loss` (its part of J; J is the sum over ranks), `clip_frac`, `kl`,
-    `is_weight` and `is_capped` (sums over tokens; the last two 0 on-policy), `tokens`, and the gap of
-    the trainer's logprobs to `old_logprobs` (`gap_sum` over tokens, `gap_max`).
-    """
-    norm = global_count(local_count(batch, mini, algo.loss_agg)) / world_size
-    keys = ("loss", "clip_frac", "kl", "entropy", "tokens", "is_weight", "is_capped", "gap_sum")
-    sums = torch.zeros(len(keys), dtype=torch.float64, device=device)  # summed on the device ...
-    gap_max = torch.zeros((), dtype=torch.float64, device=device)
-    for idx in agreed_micro_batches(batch, mini, trainer):
-        t = micro_batch_inputs(batch, idx, device)
-        # logprobs (and the entropy, a full-vocabulary pass, only when the loss uses it) at the
-        # completion positions, fused into the model's output layer
-        logp, entropy = policy_logprobs(policy, t["input_ids"], t["attention_mask"], temperature,
-                                        positions=t["mask"], entropy=algo.entropy_coef > 0, entropy_grad=True)
-        ref_logp = reference_logprobs(reference, t, temperature) if reference is not None else None
-        loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], algo.clip_eps,
-                                        algo.loss_agg, ref_logp, algo.kl_coef, entropy,
-                                        algo.entropy_coef, algo.entropy_tokens, *off_policy_inputs(t, algo))
-        (loss_sum / norm).backward()
-        gap = (logp.detach() - t["old_logp"]).abs() * t["mask"]
-        sums += torch.stack([loss_sum.detach(), s["clip_frac"], s["kl"], s["entropy"], s["tokens"], s["is_weight"],
-                             s["is_capped"], gap.sum()]).double()
-        gap_max = torch.maximum(gap_max, gap.max().double())
-    *totals, top = torch.cat([sums, gap_max[None]]).tolist()  # ... and read once per mini-batch
-    stats = dict(zip(keys, totals), gap_max=top)
-    stats["loss"] /= norm * world_size
-    return stats
-
-
-def off_policy_inputs(t: Dict[str, torch.Tensor], algo: Algo) -> Tuple:
-    """`clipped_surrogate`'s behaviour logprobs and cap: those of the batch when it holds the engine's
-    (off_policy_steps=1), else none (no weight)."""
-    return (t["behav_logp"], algo.is_cap) if "behav_logp" in t else ()
-
-
-def truncated_sampling(rollout: Rollout) -> Optional[str]:
-    """Why the engine's logprobs are not the trainer's distribution (None when they are): sampling that
-    is not plain temperature sampling reports logprobs of a truncated, renormalised distribution.
-    Every `rollout.*` setting that filters the distribution belongs here."""
-    if rollout.top_p < 1:
-        return f"rollout.top_p={rollout.top_p}"
-    return None
-
-
-@torch.no_grad()
-def behaviour_logprobs(policy, batch: Batch, minis: Sequence[Sequence[int]], trainer: Trainer,
-                       temperature: float, device) -> Tuple[List[List[float]], Dict[str, float]]:
-    """The trainer's own logprobs of every completion token under the weights before the update (the
-    old policy of the ratio, when the engine's are of a truncated distribution: `truncated_sampling`).
-
-    The forwards run per mini-batch with the micro-batches the update uses (the same shapes, so the
-    first mini-batch's ratio is exactly 1) and as many as every other rank (`agreed_micro_batches`).
-    Returns (logprobs per sample, gap): `gap_sum`, `gap_max` and `tokens` of |trainer - engine| over
-    this rank's tokens, the engine's being `batch.old_logprobs` as sampled.
-    """
-    out: List[List[float]] = [list(lps) for lps in batch.old_logprobs]
-    gap = dict(gap_sum=0.0, gap_max=0.0, tokens=0.0)
-    for mini in minis:
-        for idx in agreed_micro_batches(batch, mini, trainer):
-            t = micro_batch_inputs(batch, idx, device)
-            logp = policy_logprobs(policy, t["input_ids"], t["attention_mask"], temperature,
-                                   positions=t["mask"])[0]  # computed as the update computes it
-            diff = (logp - t["old_logp"]).abs() * t["mask"]
-            gap["gap_sum"] += diff.sum().item()
-            gap["gap_max"] = max(gap["gap_max"], diff.max().item())
-            gap["tokens"] += t["mask"].sum().item()
-            if idx:
-                rows = logp[t["mask"]].cpu().split([len(batch.old_logprobs[i]) for i in idx])  # row-major, as built
-                for i, row in zip(idx, rows):
-                    out[i] = row.tolist()
-    return out, gap
-
-
-@torch.no_grad()
-def reference_logprobs(reference, t: Dict[str, torch.Tensor], temperature: float) -> torch.Tensor:
-    return policy_logprobs(reference, t["input_ids"], t["attention_mask"], temperature, positions=t["mask"])[0]
 
 
 # ----------------------------------------------------------------------------- phases
@@ -521,7 +212,7 @@ class GRPOTrainer:
         if truncated_sampling(cfg.rollout) or cfg.algo.off_policy_steps > 0:
             proximal, gap = behaviour_logprobs(self.policy, batch, minis, cfg.trainer, cfg.rollout.temperature,
                                                self.ctx.device)
-            if cfg.algo.off_policy_steps > 0:  # the engine's logprobs weight each token (the module docstring)
+            if cfg.algo.off_policy_steps > 0:  # the engine's logprobs weight each token (recipe/loss.py)
                 batch.behav_logprobs = batch.old_logprobs
             batch.old_logprobs = proximal
         t_old = time.perf_counter() - t0

@@ -22,8 +22,9 @@ import time
 
 import torch
 
-from recipe.grpo import Batch, clipped_surrogate, group_advantages, micro_batch_tensors
+from recipe.batch import Batch, micro_batch_tensors
 from recipe.logprobs import token_entropy, token_logprobs
+from recipe.loss import clipped_surrogate, group_advantages
 from recipe.tasks import Arithmetic, parse_leading_int
 
 

@@ -59,7 +59,7 @@ def build(overrides, model: str, device: str = "cuda"):
 def synthetic_batch(seqs: int, prompt_len: int, new_tokens: int, vocab: int, seed: int):
     import torch
 
-    from recipe.grpo import Batch
+    from recipe.batch import Batch
 
     rng = random.Random(seed)
     ids = [[rng.randrange(vocab) for _ in range(prompt_len + new_tokens)] for _ in range(seqs)]
@@ -106,7 +106,7 @@ def main(argv=None) -> None:
     # ids of the tiny tokenizer (every checkpoint here has them); the logits span the whole vocabulary
     batch = synthetic_batch(args.seqs, args.prompt_len, args.new_tokens, 64, trainer.settings.trainer.seed)
     # the engine's logprobs stand-in: the policy's own (an on-policy first mini-batch, ratio 1, as in a run)
-    from recipe.grpo import behaviour_logprobs
+    from recipe.update import behaviour_logprobs
 
     batch.old_logprobs = behaviour_logprobs(trainer.policy, batch, [list(range(args.seqs))], trainer.settings.trainer,
                                             trainer.settings.rollout.temperature, trainer.ctx.device)[0]

@@ -1,5 +1,5 @@
 """`rollout.top_p < 1`: the engine's logprobs are of the truncated, renormalised distribution, so the
-trainer recomputes the old (behaviour) logprobs itself before the update (recipe/grpo.py
+trainer recomputes the old (behaviour) logprobs itself before the update (recipe/update.py
 `behaviour_logprobs`, as verl and TRL do); with top_p = 1 it keeps the engine's.
 
     .venv/bin/python -m pytest tests/dist/test_behaviour_logprobs.py -q
@@ -27,17 +27,18 @@ def first_update(rank, world, model_dir, run_dir):
     from omegaconf import open_dict
 
     import recipe.grpo as grpo
+    import recipe.update as update
     from recipe.dist import DistContext
     from tests.helpers import compose
 
     deviation = []
-    real = grpo.clipped_surrogate
+    real = update.clipped_surrogate
 
     def recording(logp, old_logp, adv, mask, *args, **kwargs):
         deviation.append(((logp.detach() - old_logp).abs() * mask).max().item())  # |log ratio| of real tokens
         return real(logp, old_logp, adv, mask, *args, **kwargs)
 
-    grpo.clipped_surrogate = recording
+    update.clipped_surrogate = recording
     out = {}
     for top_p in (0.5, 1.0):
         cfg = compose([f"model.path={model_dir}", "model.builder=none", "rollout=hf", "trainer.device=cpu",

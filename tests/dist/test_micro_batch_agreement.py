@@ -1,7 +1,7 @@
 """Ranks whose completions differ in length cut their mini-batches into different numbers of
 micro-batches (`trainer.micro_batch_tokens`), and every micro-batch is an FSDP forward and backward,
 i.e. collectives: the ranks agree on the largest count and the shorter rank runs zero-weight
-micro-batches (recipe/grpo.py `agreed_micro_batches`).
+micro-batches (recipe/batch.py `agreed_micro_batches`).
 
     .venv/bin/python -m pytest tests/dist/test_micro_batch_agreement.py -q
 
@@ -31,8 +31,9 @@ LOGPROB_TOL = 1e-5
 def split_counts(rank: int, world: int, model_dir: str) -> dict:
     """Gradients per (fsdp, loss_agg), and the old logprobs the trainer recomputes, of this rank."""
     from recipe.dist import DistContext
-    from recipe.grpo import agreed_micro_batches, backward_mini_batch, behaviour_logprobs, micro_batches
+    from recipe.batch import agreed_micro_batches, micro_batches
     from recipe.model import build_policy
+    from recipe.update import backward_mini_batch, behaviour_logprobs
 
     device = torch.device("cpu")
     ctx = DistContext(rank, world, rank, device)

@@ -14,15 +14,15 @@ from tests.helpers import run_world
 
 def _poison(trainer, what: str) -> None:
     """Make this rank's `what` non-finite."""
-    import recipe.grpo
     import recipe.model
+    import recipe.update
 
     inf = float("inf")
     if what == "reward":
         trainer.task.reward = lambda prompt, text: float("nan")
     elif what == "loss":
-        real_loss = recipe.grpo.clipped_surrogate
-        recipe.grpo.clipped_surrogate = lambda *a, **k: (lambda s, st: (s * inf, st))(*real_loss(*a, **k))
+        real_loss = recipe.update.clipped_surrogate
+        recipe.update.clipped_surrogate = lambda *a, **k: (lambda s, st: (s * inf, st))(*real_loss(*a, **k))
     else:  # as if this rank's gradients held an inf: clip_grad_norm returns a non-finite norm
         real_clip = recipe.model.clip_grad_norm
         recipe.model.clip_grad_norm = lambda model, max_norm: real_clip(model, max_norm) * inf

@@ -1,4 +1,4 @@
-"""Training that is right in bf16 and across ranks (recipe/model.py, recipe/grpo.py).
+"""Training that is right in bf16 and across ranks (recipe/model.py, recipe/update.py).
 
     .venv/bin/python -m pytest tests/dist/test_precision.py -q
 
@@ -13,7 +13,7 @@
   rank's own count, then FSDP's mean over ranks) is computed too, to show the batch tells the two
   apart.
 
-Both use `recipe.grpo.backward_mini_batch`, the function GRPOTrainer's update calls.
+Both use `recipe.update.backward_mini_batch`, the function GRPOTrainer's update calls.
 """
 
 from __future__ import annotations
@@ -55,7 +55,7 @@ def global_batch():
 
 def rank_batch(policy, rows: List[int], device):
     """This rank's rows as a `Batch`; the engine logprobs are the policy's own (on-policy, ratio 1)."""
-    from recipe.grpo import Batch, micro_batch_tensors
+    from recipe.batch import Batch, micro_batch_tensors
     from recipe.logprobs import token_logprobs
 
     ids, adv = global_batch()
@@ -89,7 +89,7 @@ def full_params(model) -> Dict[str, torch.Tensor]:
 def objective_grads(rank: int, world: int, model_dir: str) -> dict:
     """Gradients of one mini-batch, per (fsdp, loss_agg); at world 2 also those of the per-rank
     normalisation (each rank divides by its own count, FSDP averages)."""
-    import recipe.grpo as grpo
+    import recipe.update as update
     from recipe.dist import DistContext
     from recipe.model import build_policy
 
@@ -104,14 +104,14 @@ def objective_grads(rank: int, world: int, model_dir: str) -> dict:
             for mode in modes:
                 policy = build_policy(policy_of(cfg), ctx)
                 batch = rank_batch(policy, rows, device)
-                count = grpo.global_count
+                count = update.global_count
                 if mode == "per_rank":  # the former normalisation: this rank's own count
-                    grpo.global_count = lambda local: max(local, 1.0) * world
+                    update.global_count = lambda local: max(local, 1.0) * world
                 try:
-                    grpo.backward_mini_batch(policy, batch, list(range(len(rows))), cfg.algo, cfg.trainer,
-                                             cfg.rollout.temperature, device, world)
+                    update.backward_mini_batch(policy, batch, list(range(len(rows))), cfg.algo, cfg.trainer,
+                                               cfg.rollout.temperature, device, world)
                 finally:
-                    grpo.global_count = count
+                    update.global_count = count
                 out[(fsdp, agg, mode)] = full_grads(policy)
     return out
 
@@ -163,7 +163,7 @@ LR = 1e-6
 def bf16_step(rank: int, world: int, model_dir: str, master: str) -> dict:
     """One GRPO update (bf16 compute, masters in `master`) at lr 1e-6; what moved, what streamed."""
     from recipe.dist import DistContext
-    from recipe.grpo import backward_mini_batch
+    from recipe.update import backward_mini_batch
     from recipe.model import build_optimizer, build_policy, clip_grad_norm
     from recipe.names import hf_name
     from recipe.weights import stream_weights

@@ -22,8 +22,9 @@ SHAPE = dict(vocab_size=VOCAB, hidden_size=128, intermediate_size=256, num_hidde
 def _three_steps(rank, world, model_dir, run_dir):
     from omegaconf import open_dict
 
+    from recipe.batch import micro_batches
     from recipe.dist import DistContext
-    from recipe.grpo import GRPOTrainer, micro_batches
+    from recipe.grpo import GRPOTrainer
 
     cfg = compose(["model=local", f"model.path={model_dir}", "model.dtype=float32", "trainer.device=cpu",
                    "trainer.steps=3", "trainer.prompts_per_step=2", "rollout.n=12", f"rollout.max_new_tokens={NEW_TOKENS}",

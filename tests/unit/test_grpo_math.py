@@ -1,4 +1,5 @@
-"""The GRPO math in recipe/grpo.py, checked against hand-computed values."""
+"""The GRPO math (recipe/loss.py), the batch it reads (recipe/batch.py) and the update's passes
+(recipe/update.py), checked against hand-computed values."""
 
 import math
 import random
@@ -6,9 +7,10 @@ import random
 import pytest
 import torch
 
-from recipe.grpo import (Batch, bonus_mask, clipped_surrogate, group_advantages, local_count, micro_batch_tensors, micro_batches,
-                         warmup_lambda)
+from recipe.batch import Batch, local_count, micro_batch_tensors, micro_batches, placeholder_tensors
+from recipe.grpo import warmup_lambda
 from recipe.logprobs import token_entropy, token_logprobs
+from recipe.loss import bonus_mask, clipped_surrogate, group_advantages
 
 
 def test_group_advantages_centre_and_scale_per_group():
@@ -180,7 +182,7 @@ def test_local_count_is_this_ranks_tokens_or_sequences():
 def test_kl_is_clamped_as_verl_clamps_it_and_its_gradient_stays_finite():
     """k3 to [-10, 10] and the log ratio to [-20, 20] before exp: a token 100 nats from the reference
     adds 10, not exp(100) (inf in float32, whose gradient through a clamp would be inf x 0 = NaN)."""
-    from recipe.grpo import k3_kl
+    from recipe.loss import k3_kl
 
     ref = torch.tensor([[0.0, -1.0, -0.5, -100.0]])
     logp = torch.tensor([[-100.0, -1.0, -0.4, 0.0]], requires_grad=True)
@@ -235,7 +237,7 @@ def _loop_batch():
 
 
 def test_entropy_is_not_computed_when_its_coefficient_is_zero(monkeypatch):
-    import recipe.grpo as grpo
+    import recipe.update as update
 
     import recipe.model as model
 
@@ -243,38 +245,38 @@ def test_entropy_is_not_computed_when_its_coefficient_is_zero(monkeypatch):
     real = model.chunked_logprobs
     monkeypatch.setattr(model, "chunked_logprobs",
                         lambda *a, **k: (calls.append(1) if k.get("entropy") else None) or real(*a, **k))
-    monkeypatch.setattr(grpo, "global_count", lambda local: max(local, 1.0))  # one process, no group
+    monkeypatch.setattr(update, "global_count", lambda local: max(local, 1.0))  # one process, no group
     batch, policy = _loop_batch(), _TinyLM()
-    stats = grpo.backward_mini_batch(policy, batch, range(5), *_update_args(_loop_cfg()), "cpu", 1)
+    stats = update.backward_mini_batch(policy, batch, range(5), *_update_args(_loop_cfg()), "cpu", 1)
     assert calls == [] and stats["entropy"] == 0.0
-    stats = grpo.backward_mini_batch(policy, batch, range(5), *_update_args(_loop_cfg(entropy_coef=0.1)), "cpu", 1)
+    stats = update.backward_mini_batch(policy, batch, range(5), *_update_args(_loop_cfg(entropy_coef=0.1)), "cpu", 1)
     assert len(calls) == 3 and stats["entropy"] > 0  # micro-batches of 2, 2, 1
 
 
 def test_a_placeholder_micro_batch_adds_exactly_nothing(monkeypatch):
     """The zero-weight micro-batches a rank with fewer micro-batches runs: gradients and sums bit for bit
     those without them (with the KL and entropy terms on)."""
-    import recipe.grpo as grpo
+    import recipe.update as update
 
-    monkeypatch.setattr(grpo, "global_count", lambda local: max(local, 1.0))
+    monkeypatch.setattr(update, "global_count", lambda local: max(local, 1.0))
     cfg = _loop_cfg(entropy_coef=0.1)
     results = []
     for extra in (0, 2):
-        own = grpo.agreed_micro_batches
-        monkeypatch.setattr(grpo, "agreed_micro_batches", lambda b, m, c, own=own, extra=extra: own(b, m, c) + [[]] * extra)
+        own = update.agreed_micro_batches
+        monkeypatch.setattr(update, "agreed_micro_batches", lambda b, m, c, own=own, extra=extra: own(b, m, c) + [[]] * extra)
         policy = _TinyLM()
-        stats = grpo.backward_mini_batch(policy, _loop_batch(), range(5), *_update_args(cfg), "cpu", 1, reference=_TinyLM())
+        stats = update.backward_mini_batch(policy, _loop_batch(), range(5), *_update_args(cfg), "cpu", 1, reference=_TinyLM())
         results.append((stats, {n: p.grad.clone() for n, p in policy.named_parameters()}))
-        monkeypatch.setattr(grpo, "agreed_micro_batches", own)
+        monkeypatch.setattr(update, "agreed_micro_batches", own)
     (plain, g_plain), (padded, g_padded) = results
     assert plain == padded
     assert all(torch.equal(g_plain[n], g_padded[n]) for n in g_plain)
-    t = grpo.placeholder_tensors(_loop_batch(), "cpu")
+    t = placeholder_tensors(_loop_batch(), "cpu")
     assert t["mask"].sum() == 0 and t["adv"].abs().sum() == 0 and t["input_ids"].shape[0] == 1
 
 
 def test_agreed_micro_batches_in_one_process_are_the_own_ones():
-    from recipe.grpo import agreed_micro_batches
+    from recipe.batch import agreed_micro_batches
 
     batch = _loop_batch()
     assert agreed_micro_batches(batch, range(5), _loop_cfg().trainer) == micro_batches(batch, range(5), 2, 0)
@@ -283,7 +285,8 @@ def test_agreed_micro_batches_in_one_process_are_the_own_ones():
 def test_old_logprobs_are_recomputed_only_when_sampling_truncates():
     from omegaconf import OmegaConf
 
-    from recipe.grpo import behaviour_note, truncated_sampling
+    from recipe.grpo import behaviour_note
+    from recipe.update import truncated_sampling
 
     cfg = _loop_cfg()
     assert truncated_sampling(cfg.rollout) is None
@@ -306,16 +309,16 @@ def test_start_line_states_the_global_batch():
 def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(monkeypatch):
     """`behaviour_logprobs` returns the policy's own logprobs with the update's micro-batch shapes: the
     first mini-batch then sees ratio 1 bit for bit (gap 0, nothing clipped), whatever the engine said."""
-    import recipe.grpo as grpo
+    import recipe.update as update
 
-    monkeypatch.setattr(grpo, "global_count", lambda local: max(local, 1.0))
+    monkeypatch.setattr(update, "global_count", lambda local: max(local, 1.0))
     cfg, batch, policy = _loop_cfg(), _loop_batch(), _TinyLM()
     minis = [[0, 2, 4], [1, 3]]
-    old, gap = grpo.behaviour_logprobs(policy, batch, minis, cfg.trainer, cfg.rollout.temperature, "cpu")
+    old, gap = update.behaviour_logprobs(policy, batch, minis, cfg.trainer, cfg.rollout.temperature, "cpu")
     assert [len(r) for r in old] == [len(r) for r in batch.old_logprobs]
     assert gap["tokens"] == 12 and gap["gap_sum"] > 0  # against the engine's -2.0 everywhere
     batch.old_logprobs = old
-    stats = grpo.backward_mini_batch(policy, batch, minis[0], *_update_args(cfg), "cpu", 1)
+    stats = update.backward_mini_batch(policy, batch, minis[0], *_update_args(cfg), "cpu", 1)
     assert stats["gap_sum"] == 0.0 and stats["gap_max"] == 0.0 and stats["clip_frac"] == 0.0
 
 

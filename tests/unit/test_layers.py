@@ -25,15 +25,15 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("tools", ("tools.*",)),
     ("entry", ("recipe.train",)),
     ("loop", ("recipe.grpo",)),
-    ("loop helpers", ("recipe.checkpoint", "recipe.preflight", "recipe.assets", "recipe.export")),
+    ("loop helpers", ("recipe.checkpoint", "recipe.preflight", "recipe.assets", "recipe.export", "recipe.update")),
     ("sync", ("recipe.sync",)),
     ("placement", ("recipe.remote",)),
     ("engine, weights", ("recipe.engine", "recipe.weights")),
     ("model", ("recipe.model", "recipe.names")),
-    ("support", ("recipe.dist", "recipe.tasks", "recipe.metrics", "recipe.progress", "recipe.profiling")),
+    ("support", ("recipe.dist", "recipe.tasks", "recipe.metrics", "recipe.progress", "recipe.profiling", "recipe.batch")),
     ("config", ("recipe.config",)),
     ("settings", ("recipe.settings",)),
-    ("leaves", ("recipe.digest", "recipe.builtin_models", "recipe.logprobs", "recipe.files")),
+    ("leaves", ("recipe.digest", "recipe.builtin_models", "recipe.logprobs", "recipe.files", "recipe.loss")),
 ]
 
 # What each recipe module may import (other recipe modules). tools/ may import any recipe module.
@@ -42,9 +42,10 @@ ALLOWED: Dict[str, Set[str]] = {
                      "recipe.progress", "recipe.files", "recipe.settings"},
     "recipe.grpo": {"recipe.dist", "recipe.metrics", "recipe.model", "recipe.engine", "recipe.sync", "recipe.tasks",
                     "recipe.checkpoint", "recipe.progress", "recipe.profiling", "recipe.export", "recipe.logprobs",
-                    "recipe.files", "recipe.settings", "recipe.remote"},
+                    "recipe.files", "recipe.settings", "recipe.remote", "recipe.batch", "recipe.loss", "recipe.update"},
     "recipe.checkpoint": {"recipe.dist", "recipe.model", "recipe.names", "recipe.files"},
     "recipe.export": {"recipe.config", "recipe.dist", "recipe.model", "recipe.weights", "recipe.files"},
+    "recipe.update": {"recipe.batch", "recipe.loss", "recipe.model", "recipe.settings"},
     "recipe.preflight": {"recipe.config", "recipe.tasks", "recipe.files", "recipe.metrics", "recipe.settings"},
     "recipe.assets": {"recipe.config", "recipe.builtin_models", "recipe.settings"},
     "recipe.sync": {"recipe.weights", "recipe.model", "recipe.names", "recipe.digest", "recipe.config", "recipe.dist",
@@ -59,12 +60,14 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.metrics": {"recipe.files", "recipe.settings"},
     "recipe.progress": set(),
     "recipe.profiling": {"recipe.settings"},
+    "recipe.batch": {"recipe.settings"},
     "recipe.config": {"recipe.builtin_models", "recipe.settings"},
     "recipe.settings": set(),
     "recipe.digest": set(),
     "recipe.builtin_models": set(),
     "recipe.logprobs": set(),
     "recipe.files": set(),
+    "recipe.loss": set(),  # the objective's math: torch only
 }
 
 
@@ -214,6 +217,9 @@ def test_imports_follow_the_layers(module):
     ("recipe.weights.table", "from recipe.engine import build_engine\n", "not in ALLOWED"),
     ("recipe.engine.vllm", "from recipe.engine.worker import _vllm_model\n", "private name _vllm_model"),
     ("recipe.model", "import recipe.grpo\n", "not in ALLOWED"),
+    ("recipe.loss", "from recipe.settings import Algo\n", "not in ALLOWED"),
+    ("recipe.batch", "from recipe.update import backward_mini_batch\n", "not in ALLOWED"),
+    ("recipe.update", "from recipe.grpo import GRPOTrainer\n", "not in ALLOWED"),
     ("recipe.assets", "from tools.make_tiny_model import main\n", "recipe never imports tools"),
     ("tools.sync_bench", "from recipe.model import _shard_fsdp1\n", "private name _shard_fsdp1"),
     ("tools.sync_bench", "from recipe import model as policy\npolicy._shard_fsdp2(1)\n",
@@ -229,6 +235,12 @@ def test_imports_follow_the_layers(module):
 def test_a_wrong_arrow_is_caught(module, source, expected):
     found = violations(module, source)
     assert any(expected in v for v in found), found
+
+
+def test_the_loss_math_imports_torch_only():
+    """recipe/loss.py is the objective as functions of tensors: no project module, nothing but torch."""
+    found = {target.split(".")[0] for _, target, _, _ in imports(module_files()["recipe.loss"].read_text(), "recipe.loss")}
+    assert found <= {"__future__", "math", "torch"}, found
 
 
 def test_docs_table_is_this_table():
