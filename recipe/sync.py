@@ -46,6 +46,16 @@ def probe_batch(tokenizer, num: int) -> List[List[int]]:
     return [tokenizer(t, add_special_tokens=False).input_ids for t in texts]
 
 
+def probe_inputs(tokenizer, sync) -> List[List[int]]:
+    """The probe's token sequences; none without a tokenizer, which only a run with the probe off may omit."""
+    if tokenizer is not None:
+        return probe_batch(tokenizer, sync.num_probe_prompts)
+    if sync.probe_every != 0:
+        raise ValueError(f"sync.probe_every={sync.probe_every} needs a tokenizer for the probe's prompts; "
+                         f"give one, or set sync.probe_every=0 (probe off)")
+    return []
+
+
 def worst_token(trainer: List[List[float]], engine: List[List[float]]) -> Tuple[float, int, int]:
     """(max |diff|, probe row, token position) over all probe tokens; NaN counts as infinitely bad."""
     best = (0.0, -1, -1)
@@ -204,15 +214,21 @@ class WeightSync:
     """
 
     def __init__(self, settings: Settings, ctx, model: torch.nn.Module, engine, tokenizer,
-                 residency: Optional[Residency] = None):
+                 residency: Optional[Residency] = None, *, expected: Optional[List[str]] = None):
+        """`tokenizer` may be None when the probe is off (`sync.probe_every=0`). `expected`: the names a
+        full (or base) load must cover; None reads them from the checkpoint at `model.path` (and refuses
+        a model whose tensor names it lacks). A caller without a checkpoint (tools/sync_bench.py, random
+        weights made in memory) gives them."""
         self.settings, self.ctx, self.model, self.engine = settings, ctx, model, engine
         self.residency = residency if residency is not None else Residency(settings.offload, model, None, ctx.device)
-        self.probe = probe_batch(tokenizer, settings.sync.num_probe_prompts)
+        self.probe = probe_inputs(tokenizer, settings.sync)
         self.tolerance = settings.sync.tolerance  # sync.probe_tolerance, or the dtype-aware default
         self.adapter = settings.lora.name == "adapter"
         self.digest = settings.sync.digest
-        check_streamed_names(model, settings.model.path)
-        self.expected = expected_names(model, settings.model.path)  # what a full (or base) load must cover
+        if expected is None:
+            check_streamed_names(model, settings.model.path)
+            expected = expected_names(model, settings.model.path)
+        self.expected = list(expected)  # what a full (or base) load must cover
         self.expected_adapter = sorted(peft_name(n) for n, _ in model.named_parameters() if is_lora_param(n))
         self.weight_version = 0
         self.num_syncs = 0

@@ -11,16 +11,22 @@ For one model shape (`bench_model`) and one world size (`trainer.world_size`) ev
    device-to-device copy, and the all-gather bandwidth of the process group;
 2. for each (fsdp, offload, lora) combination of the dispatch table, and each reference
    strategy (`sync.strategy` naive | dcp_full_cpu | dtensor_stream on fsdp2), builds the
-   sharded policy, then times one cold and `bench.warm_iters` warm syncs of
-   `recipe.weights.stream_weights` into a sink;
+   sharded policy, then times one cold and `bench.warm_iters` warm syncs into a sink, each one
+   `recipe.sync.WeightSync.sync` (the training sync itself, with the digest check and the probe
+   off), its times read from the `sync/*` metrics it returns;
 3. rank 0 prints a table and writes it, with the target checks, to `bench.out` (JSON).
 
-The sink is what the engine would do with the stream. `copy`: a preallocated destination laid
-out as the engine's weights (an HF model's state dict on the device, `dest[name].copy_(t)`),
-so the figure includes the load; adapter tensors get their slot on the cold run. `vllm`
-(needs a checkpoint: the tiny model on CPU, `bench.engine_dir` for a random shape on GPU): the
-real in-process engine's load (`sync.load`: direct copies on CUDA, vLLM's reload on CPU);
-adapter rows still use the copy sink there.
+The sink is the `recipe.engine.Engine` the sync loads into. `copy`: a preallocated destination
+laid out as the engine's weights (an HF model's state dict on the device, `dest[name].copy_(t)`),
+so the figure includes the load; adapter tensors get their slot on first sight. `vllm` (needs a
+checkpoint: the tiny model on CPU, `bench.engine_dir` for a random shape on GPU): the real
+in-process engine (`sync.load`: direct copies on CUDA, vLLM's reload on CPU); adapter rows still
+use the copy sink there. Columns: `cold s` / `warm s` = `sync/total_s` of the first / median warm
+sync, `gather s` / `load s` = `sync/gather_s` / `sync/load_s` of the warm median.
+Warm-up: WeightSync loads the base on its first lora=adapter sync, so adapter rows run one
+untimed sync first; their `cold s` is the next sync (the adapter slots are then already made).
+lora=merged into a narrower engine dtype: WeightSync measures the merge's rounding every sync,
+as in training, and the figure includes it.
 
 Limit of one sync of B bytes at world W (every rank receives the whole B):
 - offloaded (cpu, manual): t_limit = max(B / (W * h2d), B / allgather) -- each rank copies
@@ -28,11 +34,12 @@ Limit of one sync of B bytes at world W (every rank receives the whole B):
 - on the device: t_limit = B / allgather (world 1: B / device-to-device copy).
 `x limit` = t_limit / t_measured (1.0 = at the limit). A strategy that raises (the naive
 reference under FSDP2 + CPUOffloadPolicy on CUDA, verl #5995) is a `crashed` row with its error.
-Digest cost: after the timed syncs, up to 3 more syncs run with the digest check of
-recipe.sync (the trainer digests what it streams, the sink digests what it holds, then they are
-compared); `digest s` is its median time and `x move` = digest / (gather + load) of the same
-sync (target <= 0.10). With the vLLM sink on CPU the engine's digests are taken inside its load,
-before packing, and that time is moved from the load to the digest check.
+Digest cost: after the timed syncs, up to 3 more WeightSync syncs run with its digest check
+(the trainer digests what it streams, the sink digests what it holds, then they are compared,
+names included); `digest s` is the median `sync/digest_s` and `x move` = digest / (gather + load)
+of the same sync (target <= 0.10). With the vLLM sink on CPU the engine's digests are taken
+inside its load, before packing, and WeightSync moves that time from the load to the digest.
+The trl_colocate row (TRL checks nothing, its sink has no digests) runs none.
 Profile (`bench.profile=true`): one more warm sync per strategy runs under torch.profiler; rank 0
 writes the key_averages table (top 25 by self device time on CUDA, else self CPU time) to
 `<dir of bench.out>/profile/<out stem>__<label>.txt`, with a chrome trace beside it when
@@ -64,6 +71,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from recipe.config import (FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, TrainConfig,
                            UnsupportedError, resolve_device, validate)
+from recipe.engine import Engine
+from recipe.settings import Settings
+from recipe.sync import WeightSync, WeightSyncError, trainer_names
 
 REFERENCES = ("naive", "dcp_full_cpu", "dtensor_stream", "trl_colocate")
 SINKS = ("auto", "copy", "vllm")
@@ -158,6 +168,9 @@ def cell_cfg(cfg: DictConfig, cell: Cell) -> DictConfig:
     out = copy.deepcopy(cfg)
     out.fsdp.name, out.offload.name, out.lora.name = cell.fsdp, cell.offload, cell.lora
     out.sync.strategy = "dtensor_stream" if cell.strategy == "trl_colocate" else cell.strategy
+    # timed syncs move weights only; the digest-checked syncs after them turn the digest on; no probe
+    # (random weights have no tokenizer)
+    out.sync.digest, out.sync.probe_every = False, 0
     return out
 
 
@@ -279,29 +292,40 @@ def _train_like(model: torch.nn.Module, device: torch.device) -> None:
     model.zero_grad(set_to_none=True)
 
 
-class CopySink:
-    """Preallocated weights laid out as the engine's; `load` copies each streamed tensor in.
+class CopySink(Engine):
+    """An engine that holds preallocated weights laid out as a real engine's (an HF model's state dict
+    on the device): `load_weights` copies each streamed tensor into its slot (a name it lacks is an
+    error); `load_adapter` copies into adapter slots, allocated on first sight. Its digests are of
+    what it holds, so WeightSync's digest check runs on it as on a real engine."""
 
-    `strict`: a name the destination lacks is an error (full weights); otherwise (adapters)
-    the slot is allocated on first sight, which the cold run pays.
-    """
+    backend = "copy"
 
-    def __init__(self, dest: Dict[str, torch.Tensor], device: torch.device, strict: bool):
-        self.dest, self.device, self.strict = dest, device, strict
+    def __init__(self, dest: Dict[str, torch.Tensor], device: torch.device):
+        self.dest, self.device = dest, device
+        self.adapter: Dict[str, torch.Tensor] = {}
         self.seen: set = set()
 
-    def load(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> int:
-        nbytes = 0
-        for name, tensor in stream:
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in weights:
             slot = self.dest.get(name)
             if slot is None:
-                if self.strict:
-                    raise KeyError(f"the stream yielded {name!r}, which the engine's weights do not have")
-                slot = self.dest[name] = torch.empty_like(tensor, device=self.device)
+                raise KeyError(f"the stream yielded {name!r}, which the engine's weights do not have")
             slot.copy_(tensor)
             self.seen.add(name)
-            nbytes += nbytes_of(tensor)
-        return nbytes
+
+    def load_adapter(self, tensors: Iterable[Tuple[str, torch.Tensor]], adapter_config: dict, version: int) -> None:
+        for name, tensor in tensors:
+            slot = self.adapter.get(name)
+            if slot is None:
+                slot = self.adapter[name] = torch.empty_like(tensor, device=self.device)
+            slot.copy_(tensor)
+        self.lora_version = version
+
+    def weight_digests(self) -> Dict[str, Any]:
+        return _held(self.dest, sorted(self.seen))
+
+    def adapter_digests(self) -> Dict[str, Any]:
+        return _held(self.adapter, sorted(self.adapter))
 
     def poison(self) -> None:
         """NaN in every destination weight: a weight the sync does not write cannot pass `wrong`."""
@@ -314,74 +338,34 @@ class CopySink:
         the stream rounds float32 masters to the engine dtype the same way)."""
         return [n for n, t in self.dest.items() if not torch.equal(t, expected[n].to(t.dtype))]
 
-    def check(self, streamed: Dict[str, Any]) -> Tuple[List[str], int, float]:
-        """(problems, tensors checked, digest seconds inside the load) of the engine-side digest check."""
-        from recipe.digest import digests
-        from recipe.sync import compare_digests
-
-        names = sorted(self.seen)
-        held = {n: ((n,), d) for n, d in zip(names, digests([self.dest[n] for n in names]))}
-        problems, count = compare_digests(held, streamed)
-        return problems, count, 0.0
-
     def missing(self) -> List[str]:
         """Destination weights no sync wrote (tied aliases of a written storage excepted)."""
         written = {self.dest[n].untyped_storage().data_ptr() for n in self.seen}
         return [n for n, t in self.dest.items() if n not in self.seen and t.untyped_storage().data_ptr() not in written]
 
 
-class VllmSink:
-    """The trainer's own in-process vLLM engine (recipe.engine.VllmEngine): its `load_weights`
-    consumes the stream, so the figure includes everything a training sync's load does."""
+def _held(tensors: Dict[str, torch.Tensor], names: List[str]) -> Dict[str, Any]:
+    """{name: ((name,), Digest)}: each held tensor is one streamed tensor, held as streamed."""
+    from recipe.digest import digests
 
-    def __init__(self, cfg: DictConfig, ctx, model_dir: Path):
-        from recipe.engine import VllmEngine
-
-        self.engine = VllmEngine(cfg, ctx, str(model_dir), load=cfg.sync.load, digest=cfg.sync.digest)
-        self.nbytes = 0
-
-    def _count(self, stream):
-        for name, tensor in stream:
-            self.nbytes += nbytes_of(tensor)
-            yield name, tensor
-
-    def load(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> int:
-        self.nbytes = 0
-        self.engine.load_weights(self._count(stream))
-        return self.nbytes
-
-    def check(self, streamed: Dict[str, Any]) -> Tuple[List[str], int, float]:
-        from recipe.sync import compare_digests
-
-        problems, count = compare_digests(self.engine.weight_digests(), streamed)
-        return problems, count, self.engine.load_digest_seconds
-
-    def missing(self) -> List[str]:
-        return []
-
-    def close(self) -> None:
-        # Before the process group goes: the engine's ordered shutdown (see recipe/engine/vllm.py).
-        self.engine.close()
+    return {n: ((n,), d) for n, d in zip(names, digests([tensors[n] for n in names]))}
 
 
-class TrlColocateSink(VllmSink):
+class TrlColocateSink(Engine):
     """TRL 1.16's colocate sync, rebuilt here to be timed beside ours: GRPOTrainer._move_model_to_vllm
     walks the FSDP2 state dict, makes each DTensor full (`.full_tensor()`, our `dtensor_stream`
     gather) and hands it to vLLM one parameter at a time, `llm_model.load_weights([(name, tensor)])`,
-    with no check. The row measures that method on this engine; TRL itself is not imported."""
+    with no check. The row measures that method on the in-process vLLM engine; TRL itself is not
+    imported. It has no digests (TRL checks nothing): its row runs no digest-checked syncs."""
 
-    def __init__(self, sink: VllmSink):
-        self.engine, self.nbytes = sink.engine, 0
-        self._model = sink.engine.llm.apply_model(lambda m: m)[0]  # in-process: the engine's module
+    backend = "trl_colocate"
 
-    def load(self, stream: Iterable[Tuple[str, torch.Tensor]]) -> int:
-        self.nbytes = 0
-        for name, tensor in self._count(stream):
+    def __init__(self, engine):
+        self._model = engine.llm.apply_model(lambda m: m)[0]  # in-process: the engine's module
+
+    def load_weights(self, weights: Iterable[Tuple[str, torch.Tensor]]) -> None:
+        for name, tensor in weights:
             self._model.load_weights([(name, tensor)])
-        return self.nbytes
-
-    def check(self, streamed: Dict[str, Any]) -> Tuple[List[str], int, float]:
-        return [], 0, 0.0  # TRL checks nothing; the digest columns stay empty for this row
 
 
 def resolve_sink(cfg: DictConfig, device: torch.device) -> str:
@@ -397,6 +381,14 @@ def resolve_sink(cfg: DictConfig, device: torch.device) -> str:
     return sink
 
 
+def vllm_engine(cfg: DictConfig, ctx) -> Engine:
+    """The trainer's own in-process vLLM engine (recipe.engine.VllmEngine): its `load_weights`
+    consumes the stream, so the figure includes everything a training sync's load does."""
+    from recipe.engine import VllmEngine
+
+    return VllmEngine(cfg, ctx, engine_dir(cfg), load=cfg.sync.load, digest=cfg.sync.digest)
+
+
 def engine_dir(cfg: DictConfig) -> str:
     """The checkpoint the vLLM sink's engine is built from ("" when there is none)."""
     if cfg.bench.engine_dir:
@@ -407,45 +399,21 @@ def engine_dir(cfg: DictConfig) -> str:
 # ----------------------------------------------------------------------------- one cell
 
 
-def _one_sync(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[float, int, int, float]:
-    """(seconds, peak extra device bytes, bytes streamed, gather seconds) of one sync on this rank.
-    Gather = host time inside the stream's `next()` (as recipe.sync reports it); load = the rest."""
-    from recipe.sync import WeightStream
-    from recipe.weights import stream_weights
+class BenchSync(WeightSync):
+    """WeightSync whose update stream marks each `next()` (the gather's share) while profiling."""
 
+    annotate = False
+
+    def update_stream(self):
+        stream = super().update_stream()
+        return _annotated(stream) if self.annotate else stream
+
+
+def _one_sync(sync: WeightSync, step: int, device: torch.device) -> Dict[str, Any]:
+    """One WeightSync.sync after all ranks are idle and together; its `sync/*` metrics."""
     _sync(device)
     dist.barrier()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-        base_mem = torch.cuda.memory_allocated(device)
-    t0 = time.perf_counter()
-    stream = WeightStream(stream_weights(model, cfg, device))
-    nbytes = sink.load(stream)
-    _sync(device)
-    seconds = time.perf_counter() - t0
-    peak = torch.cuda.max_memory_allocated(device) - base_mem if device.type == "cuda" else -1
-    return seconds, peak, nbytes, stream.seconds
-
-
-def _digest_cost(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[float, float, int, List[str]]:
-    """One sync with the digest check of recipe.sync: (digest seconds, gather + load seconds of the
-    same sync, tensors checked, problems). Digest check = the trainer's digests as it streams + the
-    engine's digests (for vLLM on CPU taken inside its load, before packing) + the comparison."""
-    from recipe.sync import WeightStream
-    from recipe.weights import stream_weights
-
-    _sync(device)
-    dist.barrier()
-    stream = WeightStream(stream_weights(model, cfg, device), digest=True)
-    t0 = time.perf_counter()
-    sink.load(stream)
-    _sync(device)
-    move = time.perf_counter() - t0 - stream.digest_seconds
-    t1 = time.perf_counter()
-    problems, count, in_load = sink.check(stream.digests())
-    _sync(device)
-    digest = time.perf_counter() - t1 + stream.digest_seconds + in_load
-    return digest, move - in_load, count, problems
+    return sync.sync(step)
 
 
 def _annotated(stream: Iterable[Tuple[str, torch.Tensor]]):
@@ -470,60 +438,112 @@ def profile_paths(bench_cfg, label: str) -> Tuple[Path, Path]:
     return folder / f"{stem}.txt", folder / f"{stem}.trace.json"
 
 
-def profile_sync(model, cfg: DictConfig, ctx, sink, label: str, bench_cfg) -> Optional[str]:
+def profile_sync(sync: BenchSync, step: int, ctx, label: str, bench_cfg) -> Optional[str]:
     """One warm sync under torch.profiler (CPU, and CUDA on a GPU), on every rank. Rank 0 writes
     the key_averages table (top 25 by self device time on CUDA, else self CPU time), optionally a
     chrome trace, prints a summary line and returns the table's path."""
     from torch.profiler import ProfilerActivity, profile, record_function
 
-    from recipe.sync import WeightStream
-    from recipe.weights import stream_weights
-
     cuda = ctx.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
     _sync(ctx.device)
     dist.barrier()
-    with profile(activities=activities) as prof:
-        t0 = time.perf_counter()
-        with record_function("sync"):
-            stream = WeightStream(stream_weights(model, cfg, ctx.device))
-            sink.load(_annotated(stream))
-            _sync(ctx.device)
-        seconds = time.perf_counter() - t0
+    sync.annotate = True
+    try:
+        with profile(activities=activities) as prof:
+            t0 = time.perf_counter()
+            with record_function("sync"):
+                stats = sync.sync(step)
+                _sync(ctx.device)
+            seconds = time.perf_counter() - t0
+    finally:
+        sync.annotate = False
     if not ctx.is_main:
         return None
     sort = "self_device_time_total" if cuda else "self_cpu_time_total"
     events = prof.key_averages()
     table_path, trace_path = profile_paths(bench_cfg, label)
     table_path.parent.mkdir(parents=True, exist_ok=True)
+    gather = stats["sync/gather_s"]
     header = (f"# {label}: one warm sync under torch.profiler, rank 0; {seconds:.4f} s wall, gather (inside "
-              f"next()) {stream.seconds:.4f} s, {stream.num_tensors} tensors, {stream.num_bytes / 1e6:.1f} MB; "
-              f"sorted by {sort}\n")
+              f"next()) {gather:.4f} s, {stats['sync/bytes'] / 1e6:.1f} MB; sorted by {sort}\n")
     table_path.write_text(header + events.table(sort_by=sort, row_limit=25) + "\n")
     if bench_cfg.profile_trace:
         prof.export_chrome_trace(str(trace_path))
     ops = sorted((e for e in events if not e.key.startswith(("sync", "stream.next"))),
                  key=lambda e: getattr(e, sort), reverse=True)[:5]
     top = ", ".join(f"{e.key} {getattr(e, sort) / 1e3:.2f} ms" for e in ops)
-    print(f"profile {label}: {seconds:.4f} s (gather {stream.seconds:.4f} s); top self "
+    print(f"profile {label}: {seconds:.4f} s (gather {gather:.4f} s); top self "
           f"{'device' if cuda else 'CPU'} time: {top} -> {table_path}", flush=True)
     return str(table_path)
 
 
-def _add_digest(row: Dict[str, Any], model, ccfg: DictConfig, ctx, sink, runs: int) -> None:
-    """Median over `runs` digest-checked syncs of digest / (gather + load); the slowest rank counts."""
-    costs = [_digest_cost(model, ccfg, ctx.device, sink) for _ in range(runs)]
-    digest, move = _max_over_ranks([statistics.median(c[0] for c in costs), statistics.median(c[1] for c in costs)])
+def _add_digest(row: Dict[str, Any], sync: WeightSync, step: int, device: torch.device, runs: int) -> None:
+    """Median over `runs` syncs with WeightSync's digest check of sync/digest_s / (gather + load);
+    the slowest rank counts. A failed check (raised on every rank at once) becomes the row's problem."""
+    sync.digest = True  # the timed syncs ran without it; WeightSync reads it at every sync
+    try:
+        stats = [_one_sync(sync, step + i, device) for i in range(runs)]
+    except WeightSyncError as exc:
+        row.update(digest_problems=[str(exc)[:500]])
+        return
+    finally:
+        sync.digest = False
+    digest, move = _max_over_ranks([statistics.median(s["sync/digest_s"] for s in stats),
+                                    statistics.median(s["sync/gather_s"] + s["sync/load_s"] for s in stats)])
     row.update(digest_s=digest, digest_move_s=move, digest_ratio=digest / move if move > 0 else None,
-               digested_tensors=costs[-1][2], digest_problems=costs[-1][3][:3])
+               digested_tensors=stats[-1]["sync/verified_tensors"], digest_problems=[])
 
 
-def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine) -> Dict[str, Any]:
-    """Build the cell's policy and time its syncs; a raising strategy becomes a `crashed` row.
+def _cell_sink(cell: Cell, ctx, dest, engine):
+    """The engine a cell syncs into: the copy sink, the vLLM engine (full weights), TRL's method on it."""
+    if cell.strategy == "trl_colocate":
+        return TrlColocateSink(engine)
+    if engine is None or cell.lora == "adapter":  # the vLLM engine here serves full weights only
+        return CopySink(dest, ctx.device)
+    return engine
 
-    Full-weight rows are also checked: the destination is poisoned before the cold sync and must
-    then equal the base weights bit for bit (merged rows too: peft starts B at zero, so W + BA = W);
-    a mismatch makes the row `wrong`."""
+
+def _time_syncs(row: Dict[str, Any], cfg: DictConfig, sync: WeightSync, sink, base, device) -> int:
+    """A warm-up sync for lora=adapter (WeightSync loads the base on its first adapter sync), then one
+    cold and up to `bench.warm_iters` warm syncs; fills the row's timings; returns the next step."""
+    step = 1
+    if sync.adapter:
+        _one_sync(sync, step, device)
+        step += 1
+    check = isinstance(sink, CopySink) and not sync.adapter
+    if check:
+        sink.poison()
+    runs = []
+    for i in range(1 + cfg.bench.warm_iters):
+        runs.append(_one_sync(sync, step, device))
+        step += 1
+        if i == 0 and check:
+            row["wrong"] = sink.wrong(dict(base.state_dict()))[:5]
+        if i >= 1 and sum(r["sync/total_s"] for r in runs) > cfg.bench.max_cell_s:
+            break
+    row["runs"] = runs
+    return step
+
+
+def _timings(row: Dict[str, Any], sink, cuda: bool) -> None:
+    """Cold, median warm, gather and load seconds (slowest rank), bytes and peak of an `ok` row."""
+    runs = row.pop("runs")
+    warm = runs[1:]
+    cold, med, gather, load = _max_over_ranks([runs[0]["sync/total_s"]] + [
+        statistics.median(r[key] for r in warm) for key in ("sync/total_s", "sync/gather_s", "sync/load_s")])
+    peak = int(_max_over_ranks([max(r["sync/peak_mem_bytes"] for r in runs)])[0]) if cuda else None
+    row.update(bytes=runs[0]["sync/bytes"], cold_s=cold, warm_s=med, warm_runs=len(warm), gather_s=gather, load_s=load,
+               peak_bytes=peak, missing=sink.missing()[:5] if isinstance(sink, CopySink) else [])
+
+
+def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine, expected: List[str]) -> Dict[str, Any]:
+    """Build the cell's policy and time WeightSync's syncs into its sink; a raising strategy becomes a
+    `crashed` row.
+
+    Full-weight rows on the copy sink are also checked: the destination is poisoned before the cold sync
+    and must then equal the base weights bit for bit (merged rows too: peft starts B at zero, so
+    W + BA = W); a mismatch makes the row `wrong`."""
     row: Dict[str, Any] = {"label": cell.label, "fsdp": cell.fsdp, "offload": cell.offload, "lora": cell.lora,
                            "strategy": cell.strategy, "status": "ok", "error": ""}
     ccfg = cell_cfg(cfg, cell)
@@ -531,37 +551,38 @@ def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine) -> Dict[str, 
         validate(ccfg)
     except UnsupportedError as exc:
         return {**row, "status": "unsupported", "error": str(exc).split(". ")[0]}
-    adapter = cell.lora == "adapter"
-    sink = CopySink({} if adapter else dest, ctx.device, strict=not adapter) if engine is None or adapter else engine
-    if cell.strategy == "trl_colocate":
-        if engine is None or ctx.device.type != "cuda":
-            return {**row, "status": "unsupported", "error": "needs the vLLM sink on CUDA (vLLM's CPU backend "
-                                                              "repacks the parameters TRL's method writes)"}
-        sink = TrlColocateSink(engine)
+    if cell.strategy == "trl_colocate" and (engine is None or ctx.device.type != "cuda"):
+        return {**row, "status": "unsupported", "error": "needs the vLLM sink on CUDA (vLLM's CPU backend "
+                                                          "repacks the parameters TRL's method writes)"}
+    sink = _cell_sink(cell, ctx, dest, engine)
     row["sink"] = "copy" if isinstance(sink, CopySink) else "vllm"
-    times, gathers, peaks, nbytes, model = [], [], [], 0, None
+    model = None
     try:
         model, row["unit_bytes"] = build_policy_from(base, ccfg, ctx)
-        check = isinstance(sink, CopySink) and not adapter
-        if check:
-            sink.poison()
-        for i in range(1 + cfg.bench.warm_iters):
-            seconds, peak, nbytes, gather = _one_sync(model, ccfg, ctx.device, sink)
-            times.append(seconds)
-            gathers.append(gather)
-            peaks.append(peak)
-            if i == 0 and check:
-                row["wrong"] = sink.wrong(dict(base.state_dict()))[:5]
-            if i >= 1 and sum(times) > cfg.bench.max_cell_s:
-                break
+        sync = BenchSync(Settings.from_cfg(ccfg), ctx, model, sink, None, expected=expected)
+        step = _time_syncs(row, cfg, sync, sink, base, ctx.device)
         if cfg.bench.profile:
-            row["profile"] = profile_sync(model, ccfg, ctx, sink, cell.label, cfg.bench)
-        _add_digest(row, model, ccfg, ctx, sink, max(1, min(3, cfg.bench.warm_iters)))
+            row["profile"] = profile_sync(sync, step, ctx, cell.label, cfg.bench)
+            step += 1
+        if cell.strategy != "trl_colocate":
+            _add_digest(row, sync, step, ctx.device, max(1, min(3, cfg.bench.warm_iters)))
     except Exception as exc:  # noqa: BLE001  reported, not hidden: the row says crashed
         row.update(status="crashed", error=f"{type(exc).__name__}: {str(exc).strip().splitlines()[0][:300]}")
         if os.environ.get("SYNC_BENCH_TRACEBACK"):
             traceback.print_exc()
-    # Every rank must agree on the outcome (and wait for the slowest) before the next cell.
+    _agree_on_status(row)
+    if row["status"] == "ok":
+        _timings(row, sink, ctx.device.type == "cuda")
+    row.pop("runs", None)
+    del model
+    gc.collect()
+    if ctx.device.type == "cuda":
+        torch.cuda.empty_cache()
+    return row
+
+
+def _agree_on_status(row: Dict[str, Any]) -> None:
+    """Every rank agrees on the outcome (and waits for the slowest) before the next cell."""
     failed = _max_over_ranks([float(row["status"] != "ok")])[0]
     if failed and row["status"] == "ok":
         row.update(status="crashed", error="another rank raised (see its row in the log)")
@@ -569,17 +590,6 @@ def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine) -> Dict[str, 
         row.update(status="wrong", error=f"engine weights differ from the policy's: {row.get('wrong')}")
     if row["status"] == "ok" and _max_over_ranks([float(bool(row.get("digest_problems")))])[0]:
         row.update(status="wrong", error=f"digest check failed: {row.get('digest_problems')}")
-    if row["status"] == "ok":
-        warm = times[1:]
-        cold, med, gather = _max_over_ranks([times[0], statistics.median(warm), statistics.median(gathers[1:])])
-        row.update(bytes=nbytes, cold_s=cold, warm_s=med, warm_runs=len(warm), gather_s=gather, load_s=med - gather,
-                   peak_bytes=int(_max_over_ranks([max(peaks)])[0]) if peaks[0] >= 0 else None,
-                   missing=sink.missing()[:5])
-    del model
-    gc.collect()
-    if ctx.device.type == "cuda":
-        torch.cuda.empty_cache()
-    return row
 
 
 def add_limits(row: Dict[str, Any], limits: Dict[str, float], world: int, bucket_bytes: int) -> None:
@@ -690,7 +700,8 @@ def bench_rank(cfg: DictConfig, ctx) -> None:
     converted: Dict[int, torch.Tensor] = {}
     dest = {n: converted.setdefault(t.data_ptr(), t.to(ctx.device, engine_dtype, copy=True))
             for n, t in base.state_dict().items()}
-    engine = VllmSink(cfg, ctx, Path(engine_dir(cfg))) if sink_name == "vllm" else None
+    engine = vllm_engine(cfg, ctx) if sink_name == "vllm" else None
+    expected = trainer_names(base)  # what a full load must cover (no checkpoint to read them from)
     meta = {"model": cfg.bench_model.name, "world_size": ctx.world_size, "device": ctx.device.type,
             "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
             "torch": torch.__version__, "sink": sink_name, "dtype": cfg.model.dtype, "limits": limits,
@@ -699,7 +710,7 @@ def bench_rank(cfg: DictConfig, ctx) -> None:
     rows: List[Dict[str, Any]] = []
     try:
         for cell in cells:
-            row = run_cell(cell, cfg, ctx, base, dest, engine)
+            row = run_cell(cell, cfg, ctx, base, dest, engine, expected)
             add_limits(row, limits, ctx.world_size, bucket_bytes)
             rows.append(row)
             if ctx.is_main:

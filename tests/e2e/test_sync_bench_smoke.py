@@ -87,28 +87,32 @@ def test_copy_sink_catches_unwritten_and_wrong_weights():
     from tools.sync_bench import CopySink
 
     expected = {"a": torch.ones(3), "b": torch.zeros(2)}
-    sink = CopySink({n: t.clone() for n, t in expected.items()}, torch.device("cpu"), strict=True)
+    sink = CopySink({n: t.clone() for n, t in expected.items()}, torch.device("cpu"))
     sink.poison()
-    sink.load(iter([("a", torch.ones(3))]))  # "b" never written
+    sink.load_weights(iter([("a", torch.ones(3))]))  # "b" never written
     assert sink.wrong(expected) == ["b"] and sink.missing() == ["b"]
-    sink.load(iter([("b", torch.ones(2))]))  # written, but with the wrong values
+    sink.load_weights(iter([("b", torch.ones(2))]))  # written, but with the wrong values
     assert sink.wrong(expected) == ["b"] and sink.missing() == []
     with pytest.raises(KeyError, match="'c'"):
-        sink.load(iter([("c", torch.ones(1))]))
+        sink.load_weights(iter([("c", torch.ones(1))]))
 
 
 def test_copy_sink_digest_check_names_a_wrong_weight():
     import torch
 
     from recipe.digest import digest
+    from recipe.sync import compare_digests
     from tools.sync_bench import CopySink
 
-    sink = CopySink({"a": torch.zeros(3), "b": torch.zeros(2)}, torch.device("cpu"), strict=True)
-    sink.load(iter([("a", torch.ones(3)), ("b", torch.ones(2))]))
-    assert sink.check({"a": digest(torch.ones(3)), "b": digest(torch.ones(2))}) == ([], 2, 0.0)
+    sink = CopySink({"a": torch.zeros(3), "b": torch.zeros(2)}, torch.device("cpu"))
+    sink.load_weights(iter([("a", torch.ones(3)), ("b", torch.ones(2))]))
+    streamed = {"a": digest(torch.ones(3)), "b": digest(torch.ones(2))}
+    assert compare_digests(sink.weight_digests(), streamed) == ([], 2)
     sink.dest["b"][1] = 2.0
-    problems, _, _ = sink.check({"a": digest(torch.ones(3)), "b": digest(torch.ones(2))})
+    problems, _ = compare_digests(sink.weight_digests(), streamed)
     assert len(problems) == 1 and problems[0].startswith("b: engine")
+    sink.load_adapter(iter([("x.lora_A.weight", torch.ones(2, 3))]), {}, version=1)  # slot made on first sight
+    assert compare_digests(sink.adapter_digests(), {"x.lora_A.weight": digest(torch.ones(2, 3))}) == ([], 1)
 
 
 def test_profile_writes_a_table_per_strategy(tiny_model_dir, tmp_path):

@@ -387,3 +387,30 @@ def test_float32_probe_tolerance_is_wider_on_cuda_only():
     assert default_tolerance("float32", "cpu") == DEFAULT_TOLERANCE["float32"] < 0.0043
     assert 0.0043 < default_tolerance("float32", "cuda") < DEFAULT_TOLERANCE["float16"]
     assert default_tolerance("bfloat16", "cuda") == DEFAULT_TOLERANCE["bfloat16"]
+
+
+def test_sync_without_checkpoint_or_tokenizer_checks_the_given_names(tiny_model_dir, tmp_path):
+    """A caller with weights made in memory (tools/sync_bench.py) gives the expected names and no
+    tokenizer: nothing is read from model.path, the digest check still covers every name."""
+    from transformers import AutoModelForCausalLM
+
+    from tests.helpers import compose
+
+    common = ["trainer.device=cpu", "sync.probe_every=0", "model.dtype=float32"]
+    cfg = compose([f"model.path={tmp_path / 'absent'}", *common])
+    trainer = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
+    engine = FakeEngine(compose([f"model.path={tiny_model_dir}", *common]), ctx, str(tiny_model_dir))
+    names = [n for n, _ in _stream(trainer, None, None)]
+    sync = HookedSync(Settings.from_cfg(cfg), ctx, trainer, engine, None, expected=names, stream_fn=_stream)
+    stats = sync.sync(1)
+    assert engine.calls == ["wake", "load", "digests"]  # no probe
+    assert stats["sync/verified_tensors"] == len(names) + 1
+    sync = HookedSync(Settings.from_cfg(cfg), ctx, trainer, engine, None, expected=names + ["extra.weight"],
+                      stream_fn=_stream)
+    with pytest.raises(WeightSyncError, match=r"not streamed: \['extra.weight'\]"):
+        sync.sync(1)
+    probing = Settings.from_cfg(compose([f"model.path={tmp_path / 'absent'}", "trainer.device=cpu",
+                                         "sync.probe_every=2"]))
+    with pytest.raises(ValueError, match="sync.probe_every=2 needs a tokenizer"):
+        HookedSync(probing, ctx, trainer, engine, None, expected=names, stream_fn=_stream)
