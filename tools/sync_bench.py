@@ -411,7 +411,7 @@ def _one_sync(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[float
     """(seconds, peak extra device bytes, bytes streamed, gather seconds) of one sync on this rank.
     Gather = host time inside the stream's `next()` (as recipe.sync reports it); load = the rest."""
     from recipe.sync import WeightStream
-    from recipe.weights import stream_weights
+    from recipe.weights import StreamSpec, stream_weights
 
     _sync(device)
     dist.barrier()
@@ -419,7 +419,7 @@ def _one_sync(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[float
         torch.cuda.reset_peak_memory_stats(device)
         base_mem = torch.cuda.memory_allocated(device)
     t0 = time.perf_counter()
-    stream = WeightStream(stream_weights(model, cfg, device))
+    stream = WeightStream(stream_weights(model, StreamSpec.of(cfg), device))
     nbytes = sink.load(stream)
     _sync(device)
     seconds = time.perf_counter() - t0
@@ -432,11 +432,11 @@ def _digest_cost(model, cfg: DictConfig, device: torch.device, sink) -> Tuple[fl
     same sync, tensors checked, problems). Digest check = the trainer's digests as it streams + the
     engine's digests (for vLLM on CPU taken inside its load, before packing) + the comparison."""
     from recipe.sync import WeightStream
-    from recipe.weights import stream_weights
+    from recipe.weights import StreamSpec, stream_weights
 
     _sync(device)
     dist.barrier()
-    stream = WeightStream(stream_weights(model, cfg, device), digest=True)
+    stream = WeightStream(stream_weights(model, StreamSpec.of(cfg), device), digest=True)
     t0 = time.perf_counter()
     sink.load(stream)
     _sync(device)
@@ -477,7 +477,7 @@ def profile_sync(model, cfg: DictConfig, ctx, sink, label: str, bench_cfg) -> Op
     from torch.profiler import ProfilerActivity, profile, record_function
 
     from recipe.sync import WeightStream
-    from recipe.weights import stream_weights
+    from recipe.weights import StreamSpec, stream_weights
 
     cuda = ctx.device.type == "cuda"
     activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if cuda else [])
@@ -486,7 +486,7 @@ def profile_sync(model, cfg: DictConfig, ctx, sink, label: str, bench_cfg) -> Op
     with profile(activities=activities) as prof:
         t0 = time.perf_counter()
         with record_function("sync"):
-            stream = WeightStream(stream_weights(model, cfg, ctx.device))
+            stream = WeightStream(stream_weights(model, StreamSpec.of(cfg), ctx.device))
             sink.load(_annotated(stream))
             _sync(ctx.device)
         seconds = time.perf_counter() - t0

@@ -174,14 +174,14 @@ def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) ->
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy, load_to_device, offload_to_cpu
     from recipe.config import combo_key
-    from recipe.weights import stream_base_weights, stream_weights
+    from recipe.weights import StreamSpec, stream_base_weights, stream_weights
 
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=device)
     results = []
     for cfg in map(OmegaConf.create, cfg_yamls):
         model = build_policy(policy_of(cfg), ctx)
-        base = check_stream(stream_base_weights(model, cfg, device), checkpoint_state(cfg.model.path, cfg.model.dtype),
+        base = check_stream(stream_base_weights(model, StreamSpec.of(cfg), device), checkpoint_state(cfg.model.path, cfg.model.dtype),
                             device)
         optimizer = build_optimizer(model, policy_of(cfg))
         _train_step(model, optimizer, device)
@@ -190,7 +190,7 @@ def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) ->
         before = local_state(model)
         expected = reference(cfg, device)
         with record_all_gathers() as wire:
-            got = check_stream(stream_weights(model, cfg, device), expected, device, initial_state(cfg))
+            got = check_stream(stream_weights(model, StreamSpec.of(cfg), device), expected, device, initial_state(cfg))
         after = local_state(model)
         unchanged = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
         if cfg.offload.name == "manual":
@@ -289,7 +289,7 @@ def reference_strategies(rank: int, world: int, cfg_yaml: str) -> dict:
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy
-    from recipe.weights import stream_weights
+    from recipe.weights import StreamSpec, stream_weights
 
     cfg, device = OmegaConf.create(cfg_yaml), torch.device("cpu")
     model = build_policy(policy_of(cfg), DistContext(rank, world, rank, device))
@@ -298,7 +298,7 @@ def reference_strategies(rank: int, world: int, cfg_yaml: str) -> dict:
     out = {}
     for name in ("dtensor_stream", "dcp_full_cpu", "naive"):
         cfg.sync.strategy = name
-        out[name] = check_stream(stream_weights(model, cfg, device), expected, device)
+        out[name] = check_stream(stream_weights(model, StreamSpec.of(cfg), device), expected, device)
     return out
 
 

@@ -51,8 +51,8 @@ def _gap(sync):
 def _stale_stream(old):
     from recipe.weights import stream_weights
 
-    def stream(model, cfg, device):
-        for name, t in stream_weights(model, cfg, device):
+    def stream(model, spec, device):
+        for name, t in stream_weights(model, spec, device):
             yield name, (old[name].clone() if name == FAULT_NAME else t)
 
     return stream
@@ -88,7 +88,7 @@ def _reach(rank, world, model_dir):
                     sync.stream_fn = None
                     sync.sync(0)
                     clean = _gap(sync)
-                    old = {n: t.clone() for n, t in stream_weights(policy, cfg, ctx.device)}
+                    old = {n: t.clone() for n, t in stream_weights(policy, sync.spec, ctx.device)}
                     _step(policy, optimizer, off if trained_on == "other tokens" else sync.probe)
                     missed = _gap(sync)
                     sync.stream_fn = _stale_stream(old)

@@ -71,8 +71,8 @@ def remembering_stream(stale: dict):
     """The correct stream, keeping a copy of each tensor's first value in `stale` (for the stale-tensor fault)."""
     from recipe.weights import stream_weights
 
-    def stream(model, cfg, device):
-        for name, t in stream_weights(model, cfg, device):
+    def stream(model, spec, device):
+        for name, t in stream_weights(model, spec, device):
             stale.setdefault(name, t.clone())
             yield name, t
 
@@ -170,8 +170,8 @@ def _stream_faults(ctx, model_dir, engine, tok):
     optimizer = build_optimizer(policy, policy_of(cfg))
     stale = {}
 
-    def capture(model, cfg, device):  # the correct stream, remembering FAULT_NAME's pre-step value
-        for name, t in stream_weights(model, cfg, device):
+    def capture(model, spec, device):  # the correct stream, remembering FAULT_NAME's pre-step value
+        for name, t in stream_weights(model, spec, device):
             if name == FAULT_NAME:
                 stale[name] = t.clone()
             yield name, t
