@@ -57,7 +57,7 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from recipe.dist import DistContext, free_port
-from recipe.engine import Engine, Sample, build_engine
+from recipe.engine import Engine, EngineSpec, Sample, build_engine
 from recipe.settings import Settings
 
 # Building the engine is not a request: vLLM's start (profiling, KV cache, on CUDA graphs) can take
@@ -83,7 +83,7 @@ def place_engine(settings: Settings, ctx: DistContext, model_dir: str, *, load: 
     and `digest` are the sync's settings (`sync.load`, `sync.digest`), handed on to the engine."""
     if settings.rollout.placement == "separate":
         return RemoteEngine(settings, ctx, model_dir, load=load, digest=digest)
-    return build_engine(settings, ctx, model_dir, load=load, digest=digest)
+    return build_engine(EngineSpec.of(settings), ctx, model_dir, load=load, digest=digest)
 
 
 @dataclass(frozen=True)
@@ -448,7 +448,7 @@ class EngineServer:
         try:
             settings = Settings.from_cfg(OmegaConf.create(self.spec.cfg_yaml))
             ctx = DistContext(self.spec.rank, self.spec.world_size, 0, self.device)  # seed = trainer.seed + rank
-            self.engine = build_engine(settings, ctx, self.spec.model_dir, load=self.spec.load, digest=self.spec.digest)
+            self.engine = build_engine(EngineSpec.of(settings), ctx, self.spec.model_dir, load=self.spec.load, digest=self.spec.digest)
             if self.spec.hook:
                 module, _, function = self.spec.hook.partition(":")
                 getattr(importlib.import_module(module), function)(self)

@@ -335,9 +335,11 @@ class VllmSink:
     consumes the stream, so the figure includes everything a training sync's load does."""
 
     def __init__(self, cfg: DictConfig, ctx, model_dir: Path):
-        from recipe.engine import VllmEngine
+        from recipe.engine import EngineSpec, VllmEngine
+        from recipe.settings import Settings
 
-        self.engine = VllmEngine(cfg, ctx, str(model_dir), load=cfg.sync.load, digest=cfg.sync.digest)
+        self.engine = VllmEngine(EngineSpec.of(Settings.from_cfg(cfg)), ctx, str(model_dir), load=cfg.sync.load,
+                                 digest=cfg.sync.digest)
         self.nbytes = 0
 
     def _count(self, stream):

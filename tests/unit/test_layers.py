@@ -50,7 +50,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.sync": {"recipe.weights", "recipe.model", "recipe.names", "recipe.digest", "recipe.config", "recipe.dist",
                     "recipe.settings"},
     "recipe.remote": {"recipe.engine", "recipe.dist", "recipe.settings"},
-    "recipe.engine": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest", "recipe.dist"},
+    "recipe.engine": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest", "recipe.dist", "recipe.settings"},
     "recipe.weights": {"recipe.config", "recipe.model", "recipe.names", "recipe.settings"},
     "recipe.model": {"recipe.config", "recipe.logprobs", "recipe.settings"},
     "recipe.names": set(),
