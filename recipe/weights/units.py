@@ -30,7 +30,7 @@ class StreamSpec:
     strategy: str  # sync.strategy: "auto" (the table's entry) or a reference strategy's name
     dtype: str  # model.dtype: what the engine holds and every final tensor travels in
     lora_scale: float  # lora.alpha / lora.rank: the merge's scale
-    bucket_bytes: int  # sync.bucket_mb in bytes: the FSDP2 gather's bucket
+    bucket_bytes: float  # sync.bucket_mb * 2**20: the FSDP2 gather's bucket
 
     @classmethod
     def of(cls, settings: "Settings") -> "StreamSpec":
@@ -39,7 +39,7 @@ class StreamSpec:
         return cls(fsdp=settings.fsdp.name, offload=settings.offload.name, lora=lora.name,
                    strategy=settings.sync.strategy, dtype=settings.model.dtype,
                    lora_scale=lora.alpha / lora.rank if lora.rank else 0.0,
-                   bucket_bytes=int(settings.sync.bucket_mb) * 2**20)
+                   bucket_bytes=settings.sync.bucket_mb * 2**20)
 
     @property
     def combo(self) -> Tuple[str, str, str]:

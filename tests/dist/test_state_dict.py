@@ -340,12 +340,11 @@ def uneven_gathers(rank: int, world: int) -> List[str]:
     with one piece per tensor, so rank 1 packs pieces of one row and of no rows (and merges a
     single row: the BLAS's one-row kernel rounds otherwise at LoRA rank 8). Returns what differs from the full tensors (merged: `merge_lora` on them)."""
     import torch.nn as nn
-    from omegaconf import OmegaConf
     from peft import LoraConfig, get_peft_model
     from torch.distributed.fsdp import fully_shard
 
     from recipe.names import is_lora_param
-    from recipe.weights import GATHERS, merge_lora
+    from recipe.weights import GATHERS, StreamSpec, merge_lora
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 3), nn.Linear(3, 1), nn.Linear(1, 5, bias=False))
@@ -356,14 +355,15 @@ def uneven_gathers(rank: int, world: int) -> List[str]:
         fully_shard(layer)
     fully_shard(model)
     full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-    cfg = OmegaConf.create({"sync": {"bucket_mb": 1e-6}, "lora": {"alpha": 7.0, "rank": 8}})
+    spec = StreamSpec(fsdp="fsdp2", offload="none", lora="merged", strategy="auto", dtype="bfloat16",
+                      lora_scale=7.0 / 8, bucket_bytes=1e-6 * 2**20)
     gather, scale, bad = GATHERS[("fsdp2", "none")], 7.0 / 8, []
     cases = {"full": (lambda n: True, False, torch.bfloat16), "adapter": (is_lora_param, False, torch.bfloat16),
              "merged": (lambda n: True, True, torch.bfloat16), "merged-fp32": (lambda n: True, True, torch.float32)}
     for case, (select, merge, dtype) in cases.items():
         wire = (lambda n, p: p.dtype if is_lora_param(n) else dtype) if merge else (lambda n, p: dtype)
         with torch.no_grad():  # as WeightStream runs the gathers
-            got = {n: t for group in gather(model, cfg, torch.device("cpu"), wire, select, merge) for n, t in group.items()}
+            got = {n: t for group in gather(model, spec, torch.device("cpu"), wire, select, merge) for n, t in group.items()}
         want = {n: t.to(dtype) for n, t in full.items() if select(n) and not (merge and is_lora_param(n))}
         if merge:
             for stem in ("base_model.model.0.", "base_model.model.1.", "base_model.model.2."):
