@@ -368,15 +368,6 @@ def _unknown_keys(node: Any, prefix: str = "") -> None:
             _unknown_keys(node[key], f"{prefix}{key}.")
 
 
-def resolve_device(cfg: DictConfig) -> str:
-    """`trainer.device` resolved against the hardware: "cpu" or "cuda"."""
-    import torch
-
-    if cfg.trainer.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.trainer.device
-
-
 def validate(cfg: DictConfig) -> Settings:
     """Every rule: unknown keys and numeric ranges on the composed config, each group's own rules
     (`Settings.check`), then the rules across groups. Raises ConfigError naming the field(s) and the

@@ -131,11 +131,11 @@ def _hydra_files(cfg: DictConfig, hydra_cfg) -> dict:
             ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
 
 
-def _stopped(cfg: DictConfig, hydra_cfg, stop) -> str:
-    """One line: where the run stands and the command that resumes it."""
+def _stopped(run_dir, steps: int, hydra_cfg, stop) -> str:
+    """One line: where the run (`trainer.steps` = `steps`) stands and the command that resumes it."""
     from recipe.preflight import checkpoint_step
 
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(run_dir)
     step = 0
     metrics = run_dir / "metrics.jsonl"
     for line in (metrics.read_text(errors="replace").splitlines() if metrics.is_file() else []):
@@ -149,7 +149,7 @@ def _stopped(cfg: DictConfig, hydra_cfg, stop) -> str:
     keep = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in resumed]
     command = " ".join(["python -m recipe.train", *map(shlex.quote, keep), "trainer.resume=true",
                         shlex.quote(f"hydra.run.dir={run_dir}")])
-    return f"{stop} at step {step} of {cfg.trainer.steps} ({kept}); resume with: {command}"
+    return f"{stop} at step {step} of {steps} ({kept}); resume with: {command}"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -165,7 +165,7 @@ def main(cfg: DictConfig) -> None:
         try:
             train(cfg, run)
         except RunStopped as stop:
-            line = _stopped(cfg, hydra_cfg, stop)
+            line = _stopped(cfg.run_dir, cfg.trainer.steps, hydra_cfg, stop)
             where = _record(run, "stopped", line)
             print("\n" + line + where, file=sys.stderr, flush=True)  # (after a progress bar's line)
             raise SystemExit(128 + stop.signum) from None

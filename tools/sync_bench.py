@@ -63,7 +63,8 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from recipe.config import (FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, TrainConfig,
-                           UnsupportedError, resolve_device, validate)
+                           UnsupportedError, validate)
+from recipe.settings import device_of
 
 REFERENCES = ("naive", "dcp_full_cpu", "dtensor_stream", "trl_colocate")
 SINKS = ("auto", "copy", "vllm")
@@ -403,7 +404,7 @@ def engine_dir(cfg: DictConfig) -> str:
     """The checkpoint the vLLM sink's engine is built from ("" when there is none)."""
     if cfg.bench.engine_dir:
         return cfg.bench.engine_dir
-    return cfg.model.path if not cfg.bench_model.qwen2 and resolve_device(cfg) == "cpu" else ""
+    return cfg.model.path if not cfg.bench_model.qwen2 and device_of(cfg.trainer.device) == "cpu" else ""
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -722,7 +723,7 @@ def bench(cfg: DictConfig) -> None:
     from recipe.dist import launch
 
     validate(cfg)
-    resolve_sink(cfg, torch.device(resolve_device(cfg)))
+    resolve_sink(cfg, torch.device(device_of(cfg.trainer.device)))
     select_cells(cfg)
     launch(bench_rank, cfg)
 

@@ -54,7 +54,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.weights": {"recipe.config", "recipe.model", "recipe.names", "recipe.settings"},
     "recipe.model": {"recipe.config", "recipe.logprobs", "recipe.settings"},
     "recipe.names": set(),
-    "recipe.dist": {"recipe.config"},
+    "recipe.dist": {"recipe.config", "recipe.settings"},
     "recipe.tasks": {"recipe.config", "recipe.settings"},
     "recipe.metrics": {"recipe.files", "recipe.settings"},
     "recipe.progress": set(),
