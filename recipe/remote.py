@@ -112,12 +112,12 @@ def pair_group(store, rank: int, device: torch.device, timeout: datetime.timedel
     return dist.ProcessGroupGloo(prefix, rank, 2, timeout)
 
 
-def engine_device(settings: Settings, rank: int) -> Optional[str]:
-    """CUDA_VISIBLE_DEVICES for rank `rank`'s engine (rollout.devices[rank], else world_size + rank), else None."""
-    if settings.device != "cuda" or not torch.cuda.is_available():
+def engine_device(devices: Tuple[int, ...], device: str, world: int, rank: int) -> Optional[str]:
+    """CUDA_VISIBLE_DEVICES for rank `rank`'s engine (`rollout.devices`[rank], else world + rank) when `device`
+    is "cuda", else None."""
+    if device != "cuda" or not torch.cuda.is_available():
         return None
-    world = settings.world_size
-    index = list(settings.rollout.devices)[rank] if len(settings.rollout.devices) else world + rank
+    index = list(devices)[rank] if len(devices) else world + rank
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return visible.split(",")[index] if visible else str(index)
 
@@ -157,9 +157,9 @@ class RemoteEngine(Engine):
         self._store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=timeout, wait_for_workers=False)
         spawn = mp.get_context("spawn")
         self._conn, child_end = spawn.Pipe()
+        device = engine_device(settings.rollout.devices, settings.device, settings.world_size, ctx.rank)
         spec = ChildSpec(OmegaConf.to_yaml(OmegaConf.create(settings.source)), load, digest, ctx.rank, ctx.world_size,
-                         str(model_dir), port, self.timeout_s, engine_device(settings, ctx.rank),
-                         os.environ.get(TEST_HOOK_ENV))
+                         str(model_dir), port, self.timeout_s, device, os.environ.get(TEST_HOOK_ENV))
         self.process = spawn.Process(target=serve, args=(spec, child_end, os.getpid()), name=f"engine-rank{ctx.rank}")
         self.process.start()
         child_end.close()

@@ -62,7 +62,7 @@ def train(cfg: DictConfig, run=None) -> None:
         check_model_path(settings.model)
         console_env(settings.logger.verbose)  # before the ranks start: their torch reads it at import
         preflight(cfg)  # run directory, resumed config, wandb, engine: before anything is built or downloaded
-        check_context_length(settings.task, settings.trainer, settings.rollout, ensure_model(cfg))
+        check_context_length(settings.task, settings.trainer, settings.rollout, ensure_model(settings.model))
         run.adopt()  # a resumed run owns its directory only now, having passed every check
         if run.owned:
             save_run_config(cfg, Path(cfg.run_dir) / "config.yaml")  # a resumed run compares against this file
@@ -124,10 +124,11 @@ def _record(run, status: str, error: str = "") -> str:
         return ""
 
 
-def _hydra_files(cfg: DictConfig, hydra_cfg) -> dict:
-    """What Hydra would have written into `.hydra/` before the run started: written here once the run
-    owns its directory (conf/train.yaml turns Hydra's own writing off, `hydra.output_subdir: null`)."""
-    return {".hydra/config.yaml": OmegaConf.to_yaml(cfg), ".hydra/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+def _hydra_files(config_yaml: str, hydra_cfg) -> dict:
+    """What Hydra would have written into `.hydra/` before the run started (`config_yaml`: the composed
+    config as Hydra writes it): written here once the run owns its directory (conf/train.yaml turns
+    Hydra's own writing off, `hydra.output_subdir: null`)."""
+    return {".hydra/config.yaml": config_yaml, ".hydra/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
             ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
 
 
@@ -160,7 +161,7 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run_dir = hydra_cfg.runtime.output_dir
-    run = RunDir(cfg.run_dir, files=_hydra_files(cfg, hydra_cfg))
+    run = RunDir(cfg.run_dir, files=_hydra_files(OmegaConf.to_yaml(cfg), hydra_cfg))
     with stop_on_signals():  # SIGTERM / Ctrl-C: every rank ends, one line says how to resume
         try:
             train(cfg, run)

@@ -242,7 +242,7 @@ def build_base(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     if not cfg.bench_model.qwen2:
         from recipe.assets import ensure_model
 
-        ensure_model(cfg)
+        ensure_model(cfg.model)
         return load_hf_model(cfg.model, device, cfg.model.master_dtype)
     from transformers import AutoModelForCausalLM, Qwen2Config
 

@@ -173,7 +173,6 @@ def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) ->
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy, load_to_device, offload_to_cpu
-    from recipe.config import combo_key
     from recipe.weights import StreamSpec, stream_base_weights, stream_weights
 
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
@@ -196,7 +195,7 @@ def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) ->
         if cfg.offload.name == "manual":
             load_to_device(model, optimizer, device)
             _train_step(model, optimizer, device)  # the moved-back state still trains
-        results.append(dict(key=combo_key(cfg), base=base, got=got, unchanged=unchanged,
+        results.append(dict(key=StreamSpec.of(cfg).combo, base=base, got=got, unchanged=unchanged,
                             bound=unit_bytes_bound(cfg), masters=param_dtypes(model, trainable=True),
                             frozen=param_dtypes(model, trainable=False),
                             wire=wire))
