@@ -475,15 +475,16 @@ def expand_paths(cfg: DictConfig) -> None:
             OmegaConf.update(cfg, key, os.path.expanduser(value), merge=False)
 
 
-def launcher_world(cfg: DictConfig) -> None:
-    """Under torchrun the world is torchrun's (WORLD_SIZE): `trainer.world_size` takes its value, so that
+def launcher_world(trainer) -> None:
+    """Under torchrun the world is torchrun's (WORLD_SIZE): `trainer.world_size` (of the trainer group
+    `trainer`, set in place) takes its value, so that
     config.yaml records the world a run had and a resume at another world size is refused like any
     other change of the math (each rank's checkpoint file, RNG and share of the prompts are its own)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # as recipe/dist.py tells torchrun
         return
     world = int(os.environ["WORLD_SIZE"])
-    if world != cfg.trainer.world_size:
+    if world != trainer.world_size:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"note: trainer.world_size={cfg.trainer.world_size} but torchrun started {world} ranks; the run "
+            print(f"note: trainer.world_size={trainer.world_size} but torchrun started {world} ranks; the run "
                   f"uses {world}", flush=True)
-        cfg.trainer.world_size = world
+        trainer.world_size = world

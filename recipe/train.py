@@ -53,7 +53,7 @@ def train(cfg: DictConfig, run=None) -> None:
     from recipe.progress import console_env
 
     expand_paths(cfg)  # `~` once, before anything reads a path
-    launcher_world(cfg)  # under torchrun: its world, recorded and compared on resume like any other value
+    launcher_world(cfg.trainer)  # under torchrun: its world, recorded and compared on resume like any other value
     mine = run is None
     run = run or RunDir(cfg.run_dir)
     try:

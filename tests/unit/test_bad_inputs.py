@@ -326,16 +326,16 @@ def test_resume_at_another_world_size_under_torchrun_is_refused(tmp_path, monkey
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     saved = _run_cfg(tmp_path, ["trainer.steps=8", "trainer.world_size=1"])  # as a torchrun run of 2 records itself
-    launcher_world(saved)
+    launcher_world(saved.trainer)
     save_run_config(saved, run / "config.yaml")
     monkeypatch.setenv("WORLD_SIZE", "4")
     resume = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=8", "trainer.world_size=1"])
-    launcher_world(resume)
+    launcher_world(resume.trainer)
     with pytest.raises(ConfigError, match=r"trainer.world_size: 2 -> 4.*torchrun --nproc-per-node=2"):
         check_resume_config(resume)
     monkeypatch.setenv("WORLD_SIZE", "2")
     same = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=8", "trainer.world_size=1"])
-    launcher_world(same)
+    launcher_world(same.trainer)
     check_resume_config(same)
 
 
