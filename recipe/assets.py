@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from omegaconf import DictConfig
 
 from recipe.builtin_models import NotOursError, check_buildable, fetch_default_model, make_tiny_model
 from recipe.config import ConfigError
@@ -89,13 +88,13 @@ def _check_files(path: Path) -> None:
                           f"{'; '.join(missing)}. Give a directory saved with save_pretrained (model and tokenizer).")
 
 
-def ensure_model(cfg: DictConfig) -> Path:
-    """Return the local HF directory of `cfg.model`, building `tiny` / `smollm2` if absent; check it."""
-    path = Path(cfg.model.path).expanduser().resolve()
+def ensure_model(model) -> Path:
+    """Return the local HF directory of the model group `model`, building `tiny` / `smollm2` if absent; check it."""
+    path = Path(model.path).expanduser().resolve()
     try:
-        if cfg.model.builder == "tiny":  # rebuilt when the cached copy is of an older version
+        if model.builder == "tiny":  # rebuilt when the cached copy is of an older version
             path = make_tiny_model(path)
-        elif cfg.model.builder == "smollm2":
+        elif model.builder == "smollm2":
             path = fetch_default_model(path)
     except NotOursError as exc:  # validate() refuses this already; the builders check again
         raise ConfigError(str(exc)) from None

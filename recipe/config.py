@@ -22,6 +22,7 @@ from recipe.settings import (  # noqa: F401  (the choices and errors are part of
     LOSS_AGG_CHOICES, OFFLOAD_CHOICES, ROLLOUT_CHOICES, SYNC_LOAD_CHOICES, SYNC_STRATEGY_CHOICES, ConfigError,
     Settings, UnsupportedError,
 )
+from recipe.settings import Algo, Lora, Policy, Rollout, Sync, Trainer
 
 
 @dataclass
@@ -317,21 +318,20 @@ def check_numbers(cfg: DictConfig) -> None:
             raise ConfigError(f"{key} must be {bound}, got {value}" + (f": {bound.why}" if bound.why else ""))
 
 
-def _engine_limits(s: Settings) -> None:
+def _engine_limits(rollout: Rollout, lora: Lora, seed: int, world: int) -> None:
     """Limits that come from the engine rather than from the field itself. The world is the run's
     (`Settings.world_size`: torchrun's WORLD_SIZE when it started the process, else trainer.world_size)."""
-    world = s.world_size
-    if s.trainer.seed + world - 1 >= SEED_LIMIT:
-        raise ConfigError(f"trainer.seed={s.trainer.seed} is too large: rank r's engine takes seed + r, and seeds "
+    if seed + world - 1 >= SEED_LIMIT:
+        raise ConfigError(f"trainer.seed={seed} is too large: rank r's engine takes seed + r, and seeds "
                           f"are 32-bit; give trainer.seed <= {SEED_LIMIT - world}")
-    if s.rollout.backend != "vllm":
+    if rollout.backend != "vllm":
         return
     max_n = int(os.environ.get("VLLM_MAX_N_SEQUENCES", VLLM_MAX_N_DEFAULT))
-    if s.rollout.n > max_n:
-        raise ConfigError(f"rollout.n={s.rollout.n} is more samples per prompt than vLLM takes in one request "
+    if rollout.n > max_n:
+        raise ConfigError(f"rollout.n={rollout.n} is more samples per prompt than vLLM takes in one request "
                           f"({max_n}; the environment variable VLLM_MAX_N_SEQUENCES raises it)")
-    if s.lora.name == "adapter" and s.lora.rank > 512:
-        raise ConfigError(f"lora.rank={s.lora.rank} is larger than vLLM's largest max_lora_rank (512) with "
+    if lora.name == "adapter" and lora.rank > 512:
+        raise ConfigError(f"lora.rank={lora.rank} is larger than vLLM's largest max_lora_rank (512) with "
                           "lora=adapter; use lora.rank <= 512, or lora=merged")
 
 
@@ -368,15 +368,6 @@ def _unknown_keys(node: Any, prefix: str = "") -> None:
             _unknown_keys(node[key], f"{prefix}{key}.")
 
 
-def resolve_device(cfg: DictConfig) -> str:
-    """`trainer.device` resolved against the hardware: "cpu" or "cuda"."""
-    import torch
-
-    if cfg.trainer.device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return cfg.trainer.device
-
-
 def validate(cfg: DictConfig) -> Settings:
     """Every rule: unknown keys and numeric ranges on the composed config, each group's own rules
     (`Settings.check`), then the rules across groups. Raises ConfigError naming the field(s) and the
@@ -385,64 +376,69 @@ def validate(cfg: DictConfig) -> Settings:
     check_numbers(cfg)  # first: later rules compare numbers, and a NaN passes every comparison
     if OmegaConf.is_missing(cfg.model, "path"):
         raise ConfigError("model.path is missing; set model.path=/path/to/hf_checkpoint (a local HF directory)")
-    settings = Settings.from_cfg(cfg)
-    _engine_limits(settings)
-    settings.check()
-    _rollout_and_batch(settings)
-    _placement(settings)
-    _evaluation(settings)
-    _hardware(settings)
-    return settings
+    s = Settings.from_cfg(cfg)
+    _engine_limits(s.rollout, s.lora, s.trainer.seed, s.world_size)
+    s.check()
+    _rollout_and_batch(s.trainer, s.rollout, s.algo)
+    _placement(s.rollout, s.device, s.world_size)
+    _evaluation(s.trainer, s.world_size)
+    _reference_strategy(s.sync, s.lora)
+    _hardware(s.policy, s.device, s.world_size)
+    return s
 
 
-def _hardware(s: Settings) -> None:
-    """What this machine (device, world size) can run with the chosen fsdp, offload and lora."""
-    if s.sync.strategy != "auto" and s.lora.name != "none":
-        raise ConfigError(f"sync.strategy={s.sync.strategy!r} is a full-weight reference strategy; "
-                          f"it requires lora=none (got lora.name={s.lora.name!r}); use sync.strategy=auto")
-    if s.device == "cuda":
+def _reference_strategy(sync: Sync, lora: Lora) -> None:
+    """The reference strategies stream full weights: they cannot serve a LoRA run."""
+    if sync.strategy != "auto" and lora.name != "none":
+        raise ConfigError(f"sync.strategy={sync.strategy!r} is a full-weight reference strategy; "
+                          f"it requires lora=none (got lora.name={lora.name!r}); use sync.strategy=auto")
+
+
+def _hardware(s: Policy, device: str, world_size: int) -> None:
+    """What this machine (`device`, `world_size`) can run with the chosen fsdp, offload and lora (`s`:
+    the policy's slices)."""
+    if device == "cuda":
         import torch
 
         if not torch.cuda.is_available():
             raise ConfigError("trainer.device=cuda but no CUDA device is available; use trainer.device=auto or cpu")
-    if s.device == "cpu" and s.fsdp.name == "fsdp1" and s.offload.name == "cpu":
+    if device == "cpu" and s.fsdp.name == "fsdp1" and s.offload.name == "cpu":
         raise UnsupportedError(
             "fsdp=fsdp1 with offload=cpu needs an accelerator: FSDP1's CPUOffload(offload_params=True) pins host "
             "memory unconditionally ('Cannot access accelerator device when none is available'). On a CPU-only "
             "machine use fsdp=fsdp2 +offload=cpu (CPUOffloadPolicy with pin_memory=False) or fsdp=fsdp1 +offload=manual."
         )
-    if s.world_size == 1 and s.fsdp.name == "fsdp1" and s.lora.name != "none" and s.offload.name != "cpu":
+    if world_size == 1 and s.fsdp.name == "fsdp1" and s.lora.name != "none" and s.offload.name != "cpu":
         raise UnsupportedError(
             f"fsdp=fsdp1 with lora={s.lora.name} at world size 1 is not supported: FSDP1 falls back to NO_SHARD "
             "there, and with peft's frozen and trainable parameters in one flat parameter the second forward "
             "fails (torch 2.13: 'as_params=True type(prim_param)=Tensor'). Use fsdp=fsdp2, or "
             "trainer.world_size >= 2."
         )
-    if s.device == "cpu" and s.offload.pin_memory is True:
+    if device == "cpu" and s.offload.pin_memory is True:
         raise ConfigError("offload.pin_memory=true needs CUDA; on CPU use offload.pin_memory=auto or false")
 
 
-def _rollout_and_batch(s: Settings) -> None:
+def _rollout_and_batch(trainer: Trainer, rollout: Rollout, algo: Algo) -> None:
     """Values that pass one by one but cannot sample or train together."""
-    samples = s.trainer.prompts_per_step * s.rollout.n
-    if s.trainer.updates_per_batch > samples:
-        raise ConfigError(f"trainer.updates_per_batch={s.trainer.updates_per_batch} is more than the samples per "
+    samples = trainer.prompts_per_step * rollout.n
+    if trainer.updates_per_batch > samples:
+        raise ConfigError(f"trainer.updates_per_batch={trainer.updates_per_batch} is more than the samples per "
                           f"rank (trainer.prompts_per_step * rollout.n = {samples}): a mini-batch would be empty")
-    if s.algo.off_policy_steps > 0 and s.rollout.top_p < 1:
-        raise ConfigError(f"algo.off_policy_steps={s.algo.off_policy_steps} with rollout.top_p={s.rollout.top_p} "
+    if algo.off_policy_steps > 0 and rollout.top_p < 1:
+        raise ConfigError(f"algo.off_policy_steps={algo.off_policy_steps} with rollout.top_p={rollout.top_p} "
                           "is not supported: with top_p < 1 the engine reports logprobs of the truncated distribution, "
                           "so the stale sampler's probability (the importance weight's denominator) is unknown; use "
                           "rollout.top_p=1 or algo.off_policy_steps=0")
 
 
-def _placement(s: Settings) -> None:
+def _placement(rollout: Rollout, device: str, world: int) -> None:
     """One engine per trainer rank; with placement=separate on CUDA, on devices the trainer does not use."""
-    world = s.world_size
-    if s.rollout.num_engines is not None and s.rollout.num_engines != world:
-        raise ConfigError(f"rollout.num_engines={s.rollout.num_engines} is not valid with {world} trainer ranks: "
+    if rollout.num_engines is not None and rollout.num_engines != world:
+        raise ConfigError(f"rollout.num_engines={rollout.num_engines} is not valid with {world} trainer ranks: "
                           f"every rank samples its own prompts from an engine of its own; choose one of: null, {world}")
-    devices = list(s.rollout.devices)
-    if s.rollout.placement != "separate" or s.device != "cuda":
+    devices = list(rollout.devices)
+    if rollout.placement != "separate" or device != "cuda":
         return  # colocated engines share their rank's device; on CPU there are no device ids
     import torch
 
@@ -463,10 +459,10 @@ def _placement(s: Settings) -> None:
                           f"visible; rollout.placement=separate needs {2 * world} (trainer + engines)")
 
 
-def _evaluation(s: Settings) -> None:
+def _evaluation(trainer: Trainer, world: int) -> None:
     """The held-out evaluation: off (eval_every=0), or at least one prompt per rank."""
-    if s.trainer.eval_every != 0 and s.trainer.eval_prompts < s.world_size:
-        raise ConfigError(f"trainer.eval_prompts={s.trainer.eval_prompts} is fewer than the ranks ({s.world_size}): "
+    if trainer.eval_every != 0 and trainer.eval_prompts < world:
+        raise ConfigError(f"trainer.eval_prompts={trainer.eval_prompts} is fewer than the ranks ({world}): "
                           "every rank evaluates its share of the held-out prompts; give at least one per rank")
 
 
@@ -479,20 +475,16 @@ def expand_paths(cfg: DictConfig) -> None:
             OmegaConf.update(cfg, key, os.path.expanduser(value), merge=False)
 
 
-def launcher_world(cfg: DictConfig) -> None:
-    """Under torchrun the world is torchrun's (WORLD_SIZE): `trainer.world_size` takes its value, so that
+def launcher_world(trainer) -> None:
+    """Under torchrun the world is torchrun's (WORLD_SIZE): `trainer.world_size` (of the trainer group
+    `trainer`, set in place) takes its value, so that
     config.yaml records the world a run had and a resume at another world size is refused like any
     other change of the math (each rank's checkpoint file, RNG and share of the prompts are its own)."""
     if "RANK" not in os.environ or "WORLD_SIZE" not in os.environ:  # as recipe/dist.py tells torchrun
         return
     world = int(os.environ["WORLD_SIZE"])
-    if world != cfg.trainer.world_size:
+    if world != trainer.world_size:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"note: trainer.world_size={cfg.trainer.world_size} but torchrun started {world} ranks; the run "
+            print(f"note: trainer.world_size={trainer.world_size} but torchrun started {world} ranks; the run "
                   f"uses {world}", flush=True)
-        cfg.trainer.world_size = world
-
-
-def combo_key(cfg: DictConfig) -> tuple:
-    """The dispatch-table key: the Hydra option names of fsdp, offload and lora."""
-    return (cfg.fsdp.name, cfg.offload.name, cfg.lora.name)
+        trainer.world_size = world

@@ -41,7 +41,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from omegaconf import DictConfig, OmegaConf
 
-from recipe.config import resolve_device
+from recipe.settings import device_of
 
 
 class RankError(RuntimeError):
@@ -201,7 +201,7 @@ def _root_cause(error_dir: str) -> Optional[dict]:
 
 
 def _run_rank(fn: Callable, cfg: DictConfig) -> Any:
-    ctx = init_process_group(resolve_device(cfg), cfg.trainer.timeout_s)
+    ctx = init_process_group(device_of(cfg.trainer.device), cfg.trainer.timeout_s)
     try:
         return fn(cfg, ctx)
     except RunStopped:  # under torchrun: the launcher's one line says it
@@ -215,12 +215,13 @@ def _run_rank(fn: Callable, cfg: DictConfig) -> Any:
             dist.destroy_process_group()
 
 
-def world_size_for(cfg: DictConfig) -> int:
-    if resolve_device(cfg) == "cuda":
+def world_size_for(device: str, world_size: int) -> int:
+    """`trainer.world_size` (`world_size`), refused when `device` is "cuda" and fewer devices are visible."""
+    if device == "cuda":
         available = torch.cuda.device_count()
-        if cfg.trainer.world_size > available:
-            raise RankError(f"trainer.world_size={cfg.trainer.world_size} but only {available} CUDA devices are visible")
-    return cfg.trainer.world_size
+        if world_size > available:
+            raise RankError(f"trainer.world_size={world_size} but only {available} CUDA devices are visible")
+    return world_size
 
 
 def launch(fn: Callable[[DictConfig, DistContext], Any], cfg: DictConfig) -> None:
@@ -228,7 +229,7 @@ def launch(fn: Callable[[DictConfig, DistContext], Any], cfg: DictConfig) -> Non
     if "RANK" in os.environ and "WORLD_SIZE" in os.environ:  # started by torchrun
         _run_rank(fn, cfg)
         return
-    world = world_size_for(cfg)
+    world = world_size_for(device_of(cfg.trainer.device), int(cfg.trainer.world_size))
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     with tempfile.TemporaryDirectory(prefix="rank-errors-") as error_dir:
         context = mp.start_processes(_worker, args=(fn, cfg_yaml, world, free_port(), error_dir, os.getpid()),

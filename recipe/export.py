@@ -2,7 +2,7 @@
 LoRA also the adapter in PEFT format that peft and vLLM's `LoRARequest` load.
 
     from recipe.export import export
-    export(model, cfg, ctx, out=run_dir / "export" / f"step_{step}", step=step, run_dir=run_dir)
+    export(model, settings, ctx, out=run_dir / "export" / f"step_{step}", step=step, run_dir=run_dir)
 
 Layout of `out` (`trainer.export`: `final` (default), `every_checkpoint`, `none`; or
 `python -m tools.export <checkpoint>`):
@@ -30,18 +30,18 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Any, Dict, Iterable, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
 
-from recipe.config import combo_key
 from recipe.dist import agree
 from recipe.files import sha256, write_error
 from recipe.model import adapter_config
-from recipe.weights import stream_transform
+from recipe.settings import Settings
+from recipe.weights import StreamSpec, stream_transform
 
 MANIFEST = "export.json"
 SHARD_BYTES = 2**30
@@ -51,6 +51,23 @@ ADAPTER_DIR = "adapter"
 
 class ExportError(RuntimeError):
     """An export cannot be written; the message names the path."""
+
+
+@dataclass(frozen=True)
+class ExportSpec:
+    """What the writers read: the stream's spec (gather, dtype, LoRA mode), the base model's directory
+    (`model.path`: config, tokenizer, the manifest's base) and the LoRA slice (adapter_config.json)."""
+    stream: StreamSpec
+    base: str
+    lora: Any
+
+    @classmethod
+    def of(cls, settings: Settings) -> "ExportSpec":
+        return cls(StreamSpec.of(settings), str(settings.model.path), settings.lora)
+
+    @property
+    def has_lora(self) -> bool:
+        return self.stream.lora != "none"
 
 
 # ----------------------------------------------------------------------------- target directory
@@ -151,10 +168,11 @@ def consume(stream: Iterable, write, path: Path) -> Optional[str]:
     return error
 
 
-def export(model: nn.Module, cfg: DictConfig, ctx, out: Path, step: int, run_dir: Path,
+def export(model: nn.Module, settings: Settings, ctx, out: Path, step: int, run_dir: Path,
            shard_bytes: int = SHARD_BYTES, adapter_only: bool = False) -> Path:
     """Write the export of the sharded `model` to `out` (see the module docstring). Every rank calls it.
     `adapter_only` (LoRA): `out` is the PEFT directory alone (adapter files and the manifest)."""
+    spec = ExportSpec.of(settings)
     out, run_dir = Path(out).resolve(), Path(run_dir).resolve()
     tmp, error = None, None
     if ctx.is_main:
@@ -169,11 +187,11 @@ def export(model: nn.Module, cfg: DictConfig, ctx, out: Path, step: int, run_dir
     agree(error, ExportError)  # rank 0 writes; the others wait for its verdict
     try:
         if adapter_only:
-            error = write_adapter_stream(model, cfg, ctx, tmp)
+            error = write_adapter_stream(model, spec, ctx, tmp)
         else:
-            error = write_weights(model, cfg, ctx, tmp, shard_bytes)
+            error = write_weights(model, spec, ctx, tmp, shard_bytes)
         if ctx.is_main and error is None:
-            error = write_files(cfg, tmp, out, step, run_dir, hf=not adapter_only)
+            error = write_files(spec, tmp, out, step, run_dir, hf=not adapter_only)
         agree(error, ExportError)
         if ctx.is_main:
             try:
@@ -187,12 +205,12 @@ def export(model: nn.Module, cfg: DictConfig, ctx, out: Path, step: int, run_dir
     return out
 
 
-def write_weights(model: nn.Module, cfg: DictConfig, ctx, tmp: Optional[Path], shard_bytes: int) -> Optional[str]:
+def write_weights(model: nn.Module, spec: ExportSpec, ctx, tmp: Optional[Path], shard_bytes: int) -> Optional[str]:
     """The policy's shards (merged for LoRA) and, for LoRA, the adapter tensors; rank 0 writes.
     Returns rank 0's first failure, if any."""
-    lora = cfg.lora.name != "none"
+    lora = spec.has_lora
     writer = ShardWriter(tmp, shard_bytes) if ctx.is_main else None
-    error = consume(stream_transform(model, cfg, ctx.device, "merged" if lora else "none"),
+    error = consume(stream_transform(model, spec.stream, ctx.device, "merged" if lora else "none"),
                     writer.add if writer else None, tmp)
     if writer is not None and error is None:
         try:
@@ -201,42 +219,42 @@ def write_weights(model: nn.Module, cfg: DictConfig, ctx, tmp: Optional[Path], s
             error = write_error(exc, tmp)
     if not lora:
         return error
-    return write_adapter_stream(model, cfg, ctx, tmp / ADAPTER_DIR if tmp is not None else None) or error
+    return write_adapter_stream(model, spec, ctx, tmp / ADAPTER_DIR if tmp is not None else None) or error
 
 
-def write_adapter_stream(model: nn.Module, cfg: DictConfig, ctx, out: Optional[Path]) -> Optional[str]:
+def write_adapter_stream(model: nn.Module, spec: ExportSpec, ctx, out: Optional[Path]) -> Optional[str]:
     """The LoRA tensors under peft's names, with adapter_config.json, into `out` (rank 0)."""
     adapter: Dict[str, torch.Tensor] = {}
     collect = (lambda name, t: adapter.__setitem__(name, t.detach().to("cpu", copy=True).contiguous())) \
         if ctx.is_main else None
-    error = consume(stream_transform(model, cfg, ctx.device, "adapter"), collect, out)
+    error = consume(stream_transform(model, spec.stream, ctx.device, "adapter"), collect, out)
     if ctx.is_main and error is None:
-        error = write_adapter(cfg, out, adapter)
+        error = write_adapter(spec, out, adapter)
     return error
 
 
-def write_adapter(cfg: DictConfig, out: Path, tensors: Dict[str, torch.Tensor]) -> Optional[str]:
+def write_adapter(spec: ExportSpec, out: Path, tensors: Dict[str, torch.Tensor]) -> Optional[str]:
     from safetensors.torch import save_file
 
     try:
         out.mkdir(exist_ok=True)
         save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(adapter_config(cfg.lora, cfg.model.path), indent=2, sort_keys=True) + "\n")
+        (out / "adapter_config.json").write_text(json.dumps(adapter_config(spec.lora, spec.base), indent=2, sort_keys=True) + "\n")
     except Exception as exc:  # noqa: BLE001
         return write_error(exc, out)
     return None
 
 
-def write_files(cfg: DictConfig, tmp: Path, out: Path, step: int, run_dir: Path, hf: bool = True) -> Optional[str]:
+def write_files(spec: ExportSpec, tmp: Path, out: Path, step: int, run_dir: Path, hf: bool = True) -> Optional[str]:
     """With `hf`: config.json, generation_config.json and the tokenizer of the base (in `model.dtype`);
     then the manifest with every file's sha256. Rank 0 only."""
-    base = Path(cfg.model.path).expanduser().resolve()
+    base = Path(spec.base).expanduser().resolve()
     try:
         if hf:
-            write_hf_files(base, cfg.model.dtype, tmp)
+            write_hf_files(base, spec.stream.dtype, tmp)
         files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {"run_dir": str(run_dir), "step": step, "combination": "/".join(combo_key(cfg)),
-                    "dtype": cfg.model.dtype, "base": str(base), "files": files}
+        manifest = {"run_dir": str(run_dir), "step": step, "combination": "/".join(spec.stream.combo),
+                    "dtype": spec.stream.dtype, "base": str(base), "files": files}
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     except Exception as exc:  # noqa: BLE001
         return write_error(exc, out)

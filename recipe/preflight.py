@@ -62,17 +62,20 @@ ENGINE_IN_PROCESS = "VLLM_ENABLE_V1_MULTIPROCESSING"
 
 
 def preflight(cfg: DictConfig) -> None:
-    check_run_dir(cfg)
+    """The checks that need I/O, on the composed config (it is what config.yaml records and a resume
+    compares); each check is given only the fields it reads."""
+    check_run_dir(cfg.run_dir, bool(cfg.trainer.resume))
     check_resume_config(cfg)
-    check_wandb(cfg)
-    engine_in_process(cfg)
+    check_wandb(cfg.logger, cfg.run_dir)
+    engine_in_process(cfg.rollout)
 
 
-def engine_in_process(cfg: DictConfig) -> None:
+def engine_in_process(rollout) -> None:
     """vLLM runs in the rank's own process (the weight sync hands it tensors, the digest reads its
     parameters): VLLM_ENABLE_V1_MULTIPROCESSING is set to 0 before the ranks start, which inherit it,
-    with a message when the environment said otherwise (its engine core would run in another process)."""
-    if cfg.rollout.backend != "vllm":
+    with a message when the environment said otherwise (its engine core would run in another process).
+    `rollout`: the rollout group (its backend)."""
+    if rollout.backend != "vllm":
         return
     value = os.environ.get(ENGINE_IN_PROCESS)
     if value not in (None, "0") and _is_rank_zero():
@@ -165,12 +168,12 @@ class RunDir:
             self.fd = None
 
 
-def check_run_dir(cfg: DictConfig) -> None:
-    """The run directory can be made and written; a fresh run into a directory that holds a run is
-    refused. Nothing is written into it (RunDir.claim checks again, under the lock)."""
-    run_dir = Path(cfg.run_dir)
+def check_run_dir(run_dir, resume: bool) -> None:
+    """The run directory can be made and written; a fresh run (not `resume`) into a directory that holds
+    a run is refused. Nothing is written into it (RunDir.claim checks again, under the lock)."""
+    run_dir = Path(run_dir)
     found = held_run(run_dir)
-    if found and not cfg.trainer.resume and _is_rank_zero():
+    if found and not resume and _is_rank_zero():
         raise _holds_a_run(run_dir, found)
     try:
         run_dir.mkdir(parents=True, exist_ok=True)
@@ -257,14 +260,15 @@ def check_resume_config(cfg: DictConfig) -> None:
                      f"with {old} ranks (trainer.world_size={old}, or torchrun --nproc-per-node={old})")
         raise ConfigError(f"trainer.resume=true with a config that changes the run's math ({diffs}); resume "
                           f"with the saved values (see {saved_path}) or start a new run in another directory{world}")
-    _check_progress(cfg, run_dir)
+    _check_progress(int(cfg.trainer.steps), run_dir)
 
 
-def _check_progress(cfg: DictConfig, run_dir: Path) -> None:
+def _check_progress(steps: int, run_dir: Path) -> None:
+    """`trainer.steps` (`steps`) not below the run's newest checkpoint; metrics.jsonl holds each step done once."""
     done = checkpoint_step(run_dir)
-    if done is not None and cfg.trainer.steps < done:
+    if done is not None and steps < done:
         newest = run_dir / "checkpoints" / f"step_{done}"
-        raise ConfigError(f"trainer.steps={cfg.trainer.steps} is lower than the steps the run has done ({done}, its "
+        raise ConfigError(f"trainer.steps={steps} is lower than the steps the run has done ({done}, its "
                           f"newest checkpoint {newest}); give trainer.steps >= {done}")
     try:
         notes = check_history(run_dir / "metrics.jsonl", done or 0)
@@ -337,17 +341,18 @@ def wandb_api_key_found(host: str) -> bool:
         return False
 
 
-def check_wandb(cfg: DictConfig) -> None:
-    """wandb's settings, before any rank starts: a project name wandb refuses is a ConfigError; online
-    without a reachable server or without an API key falls back to offline (files in the run directory)."""
-    if cfg.logger.backend != "wandb" or cfg.logger.mode == "disabled":
+def check_wandb(logger, run_dir) -> None:
+    """wandb's settings (the logger group `logger`), before any rank starts: a project name wandb refuses is
+    a ConfigError; online without a reachable server or without an API key falls back to offline (files in
+    the run directory; `logger.mode` is set to "offline" in the group given)."""
+    if logger.backend != "wandb" or logger.mode == "disabled":
         return
-    project = str(cfg.logger.project)
+    project = str(logger.project)
     bad = sorted({c for c in project if c in WANDB_PROJECT_CHARS})
     if bad or not project or len(project) > 128:
         raise ConfigError(f"logger.project={project!r} is not a name wandb accepts: 1 to 128 characters, none of "
                           f"{' '.join(WANDB_PROJECT_CHARS)}" + (f" (found {' '.join(bad)})" if bad else ""))
-    if cfg.logger.mode != "online":
+    if logger.mode != "online":
         return
     url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
     if not wandb_reachable():
@@ -357,5 +362,5 @@ def check_wandb(cfg: DictConfig) -> None:
     else:
         return
     print(f"warning: logger.mode=online but {why}; logging offline instead (the files go under "
-          f"{cfg.run_dir}/wandb; send them later with `wandb sync`)", flush=True)
-    cfg.logger.mode = "offline"
+          f"{run_dir}/wandb; send them later with `wandb sync`)", flush=True)
+    logger.mode = "offline"

@@ -57,7 +57,7 @@ import torch.multiprocessing as mp
 from omegaconf import OmegaConf
 
 from recipe.dist import DistContext, free_port
-from recipe.engine import Engine, Sample, build_engine
+from recipe.engine import Engine, EngineSpec, Sample, build_engine
 from recipe.settings import Settings
 
 # Building the engine is not a request: vLLM's start (profiling, KV cache, on CUDA graphs) can take
@@ -83,7 +83,7 @@ def place_engine(settings: Settings, ctx: DistContext, model_dir: str, *, load: 
     and `digest` are the sync's settings (`sync.load`, `sync.digest`), handed on to the engine."""
     if settings.rollout.placement == "separate":
         return RemoteEngine(settings, ctx, model_dir, load=load, digest=digest)
-    return build_engine(settings, ctx, model_dir, load=load, digest=digest)
+    return build_engine(EngineSpec.of(settings), ctx, model_dir, load=load, digest=digest)
 
 
 @dataclass(frozen=True)
@@ -112,12 +112,12 @@ def pair_group(store, rank: int, device: torch.device, timeout: datetime.timedel
     return dist.ProcessGroupGloo(prefix, rank, 2, timeout)
 
 
-def engine_device(settings: Settings, rank: int) -> Optional[str]:
-    """CUDA_VISIBLE_DEVICES for rank `rank`'s engine (rollout.devices[rank], else world_size + rank), else None."""
-    if settings.device != "cuda" or not torch.cuda.is_available():
+def engine_device(devices: Tuple[int, ...], device: str, world: int, rank: int) -> Optional[str]:
+    """CUDA_VISIBLE_DEVICES for rank `rank`'s engine (`rollout.devices`[rank], else world + rank) when `device`
+    is "cuda", else None."""
+    if device != "cuda" or not torch.cuda.is_available():
         return None
-    world = settings.world_size
-    index = list(settings.rollout.devices)[rank] if len(settings.rollout.devices) else world + rank
+    index = list(devices)[rank] if len(devices) else world + rank
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return visible.split(",")[index] if visible else str(index)
 
@@ -157,9 +157,9 @@ class RemoteEngine(Engine):
         self._store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=timeout, wait_for_workers=False)
         spawn = mp.get_context("spawn")
         self._conn, child_end = spawn.Pipe()
+        device = engine_device(settings.rollout.devices, settings.device, settings.world_size, ctx.rank)
         spec = ChildSpec(OmegaConf.to_yaml(OmegaConf.create(settings.source)), load, digest, ctx.rank, ctx.world_size,
-                         str(model_dir), port, self.timeout_s, engine_device(settings, ctx.rank),
-                         os.environ.get(TEST_HOOK_ENV))
+                         str(model_dir), port, self.timeout_s, device, os.environ.get(TEST_HOOK_ENV))
         self.process = spawn.Process(target=serve, args=(spec, child_end, os.getpid()), name=f"engine-rank{ctx.rank}")
         self.process.start()
         child_end.close()
@@ -448,7 +448,7 @@ class EngineServer:
         try:
             settings = Settings.from_cfg(OmegaConf.create(self.spec.cfg_yaml))
             ctx = DistContext(self.spec.rank, self.spec.world_size, 0, self.device)  # seed = trainer.seed + rank
-            self.engine = build_engine(settings, ctx, self.spec.model_dir, load=self.spec.load, digest=self.spec.digest)
+            self.engine = build_engine(EngineSpec.of(settings), ctx, self.spec.model_dir, load=self.spec.load, digest=self.spec.digest)
             if self.spec.hook:
                 module, _, function = self.spec.hook.partition(":")
                 getattr(importlib.import_module(module), function)(self)

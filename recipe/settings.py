@@ -90,8 +90,9 @@ def default_tolerance(dtype: str, device_type: str) -> float:
     return DEFAULT_TOLERANCE[dtype]
 
 
-def _node(cfg: DictConfig, group: str) -> Dict[str, Any]:
-    return OmegaConf.to_container(cfg[group], resolve=True)
+def _node(node) -> Dict[str, Any]:
+    """One group of the composed config as plain values (interpolations resolved)."""
+    return OmegaConf.to_container(node, resolve=True)
 
 
 def _build(cls, values: Dict[str, Any], **resolved):
@@ -348,29 +349,29 @@ class Settings:
     @classmethod
     def from_cfg(cls, cfg: DictConfig) -> "Settings":
         """The typed settings of a composed config (the model path must be set: see config.validate)."""
-        trainer = _build(Trainer, _node(cfg, "trainer"))
+        trainer = _build(Trainer, _node(cfg.trainer))
         device = device_of(trainer.device) if trainer.device in DEVICE_CHOICES else trainer.device
-        model = _build(Model, _node(cfg, "model"))
-        offload = _node(cfg, "offload")
+        model = _build(Model, _node(cfg.model))
+        offload = _node(cfg.offload)
         pinned = pin_setting(offload.get("pin_memory", "auto"))
-        lora = _node(cfg, "lora")
+        lora = _node(cfg.lora)
         lora["target_modules"] = tuple(lora.get("target_modules") or ())
-        rollout = _node(cfg, "rollout")
+        rollout = _node(cfg.rollout)
         rollout["devices"] = tuple(rollout.get("devices") or ())
-        sync = _node(cfg, "sync")
+        sync = _node(cfg.sync)
         tolerance = sync["probe_tolerance"]
         if tolerance is None:  # (an unknown dtype has none: Model.check refuses it)
             tolerance = default_tolerance(model.dtype, device) if model.dtype in DTYPE_CHOICES else float("nan")
         return cls(
             model=model,
-            fsdp=_build(Fsdp, _node(cfg, "fsdp")),
+            fsdp=_build(Fsdp, _node(cfg.fsdp)),
             offload=_build(Offload, offload, pin_memory=pinned, pin=(device == "cuda") if pinned is None else pinned),
             lora=_build(Lora, lora),
             rollout=_build(Rollout, rollout),
-            task=_build(Task, _node(cfg, "task")),
-            algo=_build(Algo, _node(cfg, "algo")),
+            task=_build(Task, _node(cfg.task)),
+            algo=_build(Algo, _node(cfg.algo)),
             sync=_build(Sync, sync, tolerance=tolerance),
-            logger=_build(Logger, _node(cfg, "logger")),
+            logger=_build(Logger, _node(cfg.logger)),
             trainer=trainer,
             cache_dir=str(cfg.cache_dir),
             run_dir=str(cfg.run_dir),

@@ -26,7 +26,7 @@ from recipe.dist import agree
 from recipe.model import Residency, adapter_config, sequence_logprobs
 from recipe.names import checkpoint_shapes, hf_name, is_lora_param, peft_name
 from recipe.settings import Settings
-from recipe.weights import MergeRounding, measure_merge_rounding, stream_base_weights, stream_weights
+from recipe.weights import MergeRounding, StreamSpec, measure_merge_rounding, stream_base_weights, stream_weights
 
 log = logging.getLogger(__name__)
 
@@ -220,6 +220,7 @@ class WeightSync:
         a model whose tensor names it lacks). A caller without a checkpoint (tools/sync_bench.py, random
         weights made in memory) gives them."""
         self.settings, self.ctx, self.model, self.engine = settings, ctx, model, engine
+        self.spec = StreamSpec.of(settings)  # what the table's stream reads
         self.residency = residency if residency is not None else Residency(settings.offload, model, None, ctx.device)
         self.probe = probe_inputs(tokenizer, settings.sync)
         self.tolerance = settings.sync.tolerance  # sync.probe_tolerance, or the dtype-aware default
@@ -287,11 +288,11 @@ class WeightSync:
     # -- gather + load
     def update_stream(self) -> Iterator[Tuple[str, torch.Tensor]]:
         """The (hf_name, tensor) pairs of this sync's update: the table's entry for the config."""
-        return stream_weights(self.model, self.settings, self.ctx.device)
+        return stream_weights(self.model, self.spec, self.ctx.device)
 
     def base_stream(self) -> Iterator[Tuple[str, torch.Tensor]]:
         """The base-only stream for lora=adapter's first load (the lora=none entry of the same fsdp/offload)."""
-        return stream_base_weights(self.model, self.settings, self.ctx.device)
+        return stream_base_weights(self.model, self.spec, self.ctx.device)
 
     def _transfer(self) -> List[Tuple[WeightStream, float]]:
         """Stream into the engine; returns (stream, load seconds) per load call of this sync."""

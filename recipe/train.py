@@ -53,7 +53,7 @@ def train(cfg: DictConfig, run=None) -> None:
     from recipe.progress import console_env
 
     expand_paths(cfg)  # `~` once, before anything reads a path
-    launcher_world(cfg)  # under torchrun: its world, recorded and compared on resume like any other value
+    launcher_world(cfg.trainer)  # under torchrun: its world, recorded and compared on resume like any other value
     mine = run is None
     run = run or RunDir(cfg.run_dir)
     try:
@@ -62,7 +62,7 @@ def train(cfg: DictConfig, run=None) -> None:
         check_model_path(settings.model)
         console_env(settings.logger.verbose)  # before the ranks start: their torch reads it at import
         preflight(cfg)  # run directory, resumed config, wandb, engine: before anything is built or downloaded
-        check_context_length(settings.task, settings.trainer, settings.rollout, ensure_model(cfg))
+        check_context_length(settings.task, settings.trainer, settings.rollout, ensure_model(settings.model))
         run.adopt()  # a resumed run owns its directory only now, having passed every check
         if run.owned:
             save_run_config(cfg, Path(cfg.run_dir) / "config.yaml")  # a resumed run compares against this file
@@ -124,18 +124,19 @@ def _record(run, status: str, error: str = "") -> str:
         return ""
 
 
-def _hydra_files(cfg: DictConfig, hydra_cfg) -> dict:
-    """What Hydra would have written into `.hydra/` before the run started: written here once the run
-    owns its directory (conf/train.yaml turns Hydra's own writing off, `hydra.output_subdir: null`)."""
-    return {".hydra/config.yaml": OmegaConf.to_yaml(cfg), ".hydra/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+def _hydra_files(config_yaml: str, hydra_cfg) -> dict:
+    """What Hydra would have written into `.hydra/` before the run started (`config_yaml`: the composed
+    config as Hydra writes it): written here once the run owns its directory (conf/train.yaml turns
+    Hydra's own writing off, `hydra.output_subdir: null`)."""
+    return {".hydra/config.yaml": config_yaml, ".hydra/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
             ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
 
 
-def _stopped(cfg: DictConfig, hydra_cfg, stop) -> str:
-    """One line: where the run stands and the command that resumes it."""
+def _stopped(run_dir, steps: int, hydra_cfg, stop) -> str:
+    """One line: where the run (`trainer.steps` = `steps`) stands and the command that resumes it."""
     from recipe.preflight import checkpoint_step
 
-    run_dir = Path(cfg.run_dir)
+    run_dir = Path(run_dir)
     step = 0
     metrics = run_dir / "metrics.jsonl"
     for line in (metrics.read_text(errors="replace").splitlines() if metrics.is_file() else []):
@@ -149,7 +150,7 @@ def _stopped(cfg: DictConfig, hydra_cfg, stop) -> str:
     keep = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in resumed]
     command = " ".join(["python -m recipe.train", *map(shlex.quote, keep), "trainer.resume=true",
                         shlex.quote(f"hydra.run.dir={run_dir}")])
-    return f"{stop} at step {step} of {cfg.trainer.steps} ({kept}); resume with: {command}"
+    return f"{stop} at step {step} of {steps} ({kept}); resume with: {command}"
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="train")
@@ -160,12 +161,12 @@ def main(cfg: DictConfig) -> None:
     hydra_cfg = HydraConfig.get()
     with open_dict(cfg):
         cfg.run_dir = hydra_cfg.runtime.output_dir
-    run = RunDir(cfg.run_dir, files=_hydra_files(cfg, hydra_cfg))
+    run = RunDir(cfg.run_dir, files=_hydra_files(OmegaConf.to_yaml(cfg), hydra_cfg))
     with stop_on_signals():  # SIGTERM / Ctrl-C: every rank ends, one line says how to resume
         try:
             train(cfg, run)
         except RunStopped as stop:
-            line = _stopped(cfg, hydra_cfg, stop)
+            line = _stopped(cfg.run_dir, cfg.trainer.steps, hydra_cfg, stop)
             where = _record(run, "stopped", line)
             print("\n" + line + where, file=sys.stderr, flush=True)  # (after a progress bar's line)
             raise SystemExit(128 + stop.signum) from None

@@ -3,7 +3,7 @@
 - `PolicyEngine(policy, ...)`: HF generate with the trainer's own (sharded) module, the reference
   "HF generate on the trained model"; FSDP2 at world > 1 with `synced_gpus=True`, FSDP1 inside
   `summon_full_params`. It is the policy, so its loads only drain the stream (the gather is collective).
-- `HookedSync(..., stream_fn=f)`: a `WeightSync` whose update stream is `f(model, cfg, device)`
+- `HookedSync(..., stream_fn=f)`: a `WeightSync` whose update stream is `f(model, spec, device)`
   (a fault to inject, a capture); `stream_fn=None` is the table's own stream.
 """
 
@@ -55,7 +55,7 @@ def root_unsharded(module):
 
 
 class HookedSync(WeightSync):
-    """`WeightSync` with a replaceable update stream: `stream_fn(model, cfg, device)`, or None for the table's."""
+    """`WeightSync` with a replaceable update stream: `stream_fn(model, spec, device)` (spec: the sync's `StreamSpec`), or None for the table's."""
 
     def __init__(self, *args, stream_fn: Optional[Callable] = None, **kwargs):
         super().__init__(*args, **kwargs)
@@ -64,4 +64,4 @@ class HookedSync(WeightSync):
     def update_stream(self):
         if self.stream_fn is None:
             return super().update_stream()
-        return self.stream_fn(self.model, self.settings, self.ctx.device)
+        return self.stream_fn(self.model, self.spec, self.ctx.device)

@@ -42,6 +42,14 @@ def typed(overrides: Sequence[str] = ()):
     return Settings.from_cfg(compose(overrides))
 
 
+def engine_spec(cfg):
+    """The engine's spec of a composed config (recipe.engine.EngineSpec), as the loop builds it."""
+    from recipe.engine import EngineSpec
+    from recipe.settings import Settings
+
+    return EngineSpec.of(Settings.from_cfg(cfg))
+
+
 def policy_of(cfg):
     """The policy slices of a composed config, as recipe.model's builders take them (Settings.policy)."""
     from recipe.settings import Settings

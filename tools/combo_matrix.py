@@ -180,7 +180,7 @@ def main(argv: Sequence[str] | None = None) -> None:
     cfg = compose(base)
     from recipe.assets import ensure_model
 
-    ensure_model(cfg)
+    ensure_model(cfg.model)
     root = Path(args.root or tempfile.mkdtemp(prefix="combo-matrix-"))
     root.mkdir(parents=True, exist_ok=True)
     for batch in ([[c] for c in combos] if args.isolate else [combos]):

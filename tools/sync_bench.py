@@ -70,9 +70,9 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
 from recipe.config import (FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, TrainConfig,
-                           UnsupportedError, resolve_device, validate)
+                           UnsupportedError, validate)
 from recipe.engine import Engine
-from recipe.settings import Settings
+from recipe.settings import Settings, device_of
 from recipe.sync import WeightSync, WeightSyncError, trainer_names
 
 REFERENCES = ("naive", "dcp_full_cpu", "dtensor_stream", "trl_colocate")
@@ -254,7 +254,7 @@ def build_base(cfg: DictConfig, device: torch.device) -> torch.nn.Module:
     if not cfg.bench_model.qwen2:
         from recipe.assets import ensure_model
 
-        ensure_model(cfg)
+        ensure_model(cfg.model)
         return load_hf_model(cfg.model, device, cfg.model.master_dtype)
     from transformers import AutoModelForCausalLM, Qwen2Config
 
@@ -384,16 +384,17 @@ def resolve_sink(cfg: DictConfig, device: torch.device) -> str:
 def vllm_engine(cfg: DictConfig, ctx) -> Engine:
     """The trainer's own in-process vLLM engine (recipe.engine.VllmEngine): its `load_weights`
     consumes the stream, so the figure includes everything a training sync's load does."""
-    from recipe.engine import VllmEngine
+    from recipe.engine import EngineSpec, VllmEngine
 
-    return VllmEngine(cfg, ctx, engine_dir(cfg), load=cfg.sync.load, digest=cfg.sync.digest)
+    return VllmEngine(EngineSpec.of(Settings.from_cfg(cfg)), ctx, engine_dir(cfg), load=cfg.sync.load,
+                      digest=cfg.sync.digest)
 
 
 def engine_dir(cfg: DictConfig) -> str:
     """The checkpoint the vLLM sink's engine is built from ("" when there is none)."""
     if cfg.bench.engine_dir:
         return cfg.bench.engine_dir
-    return cfg.model.path if not cfg.bench_model.qwen2 and resolve_device(cfg) == "cpu" else ""
+    return cfg.model.path if not cfg.bench_model.qwen2 and device_of(cfg.trainer.device) == "cpu" else ""
 
 
 # ----------------------------------------------------------------------------- one cell
@@ -731,7 +732,7 @@ def bench(cfg: DictConfig) -> None:
     from recipe.dist import launch
 
     validate(cfg)
-    resolve_sink(cfg, torch.device(resolve_device(cfg)))
+    resolve_sink(cfg, torch.device(device_of(cfg.trainer.device)))
     select_cells(cfg)
     launch(bench_rank, cfg)
 

@@ -274,7 +274,7 @@ def main(argv=None) -> None:
             f"trainer.updates_per_batch={args.updates}", f"trainer.lr={args.lr}",
             *(["trainer.device=cuda", "model.dtype=bfloat16"] if args.device == "cuda" else []), *args.ours]
     cfg = project_config(ours)
-    ensure_model(cfg)
+    ensure_model(cfg.model)
     rows = []
     if "ours" not in args.skip:
         rows.append((f"this recipe (world {world}, {cfg.rollout.backend})", run_ours(args, ours)))

@@ -1,6 +1,6 @@
 """The rollout engine: vLLM in the trainer's process (or HF generate), one engine per rank.
 
-    engine = build_engine(cfg, ctx, model_dir)
+    engine = build_engine(EngineSpec.of(settings), ctx, model_dir, load=..., digest=...)
     samples = engine.generate(prompt_ids, n=8, max_new_tokens=16, temperature=1.0, top_p=1.0, seed=0)
     engine.load_weights(iter([(hf_name, tensor), ...]))          # full weights, no disk
     engine.load_adapter(iter(adapter_tensors), adapter_cfg, version)   # lora=adapter
@@ -26,24 +26,22 @@ Backends:
 
 from __future__ import annotations
 
-from omegaconf import DictConfig
-
-from recipe.engine.base import Engine, Held, Sample, WeightIter
+from recipe.engine.base import Engine, EngineSpec, Held, Sample, WeightIter
 from recipe.engine.hf import HfCopyEngine, HfEngine
 from recipe.engine.layout import LayoutReport, alias_owners, compare_layout, streamed_shapes, weight_destinations
 from recipe.engine.vllm import VllmEngine, check_gpu_memory_split, lora_scaling
 
-__all__ = ["Engine", "Held", "Sample", "WeightIter", "HfEngine", "HfCopyEngine", "VllmEngine", "LayoutReport",
+__all__ = ["Engine", "EngineSpec", "Held", "Sample", "WeightIter", "HfEngine", "HfCopyEngine", "VllmEngine", "LayoutReport",
            "alias_owners", "compare_layout", "streamed_shapes", "weight_destinations", "check_gpu_memory_split",
            "lora_scaling", "build_engine"]
 
 
-def build_engine(cfg: DictConfig, ctx, model_dir: str, *, load: str, digest: bool) -> Engine:
+def build_engine(spec: EngineSpec, ctx, model_dir: str, *, load: str, digest: bool) -> Engine:
     """The engine named by `rollout.backend`: "vllm", or "hf" (an own HF copy the sync loads into).
     `load` and `digest`: the sync's settings (`sync.load`, `sync.digest`), passed by the loop; the
     engine reads no sync settings itself."""
-    if cfg.rollout.backend == "vllm":
-        return VllmEngine(cfg, ctx, str(model_dir), load=load, digest=digest)
-    if cfg.rollout.backend == "hf":
-        return HfCopyEngine(cfg, ctx, str(model_dir))
-    raise ValueError(f"rollout.backend={cfg.rollout.backend!r} is not valid; choose one of: vllm, hf")
+    if spec.rollout.backend == "vllm":
+        return VllmEngine(spec, ctx, str(model_dir), load=load, digest=digest)
+    if spec.rollout.backend == "hf":
+        return HfCopyEngine(spec, ctx, str(model_dir))
+    raise ValueError(f"rollout.backend={spec.rollout.backend!r} is not valid; choose one of: vllm, hf")

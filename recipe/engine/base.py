@@ -3,16 +3,35 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import torch
 
 from recipe import digest as digest_mod
+from recipe.settings import Settings
 
 WeightIter = Iterable[Tuple[str, torch.Tensor]]
 # An engine tensor: the streamed names it is made of (dim-0 concatenation order) and the Digest of
 # what the engine holds (None: the engine has no readable copy of it since the last load).
 Held = Tuple[Tuple[str, ...], Optional[digest_mod.Digest]]
+
+
+@dataclass(frozen=True)
+class EngineSpec:
+    """What an engine is built from: the rollout, model and LoRA slices, the resolved device ("cpu" or
+    "cuda"), the sampling seed (`trainer.seed`; each rank adds its rank) and `logger.verbose`. The sync's
+    settings are not here: the engine's load mode and digest come from its builder."""
+    rollout: Any  # recipe.settings.Rollout
+    model: Any  # recipe.settings.Model
+    lora: Any  # recipe.settings.Lora
+    device: str
+    seed: int
+    verbose: bool
+
+    @classmethod
+    def of(cls, settings: Settings) -> "EngineSpec":
+        return cls(settings.rollout, settings.model, settings.lora, settings.device, settings.trainer.seed,
+                   settings.logger.verbose)
 
 
 @dataclass

@@ -8,10 +8,9 @@ from typing import ContextManager, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
 
 from recipe import digest as digest_mod
-from recipe.engine.base import Engine, Sample, WeightIter
+from recipe.engine.base import Engine, EngineSpec, Sample, WeightIter
 from recipe.engine.layout import alias_owners
 from recipe.names import hf_name, is_lora_param, peft_name
 
@@ -105,15 +104,15 @@ class HfCopyEngine(HfEngine):
     weights) or peft's saved-adapter name (lora=adapter); an unknown name raises, as vLLM does.
     """
 
-    def __init__(self, cfg: DictConfig, ctx, model_dir: str):
+    def __init__(self, spec: EngineSpec, ctx, model_dir: str):
         from transformers import AutoConfig
 
         from recipe.model import apply_lora, load_hf_model
 
         hf_cfg = AutoConfig.from_pretrained(model_dir)
-        module = load_hf_model(cfg.model, ctx.device)
-        if cfg.lora.name == "adapter":
-            module = apply_lora(module, cfg.lora, cfg.model.master_dtype)
+        module = load_hf_model(spec.model, ctx.device)
+        if spec.lora.name == "adapter":
+            module = apply_lora(module, spec.lora, spec.model.master_dtype)
         module.eval().requires_grad_(False)
         super().__init__(module, ctx.device, hf_cfg.eos_token_id,
                          hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0)

@@ -9,10 +9,8 @@ import os
 from typing import Callable, Dict, Optional, Tuple
 
 import torch
-from omegaconf import DictConfig
 
-from recipe.config import resolve_device
-from recipe.engine.base import Engine, Sample, WeightIter
+from recipe.engine.base import Engine, EngineSpec, Sample, WeightIter
 from recipe.engine.layout import LayoutReport, alias_owners, weight_destinations
 from recipe.engine.worker import (adapter_digests_in_worker, add_lora_in_worker, aliases_in_worker,
                                   capture_seconds_in_worker, clear_captures_in_worker, copy_next_load_in_worker,
@@ -28,22 +26,23 @@ def _free_gb(device: torch.device) -> float:
     return torch.cuda.mem_get_info(device)[0] / 2**30
 
 
-def vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:
-    kwargs = dict(model=model_dir, dtype=cfg.model.dtype, max_model_len=cfg.rollout.max_model_len,
-                  seed=cfg.trainer.seed + ctx.rank, enable_prefix_caching=True,
+def vllm_kwargs(spec: EngineSpec, ctx, model_dir: str) -> dict:
+    rollout = spec.rollout
+    kwargs = dict(model=model_dir, dtype=spec.model.dtype, max_model_len=rollout.max_model_len,
+                  seed=spec.seed + ctx.rank, enable_prefix_caching=True,
                   # logprobs of the distribution actually sampled from (after temperature), which is
                   # what the trainer's importance ratio divides by (recipe/model.py token_logprobs)
                   logprobs_mode="processed_logprobs",
-                  use_tqdm_on_load=cfg.logger.verbose)
+                  use_tqdm_on_load=spec.verbose)
     if in_trainer_world():
         # One engine per rank beside torch.distributed, as TRL's colocate mode and verl start it: vLLM
         # joins the trainer's world (RANK / LOCAL_RANK / MASTER_* from the launcher) instead of making
         # its own, puts its worker on LOCAL_RANK's device and forms a tensor-parallel group of one per
         # rank. Without it every rank's worker took cuda:0 ("No available memory for the cache blocks").
         kwargs["distributed_executor_backend"] = "external_launcher"
-    if resolve_device(cfg) == "cpu":
+    if spec.device == "cpu":
         # vLLM reads the CPU KV-cache size from the environment when the engine starts.
-        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(cfg.rollout.kv_cache_gb)
+        os.environ["VLLM_CPU_KVCACHE_SPACE"] = str(rollout.kv_cache_gb)
         kwargs["enforce_eager"] = True
         # A prefill split across engine steps rewinds the request's seeded generator by an offset,
         # which CPU generators do not have ("CPU Generator does not use offset"): a batch of more
@@ -51,11 +50,11 @@ def vllm_kwargs(cfg: DictConfig, ctx, model_dir: str) -> dict:
         # Whole prefills only: a request that does not fit waits for the next step.
         kwargs["enable_chunked_prefill"] = False
     else:
-        kwargs["gpu_memory_utilization"] = cfg.rollout.gpu_memory_utilization
-        kwargs["enforce_eager"] = cfg.rollout.enforce_eager
-        kwargs["enable_sleep_mode"] = cfg.rollout.sleep
-    if cfg.lora.name == "adapter":
-        kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(cfg.lora.rank), max_loras=1)
+        kwargs["gpu_memory_utilization"] = rollout.gpu_memory_utilization
+        kwargs["enforce_eager"] = rollout.enforce_eager
+        kwargs["enable_sleep_mode"] = rollout.sleep
+    if spec.lora.name == "adapter":
+        kwargs.update(enable_lora=True, max_lora_rank=lora_rank_slot(spec.lora.rank), max_loras=1)
     return kwargs
 
 
@@ -65,17 +64,17 @@ def in_trainer_world() -> bool:
     return dist.is_initialized() and all(k in os.environ for k in ("RANK", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"))
 
 
-def check_gpu_memory_split(cfg: DictConfig, device: torch.device) -> Dict[str, float]:
-    """The engine takes `rollout.gpu_memory_utilization` of the GPU's total memory (weights + KV cache);
+def check_gpu_memory_split(rollout, device: torch.device) -> Dict[str, float]:
+    """The engine takes `rollout.gpu_memory_utilization` (of the rollout slice `rollout`) of the GPU's total memory (weights + KV cache);
     the trainer keeps the rest. Checked before the engine starts, on every rank, with one verdict:
     a rank short of memory names the field and what it would fit, instead of vLLM's own error later."""
     from recipe.config import ConfigError
     from recipe.dist import agree
 
     free, total = torch.cuda.mem_get_info(device)
-    want = cfg.rollout.gpu_memory_utilization * total
+    want = rollout.gpu_memory_utilization * total
     agree(None if free >= want else (
-        f"rollout.gpu_memory_utilization={cfg.rollout.gpu_memory_utilization} asks the engine for "
+        f"rollout.gpu_memory_utilization={rollout.gpu_memory_utilization} asks the engine for "
         f"{want / 2**30:.1f} GiB of {device}'s {total / 2**30:.1f} GiB, but {free / 2**30:.1f} GiB is free after "
         f"the trainer's model and optimizer. Lower it to at most {max(0.0, free / total - 0.02):.2f}, or move the "
         f"trainer's weights off the GPU between phases (+offload=cpu or +offload=manual)."), ConfigError)
@@ -126,20 +125,20 @@ def _quiet_vllm_logs() -> None:
 class VllmEngine(Engine):
     backend = "vllm"
 
-    def __init__(self, cfg: DictConfig, ctx, model_dir: str, *, load: str, digest: bool):
+    def __init__(self, spec: EngineSpec, ctx, model_dir: str, *, load: str, digest: bool):
         """`load` ("auto", "direct", "reload": how streamed weights are written) and `digest` (whether
         the engine digests what it holds) are the sync's settings, given by whoever builds the engine."""
         os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # in-process: reload via iterator
         _quiet_vllm_logs()
         from vllm import LLM
 
-        self.cfg, self.ctx = cfg, ctx
+        self.spec, self.ctx = spec, ctx
         self.load_mode, self.digest = load, digest
-        self.on_cpu = resolve_device(cfg) == "cpu"
+        self.on_cpu = spec.device == "cpu"
         self.memory: Dict[str, float] = {}  # GPU memory free at start, after sleep and after wake (GiB)
         if not self.on_cpu:
-            self.memory["rollout/mem_free_before_engine_gb"] = check_gpu_memory_split(cfg, ctx.device)["free_gb"]
-        self.llm = LLM(**vllm_kwargs(cfg, ctx, model_dir))
+            self.memory["rollout/mem_free_before_engine_gb"] = check_gpu_memory_split(spec.rollout, ctx.device)["free_gb"]
+        self.llm = LLM(**vllm_kwargs(spec, ctx, model_dir))
         _quiet_vllm_logs()  # again: building the engine imported more vLLM modules
         self._lora = None  # (LoRARequest, tensors, config) of the live adapter version
         self._asleep = False
@@ -338,7 +337,7 @@ class VllmEngine(Engine):
         """vLLM folds the scaling into lora_b in place (LoRALayerWeights.optimize) in the LoRA dtype."""
         scale = lora_scaling(adapter_config)
         dtype = self.llm.llm_engine.vllm_config.lora_config.lora_dtype
-        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, self.cfg.model.dtype)
+        dtype = dtype if isinstance(dtype, torch.dtype) else getattr(torch, self.spec.model.dtype)
 
         def held(name: str, tensor: torch.Tensor) -> torch.Tensor:
             tensor = tensor.to(dtype)
@@ -347,7 +346,7 @@ class VllmEngine(Engine):
         return held
 
     def sleep(self):
-        if not self.cfg.rollout.sleep or self._asleep:
+        if not self.spec.rollout.sleep or self._asleep:
             return
         if self.on_cpu:
             log.info("rollout.sleep: vLLM has no sleep mode on CPU; the engine stays resident")

@@ -1,7 +1,8 @@
 """The dispatch table of weight-sync strategies: (fsdp, offload, lora) -> gather strategy.
 
-    from recipe.weights import stream_weights, stream_base_weights
-    for name, tensor in stream_weights(model, cfg, device):   # HF names, engine dtype, on `device`
+    from recipe.weights import StreamSpec, stream_weights, stream_base_weights
+    spec = StreamSpec.of(settings)   # the few settings a stream reads: key, dtype, LoRA scale, bucket
+    for name, tensor in stream_weights(model, spec, device):   # HF names, engine dtype, on `device`
         engine_weights[name].copy_(tensor)
 
 The key is built from the Hydra option names (`conf/fsdp`, `conf/offload`, `conf/lora`), the
@@ -54,9 +55,10 @@ under HF names and skips the LoRA tensors.
 
 from recipe.weights.lora import MergeRounding, measure_merge_rounding, merge_lora, merge_lora_rows
 from recipe.weights.table import (GATHERS, REFERENCES, StrategyNotFound, all_keys, compose, get_reference, get_strategy,
-                                  strategy_name, stream_base_weights, stream_transform, stream_weights)
+                                  stream_base_weights, stream_transform, stream_weights)
 from recipe.weights.transforms import TRANSFORMS, Transform
+from recipe.weights.units import StreamSpec
 
 __all__ = ["MergeRounding", "measure_merge_rounding", "merge_lora", "merge_lora_rows", "GATHERS", "REFERENCES",
-           "StrategyNotFound", "all_keys", "compose", "get_reference", "get_strategy", "strategy_name",
+           "StrategyNotFound", "all_keys", "compose", "get_reference", "get_strategy", "StreamSpec",
            "stream_base_weights", "stream_transform", "stream_weights", "TRANSFORMS", "Transform"]

@@ -10,7 +10,6 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from omegaconf import DictConfig
 
 from recipe.model import largest_unit_bytes
 from recipe.names import ADAPTER, is_lora_param
@@ -289,7 +288,3 @@ def _merged_source(weight, lora_a: torch.Tensor, lora_b, scale: float, dtype: to
                          f"with {weight.to_local().shape[0]} local rows of {weight.shape[0]}")
 
     return rows
-
-
-def bucket_bytes_of(cfg: DictConfig) -> int:
-    return cfg.sync.bucket_mb * 2**20

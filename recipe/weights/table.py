@@ -9,16 +9,15 @@ from typing import Callable, Dict, Iterable, Iterator, List, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-from omegaconf import DictConfig
 
-from recipe.config import FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, combo_key
+from recipe.config import FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError
 from recipe.weights.fsdp1 import fsdp1_manual_groups, fsdp1_summon_groups
-from recipe.weights.fsdp2 import bucket_bytes_of, fsdp2_pipelined_groups
+from recipe.weights.fsdp2 import fsdp2_pipelined_groups
 from recipe.weights.transforms import TRANSFORMS, Transform, full_weights
-from recipe.weights.units import Group, Named, Wire
+from recipe.weights.units import Group, Named, StreamSpec, Wire
 
 Key = Tuple[str, str, str]
-Strategy = Callable[[nn.Module, DictConfig, torch.device], Iterator[Named]]
+Strategy = Callable[[nn.Module, StreamSpec, torch.device], Iterator[Named]]
 
 
 class StrategyNotFound(KeyError):
@@ -51,19 +50,19 @@ def get_strategy(key: Iterable[str]) -> Strategy:
 # FSDP2 adapter syncs gather only the LoRA shards; FSDP1 cannot gather part of a flat parameter, so it
 # summons the whole unit and the transform drops the rest.
 
-Gather = Callable[[nn.Module, DictConfig, torch.device, Wire, Callable[[str], bool], bool], Iterator[Group]]
+Gather = Callable[[nn.Module, StreamSpec, torch.device, Wire, Callable[[str], bool], bool], Iterator[Group]]
 
 
-def _fsdp2_gather(model, cfg, device, wire, select, merge):
-    scale = cfg.lora.alpha / cfg.lora.rank if merge else None
-    return fsdp2_pipelined_groups(model, device, bucket_bytes_of(cfg), wire, select, scale)
+def _fsdp2_gather(model, spec, device, wire, select, merge):
+    scale = spec.lora_scale if merge else None
+    return fsdp2_pipelined_groups(model, device, spec.bucket_bytes, wire, select, scale)
 
 
-def _fsdp1_summon_gather(model, cfg, device, wire, select, merge):
+def _fsdp1_summon_gather(model, spec, device, wire, select, merge):
     return fsdp1_summon_groups(model, device, wire)
 
 
-def _fsdp1_manual_gather(model, cfg, device, wire, select, merge):
+def _fsdp1_manual_gather(model, spec, device, wire, select, merge):
     return fsdp1_manual_groups(model, device, wire)
 
 
@@ -79,9 +78,9 @@ GATHERS: Dict[Tuple[str, str], Gather] = {
 
 def compose(gather: Gather, transform: Transform) -> Strategy:
     """The strategy that runs `gather` with the transform's dtypes and selection, then the transform."""
-    def strategy(model: nn.Module, cfg: DictConfig, device: torch.device) -> Iterator[Named]:
-        groups = gather(model, cfg, device, transform.wire(cfg), transform.select, transform.merges)
-        return transform.apply(groups, model, cfg, device)
+    def strategy(model: nn.Module, spec: StreamSpec, device: torch.device) -> Iterator[Named]:
+        groups = gather(model, spec, device, transform.wire(spec), transform.select, transform.merges)
+        return transform.apply(groups, model, spec, device)
 
     strategy.__name__ = f"{gather.__name__.lstrip('_')}+{transform.apply.__name__.lstrip('_')}"
     return strategy
@@ -96,12 +95,12 @@ def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     return t.full_tensor() if isinstance(t, DTensor) else t
 
 
-def _naive(model, cfg, device):
+def _naive(model, spec, device):
     """`model.to(device)` then `module.state_dict()`: crashes under FSDP2 + CPUOffloadPolicy (verl #5995)."""
     model.to(device)
     state = model.state_dict()
     groups = ({name: _full_tensor(state.pop(name))} for name in list(state))
-    return full_weights(groups, model, cfg, device)
+    return full_weights(groups, model, spec, device)
 
 
 def _broadcast_from_rank0(state: Dict[str, torch.Tensor], device: torch.device) -> Iterator[Group]:
@@ -116,15 +115,15 @@ def _broadcast_from_rank0(state: Dict[str, torch.Tensor], device: torch.device) 
         yield {name: t}
 
 
-def _dcp_full_cpu(model, cfg, device):
+def _dcp_full_cpu(model, spec, device):
     """DCP full state dict on rank 0's CPU (what the first upstream fix used), then broadcast."""
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
     state = get_model_state_dict(model, options=StateDictOptions(full_state_dict=True, cpu_offload=True))
-    return full_weights(_broadcast_from_rank0(state, device), model, cfg, device)
+    return full_weights(_broadcast_from_rank0(state, device), model, spec, device)
 
 
-def _dtensor_stream(model, cfg, device):
+def _dtensor_stream(model, spec, device):
     """Per-parameter `.to(device).full_tensor()` (FSDP2 only): one all-gather per tensor."""
     from torch.distributed.tensor import DTensor
 
@@ -132,7 +131,7 @@ def _dtensor_stream(model, cfg, device):
     if not all(isinstance(p, DTensor) for _, p in params):
         raise ConfigError("sync.strategy=dtensor_stream needs DTensor parameters (fsdp=fsdp2)")
     groups = ({name: p.detach().to(device).full_tensor()} for name, p in params)
-    return full_weights(groups, model, cfg, device)
+    return full_weights(groups, model, spec, device)
 
 
 REFERENCES: Dict[str, Strategy] = {"naive": _naive, "dcp_full_cpu": _dcp_full_cpu, "dtensor_stream": _dtensor_stream}
@@ -147,29 +146,20 @@ def get_reference(name: str) -> Strategy:
 
 # ----------------------------------------------------------------------------- streams
 
-def strategy_name(cfg: DictConfig) -> str:
-    """What `stream_weights` runs for `cfg`: "fsdp2/cpu/merged" or a reference name."""
-    return "/".join(combo_key(cfg)) if cfg.sync.strategy == "auto" else cfg.sync.strategy
-
-
-def stream_weights(model: nn.Module, cfg: DictConfig, device: torch.device | str) -> Iterator[Named]:
+def stream_weights(model: nn.Module, spec: StreamSpec, device: torch.device | str) -> Iterator[Named]:
     """The weights the engine needs after an update (full, merged, or adapter tensors; see module doc)."""
-    if cfg.sync.strategy == "auto":
-        strategy = get_strategy(combo_key(cfg))
-    else:
-        strategy = get_reference(cfg.sync.strategy)
-    return strategy(model, cfg, torch.device(device))
+    strategy = get_strategy(spec.combo) if spec.strategy == "auto" else get_reference(spec.strategy)
+    return strategy(model, spec, torch.device(device))
 
 
-def stream_transform(model: nn.Module, cfg: DictConfig, device: torch.device | str, transform: str) -> Iterator[Named]:
+def stream_transform(model: nn.Module, spec: StreamSpec, device: torch.device | str, transform: str) -> Iterator[Named]:
     """The table's gather of (fsdp, offload) with the transform of lora mode `transform` ("none": full
-    weights, "merged", "adapter"), whatever `lora.name` and `sync.strategy` say: the export takes the
+    weights, "merged", "adapter"), whatever `spec.lora` and `spec.strategy` say: the export takes the
     merged policy and the adapter of one LoRA model."""
-    key = (cfg.fsdp.name, cfg.offload.name, transform)
-    return get_strategy(key)(model, cfg, torch.device(device))
+    spec = spec.with_transform(transform)
+    return get_strategy(spec.combo)(model, spec, torch.device(device))
 
 
-def stream_base_weights(model: nn.Module, cfg: DictConfig, device: torch.device | str) -> Iterator[Named]:
+def stream_base_weights(model: nn.Module, spec: StreamSpec, device: torch.device | str) -> Iterator[Named]:
     """Base weights under HF names, LoRA excluded and unmerged: the engine's first load."""
-    key = (cfg.fsdp.name, cfg.offload.name, "none")
-    return get_strategy(key)(model, cfg, torch.device(device))
+    return stream_transform(model, spec, device, "none")

@@ -8,12 +8,11 @@ from typing import Callable, Dict, Iterable, Iterator
 
 import torch
 import torch.nn as nn
-from omegaconf import DictConfig
 
 from recipe.model import torch_dtype
 from recipe.names import ADAPTER, hf_name, is_lora_param, peft_name
 from recipe.weights.lora import merge_lora
-from recipe.weights.units import Group, Named, Wire, skipped_names
+from recipe.weights.units import Group, Named, StreamSpec, Wire, skipped_names
 
 
 # ----------------------------------------------------------------------------- wire dtypes
@@ -22,13 +21,13 @@ from recipe.weights.units import Group, Named, Wire, skipped_names
 # collective; merged LoRA's inputs in their own (master) dtype, because the merge is computed
 # in float32 from them and rounds once at the end.
 
-def engine_wire(cfg: DictConfig) -> Wire:
-    dtype = torch_dtype(cfg.model.dtype)
+def engine_wire(spec: StreamSpec) -> Wire:
+    dtype = torch_dtype(spec.dtype)
     return lambda name, param: dtype
 
 
-def merge_wire(cfg: DictConfig) -> Wire:
-    dtype = torch_dtype(cfg.model.dtype)
+def merge_wire(spec: StreamSpec) -> Wire:
+    dtype = torch_dtype(spec.dtype)
     return lambda name, param: param.dtype if _merge_input(name) else dtype
 
 
@@ -39,10 +38,10 @@ def _merge_input(name: str) -> bool:
 # ----------------------------------------------------------------------------- transforms
 
 @torch.no_grad()  # gathers write into fresh buffers; the trained params keep no history
-def full_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
+def full_weights(groups: Iterable[Group], model: nn.Module, spec: StreamSpec,
                   device: torch.device) -> Iterator[Named]:
     """Base weights under HF names (LoRA tensors of a peft model are skipped)."""
-    skipped, dtype = skipped_names(model), torch_dtype(cfg.model.dtype)
+    skipped, dtype = skipped_names(model), torch_dtype(spec.dtype)
     for group in groups:
         for raw in list(group):
             tensor = group.pop(raw)  # pop: the stream keeps no reference to what it yielded
@@ -52,10 +51,10 @@ def full_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
 
 
 @torch.no_grad()  # gathers write into fresh buffers; the trained params keep no history
-def merged_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
+def merged_weights(groups: Iterable[Group], model: nn.Module, spec: StreamSpec,
                     device: torch.device) -> Iterator[Named]:
-    skipped, dtype = skipped_names(model), torch_dtype(cfg.model.dtype)
-    scale = cfg.lora.alpha / cfg.lora.rank
+    skipped, dtype = skipped_names(model), torch_dtype(spec.dtype)
+    scale = spec.lora_scale
     for group in groups:
         for raw in list(group):
             if raw not in group or is_lora_param(raw):
@@ -73,9 +72,9 @@ def merged_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
 
 
 @torch.no_grad()  # gathers write into fresh buffers; the trained params keep no history
-def adapter_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
+def adapter_weights(groups: Iterable[Group], model: nn.Module, spec: StreamSpec,
                      device: torch.device) -> Iterator[Named]:
-    dtype = torch_dtype(cfg.model.dtype)
+    dtype = torch_dtype(spec.dtype)
     for group in groups:
         for raw in list(group):
             tensor = group.pop(raw)
@@ -85,9 +84,9 @@ def adapter_weights(groups: Iterable[Group], model: nn.Module, cfg: DictConfig,
 
 @dataclass(frozen=True)
 class Transform:
-    wire: Callable[[DictConfig], Wire]  # the dtype each tensor is gathered in
+    wire: Callable[[StreamSpec], Wire]  # the dtype each tensor is gathered in
     select: Callable[[str], bool]  # the raw names it needs (a gather may hand it more)
-    apply: Callable[[Iterable[Group], nn.Module, DictConfig, torch.device], Iterator[Named]]
+    apply: Callable[[Iterable[Group], nn.Module, StreamSpec, torch.device], Iterator[Named]]
     # Merged LoRA: a gather that can merge on the shards does (FSDP2: the base weight then comes as
     # a plain weight, already merged, and its LoRA tensors do not come); others hand over W, A, B.
     merges: bool = False

@@ -1,18 +1,59 @@
 """What the gathers share: the types of a stream, the FSDP units of a model and their members (walked
-once per model), and the names a full load skips (see `recipe.weights`)."""
+once per model), the names a full load skips, and `StreamSpec`, the few settings a stream reads
+(see `recipe.weights`)."""
 
 from __future__ import annotations
 
 import weakref
-from typing import Any, Callable, Dict, List, Tuple
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Tuple
 
 import torch
 import torch.nn as nn
+
+if TYPE_CHECKING:
+    from recipe.settings import Settings
 
 Named = Tuple[str, torch.Tensor]
 Group = Dict[str, torch.Tensor]  # raw module name -> full tensor, one FSDP unit
 Wire = Callable[[str, torch.Tensor], torch.dtype]  # (raw name, parameter) -> dtype it is gathered in
 Member = Tuple[str, nn.Module, str]  # (raw name, owning module, attribute)
+
+
+@dataclass(frozen=True)
+class StreamSpec:
+    """What the table's gathers and transforms read, taken once from the settings (`StreamSpec.of`), so a
+    strategy's signature says it reads these and nothing else of the run's config."""
+    fsdp: str  # fsdp.name
+    offload: str  # offload.name
+    lora: str  # lora.name: the transform ("none", "merged", "adapter")
+    strategy: str  # sync.strategy: "auto" (the table's entry) or a reference strategy's name
+    dtype: str  # model.dtype: what the engine holds and every final tensor travels in
+    lora_scale: float  # lora.alpha / lora.rank: the merge's scale
+    bucket_bytes: float  # sync.bucket_mb * 2**20: the FSDP2 gather's bucket
+
+    @classmethod
+    def of(cls, settings: "Settings") -> "StreamSpec":
+        """The spec of a run's settings (or of anything with their groups, e.g. a composed config)."""
+        lora = settings.lora
+        return cls(fsdp=settings.fsdp.name, offload=settings.offload.name, lora=lora.name,
+                   strategy=settings.sync.strategy, dtype=settings.model.dtype,
+                   lora_scale=lora.alpha / lora.rank if lora.rank else 0.0,
+                   bucket_bytes=settings.sync.bucket_mb * 2**20)
+
+    @property
+    def combo(self) -> Tuple[str, str, str]:
+        """The dispatch-table key (fsdp, offload, lora)."""
+        return (self.fsdp, self.offload, self.lora)
+
+    @property
+    def name(self) -> str:
+        """The table entry's name ("fsdp2/cpu/merged"), or the reference strategy's name."""
+        return "/".join(self.combo) if self.strategy == "auto" else self.strategy
+
+    def with_transform(self, lora: str) -> "StreamSpec":
+        """The same gather with the transform of lora mode `lora`, as the table's entry."""
+        return replace(self, lora=lora, strategy="auto")
 
 
 def hf_config(model: nn.Module):

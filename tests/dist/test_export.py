@@ -40,7 +40,7 @@ def export_combos(rank: int, world: int, cfg_yamls: List[str], root: str) -> Lis
     from recipe.export import export
     from recipe.model import build_optimizer, build_policy, sequence_logprobs
     from recipe.preflight import save_run_config
-    from recipe.weights import stream_transform
+    from recipe.weights import StreamSpec, stream_transform
     from tests.dist.test_state_dict import _train_step
 
     device = torch.device("cpu")
@@ -56,8 +56,8 @@ def export_combos(rank: int, world: int, cfg_yamls: List[str], root: str) -> Lis
 
             offload_to_cpu(model, optimizer)
         lora = cfg.lora.name != "none"
-        streamed = {n: t.clone() for n, t in stream_transform(model, cfg, device, "merged" if lora else "none")}
-        adapter = {n: t.clone() for n, t in stream_transform(model, cfg, device, "adapter")} if lora else {}
+        streamed = {n: t.clone() for n, t in stream_transform(model, StreamSpec.of(cfg), device, "merged" if lora else "none")}
+        adapter = {n: t.clone() for n, t in stream_transform(model, StreamSpec.of(cfg), device, "adapter")} if lora else {}
         run_dir = Path(root) / f"run{i}"
         out = export(model, cfg, ctx, run_dir / "export" / "step_1", 1, run_dir, shard_bytes=2**18)
         key = (cfg.fsdp.name, cfg.offload.name, cfg.lora.name)

@@ -166,7 +166,7 @@ def bf16_step(rank: int, world: int, model_dir: str, master: str) -> dict:
     from recipe.update import backward_mini_batch
     from recipe.model import build_optimizer, build_policy, clip_grad_norm
     from recipe.names import hf_name
-    from recipe.weights import stream_weights
+    from recipe.weights import StreamSpec, stream_weights
     from tests.dist.test_state_dict import check_stream
 
     device = torch.device("cpu")
@@ -186,7 +186,7 @@ def bf16_step(rank: int, world: int, model_dir: str, master: str) -> dict:
     # The engine's view: every streamed tensor against the master rounded to bf16.
     rounded = {hf_name(n): t.to(torch.bfloat16) for n, t in after.items()}
     old = {hf_name(n): t.to(torch.bfloat16) for n, t in before.items()}
-    got = check_stream(stream_weights(policy, cfg, device), rounded, device, old)
+    got = check_stream(stream_weights(policy, StreamSpec.of(cfg), device), rounded, device, old)
     engine_elements = sum(rounded[n].numel() for n in got["names"])
     engine_moved = sum((rounded[n] != old[n]).sum().item() for n in got["names"])
     return dict(moved=moved, total=total, masters={str(t.dtype) for t in after.values()}, streamed=len(got["names"]),

@@ -173,15 +173,14 @@ def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) ->
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy, load_to_device, offload_to_cpu
-    from recipe.config import combo_key
-    from recipe.weights import stream_base_weights, stream_weights
+    from recipe.weights import StreamSpec, stream_base_weights, stream_weights
 
     device = torch.device(device_type, rank) if device_type == "cuda" else torch.device("cpu")
     ctx = DistContext(rank=rank, world_size=world, local_rank=rank, device=device)
     results = []
     for cfg in map(OmegaConf.create, cfg_yamls):
         model = build_policy(policy_of(cfg), ctx)
-        base = check_stream(stream_base_weights(model, cfg, device), checkpoint_state(cfg.model.path, cfg.model.dtype),
+        base = check_stream(stream_base_weights(model, StreamSpec.of(cfg), device), checkpoint_state(cfg.model.path, cfg.model.dtype),
                             device)
         optimizer = build_optimizer(model, policy_of(cfg))
         _train_step(model, optimizer, device)
@@ -190,13 +189,13 @@ def run_combos(rank: int, world: int, cfg_yamls: List[str], device_type: str) ->
         before = local_state(model)
         expected = reference(cfg, device)
         with record_all_gathers() as wire:
-            got = check_stream(stream_weights(model, cfg, device), expected, device, initial_state(cfg))
+            got = check_stream(stream_weights(model, StreamSpec.of(cfg), device), expected, device, initial_state(cfg))
         after = local_state(model)
         unchanged = before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
         if cfg.offload.name == "manual":
             load_to_device(model, optimizer, device)
             _train_step(model, optimizer, device)  # the moved-back state still trains
-        results.append(dict(key=combo_key(cfg), base=base, got=got, unchanged=unchanged,
+        results.append(dict(key=StreamSpec.of(cfg).combo, base=base, got=got, unchanged=unchanged,
                             bound=unit_bytes_bound(cfg), masters=param_dtypes(model, trainable=True),
                             frozen=param_dtypes(model, trainable=False),
                             wire=wire))
@@ -289,7 +288,7 @@ def reference_strategies(rank: int, world: int, cfg_yaml: str) -> dict:
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy
-    from recipe.weights import stream_weights
+    from recipe.weights import StreamSpec, stream_weights
 
     cfg, device = OmegaConf.create(cfg_yaml), torch.device("cpu")
     model = build_policy(policy_of(cfg), DistContext(rank, world, rank, device))
@@ -298,7 +297,7 @@ def reference_strategies(rank: int, world: int, cfg_yaml: str) -> dict:
     out = {}
     for name in ("dtensor_stream", "dcp_full_cpu", "naive"):
         cfg.sync.strategy = name
-        out[name] = check_stream(stream_weights(model, cfg, device), expected, device)
+        out[name] = check_stream(stream_weights(model, StreamSpec.of(cfg), device), expected, device)
     return out
 
 
@@ -340,12 +339,11 @@ def uneven_gathers(rank: int, world: int) -> List[str]:
     with one piece per tensor, so rank 1 packs pieces of one row and of no rows (and merges a
     single row: the BLAS's one-row kernel rounds otherwise at LoRA rank 8). Returns what differs from the full tensors (merged: `merge_lora` on them)."""
     import torch.nn as nn
-    from omegaconf import OmegaConf
     from peft import LoraConfig, get_peft_model
     from torch.distributed.fsdp import fully_shard
 
     from recipe.names import is_lora_param
-    from recipe.weights import GATHERS, merge_lora
+    from recipe.weights import GATHERS, StreamSpec, merge_lora
 
     torch.manual_seed(0)
     net = nn.Sequential(nn.Linear(16, 3), nn.Linear(3, 1), nn.Linear(1, 5, bias=False))
@@ -356,14 +354,15 @@ def uneven_gathers(rank: int, world: int) -> List[str]:
         fully_shard(layer)
     fully_shard(model)
     full = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
-    cfg = OmegaConf.create({"sync": {"bucket_mb": 1e-6}, "lora": {"alpha": 7.0, "rank": 8}})
+    spec = StreamSpec(fsdp="fsdp2", offload="none", lora="merged", strategy="auto", dtype="bfloat16",
+                      lora_scale=7.0 / 8, bucket_bytes=1e-6 * 2**20)
     gather, scale, bad = GATHERS[("fsdp2", "none")], 7.0 / 8, []
     cases = {"full": (lambda n: True, False, torch.bfloat16), "adapter": (is_lora_param, False, torch.bfloat16),
              "merged": (lambda n: True, True, torch.bfloat16), "merged-fp32": (lambda n: True, True, torch.float32)}
     for case, (select, merge, dtype) in cases.items():
         wire = (lambda n, p: p.dtype if is_lora_param(n) else dtype) if merge else (lambda n, p: dtype)
         with torch.no_grad():  # as WeightStream runs the gathers
-            got = {n: t for group in gather(model, cfg, torch.device("cpu"), wire, select, merge) for n, t in group.items()}
+            got = {n: t for group in gather(model, spec, torch.device("cpu"), wire, select, merge) for n, t in group.items()}
         want = {n: t.to(dtype) for n, t in full.items() if select(n) and not (merge and is_lora_param(n))}
         if merge:
             for stem in ("base_model.model.0.", "base_model.model.1.", "base_model.model.2."):

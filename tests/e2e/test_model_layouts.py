@@ -17,7 +17,7 @@ import pytest
 
 from recipe.settings import Settings
 
-from tests.helpers import policy_of, run_world
+from tests.helpers import engine_spec, policy_of, run_world
 
 pytestmark = pytest.mark.slow
 
@@ -34,7 +34,7 @@ def _sync_twice(ctx, model_dir: str, dtype: str) -> dict:
 
     cfg = compose([f"model.path={model_dir}", "fsdp=fsdp2", "+offload=none", "+lora=none", "trainer.device=cpu",
                    f"model.dtype={dtype}", "rollout.max_model_len=128"])
-    engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+    engine = build_engine(engine_spec(cfg), ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     try:
         policy = build_policy(policy_of(cfg), ctx)
         optimizer = build_optimizer(policy, policy_of(cfg))

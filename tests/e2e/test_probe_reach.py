@@ -18,7 +18,7 @@ import pytest
 
 from recipe.settings import Settings
 
-from tests.helpers import policy_of, run_world
+from tests.helpers import engine_spec, policy_of, run_world
 
 pytestmark = pytest.mark.slow
 FAULT_NAME = "model.layers.1.mlp.down_proj.weight"
@@ -51,8 +51,8 @@ def _gap(sync):
 def _stale_stream(old):
     from recipe.weights import stream_weights
 
-    def stream(model, cfg, device):
-        for name, t in stream_weights(model, cfg, device):
+    def stream(model, spec, device):
+        for name, t in stream_weights(model, spec, device):
             yield name, (old[name].clone() if name == FAULT_NAME else t)
 
     return stream
@@ -76,7 +76,7 @@ def _reach(rank, world, model_dir):
     for dtype in ("float32", "bfloat16"):
         cfg = compose([f"model.path={model_dir}", "fsdp=fsdp2", "+offload=none", "+lora=none", "trainer.device=cpu",
                        f"model.dtype={dtype}", "rollout.max_model_len=128", "sync.probe_every=0", "sync.digest=false"])
-        engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+        engine = build_engine(engine_spec(cfg), ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
         try:
             policy = build_policy(policy_of(cfg), ctx)
             sync = HookedSync(Settings.from_cfg(cfg), ctx, policy, engine, tok)
@@ -88,7 +88,7 @@ def _reach(rank, world, model_dir):
                     sync.stream_fn = None
                     sync.sync(0)
                     clean = _gap(sync)
-                    old = {n: t.clone() for n, t in stream_weights(policy, cfg, ctx.device)}
+                    old = {n: t.clone() for n, t in stream_weights(policy, sync.spec, ctx.device)}
                     _step(policy, optimizer, off if trained_on == "other tokens" else sync.probe)
                     missed = _gap(sync)
                     sync.stream_fn = _stale_stream(old)

@@ -37,7 +37,7 @@ from omegaconf import OmegaConf
 
 from recipe.settings import Settings
 
-from tests.helpers import policy_of, run_world
+from tests.helpers import engine_spec, policy_of, run_world
 
 pytestmark = pytest.mark.slow
 
@@ -71,8 +71,8 @@ def remembering_stream(stale: dict):
     """The correct stream, keeping a copy of each tensor's first value in `stale` (for the stale-tensor fault)."""
     from recipe.weights import stream_weights
 
-    def stream(model, cfg, device):
-        for name, t in stream_weights(model, cfg, device):
+    def stream(model, spec, device):
+        for name, t in stream_weights(model, spec, device):
             stale.setdefault(name, t.clone())
             yield name, t
 
@@ -139,7 +139,7 @@ def _one_combo(combo, ctx, model_dir, engines, tok):
     out["hf_backend_greedy"] = _greedy(PolicyEngine(policy, ctx.device, tok.eos_token_id, tok.pad_token_id), rank_ids)
     out["hf_backend_ref"] = _greedy(hf, rank_ids)
     # backend hf (rollout=hf): the engine's own unsharded copy, loaded by name through the same sync
-    copy = HfCopyEngine(cfg, ctx, model_dir)
+    copy = HfCopyEngine(engine_spec(cfg), ctx, model_dir)
     out["copy_sync"] = WeightSync(Settings.from_cfg(cfg), ctx, policy, copy, tok).sync(2)
     out["copy_greedy"] = _greedy(copy, gen_ids)
     if lora == "adapter":
@@ -170,8 +170,8 @@ def _stream_faults(ctx, model_dir, engine, tok):
     optimizer = build_optimizer(policy, policy_of(cfg))
     stale = {}
 
-    def capture(model, cfg, device):  # the correct stream, remembering FAULT_NAME's pre-step value
-        for name, t in stream_weights(model, cfg, device):
+    def capture(model, spec, device):  # the correct stream, remembering FAULT_NAME's pre-step value
+        for name, t in stream_weights(model, spec, device):
             if name == FAULT_NAME:
                 stale[name] = t.clone()
             yield name, t
@@ -394,8 +394,8 @@ def _engines(ctx, model_dir, dtype):
     from recipe.engine import build_engine
 
     plain, lora = _cfg(model_dir, extra=[f"model.dtype={dtype}"]), _cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}"])
-    engines = {"plain": build_engine(plain, ctx, model_dir, load=plain.sync.load, digest=plain.sync.digest),
-               "lora": build_engine(lora, ctx, model_dir, load=lora.sync.load, digest=lora.sync.digest)}
+    engines = {"plain": build_engine(engine_spec(plain), ctx, model_dir, load=plain.sync.load, digest=plain.sync.digest),
+               "lora": build_engine(engine_spec(lora), ctx, model_dir, load=lora.sync.load, digest=lora.sync.digest)}
     try:
         yield engines
     finally:

@@ -15,7 +15,7 @@ from recipe.settings import Settings
 
 from tests.e2e.test_rollout_sync import (ADAPTER_FAULTS, FAULT_NAME, SQUARE_NAME, _adapter_fault, _engine_fault,
                                          _error_of, _train_step, remembering_stream)
-from tests.helpers import policy_of, run_world
+from tests.helpers import engine_spec, policy_of, run_world
 
 pytestmark = pytest.mark.gpu
 
@@ -43,7 +43,7 @@ def _run(rank, world, model_dir, lora):
     ctx = DistContext(rank, world, rank, torch.device("cuda", rank))
     cfg = _cfg(model_dir, lora)
     tok = AutoTokenizer.from_pretrained(model_dir)
-    engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+    engine = build_engine(engine_spec(cfg), ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     out = {"faults": {}, "clean": []}
     try:
         policy = build_policy(policy_of(cfg), ctx)

@@ -35,16 +35,16 @@ def seed_regression(rank: int, world: int, cfg_yaml: str) -> dict:
 
     from recipe.dist import DistContext
     from recipe.model import build_optimizer, build_policy
-    from recipe.weights import stream_weights
+    from recipe.weights import StreamSpec, stream_weights
 
     cfg, device = OmegaConf.create(cfg_yaml), torch.device("cuda", rank)
     model = build_policy(policy_of(cfg), DistContext(rank, world, rank, device))
     _train_step(model, build_optimizer(model, policy_of(cfg)), device)
     on_host = all(p.to_local().device.type == "cpu" for p in model.parameters())
-    ours = check_stream(stream_weights(model, cfg, device), reference(cfg, device), device)
+    ours = check_stream(stream_weights(model, StreamSpec.of(cfg), device), reference(cfg, device), device)
     cfg.sync.strategy = "naive"
     try:
-        for _ in stream_weights(model, cfg, device):
+        for _ in stream_weights(model, StreamSpec.of(cfg), device):
             pass
         naive_error = None
     except RuntimeError as exc:  # raised locally on every rank, before any collective

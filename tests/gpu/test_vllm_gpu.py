@@ -15,7 +15,7 @@ import sys
 import pytest
 import torch
 
-from tests.helpers import REPO, compose, run_world
+from tests.helpers import REPO, compose, engine_spec, run_world
 
 pytestmark = pytest.mark.gpu
 
@@ -33,7 +33,7 @@ def engine_devices(rank: int, world: int, model_dir: str) -> dict:
     cfg = compose([f"model.path={model_dir}", "trainer.device=cuda", "rollout.sleep=true",
                    "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.2"])
     ctx = DistContext(rank, world, rank, torch.device("cuda", rank))
-    engine = VllmEngine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+    engine = VllmEngine(engine_spec(cfg), ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     try:
         devices = engine.llm.apply_model(lambda m: sorted({str(p.device) for p in m.parameters()}))
         samples = engine.generate([[3, 4, 5]], n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, seed=rank)
@@ -80,7 +80,7 @@ def direct_vs_reload(rank: int, world: int, model_dir: str, lora: str) -> dict:
     cfg = compose([f"model.path={model_dir}", "trainer.device=cuda", "model.dtype=bfloat16", "sync.load=direct",
                    "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.2", f"+lora={lora}"])
     ctx = DistContext(rank, world, rank, torch.device("cuda", rank))
-    engine = VllmEngine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+    engine = VllmEngine(engine_spec(cfg), ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     try:
         g = torch.Generator(device=ctx.device).manual_seed(1)
         new = {n: torch.randn(s, generator=g, device=ctx.device).to(torch.bfloat16)

@@ -60,7 +60,7 @@ def test_user_model_path_is_refused_at_start(tmp_path):
     assert "model.path=" in msg and "without recipe_model.json" in msg
     assert f"model=local model.path={str(mine)!r}" in msg  # what to use instead
     with pytest.raises(ConfigError):
-        ensure_model(cfg)  # the builder checks again even when validate is skipped
+        ensure_model(cfg.model)  # the builder checks again even when validate is skipped
     assert _contents(mine) == before
 
 
@@ -102,13 +102,13 @@ def test_empty_directory_and_older_copy_of_ours_are_built(tmp_path, tiny_model_d
     empty.mkdir()
     cfg = compose([f"model.path={empty}", CPU])
     _start_checks(cfg)
-    assert (ensure_model(cfg) / "model.safetensors").is_file()
+    assert (ensure_model(cfg.model) / "model.safetensors").is_file()
     old = tmp_path / "old"
     shutil.copytree(tiny_model_dir, old)
     (old / "recipe_model.json").write_text(json.dumps({"builder": "tiny", "version": 1}))
     cfg = compose([f"model.path={old}", CPU])
     _start_checks(cfg)
-    ensure_model(cfg)
+    ensure_model(cfg.model)
     assert json.loads((old / "recipe_model.json").read_text())["version"] > 1  # rebuilt in place
 
 
@@ -128,7 +128,7 @@ def test_model_directory_without_weights_or_tokenizer_is_refused(tmp_path, tiny_
         cfg.run_dir = str(tmp_path / "run")
     _start_checks(cfg)
     with pytest.raises(ConfigError) as err:
-        ensure_model(cfg)
+        ensure_model(cfg.model)
     assert f"model.path={str(local)!r}" in str(err.value) and missing in str(err.value)
     check_model_dir(tiny_model_dir)  # the complete directory passes
 
@@ -187,5 +187,5 @@ def test_a_tilde_in_model_path_is_expanded_once_at_start(tmp_path, tiny_model_di
     expand_paths(cfg)
     assert cfg.model.path == str(tmp_path / "local") and cfg.run_dir == str(tmp_path / "run")
     _start_checks(cfg)
-    assert ensure_model(cfg) == tmp_path / "local"
+    assert ensure_model(cfg.model) == tmp_path / "local"
     assert load_hf_model(cfg.model, "cpu") is not None  # reads cfg.model.path as the ranks do

@@ -167,7 +167,7 @@ def test_unwritable_run_directory_is_refused(tmp_path):
             with open_dict(cfg):
                 cfg.run_dir = str(target)
             with pytest.raises(ConfigError) as err:
-                check_run_dir(cfg)
+                check_run_dir(cfg.run_dir, cfg.trainer.resume)
             assert f"run directory {str(target)!r} is not writable" in str(err.value)
             assert "hydra.run.dir" in str(err.value)
     finally:
@@ -186,11 +186,11 @@ def test_unwritable_run_directory_from_the_cli(tmp_path):
 
 def test_fresh_run_into_a_directory_holding_a_run_is_refused(tmp_path):
     cfg = _run_cfg(tmp_path)
-    check_run_dir(cfg)  # empty: fine
+    check_run_dir(cfg.run_dir, cfg.trainer.resume)  # empty: fine
     (tmp_path / "run" / "checkpoints").mkdir()
     with pytest.raises(ConfigError, match="already holds a run.*trainer.resume=true"):
-        check_run_dir(cfg)
-    check_run_dir(_run_cfg(tmp_path, ["trainer.resume=true"]))
+        check_run_dir(cfg.run_dir, cfg.trainer.resume)
+    check_run_dir(tmp_path / "run", resume=True)
 
 
 def test_resume_with_a_config_that_changes_the_math_is_refused(tmp_path):
@@ -222,7 +222,7 @@ def test_online_wandb_without_a_server_falls_back_to_offline(tmp_path, monkeypat
     monkeypatch.setenv("WANDB_BASE_URL", f"http://127.0.0.1:{port}")
     cfg = _run_cfg(tmp_path, ["logger.mode=online"])
     start = time.monotonic()
-    check_wandb(cfg)
+    check_wandb(cfg.logger, cfg.run_dir)
     # Not a speed target: the issue's bound, against wandb's own retries (minutes) after the models are built.
     assert time.monotonic() - start < 30
     assert cfg.logger.mode == "offline"
@@ -285,7 +285,7 @@ def test_a_run_stopped_before_its_first_checkpoint_restarts_in_place(tmp_path, c
     """Before: neither resumable ("no checkpoint") nor reusable ("continue it with trainer.resume=true")."""
     _saved_run(tmp_path, [1, 2])
     with pytest.raises(ConfigError, match="no checkpoint yet: restart it in place from step 0 with trainer.resume=true"):
-        check_run_dir(_run_cfg(tmp_path))
+        check_run_dir(tmp_path / "run", resume=False)
     check_resume_config(_run_cfg(tmp_path, ["trainer.resume=true"]))
     out = capsys.readouterr().out
     assert "no checkpoint yet: it restarts from step 0 in place" in out and "2 records of" in out
@@ -301,7 +301,7 @@ def test_online_wandb_without_an_api_key_falls_back_to_offline(tmp_path, monkeyp
         monkeypatch.delenv("WANDB_API_KEY", raising=False)
         monkeypatch.setenv("NETRC", str(tmp_path / "no-netrc"))
         cfg = _run_cfg(tmp_path, ["logger.mode=online"])
-        check_wandb(cfg)
+        check_wandb(cfg.logger, cfg.run_dir)
     assert cfg.logger.mode == "offline"
     assert "no API key" in capsys.readouterr().out
     (tmp_path / "netrc").write_text("machine 127.0.0.1 login user password abc\n")
@@ -314,7 +314,7 @@ def test_online_wandb_without_an_api_key_falls_back_to_offline(tmp_path, monkeyp
 @pytest.mark.parametrize("project", ["team/project", "a:b", "x" * 129])
 def test_a_project_name_wandb_refuses_is_refused_at_start(tmp_path, project):
     with pytest.raises(ConfigError, match="logger.project=.* is not a name wandb accepts"):
-        check_wandb(_run_cfg(tmp_path, ["logger.mode=offline", f"logger.project='{project}'"]))
+        check_wandb(_run_cfg(tmp_path, ["logger.mode=offline", f"logger.project='{project}'"]).logger, tmp_path / "run")
 
 
 def test_resume_at_another_world_size_under_torchrun_is_refused(tmp_path, monkeypatch):
@@ -326,16 +326,16 @@ def test_resume_at_another_world_size_under_torchrun_is_refused(tmp_path, monkey
     monkeypatch.setenv("RANK", "0")
     monkeypatch.setenv("WORLD_SIZE", "2")
     saved = _run_cfg(tmp_path, ["trainer.steps=8", "trainer.world_size=1"])  # as a torchrun run of 2 records itself
-    launcher_world(saved)
+    launcher_world(saved.trainer)
     save_run_config(saved, run / "config.yaml")
     monkeypatch.setenv("WORLD_SIZE", "4")
     resume = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=8", "trainer.world_size=1"])
-    launcher_world(resume)
+    launcher_world(resume.trainer)
     with pytest.raises(ConfigError, match=r"trainer.world_size: 2 -> 4.*torchrun --nproc-per-node=2"):
         check_resume_config(resume)
     monkeypatch.setenv("WORLD_SIZE", "2")
     same = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=8", "trainer.world_size=1"])
-    launcher_world(same)
+    launcher_world(same.trainer)
     check_resume_config(same)
 
 
@@ -344,10 +344,10 @@ def test_the_engine_runs_in_process_whatever_the_environment_says(tmp_path, monk
     from recipe.preflight import engine_in_process
 
     monkeypatch.setenv("VLLM_ENABLE_V1_MULTIPROCESSING", "1")
-    engine_in_process(_run_cfg(tmp_path))
+    engine_in_process(_run_cfg(tmp_path).rollout)
     assert os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] == "0"
     assert "VLLM_ENABLE_V1_MULTIPROCESSING=1 in the environment is overridden with 0" in capsys.readouterr().out
-    engine_in_process(_run_cfg(tmp_path))
+    engine_in_process(_run_cfg(tmp_path).rollout)
     assert capsys.readouterr().out == ""  # already 0: nothing to say
 
 

@@ -15,7 +15,7 @@ import yaml
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from recipe.assets import check_model_path
-from recipe.config import (FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, UnsupportedError, combo_key,
+from recipe.config import (FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, UnsupportedError,
                            refuse_renamed, validate)
 from tests.helpers import CONF_DIR, REPO, compose
 
@@ -39,7 +39,7 @@ def test_choices_match_the_option_files():
 @pytest.mark.parametrize("fsdp,offload,lora", COMBOS)
 def test_every_combination_composes_and_validates_on_cpu(fsdp, offload, lora):
     cfg = compose([f"fsdp={fsdp}", f"+offload={offload}", f"+lora={lora}", CPU])
-    assert combo_key(cfg) == (fsdp, offload, lora)
+    assert (cfg.fsdp.name, cfg.offload.name, cfg.lora.name) == (fsdp, offload, lora)
     if (fsdp, offload) == ("fsdp1", "cpu"):
         with pytest.raises(UnsupportedError) as err:
             validate(cfg)
@@ -52,7 +52,8 @@ def test_every_combination_composes_and_validates_on_cpu(fsdp, offload, lora):
 
 
 def test_absent_offload_and_lora_mean_none():
-    assert combo_key(compose([])) == ("fsdp2", "none", "none")
+    cfg = compose([])
+    assert (cfg.fsdp.name, cfg.offload.name, cfg.lora.name) == ("fsdp2", "none", "none")
 
 
 @pytest.mark.parametrize("override,group,options", [

@@ -32,12 +32,12 @@ def test_hf_engine_ignores_the_checkpoints_generation_config(tiny_model_dir, tmp
     from recipe.dist import DistContext
     from recipe.model import load_hf_model, token_logprobs
     from recipe.engine import HfCopyEngine
-    from tests.helpers import compose
+    from tests.helpers import compose, engine_spec
 
     model_dir = _checkpoint_with_penalties(tiny_model_dir, tmp_path)
     cfg = compose([f"model.path={model_dir}", "model.builder=none", "rollout=hf", "trainer.device=cpu",
                    "rollout.temperature=0.7"])
-    engine = HfCopyEngine(cfg, DistContext(0, 1, 0, torch.device("cpu")), str(model_dir))
+    engine = HfCopyEngine(engine_spec(cfg), DistContext(0, 1, 0, torch.device("cpu")), str(model_dir))
     assert engine.module.generation_config.repetition_penalty == 3.0  # the checkpoint's setting is loaded ...
     prompts = [[5, 6, 7, 5, 6, 7], [9, 9, 9, 9]]
     samples = engine.generate(prompts, n=4, max_new_tokens=8, temperature=0.7, top_p=1.0, seed=0)

@@ -11,7 +11,7 @@ import torch
 from recipe.settings import Settings
 from recipe.weights import measure_merge_rounding, merge_lora
 from recipe.sync import merge_rounding_metrics
-from tests.helpers import policy_of, run_world
+from tests.helpers import engine_spec, policy_of, run_world
 
 
 def _layer(seed=0, rows=256, cols=128, rank=8, b_scale=1e-4):
@@ -65,7 +65,7 @@ def _merged_bf16_sync(rank, world, model_dir):
         for name, p in policy.named_parameters():
             if "lora_B" in name:
                 p.add_(torch.randn_like(p) * 1e-4)
-    engine = build_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+    engine = build_engine(engine_spec(cfg), ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     sync = WeightSync(Settings.from_cfg(cfg), ctx, policy, engine, AutoTokenizer.from_pretrained(model_dir))
     stats = sync.sync(0)
     return {k: v for k, v in stats.items() if "merge_rounding" in k}, [line for line in lines if "lora=merged" in line]

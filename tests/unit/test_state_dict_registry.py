@@ -162,12 +162,12 @@ def test_composed_entry_passes_the_transforms_dtype_and_selection_to_its_gather(
     cfg = compose_cfg([f"model.path={tiny_model_dir}", "+lora=adapter", "model.dtype=bfloat16"])
     seen = {}
 
-    def gather(model, cfg, device, wire, select, merge):
+    def gather(model, spec, device, wire, select, merge):
         seen.update(wire=wire("x.lora_A.default.weight", torch.zeros(1)), lora=select("x.lora_A.default.weight"),
                     base=select("x.base_layer.weight"), merge=merge)
         yield {"m.q_proj.lora_A.default.weight": torch.ones(2, 2), "m.q_proj.base_layer.weight": torch.ones(2, 2)}
 
-    out = list(sd.compose(gather, sd.TRANSFORMS["adapter"])(None, cfg, torch.device("cpu")))
+    out = list(sd.compose(gather, sd.TRANSFORMS["adapter"])(None, sd.StreamSpec.of(cfg), torch.device("cpu")))
     assert seen == {"wire": torch.bfloat16, "lora": True, "base": False,  # adapter syncs gather LoRA shards only
                     "merge": False}
     assert [(n, t.dtype) for n, t in out] == [("m.q_proj.lora_A.weight", torch.bfloat16)]
