@@ -38,9 +38,9 @@ test: $(STAMP) ## the whole CPU test suite, as CI runs it (GPU tests are skipped
 test-fast: $(STAMP) ## the unit tests (tests/unit) without the slow ones: the edit-test loop, about a minute on 2 cores
 	$(PY) -m pytest tests/unit -m "not gpu and not slow" $(PYTEST_ARGS)
 
-# Pending: `$(PY) -m ruff format --check .` joins lint once the whole tree is formatted in one commit.
-lint: $(STAMP) ## ruff check (the rules: pyproject.toml [tool.ruff])
+lint: $(STAMP) ## ruff check and ruff format --check of the Python tree (the rules: pyproject.toml [tool.ruff])
 	$(PY) -m ruff check .
+	$(PY) -m ruff format --check recipe tools tests
 
 test-gpu: $(STAMP) ## GPU tests (needs CUDA)
 	$(PY) -m pytest -m gpu $(PYTEST_ARGS)

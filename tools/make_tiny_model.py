@@ -9,8 +9,15 @@ from __future__ import annotations
 
 import argparse
 
-from recipe.builtin_models import (CHARS, SPECIALS, VOCAB_SIZE, VERSION, build_model,  # noqa: F401  (re-exported)
-                                   build_tokenizer, make_tiny_model)
+from recipe.builtin_models import (  # noqa: F401  (re-exported)
+    CHARS,
+    SPECIALS,
+    VOCAB_SIZE,
+    VERSION,
+    build_model,
+    build_tokenizer,
+    make_tiny_model,
+)
 
 if __name__ == "__main__":
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)

@@ -30,8 +30,15 @@ def engine_devices(rank: int, world: int, model_dir: str) -> dict:
     from recipe.dist import DistContext
     from recipe.engine import VllmEngine
 
-    cfg = compose([f"model.path={model_dir}", "trainer.device=cuda", "rollout.sleep=true",
-                   "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.2"])
+    cfg = compose(
+        [
+            f"model.path={model_dir}",
+            "trainer.device=cuda",
+            "rollout.sleep=true",
+            "rollout.enforce_eager=true",
+            "rollout.gpu_memory_utilization=0.2",
+        ]
+    )
     ctx = DistContext(rank, world, rank, torch.device("cuda", rank))
     engine = VllmEngine(engine_spec(cfg), ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     try:
@@ -41,8 +48,13 @@ def engine_devices(rank: int, world: int, model_dir: str) -> dict:
         engine.wake()
         after_wake = engine.generate([[3, 4, 5]], n=2, max_new_tokens=4, temperature=1.0, top_p=1.0, seed=rank)
         total = torch.cuda.mem_get_info(ctx.device)[1] / 2**30
-        return {"devices": devices[0], "samples": len(samples), "after_wake": len(after_wake),
-                "memory": engine.memory_stats(), "total_gb": total}
+        return {
+            "devices": devices[0],
+            "samples": len(samples),
+            "after_wake": len(after_wake),
+            "memory": engine.memory_stats(),
+            "total_gb": total,
+        }
     finally:
         engine.close()
 
@@ -62,9 +74,25 @@ def test_each_rank_engine_on_its_own_gpu_and_sleep_releases_memory(tiny_model_di
 def test_every_combination_runs_checks_and_resumes_at_world_2(tmp_path, tiny_model_dir):
     _needs(2)
     out = tmp_path / "matrix.json"
-    cmd = [sys.executable, "-m", "tools.combo_matrix", "--isolate", "--resume", "--out", str(out), "--root", str(tmp_path / "runs"),
-           f"model.path={tiny_model_dir}", "trainer.device=cuda", "trainer.world_size=2", "rollout.sleep=true",
-           "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.2", "debug=tiny", "model.dtype=bfloat16"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.combo_matrix",
+        "--isolate",
+        "--resume",
+        "--out",
+        str(out),
+        "--root",
+        str(tmp_path / "runs"),
+        f"model.path={tiny_model_dir}",
+        "trainer.device=cuda",
+        "trainer.world_size=2",
+        "rollout.sleep=true",
+        "rollout.enforce_eager=true",
+        "rollout.gpu_memory_utilization=0.2",
+        "debug=tiny",
+        "model.dtype=bfloat16",
+    ]
     subprocess.run(cmd, cwd=REPO, check=True, timeout=1800)
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 18
@@ -77,16 +105,32 @@ def direct_vs_reload(rank: int, world: int, model_dir: str, lora: str) -> dict:
     from recipe.dist import DistContext
     from recipe.engine import VllmEngine, streamed_shapes
 
-    cfg = compose([f"model.path={model_dir}", "trainer.device=cuda", "model.dtype=bfloat16", "sync.load=direct",
-                   "rollout.enforce_eager=true", "rollout.gpu_memory_utilization=0.2", f"+lora={lora}"])
+    cfg = compose(
+        [
+            f"model.path={model_dir}",
+            "trainer.device=cuda",
+            "model.dtype=bfloat16",
+            "sync.load=direct",
+            "rollout.enforce_eager=true",
+            "rollout.gpu_memory_utilization=0.2",
+            f"+lora={lora}",
+        ]
+    )
     ctx = DistContext(rank, world, rank, torch.device("cuda", rank))
     engine = VllmEngine(engine_spec(cfg), ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     try:
         g = torch.Generator(device=ctx.device).manual_seed(1)
-        new = {n: torch.randn(s, generator=g, device=ctx.device).to(torch.bfloat16)
-               for n, s in streamed_shapes(model_dir).items()}
-        params = lambda: {n: p.detach().clone() for n, p in  # noqa: E731
-                          engine.llm.apply_model(lambda m: dict(m.named_parameters()))[0].items()}
+        new = {
+            n: torch.randn(s, generator=g, device=ctx.device).to(torch.bfloat16)
+            for n, s in streamed_shapes(model_dir).items()
+        }
+
+        def params():
+            return {
+                n: p.detach().clone()
+                for n, p in engine.llm.apply_model(lambda m: dict(m.named_parameters()))[0].items()
+            }
+
         engine.load_weights(iter(new.items()))
         torch.cuda.synchronize()
         direct = params()
@@ -95,8 +139,11 @@ def direct_vs_reload(rank: int, world: int, model_dir: str, lora: str) -> dict:
         engine.reload_weights(iter(new.items()))
         torch.cuda.synchronize()
         reloaded = params()
-        return {"path": engine.load_path, "names": len(direct),
-                "differ": sorted(n for n in direct if not torch.equal(direct[n], reloaded[n]))}
+        return {
+            "path": engine.load_path,
+            "names": len(direct),
+            "differ": sorted(n for n in direct if not torch.equal(direct[n], reloaded[n])),
+        }
     finally:
         engine.close()
 
