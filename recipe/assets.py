@@ -34,11 +34,15 @@ def check_model_path(model: Model) -> None:
         return
     where = Path(model.path).expanduser()
     if where.exists() and not where.is_dir():
-        raise ConfigError(f"model.path={model.path!r} is a file, not a directory; give a local HF checkpoint "
-                          "directory (the folder that holds config.json, the weights and the tokenizer)")
+        raise ConfigError(
+            f"model.path={model.path!r} is a file, not a directory; give a local HF checkpoint "
+            "directory (the folder that holds config.json, the weights and the tokenizer)"
+        )
     if not where.is_dir():
-        raise ConfigError(f"model.path={model.path!r} does not exist; give a local HF checkpoint directory "
-                          "or use model=tiny / model=smollm2, which are created on first use")
+        raise ConfigError(
+            f"model.path={model.path!r} does not exist; give a local HF checkpoint directory "
+            "or use model=tiny / model=smollm2, which are created on first use"
+        )
 
 
 def check_model_dir(path: Path) -> None:
@@ -54,8 +58,10 @@ def _check_json(path: Path) -> None:
         try:
             json.loads(file.read_text())
         except (ValueError, UnicodeDecodeError) as exc:
-            raise ConfigError(f"model.path={str(path)!r}: {file.name} cannot be parsed ({exc}); the file is damaged, "
-                              "fetch or save the model again") from None
+            raise ConfigError(
+                f"model.path={str(path)!r}: {file.name} cannot be parsed ({exc}); the file is damaged, "
+                "fetch or save the model again"
+            ) from None
 
 
 def _check_tokenizer(path: Path) -> None:
@@ -66,13 +72,16 @@ def _check_tokenizer(path: Path) -> None:
         ids = tokenizer(PROBE_TEXT, add_special_tokens=False).input_ids
     except Exception as exc:  # noqa: BLE001  (transformers raises many kinds; the message is what matters)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else ""
-        raise ConfigError(f"model.path={str(path)!r}: its tokenizer cannot be loaded ({type(exc).__name__}: "
-                          f"{first[:300]})") from None
+        raise ConfigError(
+            f"model.path={str(path)!r}: its tokenizer cannot be loaded ({type(exc).__name__}: {first[:300]})"
+        ) from None
     if not ids:
         present = [f for f in TOKENIZER_FILES if (path / f).is_file()]
-        raise ConfigError(f"model.path={str(path)!r}: its tokenizer loads but encodes text to no tokens (files "
-                          f"present: {', '.join(present) or 'none'}; is tokenizer.json missing?). Give a directory "
-                          "saved with save_pretrained (model and tokenizer).")
+        raise ConfigError(
+            f"model.path={str(path)!r}: its tokenizer loads but encodes text to no tokens (files "
+            f"present: {', '.join(present) or 'none'}; is tokenizer.json missing?). Give a directory "
+            "saved with save_pretrained (model and tokenizer)."
+        )
 
 
 def _check_files(path: Path) -> None:
@@ -84,8 +93,10 @@ def _check_files(path: Path) -> None:
     if not any((path / f).is_file() for f in TOKENIZER_FILES):
         missing.append(f"a tokenizer ({', '.join(TOKENIZER_FILES)})")
     if missing:
-        raise ConfigError(f"model.path={str(path)!r} is not a usable HF checkpoint directory; it lacks: "
-                          f"{'; '.join(missing)}. Give a directory saved with save_pretrained (model and tokenizer).")
+        raise ConfigError(
+            f"model.path={str(path)!r} is not a usable HF checkpoint directory; it lacks: "
+            f"{'; '.join(missing)}. Give a directory saved with save_pretrained (model and tokenizer)."
+        )
 
 
 def ensure_model(model) -> Path:

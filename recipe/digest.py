@@ -90,7 +90,7 @@ def _bits(t: torch.Tensor, batch: int = 0) -> torch.Tensor:
     return flat.view(_INT_OF_SIZE[t.element_size()]).to(torch.int64)
 
 
-_MIX = 0x94D049BB133111EB - 2**64   # odd multiplier (splitmix64's), as a signed int64
+_MIX = 0x94D049BB133111EB - 2**64  # odd multiplier (splitmix64's), as a signed int64
 _GOLDEN = 0x9E3779B97F4A7C15 - 2**64  # spreads column indices before they are mixed into keys
 _LOW32 = 0xFFFFFFFF
 # Words mixed per block: CPU blocks fit in cache; CUDA blocks are large (few kernel launches).
@@ -126,7 +126,7 @@ def _mixed_rowsums(bits: torch.Tensor) -> torch.Tensor:
         return torch.zeros(bits.shape[:-1], dtype=torch.int64, device=bits.device)
     keys = _column_keys(cols, bits.device)
     step = max(1, BLOCK_WORDS.get(bits.device.type, BLOCK_WORDS["cuda"]) // cols)
-    sums = [_mix(torch.mul(flat[i:i + step], keys)).sum(-1) for i in range(0, flat.shape[0], step)]
+    sums = [_mix(torch.mul(flat[i : i + step], keys)).sum(-1) for i in range(0, flat.shape[0], step)]
     return (sums[0] if len(sums) == 1 else torch.cat(sums)).view(bits.shape[:-1])
 
 
@@ -168,7 +168,7 @@ def to_host(sums: Sequence[torch.Tensor]) -> List[List[int]]:
     for idx in by_device.values():
         stacked = torch.cat([flat[i] for i in idx]).cpu().tolist()
         for i, at in zip(idx, itertools.accumulate([flat[i].shape[0] for i in idx], initial=0)):
-            rows[i] = stacked[at:at + flat[i].shape[0]]
+            rows[i] = stacked[at : at + flat[i].shape[0]]
     return rows
 
 

@@ -69,6 +69,7 @@ def hung_after(timeout_s: float) -> float:
 def stop_on_signals():
     """SIGTERM and SIGINT raise RunStopped in the main thread (a SIGINT that is ignored, as in a job
     started in the background or under nohup, stays ignored)."""
+
     def stop(signum, frame):
         for sig in previous:  # a second Ctrl-C must not interrupt the clean-up of the first
             signal.signal(sig, signal.SIG_IGN)
@@ -136,6 +137,7 @@ def _die_with_parent(parent: int) -> None:
         PR_SET_PDEATHSIG = 1
         ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
     else:
+
         def watch():
             while os.getppid() == parent:
                 time.sleep(1.0)
@@ -148,6 +150,7 @@ def _die_with_parent(parent: int) -> None:
 
 def _heartbeat(path: Path) -> None:
     """Touch `path` every HEARTBEAT_S from a daemon thread: the launcher's sign that this rank is alive."""
+
     def beat():
         while True:
             try:
@@ -160,14 +163,16 @@ def _heartbeat(path: Path) -> None:
     threading.Thread(target=beat, daemon=True, name="heartbeat").start()
 
 
-def _worker(local_rank: int, fn: Callable, cfg_yaml: str, world: int, port: int, error_dir: str,
-            parent: int) -> None:
+def _worker(local_rank: int, fn: Callable, cfg_yaml: str, world: int, port: int, error_dir: str, parent: int) -> None:
     _die_with_parent(parent)
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # Ctrl-C reaches the whole process group: the launcher acts
     _heartbeat(Path(error_dir, f"alive{local_rank}"))
     os.environ.update(
-        RANK=str(local_rank), LOCAL_RANK=str(local_rank), WORLD_SIZE=str(world),
-        MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port),
+        RANK=str(local_rank),
+        LOCAL_RANK=str(local_rank),
+        WORLD_SIZE=str(world),
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
     )
     cfg = OmegaConf.create(cfg_yaml)
     try:
@@ -187,8 +192,16 @@ def _worker(local_rank: int, fn: Callable, cfg_yaml: str, world: int, port: int,
 
 
 # Errors a rank raises because a PEER died (its socket closed, a collective timed out).
-_SECONDARY = ("Connection reset by peer", "Connection closed by peer", "DistBackendError", "NCCL error",
-              "Timed out", "timed out", "Broken pipe", "ProcessGroup")
+_SECONDARY = (
+    "Connection reset by peer",
+    "Connection closed by peer",
+    "DistBackendError",
+    "NCCL error",
+    "Timed out",
+    "timed out",
+    "Broken pipe",
+    "ProcessGroup",
+)
 
 
 def _root_cause(error_dir: str) -> Optional[dict]:
@@ -232,8 +245,13 @@ def launch(fn: Callable[[DictConfig, DistContext], Any], cfg: DictConfig) -> Non
     world = world_size_for(device_of(cfg.trainer.device), int(cfg.trainer.world_size))
     cfg_yaml = OmegaConf.to_yaml(cfg, resolve=True)
     with tempfile.TemporaryDirectory(prefix="rank-errors-") as error_dir:
-        context = mp.start_processes(_worker, args=(fn, cfg_yaml, world, free_port(), error_dir, os.getpid()),
-                                     nprocs=world, join=False, start_method="spawn")
+        context = mp.start_processes(
+            _worker,
+            args=(fn, cfg_yaml, world, free_port(), error_dir, os.getpid()),
+            nprocs=world,
+            join=False,
+            start_method="spawn",
+        )
         try:
             _join(context, error_dir, hung_after(cfg.trainer.timeout_s))
         except (mp.ProcessRaisedException, mp.ProcessExitedException) as exc:
@@ -241,8 +259,9 @@ def launch(fn: Callable[[DictConfig, DistContext], Any], cfg: DictConfig) -> Non
             if root is not None:
                 raise RankError(f"rank {root['rank']} failed:\n{root['traceback']}") from None
             if isinstance(exc, mp.ProcessExitedException):
-                raise RankError(f"rank {exc.error_index} exited with code {exc.exit_code} "
-                                f"(signal {exc.signal_name})") from None
+                raise RankError(
+                    f"rank {exc.error_index} exited with code {exc.exit_code} (signal {exc.signal_name})"
+                ) from None
             raise RankError(f"rank {exc.error_index} failed:\n{exc}") from None
         finally:
             _end(context)  # a stop, a hung rank, or a failure torch's join already acted on: no rank outlives this
@@ -255,14 +274,22 @@ def _join(context, error_dir: str, silent_limit: float) -> None:
         for rank, process in enumerate(context.processes):
             beat = Path(error_dir, f"alive{rank}")
             if process.is_alive() and beat.exists() and now - beat.stat().st_mtime > silent_limit:
-                raise RankError(f"rank {rank} is hung: no sign of life for {now - beat.stat().st_mtime:.0f} s "
-                                f"(process {process.pid}, {_process_state(process.pid)}); its peers were waiting for "
-                                "it in a collective. The run was ended; resume it with trainer.resume=true")
+                raise RankError(
+                    f"rank {rank} is hung: no sign of life for {now - beat.stat().st_mtime:.0f} s "
+                    f"(process {process.pid}, {_process_state(process.pid)}); its peers were waiting for "
+                    "it in a collective. The run was ended; resume it with trainer.resume=true"
+                )
 
 
 def _process_state(pid: int) -> str:
-    names = {"T": "stopped (SIGSTOP?)", "t": "stopped by a debugger", "D": "in uninterruptible I/O",
-             "S": "sleeping", "R": "running", "Z": "exited"}
+    names = {
+        "T": "stopped (SIGSTOP?)",
+        "t": "stopped by a debugger",
+        "D": "in uninterruptible I/O",
+        "S": "sleeping",
+        "R": "running",
+        "Z": "exited",
+    }
     try:
         state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
     except (OSError, IndexError):
@@ -278,8 +305,9 @@ def _end(context) -> None:
         process.join(timeout=30)
 
 
-def agree(failure: Optional[str], error: Callable[[str], BaseException] = RuntimeError,
-          cause: Optional[BaseException] = None) -> None:
+def agree(
+    failure: Optional[str], error: Callable[[str], BaseException] = RuntimeError, cause: Optional[BaseException] = None
+) -> None:
     """All ranks agree, then raise: every rank learns whether any rank failed before any of them
     raises, so no rank is left waiting in a collective that its peers have left.
 

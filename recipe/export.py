@@ -57,6 +57,7 @@ class ExportError(RuntimeError):
 class ExportSpec:
     """What the writers read: the stream's spec (gather, dtype, LoRA mode), the base model's directory
     (`model.path`: config, tokenizer, the manifest's base) and the LoRA slice (adapter_config.json)."""
+
     stream: StreamSpec
     base: str
     lora: Any
@@ -88,8 +89,10 @@ def check_target(out: Path, run_dir: Path) -> None:
     if not out.is_dir():
         raise ExportError(f"export target {out} exists and is not a directory; choose another directory")
     if any(out.iterdir()) and not is_export_of(out, run_dir):
-        raise ExportError(f"export target {out} exists and is not an export of this run ({MANIFEST} naming "
-                          f"{Path(run_dir).resolve()} is missing); choose another directory, nothing was written")
+        raise ExportError(
+            f"export target {out} exists and is not an export of this run ({MANIFEST} naming "
+            f"{Path(run_dir).resolve()} is missing); choose another directory, nothing was written"
+        )
 
 
 def publish(tmp: Path, out: Path) -> None:
@@ -168,8 +171,16 @@ def consume(stream: Iterable, write, path: Path) -> Optional[str]:
     return error
 
 
-def export(model: nn.Module, settings: Settings, ctx, out: Path, step: int, run_dir: Path,
-           shard_bytes: int = SHARD_BYTES, adapter_only: bool = False) -> Path:
+def export(
+    model: nn.Module,
+    settings: Settings,
+    ctx,
+    out: Path,
+    step: int,
+    run_dir: Path,
+    shard_bytes: int = SHARD_BYTES,
+    adapter_only: bool = False,
+) -> Path:
     """Write the export of the sharded `model` to `out` (see the module docstring). Every rank calls it.
     `adapter_only` (LoRA): `out` is the PEFT directory alone (adapter files and the manifest)."""
     spec = ExportSpec.of(settings)
@@ -210,8 +221,11 @@ def write_weights(model: nn.Module, spec: ExportSpec, ctx, tmp: Optional[Path], 
     Returns rank 0's first failure, if any."""
     lora = spec.has_lora
     writer = ShardWriter(tmp, shard_bytes) if ctx.is_main else None
-    error = consume(stream_transform(model, spec.stream, ctx.device, "merged" if lora else "none"),
-                    writer.add if writer else None, tmp)
+    error = consume(
+        stream_transform(model, spec.stream, ctx.device, "merged" if lora else "none"),
+        writer.add if writer else None,
+        tmp,
+    )
     if writer is not None and error is None:
         try:
             writer.close()
@@ -225,8 +239,11 @@ def write_weights(model: nn.Module, spec: ExportSpec, ctx, tmp: Optional[Path], 
 def write_adapter_stream(model: nn.Module, spec: ExportSpec, ctx, out: Optional[Path]) -> Optional[str]:
     """The LoRA tensors under peft's names, with adapter_config.json, into `out` (rank 0)."""
     adapter: Dict[str, torch.Tensor] = {}
-    collect = (lambda name, t: adapter.__setitem__(name, t.detach().to("cpu", copy=True).contiguous())) \
-        if ctx.is_main else None
+    collect = (
+        (lambda name, t: adapter.__setitem__(name, t.detach().to("cpu", copy=True).contiguous()))
+        if ctx.is_main
+        else None
+    )
     error = consume(stream_transform(model, spec.stream, ctx.device, "adapter"), collect, out)
     if ctx.is_main and error is None:
         error = write_adapter(spec, out, adapter)
@@ -239,7 +256,9 @@ def write_adapter(spec: ExportSpec, out: Path, tensors: Dict[str, torch.Tensor])
     try:
         out.mkdir(exist_ok=True)
         save_file(tensors, str(out / "adapter_model.safetensors"), metadata={"format": "pt"})
-        (out / "adapter_config.json").write_text(json.dumps(adapter_config(spec.lora, spec.base), indent=2, sort_keys=True) + "\n")
+        (out / "adapter_config.json").write_text(
+            json.dumps(adapter_config(spec.lora, spec.base), indent=2, sort_keys=True) + "\n"
+        )
     except Exception as exc:  # noqa: BLE001
         return write_error(exc, out)
     return None
@@ -253,8 +272,14 @@ def write_files(spec: ExportSpec, tmp: Path, out: Path, step: int, run_dir: Path
         if hf:
             write_hf_files(base, spec.stream.dtype, tmp)
         files = {str(p.relative_to(tmp)): sha256(p) for p in sorted(tmp.rglob("*")) if p.is_file()}
-        manifest = {"run_dir": str(run_dir), "step": step, "combination": "/".join(spec.stream.combo),
-                    "dtype": spec.stream.dtype, "base": str(base), "files": files}
+        manifest = {
+            "run_dir": str(run_dir),
+            "step": step,
+            "combination": "/".join(spec.stream.combo),
+            "dtype": spec.stream.dtype,
+            "base": str(base),
+            "files": files,
+        }
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1) + "\n")
     except Exception as exc:  # noqa: BLE001
         return write_error(exc, out)

@@ -93,8 +93,9 @@ class GRPOTrainer:
         from recipe.tasks import build_task
 
         # trainer.micro_batch_tokens=null is resolved here, once (it reads the model's shape and the device)
-        settings = dataclasses.replace(settings, trainer=dataclasses.replace(
-            settings.trainer, micro_batch_tokens=micro_batch_tokens(settings)))
+        settings = dataclasses.replace(
+            settings, trainer=dataclasses.replace(settings.trainer, micro_batch_tokens=micro_batch_tokens(settings))
+        )
         self.settings, self.ctx = cfg, ctx = settings, ctx
         torch.manual_seed(cfg.trainer.seed)
         self.model_dir = str(Path(cfg.model.path).expanduser().resolve())
@@ -108,7 +109,9 @@ class GRPOTrainer:
         self.reference = build_reference(cfg.policy, ctx) if cfg.algo.kl_coef > 0 else None  # in model.dtype
         self.optimizer = build_optimizer(self.policy, cfg.policy)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, warmup_lambda(cfg.trainer.warmup_steps))
-        self.residency = Residency(cfg.offload, self.policy, self.optimizer, ctx.device)  # offload=manual: host between phases
+        self.residency = Residency(
+            cfg.offload, self.policy, self.optimizer, ctx.device
+        )  # offload=manual: host between phases
         # rollout.placement: here or in its own process; the engine takes the sync's load mode and digest
         # setting from here: it reads no sync settings itself
         self.engine = place_engine(cfg, ctx, self.model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
@@ -134,8 +137,14 @@ class GRPOTrainer:
         prompt_ids = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in prompts]
         since = time.perf_counter()
         self.engine.wake()
-        handle = self.engine.submit(prompt_ids, n=cfg.rollout.n, max_new_tokens=cfg.rollout.max_new_tokens,
-                                    temperature=cfg.rollout.temperature, top_p=cfg.rollout.top_p, seed=seed)
+        handle = self.engine.submit(
+            prompt_ids,
+            n=cfg.rollout.n,
+            max_new_tokens=cfg.rollout.max_new_tokens,
+            temperature=cfg.rollout.temperature,
+            top_p=cfg.rollout.top_p,
+            seed=seed,
+        )
         self.engine.sleep()
         return Pending(step, prompts, handle, self.sync.weight_version, since)
 
@@ -144,8 +153,10 @@ class GRPOTrainer:
         start (or the submit, if later) until the samples were in hand, and `rollout/staleness`, how many
         weight versions the engine's were behind the trainer's when they were sampled (0 or 1)."""
         samples = pending.handle.result()
-        stats = {"time/rollout_wait_s": time.perf_counter() - max(pending.since, self.step_began),
-                 "rollout/staleness": self.sync.weight_version - pending.version}
+        stats = {
+            "time/rollout_wait_s": time.perf_counter() - max(pending.since, self.step_began),
+            "rollout/staleness": self.sync.weight_version - pending.version,
+        }
         return pending.prompts, samples, stats
 
     def generate(self, prompts, n: int, temperature: float, top_p: float, seed: int):
@@ -153,8 +164,14 @@ class GRPOTrainer:
         engine that keeps order generates them after whatever was submitted and loaded before."""
         prompt_ids = [self.tokenizer(p.text, add_special_tokens=False).input_ids for p in prompts]
         self.engine.wake()
-        return self.engine.generate(prompt_ids, n=n, max_new_tokens=self.settings.rollout.max_new_tokens,
-                                    temperature=temperature, top_p=top_p, seed=seed)
+        return self.engine.generate(
+            prompt_ids,
+            n=n,
+            max_new_tokens=self.settings.rollout.max_new_tokens,
+            temperature=temperature,
+            top_p=top_p,
+            seed=seed,
+        )
 
     def decode(self, samples) -> List[str]:
         return [self.tokenizer.decode(s.token_ids, skip_special_tokens=True) for s in samples]
@@ -172,12 +189,23 @@ class GRPOTrainer:
         t0 = time.perf_counter()
         texts = self.decode(self.generate(self.eval_prompts, 1, temperature=0.0, top_p=1.0, seed=0))
         pairs = list(zip(self.eval_prompts, texts))
-        sums = torch.tensor([sum(float(self.task.correct(p, t)) for p, t in pairs),
-                             sum(self.task.reward(p, t) for p, t in pairs), float(len(pairs))], dtype=torch.float64)
+        sums = torch.tensor(
+            [
+                sum(float(self.task.correct(p, t)) for p, t in pairs),
+                sum(self.task.reward(p, t) for p, t in pairs),
+                float(len(pairs)),
+            ],
+            dtype=torch.float64,
+        )
         dist.all_reduce(sums)
         exact, reward, count = sums.tolist()
-        return {"eval/exact": exact / count, "eval/reward": reward / count, "eval/prompts": count,
-                "eval/time_s": time.perf_counter() - t0, "eval/example": texts[0]}
+        return {
+            "eval/exact": exact / count,
+            "eval/reward": reward / count,
+            "eval/prompts": count,
+            "eval/time_s": time.perf_counter() - t0,
+            "eval/example": texts[0],
+        }
 
     # -- phase 2: reward
     def score(self, prompts, samples):
@@ -194,7 +222,9 @@ class GRPOTrainer:
             input_ids=[list(s.prompt_token_ids) + list(s.token_ids) for s in samples],
             prompt_lens=[len(s.prompt_token_ids) for s in samples],
             old_logprobs=[list(s.logprobs) for s in samples],
-            rewards=rewards, advantages=adv, correct=correct,
+            rewards=rewards,
+            advantages=adv,
+            correct=correct,
             completion_lens=torch.tensor([float(len(s.token_ids)) for s in samples]),
         )
 
@@ -205,13 +235,14 @@ class GRPOTrainer:
         self.policy.train()
         order = list(range(len(batch.input_ids)))
         random.Random(cfg.trainer.seed + self.step).shuffle(order)
-        minis = [order[i::cfg.trainer.updates_per_batch] for i in range(cfg.trainer.updates_per_batch)]
+        minis = [order[i :: cfg.trainer.updates_per_batch] for i in range(cfg.trainer.updates_per_batch)]
         busy = DeviceBusy(self.ctx.device)  # CUDA: events around each optimizer step's device work
         t0 = time.perf_counter()
         gap = None  # the trainer-engine gap: of the first mini-batch, or of the recomputation
         if truncated_sampling(cfg.rollout) or cfg.algo.off_policy_steps > 0:
-            proximal, gap = behaviour_logprobs(self.policy, batch, minis, cfg.trainer, cfg.rollout.temperature,
-                                               self.ctx.device)
+            proximal, gap = behaviour_logprobs(
+                self.policy, batch, minis, cfg.trainer, cfg.rollout.temperature, self.ctx.device
+            )
             if cfg.algo.off_policy_steps > 0:  # the engine's logprobs weight each token (recipe/loss.py)
                 batch.behav_logprobs = batch.old_logprobs
             batch.old_logprobs = proximal
@@ -231,8 +262,17 @@ class GRPOTrainer:
         return out
 
     def _optimizer_step(self, batch: Batch, mini: List[int]) -> Dict[str, float]:
-        stats = backward_mini_batch(self.policy, batch, mini, self.settings.algo, self.settings.trainer,
-                                    self.settings.rollout.temperature, self.ctx.device, self.ctx.world_size, self.reference)
+        stats = backward_mini_batch(
+            self.policy,
+            batch,
+            mini,
+            self.settings.algo,
+            self.settings.trainer,
+            self.settings.rollout.temperature,
+            self.ctx.device,
+            self.ctx.world_size,
+            self.reference,
+        )
         self._check_finite(stats["loss"], "loss")
         stats["grad_norm"] = self._clip_grad()
         self._check_finite(stats["grad_norm"], "gradient norm")
@@ -241,7 +281,9 @@ class GRPOTrainer:
         self.scheduler.step()
         return stats
 
-    def _update_metrics(self, per_mini: List[Dict[str, float]], gap: Optional[Dict[str, float]] = None) -> Dict[str, float]:
+    def _update_metrics(
+        self, per_mini: List[Dict[str, float]], gap: Optional[Dict[str, float]] = None
+    ) -> Dict[str, float]:
         """Global (all-ranks) update metrics. The logprob gap of trainer and engine is of the first, on-policy
         mini-batch, or, when the old logprobs were recomputed (`gap`), of the whole batch before the update
         (then it includes what the engine's truncation removed or, off-policy, the weights' one-step lag)."""
@@ -279,8 +321,10 @@ class GRPOTrainer:
 
     def _check_finite(self, value: float, what: str) -> None:
         """All ranks agree before anyone raises, so a NaN on one rank cannot hang the others."""
-        agree(None if math.isfinite(value) else f"non-finite {what} at step {self.step} ({value}); stopping the run",
-              NonFiniteError)
+        agree(
+            None if math.isfinite(value) else f"non-finite {what} at step {self.step} ({value}); stopping the run",
+            NonFiniteError,
+        )
 
     # -- checkpoints
     def save_checkpoint(self) -> None:
@@ -288,8 +332,18 @@ class GRPOTrainer:
 
         cfg = self.settings
         counters = {"weight_version": self.sync.weight_version, "num_syncs": self.sync.num_syncs}
-        save(Path(cfg.run_dir) / "checkpoints", self.policy, self.optimizer, self.scheduler, self.step, self.ctx,
-             state=counters, keep=cfg.trainer.keep_checkpoints, residency=self.residency, base=self.lora_base)
+        save(
+            Path(cfg.run_dir) / "checkpoints",
+            self.policy,
+            self.optimizer,
+            self.scheduler,
+            self.step,
+            self.ctx,
+            state=counters,
+            keep=cfg.trainer.keep_checkpoints,
+            residency=self.residency,
+            base=self.lora_base,
+        )
 
     def export(self) -> None:
         """The policy of this step as a Hugging Face (and, for LoRA, PEFT) directory (recipe/export.py)."""
@@ -301,8 +355,10 @@ class GRPOTrainer:
         self.exported = self.step
         if self.ctx.is_main:
             size = sum(f.stat().st_size for f in Path(out).rglob("*") if f.is_file())
-            print(f"exported step {self.step} to {out} ({size / 1e6:,.1f} MB in {time.perf_counter() - t0:.2f} s)",
-                  flush=True)
+            print(
+                f"exported step {self.step} to {out} ({size / 1e6:,.1f} MB in {time.perf_counter() - t0:.2f} s)",
+                flush=True,
+            )
 
     def maybe_resume(self) -> None:
         """With trainer.resume: model, optimizer, scheduler, RNG, step and weight version from the
@@ -316,8 +372,9 @@ class GRPOTrainer:
             self.logger.rewind(-1)
             self.resumed = True
             return
-        loaded = load(path, self.policy, self.optimizer, self.scheduler, self.ctx, residency=self.residency,
-                      base=self.lora_base)
+        loaded = load(
+            path, self.policy, self.optimizer, self.scheduler, self.ctx, residency=self.residency, base=self.lora_base
+        )
         self.step, counters = loaded["step"], loaded["state"]
         if counters:  # (checkpoints written before the counters were saved have none)
             # The first sync after resume loads the checkpoint's weights again: it remakes the saved version.
@@ -357,7 +414,9 @@ class GRPOTrainer:
             before = self.evaluate()  # 0. held-out accuracy before training
             self.logger.log(before, step=0)
             progress.update(before)
-        profiler = StepProfiler(cfg.trainer, cfg.run_dir, self.ctx, self.step)  # trainer.profile_steps > 0: steps 2.. under torch.profiler
+        profiler = StepProfiler(
+            cfg.trainer, cfg.run_dir, self.ctx, self.step
+        )  # trainer.profile_steps > 0: steps 2.. under torch.profiler
         pending = None  # off_policy_steps=1: the next step's batch, submitted (not checkpointed)
         while self.step < cfg.trainer.steps:
             profiler.step_begins(self.step)
@@ -398,22 +457,45 @@ class GRPOTrainer:
 
     def metrics(self, batch, train_stats, sync_stats, t_rollout, t_step, texts):
         """Per-step metrics, averaged over ranks (reward, accuracy, lengths) so rank 0 logs the global view."""
-        local = torch.tensor([batch.rewards.mean().item(), batch.rewards.std().item(), batch.correct.mean().item(),
-                              batch.completion_lens.mean().item(), batch.completion_lens.sum().item() / t_rollout])
-        tokens = torch.tensor([batch.completion_lens.sum().item(), float(sum(len(ids) for ids in batch.input_ids))],
-                              dtype=torch.float64)  # generated, trained (prompt + completion) tokens
+        local = torch.tensor(
+            [
+                batch.rewards.mean().item(),
+                batch.rewards.std().item(),
+                batch.correct.mean().item(),
+                batch.completion_lens.mean().item(),
+                batch.completion_lens.sum().item() / t_rollout,
+            ]
+        )
+        tokens = torch.tensor(
+            [batch.completion_lens.sum().item(), float(sum(len(ids) for ids in batch.input_ids))], dtype=torch.float64
+        )  # generated, trained (prompt + completion) tokens
         dist.all_reduce(local)
         dist.all_reduce(tokens)
         local /= self.ctx.world_size
         reward, reward_std, acc, length, tok_s = local.tolist()
         generated, trained = tokens.tolist()
-        perf = throughput(generated, trained, t_rollout, train_stats["time/update_s"], self.flops_per_token,
-                          self.ctx.world_size, self.peak_flops)
+        perf = throughput(
+            generated,
+            trained,
+            t_rollout,
+            train_stats["time/update_s"],
+            self.flops_per_token,
+            self.ctx.world_size,
+            self.peak_flops,
+        )
         return {
-            "reward/mean": reward, "reward/std": reward_std, "reward/accuracy": acc,
-            "rollout/response_length": length, "rollout/tokens_per_s": tok_s * self.ctx.world_size,
-            "rollout/time_s": t_rollout, "rollout/example": texts[0],
-            "time/step_s": t_step, **train_stats, **perf, **sync_stats, **self.engine.memory_stats(),
+            "reward/mean": reward,
+            "reward/std": reward_std,
+            "reward/accuracy": acc,
+            "rollout/response_length": length,
+            "rollout/tokens_per_s": tok_s * self.ctx.world_size,
+            "rollout/time_s": t_rollout,
+            "rollout/example": texts[0],
+            "time/step_s": t_step,
+            **train_stats,
+            **perf,
+            **sync_stats,
+            **self.engine.memory_stats(),
             **self.trainer_memory(),
         }
 
@@ -435,29 +517,35 @@ def batch_note(trainer: Trainer, rollout: Rollout, world_size: int) -> str:
     """The line the run prints at start: the global batch, since trainer.prompts_per_step is per rank
     (each rank draws its own prompts)."""
     prompts, n = trainer.prompts_per_step, rollout.n
-    return (f"batch per step: {prompts} prompts per rank x {world_size} ranks x {n} samples (rollout.n) = "
-            f"{prompts * world_size * n} completions ({prompts * world_size} prompts)")
+    return (
+        f"batch per step: {prompts} prompts per rank x {world_size} ranks x {n} samples (rollout.n) = "
+        f"{prompts * world_size * n} completions ({prompts * world_size} prompts)"
+    )
 
 
 def behaviour_note(rollout: Rollout) -> str:
     """The line the run prints at start when the trainer recomputes the old logprobs."""
-    return (f"{truncated_sampling(rollout)}: the engine's logprobs are of a truncated distribution the trainer does not "
-            "reproduce; the old (behaviour) logprobs of the ratio are recomputed by the trainer before each update "
-            "(one forward pass without gradients per batch)")
+    return (
+        f"{truncated_sampling(rollout)}: the engine's logprobs are of a truncated distribution the trainer does not "
+        "reproduce; the old (behaviour) logprobs of the ratio are recomputed by the trainer before each update "
+        "(one forward pass without gradients per batch)"
+    )
 
 
 def off_policy_note(algo: Algo) -> str:
     """The line the run prints at start with algo.off_policy_steps=1."""
-    return (f"algo.off_policy_steps={algo.off_policy_steps}: the batch of step k is sampled with the weights of "
-            f"step k-1; the trainer recomputes its own logprobs before each update (one forward pass without "
-            f"gradients) and weights each token by min(pi_prox / pi_engine, algo.is_cap={algo.is_cap})")
+    return (
+        f"algo.off_policy_steps={algo.off_policy_steps}: the batch of step k is sampled with the weights of "
+        f"step k-1; the trainer recomputes its own logprobs before each update (one forward pass without "
+        f"gradients) and weights each token by min(pi_prox / pi_engine, algo.is_cap={algo.is_cap})"
+    )
 
 
 def held_out_share(task, trainer: Trainer, ctx: DistContext) -> List:
     """This rank's share of the held-out prompts (every world_size-th, from its rank on); [] when eval is off."""
     if trainer.eval_every == 0:
         return []
-    return task.heldout(trainer.eval_prompts)[ctx.rank::ctx.world_size]
+    return task.heldout(trainer.eval_prompts)[ctx.rank :: ctx.world_size]
 
 
 def summarize(history: List[Dict]) -> Dict[str, float]:
@@ -470,12 +558,23 @@ def summarize(history: List[Dict]) -> Dict[str, float]:
     k = min(10, len(history))
     first = sum(h["reward/mean"] for h in history[:k]) / k
     last = sum(h["reward/mean"] for h in history[-k:]) / k
-    out = {"reward/first10": first, "reward/last10": last, "steps": len(history),
-           "sync/total_s_median": sorted(h["sync/total_s"] for h in history)[len(history) // 2]}
+    out = {
+        "reward/first10": first,
+        "reward/last10": last,
+        "steps": len(history),
+        "sync/total_s_median": sorted(h["sync/total_s"] for h in history)[len(history) // 2],
+    }
     if evals:
-        out.update({"eval/exact_first": evals[0]["eval/exact"], "eval/exact_last": evals[-1]["eval/exact"],
-                    "eval/reward_first": evals[0]["eval/reward"], "eval/reward_last": evals[-1]["eval/reward"],
-                    "eval/first_step": evals[0]["step"], "eval/last_step": evals[-1]["step"]})
+        out.update(
+            {
+                "eval/exact_first": evals[0]["eval/exact"],
+                "eval/exact_last": evals[-1]["eval/exact"],
+                "eval/reward_first": evals[0]["eval/reward"],
+                "eval/reward_last": evals[-1]["eval/reward"],
+                "eval/first_step": evals[0]["step"],
+                "eval/last_step": evals[-1]["step"],
+            }
+        )
     return out
 
 

@@ -84,8 +84,9 @@ def block_entropy(logits: torch.Tensor, temperature: float) -> torch.Tensor:
     return -(lsm.exp() * lsm).sum(-1)
 
 
-def _block_forward(x: torch.Tensor, weight: Optional[torch.Tensor], targets: torch.Tensor, temperature: float,
-                   entropy: bool) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def _block_forward(
+    x: torch.Tensor, weight: Optional[torch.Tensor], targets: torch.Tensor, temperature: float, entropy: bool
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """Both results of one block without autograd, freeing each temporary as soon as it is used."""
     logits = x if weight is None else F.linear(x, weight)
     lsm = F.log_softmax(_scaled(logits, temperature, owned=weight is not None), dim=-1)
@@ -107,10 +108,10 @@ class ChunkedLogprobs(torch.autograd.Function):
         logp = torch.empty(n, dtype=torch.float32, device=x.device)
         ent = torch.zeros(n, dtype=torch.float32, device=x.device)
         for s in range(0, n, rows):
-            lp, h = _block_forward(x[s:s + rows], weight, targets[s:s + rows], temperature, entropy)
-            logp[s:s + rows] = lp
+            lp, h = _block_forward(x[s : s + rows], weight, targets[s : s + rows], temperature, entropy)
+            logp[s : s + rows] = lp
             if h is not None:
-                ent[s:s + rows] = h
+                ent[s : s + rows] = h
         ctx.save_for_backward(x, weight, targets)
         ctx.temperature, ctx.rows, ctx.entropy = temperature, rows, entropy and entropy_grad
         ctx.set_materialize_grads(False)
@@ -130,9 +131,14 @@ class ChunkedLogprobs(torch.autograd.Function):
             rows = ctx.rows
             for s in range(0, x.shape[0], rows):
                 block = slice(s, s + rows)
-                grad = _block_backward(x[block], weight, targets[block], ctx.temperature,
-                                       None if grad_logp is None else grad_logp[block],
-                                       None if grad_ent is None else grad_ent[block])
+                grad = _block_backward(
+                    x[block],
+                    weight,
+                    targets[block],
+                    ctx.temperature,
+                    None if grad_logp is None else grad_logp[block],
+                    None if grad_ent is None else grad_ent[block],
+                )
                 if weight is None:
                     grad_x[block] = grad
                     continue
@@ -143,8 +149,14 @@ class ChunkedLogprobs(torch.autograd.Function):
         return grad_x, None if grad_w is None else grad_w.to(weight.dtype), None, None, None, None, None
 
 
-def _block_backward(x: torch.Tensor, weight: Optional[torch.Tensor], targets: torch.Tensor, temperature: float,
-                    grad_logp: Optional[torch.Tensor], grad_ent: Optional[torch.Tensor]) -> torch.Tensor:
+def _block_backward(
+    x: torch.Tensor,
+    weight: Optional[torch.Tensor],
+    targets: torch.Tensor,
+    temperature: float,
+    grad_logp: Optional[torch.Tensor],
+    grad_ent: Optional[torch.Tensor],
+) -> torch.Tensor:
     """The gradient of sum(grad_logp * logp + grad_ent * H) with respect to one block's logits.
 
     Op for op what autograd computes for `block_logprobs` and `block_entropy` (each from its own
@@ -173,9 +185,15 @@ def _block_backward(x: torch.Tensor, weight: Optional[torch.Tensor], targets: to
     return grad
 
 
-def chunked_logprobs(x: torch.Tensor, targets: torch.Tensor, temperature: float = 1.0,
-                     weight: Optional[torch.Tensor] = None, entropy: bool = True, entropy_grad: bool = True,
-                     rows: Optional[int] = None) -> Tuple[torch.Tensor, torch.Tensor]:
+def chunked_logprobs(
+    x: torch.Tensor,
+    targets: torch.Tensor,
+    temperature: float = 1.0,
+    weight: Optional[torch.Tensor] = None,
+    entropy: bool = True,
+    entropy_grad: bool = True,
+    rows: Optional[int] = None,
+) -> Tuple[torch.Tensor, torch.Tensor]:
     """(logp, entropy), each [N] float32, of the rows of `x` ([N, H] with `weight` [V, H], or [N, V]
     logits); entropy is zeros with `entropy=False`, and not differentiable unless `entropy_grad`
     (then backward skips its recomputation, even when a caller's stack of the two would send zeros)."""

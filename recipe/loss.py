@@ -84,8 +84,21 @@ def bonus_mask(mask: torch.Tensor, first: int) -> torch.Tensor:
     return mask * (mask.cumsum(1) <= first).float()
 
 
-def clipped_surrogate(logp, old_logp, adv, mask, clip_eps: float, loss_agg: str, ref_logp=None, kl_coef=0.0,
-                      entropy=None, entropy_coef=0.0, entropy_tokens=0, behav_logp=None, is_cap=math.inf):
+def clipped_surrogate(
+    logp,
+    old_logp,
+    adv,
+    mask,
+    clip_eps: float,
+    loss_agg: str,
+    ref_logp=None,
+    kl_coef=0.0,
+    entropy=None,
+    entropy_coef=0.0,
+    entropy_tokens=0,
+    behav_logp=None,
+    is_cap=math.inf,
+):
     """The GRPO loss of one micro-batch and its stats; see the module docstring.
 
     Off-policy (`behav_logp`, the sampler's logprobs; `old_logp` is then pi_prox): each token's clipped

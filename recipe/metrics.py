@@ -55,13 +55,22 @@ def train_flops_per_token(params: int, trainable: int) -> float:
     return 4.0 * params + 2.0 * trainable
 
 
-def throughput(generated: float, trained: float, rollout_s: float, update_s: float, flops_per_token: float,
-               devices: int, peak: Optional[float]) -> Dict[str, float]:
+def throughput(
+    generated: float,
+    trained: float,
+    rollout_s: float,
+    update_s: float,
+    flops_per_token: float,
+    devices: int,
+    peak: Optional[float],
+) -> Dict[str, float]:
     """Per-step throughput metrics of all ranks together: tokens generated and trained per second, and
     the update's model FLOPs utilisation (trained tokens x FLOPs per token / update time / the peak of
     `devices` GPUs; absent without a peak)."""
-    out = {"perf/generated_tokens_per_s": generated / max(rollout_s, 1e-9),
-           "perf/trained_tokens_per_s": trained / max(update_s, 1e-9)}
+    out = {
+        "perf/generated_tokens_per_s": generated / max(rollout_s, 1e-9),
+        "perf/trained_tokens_per_s": trained / max(update_s, 1e-9),
+    }
     if peak:
         out["perf/mfu"] = trained * flops_per_token / max(update_s, 1e-9) / (peak * devices)
     return out
@@ -71,8 +80,9 @@ class MetricsLogger:
     """One JSON object per `log()` call (with "step") in metrics.jsonl, and the same dict to wandb (which
     records `config`, the run's composed config, and resumes its own run when `resume`)."""
 
-    def __init__(self, logger: Logger, run_dir: str, rank: int, resume: bool = False,
-                 config: Optional[Dict[str, Any]] = None):
+    def __init__(
+        self, logger: Logger, run_dir: str, rank: int, resume: bool = False, config: Optional[Dict[str, Any]] = None
+    ):
         self.enabled = rank == 0
         self.run = None
         self._file = None
@@ -85,8 +95,14 @@ class MetricsLogger:
         if logger.backend == "wandb" and logger.mode != "disabled":
             import wandb
 
-            self.run = wandb.init(dir=str(run_dir), mode=logger.mode, project=logger.project, config=config or {},
-                                  id=_run_id(run_dir, resume), resume="allow")
+            self.run = wandb.init(
+                dir=str(run_dir),
+                mode=logger.mode,
+                project=logger.project,
+                config=config or {},
+                id=_run_id(run_dir, resume),
+                resume="allow",
+            )
 
     def log(self, metrics: Dict[str, Any], step: int) -> None:
         if not self.enabled:
@@ -102,7 +118,7 @@ class MetricsLogger:
         try:
             view = memoryview(data)
             while view:  # a write may take only part of the bytes (the disk filling up), then fail
-                view = view[self._file.write(view):]
+                view = view[self._file.write(view) :]
         except OSError as exc:
             os.truncate(self.path, end)
             if disk_full(exc, self.path):
@@ -174,9 +190,11 @@ def check_history(path: Path, step: int) -> List[str]:
     if kept != list(range(1, step + 1)):
         missing = sorted(set(range(1, step + 1)) - set(kept))
         extra = "; some step appears twice" if len(set(kept)) != len(kept) else ""
-        raise ValueError(f"{path} does not hold steps 1..{step} once each (the run's checkpoint is at step {step}; "
-                         f"{len(missing)} missing{', e.g. ' + str(missing[:5]) if missing else ''}{extra}: cut or "
-                         "edited?)")
+        raise ValueError(
+            f"{path} does not hold steps 1..{step} once each (the run's checkpoint is at step {step}; "
+            f"{len(missing)} missing{', e.g. ' + str(missing[:5]) if missing else ''}{extra}: cut or "
+            "edited?)"
+        )
     return notes
 
 

@@ -122,8 +122,9 @@ def unsharded_policy(spec: Policy) -> nn.Module:
     """The policy before sharding, on the host: the checkpoint in `base_dtype`, LoRA applied
     (initialised from `trainer.seed`, so every rank and every rebuild gets the same adapters)."""
     torch.manual_seed(spec.seed)
-    return apply_lora(load_hf_model(spec.model, "cpu", base_dtype(spec.model, spec.lora)), spec.lora,
-                      spec.model.master_dtype)
+    return apply_lora(
+        load_hf_model(spec.model, "cpu", base_dtype(spec.model, spec.lora)), spec.lora, spec.model.master_dtype
+    )
 
 
 def parameter_counts(spec: Policy) -> Tuple[int, int]:
@@ -203,8 +204,11 @@ def _fsdp1_wrap_policy(model: nn.Module, policy):
     frozen = any(not p.requires_grad for p in model.parameters())
     leaf = True
     if policy is not None:
-        leaf = {"mixed_precision": MixedPrecision(param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype,
-                                                  cast_forward_inputs=True)}
+        leaf = {
+            "mixed_precision": MixedPrecision(
+                param_dtype=policy.param_dtype, reduce_dtype=policy.reduce_dtype, cast_forward_inputs=True
+            )
+        }
 
     def wrap(module: nn.Module):
         if isinstance(module, classes):
@@ -222,7 +226,9 @@ def _shard_fsdp2(model: nn.Module, spec: Policy, device: torch.device) -> nn.Mod
     offload = CPUOffloadPolicy(pin_memory=spec.offload.pin) if spec.offload.name == "cpu" else OffloadPolicy()
     kwargs = dict(mesh=mesh, reshard_after_forward=spec.fsdp.reshard_after_forward, offload_policy=offload)
     if mixed_precision(spec.model):
-        kwargs["mp_policy"] = MixedPrecisionPolicy(param_dtype=torch_dtype(spec.model.dtype), reduce_dtype=torch.float32)
+        kwargs["mp_policy"] = MixedPrecisionPolicy(
+            param_dtype=torch_dtype(spec.model.dtype), reduce_dtype=torch.float32
+        )
     for layer in decoder_layers(model):
         fully_shard(layer, **kwargs)
     fully_shard(model, **kwargs)  # moves shards to the mesh device, or keeps them on the host (cpu)
@@ -240,7 +246,10 @@ def build_policy(spec: Policy, ctx) -> nn.Module:
         logging.getLogger(__name__).warning(
             "model.master_dtype=%s equals model.dtype: parameters and AdamW state are kept in %s, so an update "
             "smaller than about 2^-9 (bfloat16) of a weight is rounded away; model.master_dtype=float32 keeps "
-            "float32 masters", spec.model.master_dtype, spec.model.dtype)
+            "float32 masters",
+            spec.model.master_dtype,
+            spec.model.dtype,
+        )
     return shard(unsharded_policy(spec), spec, ctx.device)
 
 
@@ -340,8 +349,9 @@ class Residency:
     no-op. (The weight sync itself reads the host shards: recipe/weights/fsdp1.py moves one unit at a time.)
     """
 
-    def __init__(self, offload: Offload, model: nn.Module, optimizer: Optional[torch.optim.Optimizer],
-                 device: torch.device):
+    def __init__(
+        self, offload: Offload, model: nn.Module, optimizer: Optional[torch.optim.Optimizer], device: torch.device
+    ):
         self.model, self.optimizer, self.device = model, optimizer, torch.device(device)
         self.manual = offload.name == "manual" and self.device.type != "cpu"
 
@@ -385,8 +395,11 @@ def auto_micro_batch_tokens(model_path: str, engine_share: float, device: int = 
     from transformers import AutoConfig
 
     config = AutoConfig.from_pretrained(model_path)
-    per_token = config.num_hidden_layers * (ACTIVATION_VALUES[0] * config.hidden_size
-                                            + ACTIVATION_VALUES[1] * config.intermediate_size) * 2
+    per_token = (
+        config.num_hidden_layers
+        * (ACTIVATION_VALUES[0] * config.hidden_size + ACTIVATION_VALUES[1] * config.intermediate_size)
+        * 2
+    )
     budget = max(ACTIVATION_SHARE - engine_share, 0.1) * torch.cuda.get_device_properties(device).total_memory
     return max(4096, 1 << int(math.log2(max(budget / per_token, 1))))
 
@@ -403,8 +416,9 @@ def micro_batch_tokens(settings) -> int:
         return CPU_MICRO_BATCH_TOKENS
     colocated = settings.rollout.backend == "vllm" and settings.rollout.placement == "colocated"
     engine_share = settings.rollout.gpu_memory_utilization if colocated else 0.0
-    return auto_micro_batch_tokens(str(Path(settings.model.path).expanduser()), engine_share,
-                                   torch.cuda.current_device())
+    return auto_micro_batch_tokens(
+        str(Path(settings.model.path).expanduser()), engine_share, torch.cuda.current_device()
+    )
 
 
 def clip_grad_norm(model: nn.Module, max_norm: float) -> float:
@@ -432,9 +446,15 @@ def fused_head_supported(model: nn.Module) -> bool:
     return getattr(config, "model_type", None) in FUSED_HEAD_MODEL_TYPES and model.get_output_embeddings() is not None
 
 
-def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: torch.Tensor,
-                    temperature: float = 1.0, positions: Optional[torch.Tensor] = None,
-                    entropy: bool = False, entropy_grad: bool = False) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+def policy_logprobs(
+    model: nn.Module,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    temperature: float = 1.0,
+    positions: Optional[torch.Tensor] = None,
+    entropy: bool = False,
+    entropy_grad: bool = False,
+) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     """(logp, entropy) [B, T-1] float32 from one forward of `model` (FSDP-wrapped or not, peft or not):
     log pi(x_t | x_<t) for t >= 1 and the entropy of softmax(logits / T) at those positions (None
     unless `entropy`; differentiable only with `entropy_grad`). With `positions` (bool [B, T-1]) only those positions are computed; the others
@@ -455,8 +475,9 @@ def policy_logprobs(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
 
     def head(hidden: torch.Tensor, weight: Optional[torch.Tensor] = None) -> torch.Tensor:
         rows = hidden.reshape(b * t, hidden.shape[-1])[keep]
-        logp, ent = chunked_logprobs(rows, targets, temperature, weight=weight, entropy=entropy,
-                                    entropy_grad=entropy_grad)
+        logp, ent = chunked_logprobs(
+            rows, targets, temperature, weight=weight, entropy=entropy, entropy_grad=entropy_grad
+        )
         return torch.stack([logp, ent], -1)
 
     if fused_head_supported(model):
@@ -481,8 +502,8 @@ def sequence_logprobs(model: nn.Module, batch: List[List[int]], device: torch.de
     ids = torch.zeros(len(batch), width, dtype=torch.long)
     mask = torch.zeros(len(batch), width, dtype=torch.long)
     for row, seq in enumerate(batch):
-        ids[row, :len(seq)] = torch.tensor(seq)
-        mask[row, :len(seq)] = 1
+        ids[row, : len(seq)] = torch.tensor(seq)
+        mask[row, : len(seq)] = 1
     ids = ids.to(device)
     was_training = model.training
     model.eval()
@@ -491,4 +512,4 @@ def sequence_logprobs(model: nn.Module, batch: List[List[int]], device: torch.de
     finally:
         model.train(was_training)
     lp = token_logprobs(logits, ids).cpu()
-    return [lp[row, :len(seq) - 1].tolist() for row, seq in enumerate(batch)]
+    return [lp[row, : len(seq) - 1].tolist() for row, seq in enumerate(batch)]

@@ -40,7 +40,7 @@ def hf_name(name: str) -> str:
     if is_lora_param(name):
         raise ValueError(f"{name!r} is a LoRA tensor: it has no HF base name (use peft_name)")
     if name.startswith(PEFT_PREFIX):
-        name = name[len(PEFT_PREFIX):]
+        name = name[len(PEFT_PREFIX) :]
     return name.replace(".base_layer.", ".")
 
 

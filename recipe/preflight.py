@@ -45,12 +45,31 @@ from recipe.settings import Rollout, Trainer
 from recipe.settings import Task as TaskSettings
 
 # Fields a resumed run may change: they do not change what is computed.
-RESUMABLE = ("trainer.steps", "trainer.resume", "trainer.checkpoint_every", "trainer.keep_checkpoints",
-             "trainer.timeout_s", "logger.", "run_dir", "cache_dir", "sync.probe_every", "sync.probe_tolerance",
-             "sync.num_probe_prompts", "sync.bucket_mb", "rollout.kv_cache_gb", "rollout.gpu_memory_utilization",
-             "rollout.sleep", "trainer.eval_every", "trainer.eval_prompts", "trainer.profile_steps",
-             "trainer.profile_trace", "trainer.export", "rollout.placement", "rollout.num_engines",
-             "rollout.devices")
+RESUMABLE = (
+    "trainer.steps",
+    "trainer.resume",
+    "trainer.checkpoint_every",
+    "trainer.keep_checkpoints",
+    "trainer.timeout_s",
+    "logger.",
+    "run_dir",
+    "cache_dir",
+    "sync.probe_every",
+    "sync.probe_tolerance",
+    "sync.num_probe_prompts",
+    "sync.bucket_mb",
+    "rollout.kv_cache_gb",
+    "rollout.gpu_memory_utilization",
+    "rollout.sleep",
+    "trainer.eval_every",
+    "trainer.eval_prompts",
+    "trainer.profile_steps",
+    "trainer.profile_trace",
+    "trainer.export",
+    "rollout.placement",
+    "rollout.num_engines",
+    "rollout.devices",
+)
 # What makes a directory hold a run: a fresh run there would mix with or overwrite it.
 RUN_FILES = ("checkpoints", "metrics.jsonl")
 WANDB_TIMEOUT_S = 10.0
@@ -79,8 +98,11 @@ def engine_in_process(rollout) -> None:
         return
     value = os.environ.get(ENGINE_IN_PROCESS)
     if value not in (None, "0") and _is_rank_zero():
-        print(f"note: {ENGINE_IN_PROCESS}={value} in the environment is overridden with 0: the recipe's weight sync "
-              "and digest need the engine in the rank's own process", flush=True)
+        print(
+            f"note: {ENGINE_IN_PROCESS}={value} in the environment is overridden with 0: the recipe's weight sync "
+            "and digest need the engine in the rank's own process",
+            flush=True,
+        )
     os.environ[ENGINE_IN_PROCESS] = "0"
 
 
@@ -96,8 +118,10 @@ def held_run(run_dir: Path) -> List[str]:
 
 def _holds_a_run(run_dir: Path, found: List[str]) -> ConfigError:
     if "checkpoints" not in found:
-        how = ("it has no checkpoint yet: restart it in place from step 0 with trainer.resume=true (same "
-               "config), or start a new run in another hydra.run.dir")
+        how = (
+            "it has no checkpoint yet: restart it in place from step 0 with trainer.resume=true (same "
+            "config), or start a new run in another hydra.run.dir"
+        )
     else:
         how = "continue it with trainer.resume=true, or start a new run in another hydra.run.dir"
     return ConfigError(f"run directory {str(run_dir)!r} already holds a run ({', '.join(found)}); {how}")
@@ -131,23 +155,31 @@ class RunDir:
             self.path.mkdir(parents=True, exist_ok=True)
             fd = os.open(self.path / LOCK, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
-            raise ConfigError(f"run directory {str(self.path)!r} is not writable ({exc.strerror or exc}); "
-                              "choose another with hydra.run.dir=<dir>") from None
+            raise ConfigError(
+                f"run directory {str(self.path)!r} is not writable ({exc.strerror or exc}); "
+                "choose another with hydra.run.dir=<dir>"
+            ) from None
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             holder = os.pread(fd, 200, 0).decode(errors="replace").strip() or "another process"
             os.close(fd)
-            raise RunDirBusy(f"run directory {str(self.path)!r} is in use by another run ({holder}); wait for it "
-                             "to end, or start this one in another hydra.run.dir", holder) from None
+            raise RunDirBusy(
+                f"run directory {str(self.path)!r} is in use by another run ({holder}); wait for it "
+                "to end, or start this one in another hydra.run.dir",
+                holder,
+            ) from None
         self.fd = fd
         if not resume and held_run(self.path):  # another start won the race and began writing before our lock
             self.release()
             raise _holds_a_run(self.path, held_run(self.path))
         try:  # who holds it, for the message another start gets (the lock itself needs no space)
             os.ftruncate(fd, 0)
-            os.pwrite(fd, f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}"
-                      .encode(), 0)
+            os.pwrite(
+                fd,
+                f"pid {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}".encode(),
+                0,
+            )
         except OSError:
             pass
         if not resume:
@@ -180,8 +212,10 @@ def check_run_dir(run_dir, resume: bool) -> None:
         if not os.access(run_dir, os.W_OK | os.X_OK):
             raise PermissionError(13, "Permission denied")
     except OSError as exc:
-        raise ConfigError(f"run directory {str(run_dir)!r} is not writable ({exc.strerror or exc}); "
-                          "choose another with hydra.run.dir=<dir>") from None
+        raise ConfigError(
+            f"run directory {str(run_dir)!r} is not writable ({exc.strerror or exc}); "
+            "choose another with hydra.run.dir=<dir>"
+        ) from None
 
 
 def _flat(node, prefix: str = "") -> Dict[str, object]:
@@ -196,8 +230,11 @@ def _flat(node, prefix: str = "") -> Dict[str, object]:
 def changed_fields(saved: dict, current: dict) -> List[str]:
     """Fields present in both configs whose values differ, except the ones a resume may change."""
     old, new = _flat(saved), _flat(current)
-    return sorted(k for k in old.keys() & new.keys()
-                  if old[k] != new[k] and not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE))
+    return sorted(
+        k
+        for k in old.keys() & new.keys()
+        if old[k] != new[k] and not any(k == a or (a.endswith(".") and k.startswith(a)) for a in RESUMABLE)
+    )
 
 
 def save_run_config(cfg: DictConfig, path: Path) -> None:
@@ -210,15 +247,18 @@ def load_run_config(path: Path) -> dict:
     resume change the math unseen (the fields it lost are not compared)."""
     text = path.read_text(errors="replace")
     if not text.endswith(CONFIG_END):
-        raise ConfigError(f"{path} is damaged: it does not end with the line {CONFIG_END.strip()!r} (cut short, or "
-                          "written by an older version of the recipe), so what the run computed cannot be checked; "
-                          "restore the file, or start a new run in another hydra.run.dir")
+        raise ConfigError(
+            f"{path} is damaged: it does not end with the line {CONFIG_END.strip()!r} (cut short, or "
+            "written by an older version of the recipe), so what the run computed cannot be checked; "
+            "restore the file, or start a new run in another hydra.run.dir"
+        )
     try:
         saved = OmegaConf.to_container(OmegaConf.create(text), resolve=True)
     except Exception as exc:  # noqa: BLE001  (yaml and OmegaConf errors)
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise ConfigError(f"{path} cannot be parsed ({first}); restore the file, or start a new run in another "
-                          "hydra.run.dir") from None
+        raise ConfigError(
+            f"{path} cannot be parsed ({first}); restore the file, or start a new run in another hydra.run.dir"
+        ) from None
     if not isinstance(saved, dict):
         raise ConfigError(f"{path} is damaged: it does not hold a config")
     return saved
@@ -227,8 +267,11 @@ def load_run_config(path: Path) -> dict:
 def checkpoint_step(run_dir: Path) -> Optional[int]:
     """The step of the run's newest complete checkpoint (None: none yet), from the folder names alone."""
     root = Path(run_dir) / "checkpoints"
-    steps = [int(m.group(1)) for p in (root.iterdir() if root.is_dir() else [])
-             if (m := CHECKPOINT_DIR.match(p.name)) and p.is_dir()]
+    steps = [
+        int(m.group(1))
+        for p in (root.iterdir() if root.is_dir() else [])
+        if (m := CHECKPOINT_DIR.match(p.name)) and p.is_dir()
+    ]
     return max(steps) if steps else None
 
 
@@ -241,25 +284,33 @@ def check_resume_config(cfg: DictConfig) -> None:
     run_dir = Path(cfg.run_dir)
     saved_path = run_dir / "config.yaml"
     if not saved_path.is_file():
-        raise ConfigError(f"trainer.resume=true but {saved_path} does not exist: resume with "
-                          "hydra.run.dir=<the directory of the run to continue>")
+        raise ConfigError(
+            f"trainer.resume=true but {saved_path} does not exist: resume with "
+            "hydra.run.dir=<the directory of the run to continue>"
+        )
     saved = load_run_config(saved_path)
     current = OmegaConf.to_container(cfg, resolve=True)
     lost = sorted(set(_flat(current)) - set(_flat(saved)))
     if lost:
-        raise ConfigError(f"{saved_path} is damaged or from another version of the recipe: it lacks "
-                          f"{', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}; restore it, or start a new run "
-                          "in another hydra.run.dir")
+        raise ConfigError(
+            f"{saved_path} is damaged or from another version of the recipe: it lacks "
+            f"{', '.join(lost[:5])}{' ...' if len(lost) > 5 else ''}; restore it, or start a new run "
+            "in another hydra.run.dir"
+        )
     changed = changed_fields(saved, current)
     if changed:
         diffs = "; ".join(f"{k}: {_flat(saved)[k]!r} -> {_flat(current)[k]!r}" for k in changed)
         world = ""
         if "trainer.world_size" in changed:
             old = _flat(saved)["trainer.world_size"]
-            world = (f"; the checkpoint holds {old} ranks' shards, RNG and prompt shares and is not re-sharded: resume "
-                     f"with {old} ranks (trainer.world_size={old}, or torchrun --nproc-per-node={old})")
-        raise ConfigError(f"trainer.resume=true with a config that changes the run's math ({diffs}); resume "
-                          f"with the saved values (see {saved_path}) or start a new run in another directory{world}")
+            world = (
+                f"; the checkpoint holds {old} ranks' shards, RNG and prompt shares and is not re-sharded: resume "
+                f"with {old} ranks (trainer.world_size={old}, or torchrun --nproc-per-node={old})"
+            )
+        raise ConfigError(
+            f"trainer.resume=true with a config that changes the run's math ({diffs}); resume "
+            f"with the saved values (see {saved_path}) or start a new run in another directory{world}"
+        )
     _check_progress(int(cfg.trainer.steps), run_dir)
 
 
@@ -268,13 +319,17 @@ def _check_progress(steps: int, run_dir: Path) -> None:
     done = checkpoint_step(run_dir)
     if done is not None and steps < done:
         newest = run_dir / "checkpoints" / f"step_{done}"
-        raise ConfigError(f"trainer.steps={steps} is lower than the steps the run has done ({done}, its "
-                          f"newest checkpoint {newest}); give trainer.steps >= {done}")
+        raise ConfigError(
+            f"trainer.steps={steps} is lower than the steps the run has done ({done}, its "
+            f"newest checkpoint {newest}); give trainer.steps >= {done}"
+        )
     try:
         notes = check_history(run_dir / "metrics.jsonl", done or 0)
     except ValueError as exc:
-        raise ConfigError(f"{exc}; the run's record would not hold each step once. Restore the file, or start a new "
-                          "run in another hydra.run.dir") from None
+        raise ConfigError(
+            f"{exc}; the run's record would not hold each step once. Restore the file, or start a new "
+            "run in another hydra.run.dir"
+        ) from None
     if done is None:
         notes.append("the run has no checkpoint yet: it restarts from step 0 in place")
     if _is_rank_zero():
@@ -294,14 +349,18 @@ def check_context_length(task: TaskSettings, trainer: Trainer, rollout: Rollout,
     longest = max(len(tokenizer(p.text, add_special_tokens=False).input_ids) for p in task.pool + held_out)
     need = longest + rollout.max_new_tokens
     if rollout.max_model_len < need:
-        raise ConfigError(f"rollout.max_model_len={rollout.max_model_len} is shorter than the longest prompt of "
-                          f"task {settings.name!r} ({longest} tokens) plus rollout.max_new_tokens="
-                          f"{rollout.max_new_tokens}; set rollout.max_model_len >= {need}")
+        raise ConfigError(
+            f"rollout.max_model_len={rollout.max_model_len} is shorter than the longest prompt of "
+            f"task {settings.name!r} ({longest} tokens) plus rollout.max_new_tokens="
+            f"{rollout.max_new_tokens}; set rollout.max_model_len >= {need}"
+        )
     limit = json.loads((model_dir / "config.json").read_text()).get("max_position_embeddings")
     if limit and rollout.max_model_len > limit:
-        raise ConfigError(f"rollout.max_model_len={rollout.max_model_len} is longer than the model's "
-                          f"max_position_embeddings={limit} ({model_dir}/config.json); set rollout.max_model_len "
-                          f"between {need} and {limit}")
+        raise ConfigError(
+            f"rollout.max_model_len={rollout.max_model_len} is longer than the model's "
+            f"max_position_embeddings={limit} ({model_dir}/config.json); set rollout.max_model_len "
+            f"between {need} and {limit}"
+        )
 
 
 def wandb_reachable(timeout_s: float = WANDB_TIMEOUT_S) -> bool:
@@ -350,8 +409,10 @@ def check_wandb(logger, run_dir) -> None:
     project = str(logger.project)
     bad = sorted({c for c in project if c in WANDB_PROJECT_CHARS})
     if bad or not project or len(project) > 128:
-        raise ConfigError(f"logger.project={project!r} is not a name wandb accepts: 1 to 128 characters, none of "
-                          f"{' '.join(WANDB_PROJECT_CHARS)}" + (f" (found {' '.join(bad)})" if bad else ""))
+        raise ConfigError(
+            f"logger.project={project!r} is not a name wandb accepts: 1 to 128 characters, none of "
+            f"{' '.join(WANDB_PROJECT_CHARS)}" + (f" (found {' '.join(bad)})" if bad else "")
+        )
     if logger.mode != "online":
         return
     url = os.environ.get("WANDB_BASE_URL", "https://api.wandb.ai")
@@ -361,6 +422,9 @@ def check_wandb(logger, run_dir) -> None:
         why = f"no API key for {url} (set WANDB_API_KEY, or run `wandb login`)"
     else:
         return
-    print(f"warning: logger.mode=online but {why}; logging offline instead (the files go under "
-          f"{run_dir}/wandb; send them later with `wandb sync`)", flush=True)
+    print(
+        f"warning: logger.mode=online but {why}; logging offline instead (the files go under "
+        f"{run_dir}/wandb; send them later with `wandb sync`)",
+        flush=True,
+    )
     logger.mode = "offline"

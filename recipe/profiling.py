@@ -118,15 +118,21 @@ class StepProfiler:
         cuda = self.ctx.device.type == "cuda"
         sort = "self_device_time_total" if cuda else "self_cpu_time_total"
         phases = phase_times(prof.events(), profiled)
-        lines: List[str] = [f"# {profiled} steps (loop steps {self.first + 1}..{self.first + profiled}) under "
-                            f"torch.profiler, rank 0: {wall / profiled:.4f} s wall per step (profiler overhead "
-                            f"included)", "# phase wall seconds per step: " +
-                            ", ".join(f"{p} {t['wall_s']:.4f}" for p, t in phases.items())]
+        lines: List[str] = [
+            f"# {profiled} steps (loop steps {self.first + 1}..{self.first + profiled}) under "
+            f"torch.profiler, rank 0: {wall / profiled:.4f} s wall per step (profiler overhead "
+            f"included)",
+            "# phase wall seconds per step: " + ", ".join(f"{p} {t['wall_s']:.4f}" for p, t in phases.items()),
+        ]
         if cuda:
-            lines.append("# phase device-busy seconds per step (kernels and copies that start inside the phase, "
-                         "summed over streams; share of the phase's wall): " +
-                         ", ".join(f"{p} {t['device_s']:.4f} ({t['device_s'] / max(t['wall_s'], 1e-12):.0%})"
-                                   for p, t in phases.items()))
+            lines.append(
+                "# phase device-busy seconds per step (kernels and copies that start inside the phase, "
+                "summed over streams; share of the phase's wall): "
+                + ", ".join(
+                    f"{p} {t['device_s']:.4f} ({t['device_s'] / max(t['wall_s'], 1e-12):.0%})"
+                    for p, t in phases.items()
+                )
+            )
         lines.append(f"# top operators by {sort}")
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / "steps.txt"
@@ -160,5 +166,8 @@ def phase_times(events, profiled: int) -> Dict[str, Dict[str, float]]:
         i = bisect.bisect_right(starts, start) - 1
         if i >= 0 and start < owner[i][1]:
             busy[owner[i][2]] += duration
-    return {p: {"wall_s": sum(e - s for s, e in spans[p]) / 1e6 / profiled, "device_s": busy[p] / 1e6 / profiled}
-            for p in PHASES if p in spans}
+    return {
+        p: {"wall_s": sum(e - s for s, e in spans[p]) / 1e6 / profiled, "device_s": busy[p] / 1e6 / profiled}
+        for p in PHASES
+        if p in spans
+    }

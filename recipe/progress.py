@@ -24,9 +24,15 @@ class Progress:
             self.held_out = {"eval": f"{m['eval/exact']:.2f}"}
         if self.bar is None or "reward/mean" not in m:  # the step-0 record holds only the evaluation
             return
-        self.bar.set_postfix(reward=f"{m['reward/mean']:.3f}", acc=f"{m['reward/accuracy']:.2f}",
-                             step_s=f"{m['time/step_s']:.2f}", sync_s=f"{m['sync/total_s']:.3f}", tok_s=f"{m['rollout/tokens_per_s']:.0f}",
-                             **self.held_out, refresh=False)
+        self.bar.set_postfix(
+            reward=f"{m['reward/mean']:.3f}",
+            acc=f"{m['reward/accuracy']:.2f}",
+            step_s=f"{m['time/step_s']:.2f}",
+            sync_s=f"{m['sync/total_s']:.3f}",
+            tok_s=f"{m['rollout/tokens_per_s']:.0f}",
+            **self.held_out,
+            refresh=False,
+        )
         self.bar.update(1)
 
     def note(self, text: str) -> None:

@@ -70,8 +70,17 @@ ALIGN = 64  # bytes: each tensor of a bucket starts at a multiple (a view of any
 # Tests only: "module:function", called in the engine process with its EngineServer before it serves
 # (to inject a fault where the engine lives). Unset in every real run.
 TEST_HOOK_ENV = "RECIPE_ENGINE_TEST_HOOK"
-_TRAINER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "GROUP_RANK", "ROLE_RANK",
-                "MASTER_ADDR", "MASTER_PORT", "TORCHELASTIC_RUN_ID")
+_TRAINER_ENV = (
+    "RANK",
+    "WORLD_SIZE",
+    "LOCAL_RANK",
+    "LOCAL_WORLD_SIZE",
+    "GROUP_RANK",
+    "ROLE_RANK",
+    "MASTER_ADDR",
+    "MASTER_PORT",
+    "TORCHELASTIC_RUN_ID",
+)
 
 
 class EngineError(RuntimeError):
@@ -158,8 +167,18 @@ class RemoteEngine(Engine):
         spawn = mp.get_context("spawn")
         self._conn, child_end = spawn.Pipe()
         device = engine_device(settings.rollout.devices, settings.device, settings.world_size, ctx.rank)
-        spec = ChildSpec(OmegaConf.to_yaml(OmegaConf.create(settings.source)), load, digest, ctx.rank, ctx.world_size,
-                         str(model_dir), port, self.timeout_s, device, os.environ.get(TEST_HOOK_ENV))
+        spec = ChildSpec(
+            OmegaConf.to_yaml(OmegaConf.create(settings.source)),
+            load,
+            digest,
+            ctx.rank,
+            ctx.world_size,
+            str(model_dir),
+            port,
+            self.timeout_s,
+            device,
+            os.environ.get(TEST_HOOK_ENV),
+        )
         self.process = spawn.Process(target=serve, args=(spec, child_end, os.getpid()), name=f"engine-rank{ctx.rank}")
         self.process.start()
         child_end.close()
@@ -175,17 +194,20 @@ class RemoteEngine(Engine):
     # -- requests
     def submit(self, prompt_token_ids, n, max_new_tokens, temperature, top_p, seed) -> Pending:
         """Send a generate request and return at once; the child generates while the trainer works."""
-        request = self._send("generate", [list(p) for p in prompt_token_ids], n, max_new_tokens, temperature, top_p,
-                             seed)
+        request = self._send(
+            "generate", [list(p) for p in prompt_token_ids], n, max_new_tokens, temperature, top_p, seed
+        )
         return Pending(self, request, self.loads_sent)
 
     def collect(self, pending: Pending) -> List[Sample]:
         """The samples of `pending`, which must come from exactly the loads sent before it."""
         samples, version = self._await(pending.request, "generate", self.timeout_s, with_version=True)
         if version != pending.version:
-            raise self._fail(f"{self.name} (process {self.process.pid}) reports weight version {version} for its "
-                             f"samples of request 'generate', but {pending.version} loads were sent before that "
-                             f"request: the samples would not come from the weights the trainer synced")
+            raise self._fail(
+                f"{self.name} (process {self.process.pid}) reports weight version {version} for its "
+                f"samples of request 'generate', but {pending.version} loads were sent before that "
+                f"request: the samples would not come from the weights the trainer synced"
+            )
         return samples
 
     def generate(self, prompt_token_ids, n, max_new_tokens, temperature, top_p, seed):
@@ -279,7 +301,7 @@ class RemoteEngine(Engine):
                 self._send_bucket([(name, tuple(t.shape), _dtype_name(t), 0)], _bytes(t.contiguous()), what)
                 continue
             used = _aligned(used)
-            staging[used:used + size].copy_(_bytes(t.contiguous()))
+            staging[used : used + size].copy_(_bytes(t.contiguous()))
             metas.append((name, tuple(t.shape), _dtype_name(t), used))
             used += size
         if metas:
@@ -367,10 +389,14 @@ class RemoteEngine(Engine):
             status = f"exited by signal {signal.Signals(-code).name}"
         else:
             status = f"exited with code {code}"
-        head = f"{status} during request {what!r}" if happened is None else \
-            f"{happened} during request {what!r}; it {status}"
-        return self._fail(f"{self.name} (process {process.pid}) {head}. The run stops; resume it with "
-                          "trainer.resume=true")
+        head = (
+            f"{status} during request {what!r}"
+            if happened is None
+            else f"{happened} during request {what!r}; it {status}"
+        )
+        return self._fail(
+            f"{self.name} (process {process.pid}) {head}. The run stops; resume it with trainer.resume=true"
+        )
 
     def _fail(self, text: str) -> EngineError:
         self._failure = EngineError(text)
@@ -448,7 +474,9 @@ class EngineServer:
         try:
             settings = Settings.from_cfg(OmegaConf.create(self.spec.cfg_yaml))
             ctx = DistContext(self.spec.rank, self.spec.world_size, 0, self.device)  # seed = trainer.seed + rank
-            self.engine = build_engine(EngineSpec.of(settings), ctx, self.spec.model_dir, load=self.spec.load, digest=self.spec.digest)
+            self.engine = build_engine(
+                EngineSpec.of(settings), ctx, self.spec.model_dir, load=self.spec.load, digest=self.spec.digest
+            )
             if self.spec.hook:
                 module, _, function = self.spec.hook.partition(":")
                 getattr(importlib.import_module(module), function)(self)
@@ -491,8 +519,14 @@ class EngineServer:
         if what == "close":
             engine.close()
             return None
-        if what in ("generate", "prompt_logprobs", "adapter_digests", "weight_held_form", "adapter_held_form",
-                    "memory_stats"):
+        if what in (
+            "generate",
+            "prompt_logprobs",
+            "adapter_digests",
+            "weight_held_form",
+            "adapter_held_form",
+            "memory_stats",
+        ):
             return getattr(engine, what)(*args)
         raise ValueError(f"unknown request {what!r}")
 
@@ -537,7 +571,7 @@ class Receiver:
             for d in shape:
                 numel *= d
             nbytes = numel * torch.empty((), dtype=dt).element_size()
-            out.append((name, data[offset:offset + nbytes].view(dt).reshape(shape)))
+            out.append((name, data[offset : offset + nbytes].view(dt).reshape(shape)))
         return iter(out)
 
     def drain(self) -> None:

@@ -119,8 +119,10 @@ class Model:
         choose("model.dtype", self.dtype, DTYPE_CHOICES)
         choose("model.master_dtype", self.master_dtype, DTYPE_CHOICES)
         if self.master_dtype not in ("float32", self.dtype):
-            raise ConfigError(f"model.master_dtype={self.master_dtype!r} with model.dtype={self.dtype!r} is not "
-                              f"valid; choose one of: float32, {self.dtype} (masters at least as precise as compute)")
+            raise ConfigError(
+                f"model.master_dtype={self.master_dtype!r} with model.dtype={self.dtype!r} is not "
+                f"valid; choose one of: float32, {self.dtype} (masters at least as precise as compute)"
+            )
         choose("model.builder", self.builder, BUILDER_CHOICES)
 
     @property
@@ -185,8 +187,10 @@ class Rollout:
         if self.backend == "vllm" and self.kv_cache_gb <= 0:
             raise ConfigError(f"rollout.kv_cache_gb must be > 0 for rollout=vllm, got {self.kv_cache_gb}")
         if self.max_model_len <= self.max_new_tokens:
-            raise ConfigError(f"rollout.max_model_len={self.max_model_len} leaves no room for a prompt before "
-                              f"rollout.max_new_tokens={self.max_new_tokens}; it must hold prompt + completion")
+            raise ConfigError(
+                f"rollout.max_model_len={self.max_model_len} leaves no room for a prompt before "
+                f"rollout.max_new_tokens={self.max_new_tokens}; it must hold prompt + completion"
+            )
 
 
 @dataclass(frozen=True)
@@ -273,8 +277,10 @@ class Trainer:
         choose("trainer.device", self.device, DEVICE_CHOICES)
         choose("trainer.export", self.export, EXPORT_CHOICES)
         if self.profile_steps > 0 and self.steps < 2:
-            raise ConfigError(f"trainer.profile_steps={self.profile_steps} needs trainer.steps >= 2 (the first "
-                              f"step is warm-up and is not profiled); got trainer.steps={self.steps}")
+            raise ConfigError(
+                f"trainer.profile_steps={self.profile_steps} needs trainer.steps >= 2 (the first "
+                f"step is warm-up and is not profiled); got trainer.steps={self.steps}"
+            )
         if self.eval_every != 0 and self.eval_prompts <= 0:
             raise ConfigError(f"trainer.eval_prompts must be > 0 with trainer.eval_every > 0, got {self.eval_prompts}")
 
@@ -283,6 +289,7 @@ class Trainer:
 class Policy:
     """What builds, shards and optimizes the policy (recipe/model.py): the model, fsdp, offload and lora
     slices, and the trainer's seed (LoRA's initialisation), learning rate and weight decay."""
+
     model: Model
     fsdp: Fsdp
     offload: Offload
@@ -304,6 +311,7 @@ def device_of(setting: str) -> str:
 @dataclass(frozen=True)
 class Settings:
     """The whole run's settings: one slice per config group plus the values resolved once."""
+
     model: Model
     fsdp: Fsdp
     offload: Offload
@@ -329,8 +337,15 @@ class Settings:
     @property
     def policy(self) -> Policy:
         """The slices recipe/model.py builds the policy from."""
-        return Policy(self.model, self.fsdp, self.offload, self.lora, self.trainer.seed, self.trainer.lr,
-                      self.trainer.weight_decay)
+        return Policy(
+            self.model,
+            self.fsdp,
+            self.offload,
+            self.lora,
+            self.trainer.seed,
+            self.trainer.lr,
+            self.trainer.weight_decay,
+        )
 
     @property
     def strategy_name(self) -> str:
@@ -338,8 +353,18 @@ class Settings:
         return "/".join(self.combo) if self.sync.strategy == "auto" else self.sync.strategy
 
     def slices(self) -> Tuple[Any, ...]:
-        return (self.model, self.fsdp, self.offload, self.lora, self.rollout, self.task, self.algo, self.sync,
-                self.logger, self.trainer)
+        return (
+            self.model,
+            self.fsdp,
+            self.offload,
+            self.lora,
+            self.rollout,
+            self.task,
+            self.algo,
+            self.sync,
+            self.logger,
+            self.trainer,
+        )
 
     def check(self) -> None:
         """Every group's own rules, group by group."""

@@ -51,8 +51,10 @@ def probe_inputs(tokenizer, sync) -> List[List[int]]:
     if tokenizer is not None:
         return probe_batch(tokenizer, sync.num_probe_prompts)
     if sync.probe_every != 0:
-        raise ValueError(f"sync.probe_every={sync.probe_every} needs a tokenizer for the probe's prompts; "
-                         f"give one, or set sync.probe_every=0 (probe off)")
+        raise ValueError(
+            f"sync.probe_every={sync.probe_every} needs a tokenizer for the probe's prompts; "
+            f"give one, or set sync.probe_every=0 (probe off)"
+        )
     return []
 
 
@@ -107,15 +109,18 @@ def check_streamed_names(model: torch.nn.Module, model_dir: str) -> None:
 
     names = set(checkpoint_names(model_dir))
     if not names:
-        raise ConfigError(f"model.path={model_dir}: no *.safetensors or *.bin weight files to read tensor names "
-                          f"from; the sync checks every load against them")
+        raise ConfigError(
+            f"model.path={model_dir}: no *.safetensors or *.bin weight files to read tensor names "
+            f"from; the sync checks every load against them"
+        )
     unknown = [n for n in trainer_names(model) if n not in names]
     if unknown:
         raise ConfigError(
             f"model.path={model_dir}: the trainer's model holds {len(unknown)} tensors under names the checkpoint "
             f"does not have (e.g. {_few(unknown, 3)}): transformers converted them when loading (a renamed or "
             f"fused layout, such as mixture-of-experts experts), and the engine loads checkpoint names, so a sync "
-            f"could not place them. Models whose weights transformers converts at load are not supported.")
+            f"could not place them. Models whose weights transformers converts at load are not supported."
+        )
 
 
 class WeightStream:
@@ -131,8 +136,13 @@ class WeightStream:
     `digests()` returns {name: Digest} after one host sync.
     """
 
-    def __init__(self, pairs: Iterable[Tuple[str, torch.Tensor]], strategy: str = "", digest: bool = False,
-                 held_form: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None):
+    def __init__(
+        self,
+        pairs: Iterable[Tuple[str, torch.Tensor]],
+        strategy: str = "",
+        digest: bool = False,
+        held_form: Optional[Callable[[str, torch.Tensor], torch.Tensor]] = None,
+    ):
         self._pairs, self.strategy = iter(pairs), strategy
         self.num_tensors = self.num_bytes = self.max_tensor_bytes = 0
         self.names: List[str] = []
@@ -194,7 +204,6 @@ class WeightStream:
         return out
 
 
-
 class WeightSync:
     """Moves the trainer's weights into this rank's engine and proves they arrived.
 
@@ -213,8 +222,17 @@ class WeightSync:
     all-gathered first), so no rank is left waiting in a collective.
     """
 
-    def __init__(self, settings: Settings, ctx, model: torch.nn.Module, engine, tokenizer,
-                 residency: Optional[Residency] = None, *, expected: Optional[List[str]] = None):
+    def __init__(
+        self,
+        settings: Settings,
+        ctx,
+        model: torch.nn.Module,
+        engine,
+        tokenizer,
+        residency: Optional[Residency] = None,
+        *,
+        expected: Optional[List[str]] = None,
+    ):
         """`tokenizer` may be None when the probe is off (`sync.probe_every=0`). `expected`: the names a
         full (or base) load must cover; None reads them from the checkpoint at `model.path` (and refuses
         a model whose tensor names it lacks). A caller without a checkpoint (tools/sync_bench.py, random
@@ -238,9 +256,13 @@ class WeightSync:
         # lora=merged into a narrower engine dtype: the rounding of W + s*B@A is measured every sync
         self.measure_rounding = settings.lora.name == "merged" and settings.model.dtype != "float32"
         if self.measure_rounding:
-            log.info("lora=merged with model.dtype=%s: the engine holds W + s*B@A rounded to %s, which can move it "
-                     "more than the LoRA update itself (logged as sync/merge_rounding_*); lora=adapter keeps W and "
-                     "the adapter apart and is exact", settings.model.dtype, settings.model.dtype)
+            log.info(
+                "lora=merged with model.dtype=%s: the engine holds W + s*B@A rounded to %s, which can move it "
+                "more than the LoRA update itself (logged as sync/merge_rounding_*); lora=adapter keeps W and "
+                "the adapter apart and is exact",
+                settings.model.dtype,
+                settings.model.dtype,
+            )
 
     # -- public
     def sync(self, step: int) -> Dict[str, object]:
@@ -313,8 +335,10 @@ class WeightSync:
         if cuda:
             self._peak = torch.cuda.max_memory_allocated() - base_mem
         if sum(s.num_bytes for s, _ in loads) == 0:
-            raise WeightSyncError(f"sync {self.num_syncs + 1}: the weight stream yielded no tensors "
-                                  f"(strategy {self.strategy_name()}); the engine would keep stale weights")
+            raise WeightSyncError(
+                f"sync {self.num_syncs + 1}: the weight stream yielded no tensors "
+                f"(strategy {self.strategy_name()}); the engine would keep stale weights"
+            )
         return loads
 
     def _wrap(self, source, held_form=None) -> WeightStream:
@@ -356,15 +380,24 @@ class WeightSync:
             combined.update(streamed)
         self._agree(problems, step)
         seconds = time.perf_counter() - t0 + sum(s.digest_seconds for s, _ in loads) + in_load
-        return {"tensors": tensors, "bytes": nbytes, "hex": combined_hex(combined), "in_load_s": in_load,
-                "seconds": seconds}
+        return {
+            "tensors": tensors,
+            "bytes": nbytes,
+            "hex": combined_hex(combined),
+            "in_load_s": in_load,
+            "seconds": seconds,
+        }
 
     def _agree(self, problems: List[str], step: int) -> None:
         """All ranks see every rank's problems, then all raise together (or none does)."""
         mine = "; ".join(problems[:8]) + (f" (+{len(problems) - 8} more)" if len(problems) > 8 else "")
-        agree(mine or None, lambda text: WeightSyncError(
-            f"weight sync failed the digest check at step {step} (weight version {self.weight_version}, strategy "
-            f"{self.strategy_name()}): the engine does not hold exactly what was streamed. " + text))
+        agree(
+            mine or None,
+            lambda text: WeightSyncError(
+                f"weight sync failed the digest check at step {step} (weight version {self.weight_version}, strategy "
+                f"{self.strategy_name()}): the engine does not hold exactly what was streamed. " + text
+            ),
+        )
 
     # -- probe
     def _should_probe(self) -> bool:
@@ -379,7 +412,12 @@ class WeightSync:
         t0 = time.perf_counter()
         engine_lps = self.engine.prompt_logprobs(self.probe)
         mean, worst = self._parity(engine_lps, step)
-        return {"worst": worst, "mean": mean, "fingerprint": fingerprint(engine_lps), "seconds": time.perf_counter() - t0}
+        return {
+            "worst": worst,
+            "mean": mean,
+            "fingerprint": fingerprint(engine_lps),
+            "seconds": time.perf_counter() - t0,
+        }
 
     def _parity(self, engine_lps: List[List[float]], step: int) -> Tuple[float, float]:
         """Compare this rank's engine with the trainer; all ranks agree on the verdict before raising.
@@ -387,9 +425,16 @@ class WeightSync:
         with self.residency.on_device(optimizer=False):  # offload=manual: the probe's forward needs the shards
             trainer_lps = sequence_logprobs(self.model, self.probe, self.ctx.device)
         worst, row, pos = worst_token(trainer_lps, engine_lps)
-        mine = {"rank": self.ctx.rank, "mean": mean_gap(trainer_lps, engine_lps), "worst": worst, "row": row,
-                "pos": pos, "trainer": _at(trainer_lps, row, pos), "engine": _at(engine_lps, row, pos),
-                "tokens": sum(len(r) for r in engine_lps)}
+        mine = {
+            "rank": self.ctx.rank,
+            "mean": mean_gap(trainer_lps, engine_lps),
+            "worst": worst,
+            "row": row,
+            "pos": pos,
+            "trainer": _at(trainer_lps, row, pos),
+            "engine": _at(engine_lps, row, pos),
+            "tokens": sum(len(r) for r in engine_lps),
+        }
         reports = [mine]
         if dist.is_initialized() and dist.get_world_size() > 1:
             reports = [None] * dist.get_world_size()
@@ -402,13 +447,19 @@ class WeightSync:
     def _message(self, report: dict, step: int) -> str:
         ids = self.probe[report["row"]] if report["row"] >= 0 else []
         token = ids[report["pos"]] if 0 <= report["pos"] < len(ids) else None
-        where = ("every digest matched, so the engine holds what was streamed: the stream itself (gather, "
-                 "transform) or the engine's kernels are wrong" if self.digest else "digests are off (sync.digest)")
-        return (f"weight sync failed the parity probe at step {step} (weight version {self.weight_version}, "
-                f"strategy {self.strategy_name()}): mean |logprob trainer - engine| over {report['tokens']} probe tokens = "
-                f"{report['mean']:.3g} > tolerance {self.tolerance:g} ({self.settings.model.dtype}) on rank {report['rank']}; "
-                f"its worst: probe {report['row']} token {report['pos']} (id {token}): trainer {report['trainer']:.6g} vs "
-                f"engine {report['engine']:.6g}; {where}.")
+        where = (
+            "every digest matched, so the engine holds what was streamed: the stream itself (gather, "
+            "transform) or the engine's kernels are wrong"
+            if self.digest
+            else "digests are off (sync.digest)"
+        )
+        return (
+            f"weight sync failed the parity probe at step {step} (weight version {self.weight_version}, "
+            f"strategy {self.strategy_name()}): mean |logprob trainer - engine| over {report['tokens']} probe tokens = "
+            f"{report['mean']:.3g} > tolerance {self.tolerance:g} ({self.settings.model.dtype}) on rank {report['rank']}; "
+            f"its worst: probe {report['row']} token {report['pos']} (id {token}): trainer {report['trainer']:.6g} vs "
+            f"engine {report['engine']:.6g}; {where}."
+        )
 
 
 def merge_rounding_metrics(rounding: MergeRounding, device: torch.device) -> Dict[str, float]:
@@ -422,9 +473,11 @@ def merge_rounding_metrics(rounding: MergeRounding, device: torch.device) -> Dic
         dist.all_reduce(sums)
         dist.all_reduce(worst, op=dist.ReduceOp.MAX)
     err, update, count = sums.tolist()
-    return {"sync/merge_rounding_mean": err / count if count else float("nan"),
-            "sync/merge_rounding_max": float(worst.item()),
-            "sync/merge_rounding_ratio": err / update if update else float("nan")}
+    return {
+        "sync/merge_rounding_mean": err / count if count else float("nan"),
+        "sync/merge_rounding_max": float(worst.item()),
+        "sync/merge_rounding_ratio": err / update if update else float("nan"),
+    }
 
 
 def name_problems(expected: List[str], streamed: List[str]) -> List[str]:
@@ -455,8 +508,10 @@ def compare_digests(held: Dict[str, tuple], streamed: Dict[str, Digest]) -> Tupl
         want = Digest.concat([streamed[p] for p in parts])
         have = _orient(have, want)
         if have is None:
-            problems.append(f"{name}: not loaded or not re-processed by the engine in this load (it keeps an "
-                            f"old kernel: a dropped tensor, or a tied head not refreshed)")
+            problems.append(
+                f"{name}: not loaded or not re-processed by the engine in this load (it keeps an "
+                f"old kernel: a dropped tensor, or a tied head not refreshed)"
+            )
         elif not _same(have, want, name):
             problems.append(f"{name}: engine {have.short()} != streamed {want.short()}")
         checked += 1

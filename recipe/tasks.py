@@ -113,9 +113,11 @@ class Task:
                 seen.add(prompt.text)
                 out.append(prompt)
         if len(out) < num:
-            raise ConfigError(f"trainer.eval_prompts={num}: only {len(out)} prompts of {type(self).__name__} are "
-                              f"outside the training pool (task.num_prompts={self.num_prompts}); lower "
-                              "trainer.eval_prompts or task.num_prompts, or widen the task (e.g. task.params)")
+            raise ConfigError(
+                f"trainer.eval_prompts={num}: only {len(out)} prompts of {type(self).__name__} are "
+                f"outside the training pool (task.num_prompts={self.num_prompts}); lower "
+                "trainer.eval_prompts or task.num_prompts, or widen the task (e.g. task.params)"
+            )
         return out
 
     def batch(self, index: int, num: int) -> List[Prompt]:
@@ -128,7 +130,7 @@ class Task:
 
 
 class Arithmetic(Task):
-    """"a+b=" with small operands, answered by the number and then end of sequence.
+    """ "a+b=" with small operands, answered by the number and then end of sequence.
 
     Reward shape (sums to 1.0 for the exact answer followed by nothing; always in [0, 1]).
     Each term gives a random policy a gradient towards the next:
@@ -150,8 +152,15 @@ class Arithmetic(Task):
     sum above 9 answered "9"; docs/LEARNING.md).
     """
 
-    def __init__(self, max_operand: int = 9, ops: str = "+", stop_window: int = 12,
-                 close_window: int = 10, digit_credit: float = 0.5, **kwargs):
+    def __init__(
+        self,
+        max_operand: int = 9,
+        ops: str = "+",
+        stop_window: int = 12,
+        close_window: int = 10,
+        digit_credit: float = 0.5,
+        **kwargs,
+    ):
         super().__init__(**kwargs)
         if max_operand < 1:
             raise ConfigError(f"task.params.max_operand must be >= 1, got {max_operand}")
@@ -161,7 +170,7 @@ class Arithmetic(Task):
         if not 0.0 <= digit_credit <= 1.0:
             raise ConfigError(f"task.params.digit_credit must be in [0, 1], got {digit_credit}")
         self.stop_window, self.close_window, self.digit_credit = stop_window, close_window, digit_credit
-        largest = max({"+": 2 * max_operand, "-": max_operand, "*": max_operand ** 2}[op] for op in ops)
+        largest = max({"+": 2 * max_operand, "-": max_operand, "*": max_operand**2}[op] for op in ops)
         self.max_chars = len(str(largest)) + ("-" in ops)  # digits of the longest answer, plus a sign
 
     def make_prompt(self, rng: random.Random) -> Prompt:
@@ -194,15 +203,20 @@ class Arithmetic(Task):
 # (template, answer) pairs; {n}: a name, {x}/{y}: operands, {item}: a plural noun.
 _WORD_TEMPLATES = [
     ("{n} has {x} {item} and buys {y} more. How many {item} does {n} have now?", lambda x, y: x + y),
-    ("{n} had {x} {item} and gave {y} of them to a friend. How many {item} does {n} have left?",
-     lambda x, y: x - y),
+    ("{n} had {x} {item} and gave {y} of them to a friend. How many {item} does {n} have left?", lambda x, y: x - y),
     ("{n} has {x} boxes with {y} {item} in each box. How many {item} does {n} have in total?", lambda x, y: x * y),
-    ("{n} picked {x} {item} on Monday and twice as many on Tuesday, then ate {y}. "
-     "How many {item} are left?", lambda x, y: 3 * x - y),
-    ("{n} shares {x} {item} equally among {y} friends and keeps none. How many {item} does each friend get?",
-     None),  # built as a division with a whole answer, below
-    ("A shop sells {item} for {x} dollars each. {n} buys {y} of them. How many dollars does {n} pay?",
-     lambda x, y: x * y),
+    (
+        "{n} picked {x} {item} on Monday and twice as many on Tuesday, then ate {y}. How many {item} are left?",
+        lambda x, y: 3 * x - y,
+    ),
+    (
+        "{n} shares {x} {item} equally among {y} friends and keeps none. How many {item} does each friend get?",
+        None,
+    ),  # built as a division with a whole answer, below
+    (
+        "A shop sells {item} for {x} dollars each. {n} buys {y} of them. How many dollars does {n} pay?",
+        lambda x, y: x * y,
+    ),
 ]
 _NAMES = ["Tom", "Anna", "Ravi", "Mei", "Lucas", "Fatima", "Olga", "Kwame", "Sofia", "Diego", "Yuki", "Ben"]
 _ITEMS = ["apples", "pencils", "stickers", "cookies", "marbles", "books", "shells", "cards"]
@@ -263,8 +277,10 @@ def _import(target: str):
     except (ImportError, AttributeError) as exc:
         raise ConfigError(f"task.target={target!r} cannot be imported: {exc}") from None
     if not (inspect.isclass(cls) and issubclass(cls, Task)):
-        raise ConfigError(f"task.target={target!r} must name a subclass of recipe.tasks.Task, e.g. "
-                          "recipe.tasks.Arithmetic or recipe.tasks.WordProblems")
+        raise ConfigError(
+            f"task.target={target!r} must name a subclass of recipe.tasks.Task, e.g. "
+            "recipe.tasks.Arithmetic or recipe.tasks.WordProblems"
+        )
     return cls
 
 
@@ -273,8 +289,11 @@ def _accepted_params(cls) -> List[str]:
     names = []
     for klass in cls.__mro__:
         if "__init__" in vars(klass) and issubclass(klass, Task):
-            names += [n for n, p in inspect.signature(klass.__init__).parameters.items()
-                      if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)]
+            names += [
+                n
+                for n, p in inspect.signature(klass.__init__).parameters.items()
+                if n != "self" and p.kind not in (p.VAR_KEYWORD, p.VAR_POSITIONAL)
+            ]
     return names
 
 
@@ -286,7 +305,9 @@ def build_task(settings: TaskSettings, tokenizer: Any = None) -> Task:
     unknown = sorted(k for k in params if k not in accepted or k in ("seed", "num_prompts", "tokenizer"))
     if unknown:
         known = [n for n in accepted if n not in ("seed", "num_prompts", "tokenizer")]
-        raise ConfigError(f"task.params has unknown key(s) {unknown} for {settings.target}; "
-                          f"accepted: {', '.join(known) or '(none)'} (seed and num_prompts are task.seed, "
-                          "task.num_prompts)")
+        raise ConfigError(
+            f"task.params has unknown key(s) {unknown} for {settings.target}; "
+            f"accepted: {', '.join(known) or '(none)'} (seed and num_prompts are task.seed, "
+            "task.num_prompts)"
+        )
     return cls(seed=settings.seed, num_prompts=settings.num_prompts, tokenizer=tokenizer, **params)

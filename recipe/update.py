@@ -21,8 +21,17 @@ from recipe.model import policy_logprobs
 from recipe.settings import Algo, Rollout, Trainer
 
 
-def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], algo: Algo, trainer: Trainer,
-                        temperature: float, device, world_size: int, reference=None) -> Dict[str, float]:
+def backward_mini_batch(
+    policy,
+    batch: Batch,
+    mini: Sequence[int],
+    algo: Algo,
+    trainer: Trainer,
+    temperature: float,
+    device,
+    world_size: int,
+    reference=None,
+) -> Dict[str, float]:
     """Backpropagate this rank's share of the global mini-batch objective; grads accumulate.
 
     The objective is J = (sum of L over the global mini-batch) / N, N = the global token count
@@ -43,16 +52,44 @@ def backward_mini_batch(policy, batch: Batch, mini: Sequence[int], algo: Algo, t
         t = micro_batch_inputs(batch, idx, device)
         # logprobs (and the entropy, a full-vocabulary pass, only when the loss uses it) at the
         # completion positions, fused into the model's output layer
-        logp, entropy = policy_logprobs(policy, t["input_ids"], t["attention_mask"], temperature,
-                                        positions=t["mask"], entropy=algo.entropy_coef > 0, entropy_grad=True)
+        logp, entropy = policy_logprobs(
+            policy,
+            t["input_ids"],
+            t["attention_mask"],
+            temperature,
+            positions=t["mask"],
+            entropy=algo.entropy_coef > 0,
+            entropy_grad=True,
+        )
         ref_logp = reference_logprobs(reference, t, temperature) if reference is not None else None
-        loss_sum, s = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], algo.clip_eps,
-                                        algo.loss_agg, ref_logp, algo.kl_coef, entropy,
-                                        algo.entropy_coef, algo.entropy_tokens, *off_policy_inputs(t, algo))
+        loss_sum, s = clipped_surrogate(
+            logp,
+            t["old_logp"],
+            t["adv"],
+            t["mask"],
+            algo.clip_eps,
+            algo.loss_agg,
+            ref_logp,
+            algo.kl_coef,
+            entropy,
+            algo.entropy_coef,
+            algo.entropy_tokens,
+            *off_policy_inputs(t, algo),
+        )
         (loss_sum / norm).backward()
         gap = (logp.detach() - t["old_logp"]).abs() * t["mask"]
-        sums += torch.stack([loss_sum.detach(), s["clip_frac"], s["kl"], s["entropy"], s["tokens"], s["is_weight"],
-                             s["is_capped"], gap.sum()]).double()
+        sums += torch.stack(
+            [
+                loss_sum.detach(),
+                s["clip_frac"],
+                s["kl"],
+                s["entropy"],
+                s["tokens"],
+                s["is_weight"],
+                s["is_capped"],
+                gap.sum(),
+            ]
+        ).double()
         gap_max = torch.maximum(gap_max, gap.max().double())
     *totals, top = torch.cat([sums, gap_max[None]]).tolist()  # ... and read once per mini-batch
     stats = dict(zip(keys, totals), gap_max=top)
@@ -76,8 +113,9 @@ def truncated_sampling(rollout: Rollout) -> Optional[str]:
 
 
 @torch.no_grad()
-def behaviour_logprobs(policy, batch: Batch, minis: Sequence[Sequence[int]], trainer: Trainer,
-                       temperature: float, device) -> Tuple[List[List[float]], Dict[str, float]]:
+def behaviour_logprobs(
+    policy, batch: Batch, minis: Sequence[Sequence[int]], trainer: Trainer, temperature: float, device
+) -> Tuple[List[List[float]], Dict[str, float]]:
     """The trainer's own logprobs of every completion token under the weights before the update (the
     old policy of the ratio, when the engine's are of a truncated distribution: `truncated_sampling`).
 
@@ -91,8 +129,9 @@ def behaviour_logprobs(policy, batch: Batch, minis: Sequence[Sequence[int]], tra
     for mini in minis:
         for idx in agreed_micro_batches(batch, mini, trainer):
             t = micro_batch_inputs(batch, idx, device)
-            logp = policy_logprobs(policy, t["input_ids"], t["attention_mask"], temperature,
-                                   positions=t["mask"])[0]  # computed as the update computes it
+            logp = policy_logprobs(policy, t["input_ids"], t["attention_mask"], temperature, positions=t["mask"])[
+                0
+            ]  # computed as the update computes it
             diff = (logp - t["old_logp"]).abs() * t["mask"]
             gap["gap_sum"] += diff.sum().item()
             gap["gap_max"] = max(gap["gap_max"], diff.max().item())

@@ -57,17 +57,20 @@ def policy_of(cfg):
     return Settings.from_cfg(cfg).policy
 
 
-def _rank_main(rank: int, fn: Callable, world: int, port: int, out_dir: str, backend: str,
-               timeout_s: int, args: tuple) -> None:
-    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _rank_main(
+    rank: int, fn: Callable, world: int, port: int, out_dir: str, backend: str, timeout_s: int, args: tuple
+) -> None:
+    os.environ.update(
+        RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+    )
     kwargs = {}
     if backend == "nccl":
         torch.cuda.set_device(rank)
         kwargs["device_id"] = torch.device("cuda", rank)
         backend = "cpu:gloo,cuda:nccl"
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=timeout_s), **kwargs)
+    dist.init_process_group(
+        backend, rank=rank, world_size=world, timeout=datetime.timedelta(seconds=timeout_s), **kwargs
+    )
     try:
         result = fn(rank, world, *args)
         with open(Path(out_dir) / f"rank{rank}.pkl", "wb") as f:
@@ -84,16 +87,20 @@ def _rank_main(rank: int, fn: Callable, world: int, port: int, out_dir: str, bac
     os._exit(0)
 
 
-def run_world(fn: Callable[..., Any], world: int = 2, *args, backend: str = "gloo",
-              timeout_s: int = 120) -> List[Any]:
+def run_world(fn: Callable[..., Any], world: int = 2, *args, backend: str = "gloo", timeout_s: int = 120) -> List[Any]:
     """Run `fn(rank, world, *args)` on `world` spawned ranks; return each rank's result.
 
     `fn` must be a module-level function. A failure on any rank terminates the others and
     re-raises here with that rank's traceback.
     """
     with tempfile.TemporaryDirectory() as out_dir:
-        mp.start_processes(_rank_main, args=(fn, world, free_port(), out_dir, backend, timeout_s, args),
-                           nprocs=world, join=True, start_method="spawn")
+        mp.start_processes(
+            _rank_main,
+            args=(fn, world, free_port(), out_dir, backend, timeout_s, args),
+            nprocs=world,
+            join=True,
+            start_method="spawn",
+        )
         results = []
         for r in range(world):
             with open(Path(out_dir) / f"rank{r}.pkl", "rb") as f:

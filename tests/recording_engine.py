@@ -46,8 +46,9 @@ class RecordingEngine:
 
     def _generate(self, prompt_token_ids, n, max_new_tokens, temperature, top_p, seed):
         self.events.append(("generate", seed, n, temperature, self.version))
-        return self.inner.generate(prompt_token_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                   top_p=top_p, seed=seed)
+        return self.inner.generate(
+            prompt_token_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+        )
 
     def submit(self, prompt_token_ids, n, max_new_tokens, temperature, top_p, seed):
         handle = _Handle(self, lambda: self._generate(prompt_token_ids, n, max_new_tokens, temperature, top_p, seed))

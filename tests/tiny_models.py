@@ -33,23 +33,43 @@ def gpt2(out: Path, seed: int = 0) -> str:
     from recipe.builtin_models import VOCAB_SIZE
 
     torch.manual_seed(seed)
-    config = GPT2Config(vocab_size=VOCAB_SIZE, n_embd=128, n_head=2, n_layer=2, n_positions=256, bos_token_id=1,
-                        eos_token_id=1, pad_token_id=0, initializer_range=0.1)
+    config = GPT2Config(
+        vocab_size=VOCAB_SIZE,
+        n_embd=128,
+        n_head=2,
+        n_layer=2,
+        n_positions=256,
+        bos_token_id=1,
+        eos_token_id=1,
+        pad_token_id=0,
+        initializer_range=0.1,
+    )
     return _save(GPT2LMHeadModel(config), Path(out))
 
 
-def llama(out: Path, tied: bool = False, seed: int = 0,
-          edit: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None) -> str:
+def llama(
+    out: Path, tied: bool = False, seed: int = 0, edit: Optional[Callable[[Dict[str, torch.Tensor]], None]] = None
+) -> str:
     """A Llama (untied head unless `tied`); `edit` changes the saved tensors."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from recipe.builtin_models import VOCAB_SIZE
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         tie_word_embeddings=tied, bos_token_id=None, eos_token_id=1, pad_token_id=0,
-                         initializer_range=0.1)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=tied,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+        initializer_range=0.1,
+    )
     return _save(LlamaForCausalLM(config), Path(out), edit)
 
 
@@ -68,10 +88,20 @@ def llama_bin(out: Path, seed: int = 0) -> str:
     from recipe.builtin_models import VOCAB_SIZE, build_tokenizer
 
     torch.manual_seed(seed)
-    config = LlamaConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
-                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=256,
-                         tie_word_embeddings=False, bos_token_id=None, eos_token_id=1, pad_token_id=0,
-                         initializer_range=0.1)
+    config = LlamaConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=256,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        max_position_embeddings=256,
+        tie_word_embeddings=False,
+        bos_token_id=None,
+        eos_token_id=1,
+        pad_token_id=0,
+        initializer_range=0.1,
+    )
     model = LlamaForCausalLM(config)
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -88,7 +118,17 @@ def mixtral(out: Path, seed: int = 0) -> str:
     from recipe.builtin_models import VOCAB_SIZE
 
     torch.manual_seed(seed)
-    config = MixtralConfig(vocab_size=VOCAB_SIZE, hidden_size=128, intermediate_size=128, num_hidden_layers=1,
-                           num_attention_heads=2, num_key_value_heads=1, num_local_experts=2, num_experts_per_tok=1,
-                           max_position_embeddings=256, eos_token_id=1, pad_token_id=0)
+    config = MixtralConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=128,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        num_local_experts=2,
+        num_experts_per_tok=1,
+        max_position_embeddings=256,
+        eos_token_id=1,
+        pad_token_id=0,
+    )
     return _save(MixtralForCausalLM(config), Path(out))

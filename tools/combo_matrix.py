@@ -31,12 +31,17 @@ from omegaconf import DictConfig, open_dict
 from recipe.config import ConfigError, UnsupportedError, refuse_renamed, validate
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-MEDIANS = {"step_s": "time/step_s", "gather_s": "sync/gather_s", "load_s": "sync/load_s",
-           "digest_s": "sync/digest_s"}
-MAXIMA = {"parity_max": "sync/parity_max_abs_diff", "logprob_gap_max": "train/logprob_gap",
-          "logprob_gap_token_max": "train/logprob_gap_max"}
-MEMORY = {"free_gb_before_engine": "rollout/mem_free_before_engine_gb", "free_gb_asleep": "rollout/mem_free_asleep_gb",
-          "free_gb_awake": "rollout/mem_free_awake_gb"}
+MEDIANS = {"step_s": "time/step_s", "gather_s": "sync/gather_s", "load_s": "sync/load_s", "digest_s": "sync/digest_s"}
+MAXIMA = {
+    "parity_max": "sync/parity_max_abs_diff",
+    "logprob_gap_max": "train/logprob_gap",
+    "logprob_gap_token_max": "train/logprob_gap_max",
+}
+MEMORY = {
+    "free_gb_before_engine": "rollout/mem_free_before_engine_gb",
+    "free_gb_asleep": "rollout/mem_free_asleep_gb",
+    "free_gb_awake": "rollout/mem_free_awake_gb",
+}
 
 
 def compose(overrides: Sequence[str]) -> DictConfig:
@@ -54,8 +59,16 @@ def all_combos() -> List[str]:
 
 def combo_cfg(overrides: Sequence[str], combo: str, run_dir: Path, steps: int, resume: bool) -> DictConfig:
     fsdp, offload, lora = combo.split("/")
-    cfg = compose([*overrides, f"fsdp={fsdp}", f"+offload={offload}", f"+lora={lora}", f"trainer.steps={steps}",
-                   f"trainer.resume={str(resume).lower()}"])
+    cfg = compose(
+        [
+            *overrides,
+            f"fsdp={fsdp}",
+            f"+offload={offload}",
+            f"+lora={lora}",
+            f"trainer.steps={steps}",
+            f"trainer.resume={str(resume).lower()}",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
     return cfg
@@ -112,13 +125,33 @@ def write_rows(root: Path, combos: Sequence[str], cfg: DictConfig, steps: int, o
     rows = [json.loads(_row_file(root, c).read_text()) for c in combos if _row_file(root, c).exists()]
     if out:
         Path(out).parent.mkdir(parents=True, exist_ok=True)
-        Path(out).write_text(json.dumps({"world_size": cfg.trainer.world_size, "model": cfg.model.path,
-                                         "dtype": cfg.model.dtype, "steps": steps, "rows": rows}, indent=1))
+        Path(out).write_text(
+            json.dumps(
+                {
+                    "world_size": cfg.trainer.world_size,
+                    "model": cfg.model.path,
+                    "dtype": cfg.model.dtype,
+                    "steps": steps,
+                    "rows": rows,
+                },
+                indent=1,
+            )
+        )
     return rows
 
 
-def rank_main(cfg: DictConfig, ctx, overrides: Sequence[str], combos: Sequence[str], steps: int, resume: bool,
-              root: str, all_combos: Sequence[str], out: str, keep_runs: bool) -> None:
+def rank_main(
+    cfg: DictConfig,
+    ctx,
+    overrides: Sequence[str],
+    combos: Sequence[str],
+    steps: int,
+    resume: bool,
+    root: str,
+    all_combos: Sequence[str],
+    out: str,
+    keep_runs: bool,
+) -> None:
     import shutil
 
     import torch.distributed as dist
@@ -138,17 +171,24 @@ def _fmt(value, digits: int = 3) -> str:
 
 
 def table(rows: List[dict], cfg: DictConfig) -> str:
-    head = ("| combination | status | step s | gather s | load s | digest s | probe max gap | logprob gap max "
-            "| token gap max | resumed | free GiB before engine / asleep / awake |")
-    lines = [f"model {cfg.model.path} ({cfg.model.dtype}), world {cfg.trainer.world_size}, device {cfg.trainer.device}",
-             head, "|" + "---|" * (head.count("|") - 1)]
+    head = (
+        "| combination | status | step s | gather s | load s | digest s | probe max gap | logprob gap max "
+        "| token gap max | resumed | free GiB before engine / asleep / awake |"
+    )
+    lines = [
+        f"model {cfg.model.path} ({cfg.model.dtype}), world {cfg.trainer.world_size}, device {cfg.trainer.device}",
+        head,
+        "|" + "---|" * (head.count("|") - 1),
+    ]
     for r in rows:
         mem = " / ".join(_fmt(r.get(k), 1) for k in MEMORY)
         status = r["status"] + (f" ({r['error'][:80]})" if r["error"] else "")
-        lines.append(f"| {r['combo']} | {status} | {_fmt(r.get('step_s'))} | {_fmt(r.get('gather_s'), 4)} "
-                     f"| {_fmt(r.get('load_s'), 4)} | {_fmt(r.get('digest_s'), 4)} | {_fmt(r.get('parity_max'), 4)} "
-                     f"| {_fmt(r.get('logprob_gap_max'), 4)} | {_fmt(r.get('logprob_gap_token_max'), 4)} "
-                     f"| {_fmt(r.get('resumed'))} | {mem} |")
+        lines.append(
+            f"| {r['combo']} | {status} | {_fmt(r.get('step_s'))} | {_fmt(r.get('gather_s'), 4)} "
+            f"| {_fmt(r.get('load_s'), 4)} | {_fmt(r.get('digest_s'), 4)} | {_fmt(r.get('parity_max'), 4)} "
+            f"| {_fmt(r.get('logprob_gap_max'), 4)} | {_fmt(r.get('logprob_gap_token_max'), 4)} "
+            f"| {_fmt(r.get('resumed'))} | {mem} |"
+        )
     return "\n".join(lines)
 
 
@@ -161,9 +201,12 @@ def main(argv: Sequence[str] | None = None) -> None:
     parser.add_argument("--resume", action="store_true", help="also resume each run from its checkpoint for one step")
     parser.add_argument("--out", default="", help="JSON file for the rows")
     parser.add_argument("--root", default="", help="run directories go here (default: a new temporary directory)")
-    parser.add_argument("--isolate", action="store_true",
-                        help="start fresh ranks for every combination (needed with rollout.sleep=true on CUDA: vLLM's "
-                             "sleep-mode allocator serves one engine per process)")
+    parser.add_argument(
+        "--isolate",
+        action="store_true",
+        help="start fresh ranks for every combination (needed with rollout.sleep=true on CUDA: vLLM's "
+        "sleep-mode allocator serves one engine per process)",
+    )
     parser.add_argument("--keep-runs", action="store_true", help="keep each combination's run directory")
     parser.add_argument("overrides", nargs="*")
     args = parser.parse_args(argv)
@@ -183,9 +226,21 @@ def main(argv: Sequence[str] | None = None) -> None:
     ensure_model(cfg.model)
     root = Path(args.root or tempfile.mkdtemp(prefix="combo-matrix-"))
     root.mkdir(parents=True, exist_ok=True)
-    for batch in ([[c] for c in combos] if args.isolate else [combos]):
-        launch(functools.partial(rank_main, overrides=base, combos=batch, steps=args.steps, resume=args.resume,
-                                 root=str(root), all_combos=combos, out=args.out, keep_runs=args.keep_runs), cfg)
+    for batch in [[c] for c in combos] if args.isolate else [combos]:
+        launch(
+            functools.partial(
+                rank_main,
+                overrides=base,
+                combos=batch,
+                steps=args.steps,
+                resume=args.resume,
+                root=str(root),
+                all_combos=combos,
+                out=args.out,
+                keep_runs=args.keep_runs,
+            ),
+            cfg,
+        )
     print(table(write_rows(root, combos, cfg, args.steps, args.out), cfg), flush=True)
 
 

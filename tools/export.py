@@ -42,11 +42,14 @@ def locate(path: Path) -> Tuple[Path, Path]:
     elif (path / ".metadata").exists() or list(path.glob("rank*.pt")):
         checkpoint, run_dir = path, path.parent.parent
     else:
-        raise NotACheckpoint(f"{path} is neither a run directory (no checkpoints/ folder) nor a checkpoint "
-                             "(no .metadata, no rank0.pt)")
+        raise NotACheckpoint(
+            f"{path} is neither a run directory (no checkpoints/ folder) nor a checkpoint (no .metadata, no rank0.pt)"
+        )
     if not (run_dir / "config.yaml").is_file():
-        raise NotACheckpoint(f"{run_dir}/config.yaml is missing: the run's config, which says how to build the "
-                             f"model the checkpoint {checkpoint} belongs to")
+        raise NotACheckpoint(
+            f"{run_dir}/config.yaml is missing: the run's config, which says how to build the "
+            f"model the checkpoint {checkpoint} belongs to"
+        )
     return checkpoint, run_dir
 
 
@@ -64,16 +67,18 @@ def run_dir_lock(run_dir: Path, target: Path):
     try:
         owner.claim(resume=True)  # takes the lock only: writes nothing else into the directory
     except RunDirBusy as exc:
-        raise NotACheckpoint(f"{run_dir} is in use by a run ({exc.holder}): wait for it to end, or export "
-                             "elsewhere with --out") from None
+        raise NotACheckpoint(
+            f"{run_dir} is in use by a run ({exc.holder}): wait for it to end, or export elsewhere with --out"
+        ) from None
     try:
         yield
     finally:
         owner.release()
 
 
-def export_checkpoint(path: Path, out: Optional[Path] = None, adapter_only: bool = False,
-                      shard_bytes: Optional[int] = None) -> Path:
+def export_checkpoint(
+    path: Path, out: Optional[Path] = None, adapter_only: bool = False, shard_bytes: Optional[int] = None
+) -> Path:
     import torch
     import torch.distributed as dist
     from omegaconf import OmegaConf, open_dict
@@ -101,8 +106,7 @@ def export_checkpoint(path: Path, out: Optional[Path] = None, adapter_only: bool
         step = load_weights(checkpoint, model, base=cfg.model.path if cfg.lora.name != "none" else None)
         target = Path(out) if out is not None else export_dir(run_dir, step)
         with run_dir_lock(run_dir, target):
-            return export(model, cfg, ctx, target, step, run_dir, shard_bytes or SHARD_BYTES,
-                          adapter_only=adapter_only)
+            return export(model, cfg, ctx, target, step, run_dir, shard_bytes or SHARD_BYTES, adapter_only=adapter_only)
     finally:
         if started:
             dist.destroy_process_group()

@@ -37,21 +37,37 @@ def parse(argv=None):
     p.add_argument("--updates", type=int, default=2, help="optimizer steps per batch")
     p.add_argument("--scale", type=int, default=1, help="1: std-scaled advantages; 0: mean-centred (Dr. GRPO)")
     p.add_argument("--ent", type=float, default=0.0, help="entropy bonus (algo.entropy_coef)")
-    p.add_argument("--ent-schedule", default="const", choices=["const", "linear", "cosine", "acc"],
-                   help="the bonus over the run: constant, decaying to --ent-end by the last step (linear, "
-                        "cosine), or --ent x (1 - exact rate, moving average) (acc); the recipe has constant only")
+    p.add_argument(
+        "--ent-schedule",
+        default="const",
+        choices=["const", "linear", "cosine", "acc"],
+        help="the bonus over the run: constant, decaying to --ent-end by the last step (linear, "
+        "cosine), or --ent x (1 - exact rate, moving average) (acc); the recipe has constant only",
+    )
     p.add_argument("--ent-end", type=float, default=0.0)
-    p.add_argument("--ent-tokens", type=int, default=0, help="the bonus on each completion's first N tokens "
-                   "(algo.entropy_tokens; 0: all)")
-    p.add_argument("--lr-schedule", default="const", choices=["const", "linear", "cosine"],
-                   help="after the warm-up: constant (the recipe's), or decaying to 0 by the last step")
+    p.add_argument(
+        "--ent-tokens",
+        type=int,
+        default=0,
+        help="the bonus on each completion's first N tokens (algo.entropy_tokens; 0: all)",
+    )
+    p.add_argument(
+        "--lr-schedule",
+        default="const",
+        choices=["const", "linear", "cosine"],
+        help="after the warm-up: constant (the recipe's), or decaying to 0 by the last step",
+    )
     p.add_argument("--temp", type=float, default=1.0)
     p.add_argument("--agg", default="token_mean", choices=["token_mean", "seq_mean"])
     p.add_argument("--tokens", type=int, default=8, help="max new tokens")
     p.add_argument("--task", default="{}", help="Arithmetic params as JSON")
-    p.add_argument("--reward", default="shaped", choices=["shaped", "exact", "exact1"],
-                   help="shaped: the task's reward; exact: 0.5 + 0.5 x stop credit for the exact answer only; "
-                        "exact1: 1 for the exact answer, else 0")
+    p.add_argument(
+        "--reward",
+        default="shaped",
+        choices=["shaped", "exact", "exact1"],
+        help="shaped: the task's reward; exact: 0.5 + 0.5 x stop credit for the exact answer only; "
+        "exact1: 1 for the exact answer, else 0",
+    )
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--model", default=os.path.join(os.environ.get("GRPO_CACHE", ".cache"), "models", "tiny"))
     p.add_argument("--save", default="", help="save the final model (and tokenizer) here")
@@ -62,11 +78,13 @@ def parse(argv=None):
 def make_task(args) -> Arithmetic:
     task = Arithmetic(seed=0, num_prompts=512, **json.loads(args.task))
     if args.reward == "exact":
+
         def reward(prompt, text):
             lead = parse_leading_int(text)
             if lead is None or lead[0] != int(prompt.answer):
                 return 0.0
             return 0.5 + 0.5 * max(0.0, 1 - (len(text) - lead[1]) / task.stop_window)
+
         task.reward = reward
     elif args.reward == "exact1":
         task.reward = lambda prompt, text: float(task.correct(prompt, text))
@@ -120,7 +138,7 @@ def greedy_accuracy(model, tok, task) -> float:
     prompts = list({p.text: p for p in task.pool}.values())
     ids = [tok(p.text, add_special_tokens=False).input_ids for p in prompts]
     seqs, _ = sample(model, ids, 4, 1e-4, torch.Generator().manual_seed(0))
-    texts = [tok.decode(s[len(i):], skip_special_tokens=True) for s, i in zip(seqs, ids)]
+    texts = [tok.decode(s[len(i) :], skip_special_tokens=True) for s, i in zip(seqs, ids)]
     return sum(task.correct(p, t) for p, t in zip(prompts, texts)) / len(prompts)
 
 
@@ -130,12 +148,20 @@ def update(model, opt, sched, batch: Batch, args, step: int, coef: float) -> flo
     random.Random(step).shuffle(order)
     entropy = []
     for u in range(args.updates):
-        t = micro_batch_tensors(batch, order[u::args.updates], "cpu")
+        t = micro_batch_tensors(batch, order[u :: args.updates], "cpu")
         logits = model(input_ids=t["input_ids"], attention_mask=t["attention_mask"]).logits
         logp, ent = token_logprobs(logits, t["input_ids"], args.temp), token_entropy(logits, args.temp)
-        loss_sum, stats = clipped_surrogate(logp, t["old_logp"], t["adv"], t["mask"], 0.2, args.agg,
-                                            entropy=ent, entropy_coef=coef,
-                                            entropy_tokens=args.ent_tokens)
+        loss_sum, stats = clipped_surrogate(
+            logp,
+            t["old_logp"],
+            t["adv"],
+            t["mask"],
+            0.2,
+            args.agg,
+            entropy=ent,
+            entropy_coef=coef,
+            entropy_tokens=args.ent_tokens,
+        )
         norm = len(t["adv"]) if args.agg == "seq_mean" else max(float(stats["tokens"]), 1.0)
         (loss_sum / norm).backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -164,25 +190,40 @@ def main(argv=None) -> None:
         prompts = task.batch(step, args.prompts)
         prompt_ids = [tok(p.text, add_special_tokens=False).input_ids for p in prompts for _ in range(args.n)]
         seqs, logprobs = sample(model, prompt_ids, args.tokens, args.temp, gen)
-        texts = [tok.decode(s[len(p):], skip_special_tokens=True) for s, p in zip(seqs, prompt_ids)]
+        texts = [tok.decode(s[len(p) :], skip_special_tokens=True) for s, p in zip(seqs, prompt_ids)]
         rewards = torch.tensor([task.reward(prompts[i // args.n], t) for i, t in enumerate(texts)])
         correct = torch.tensor([float(task.correct(prompts[i // args.n], t)) for i, t in enumerate(texts)])
-        batch = Batch(input_ids=seqs, prompt_lens=[len(p) for p in prompt_ids], old_logprobs=logprobs,
-                      rewards=rewards, advantages=group_advantages(rewards, args.n, bool(args.scale)),
-                      correct=correct, completion_lens=torch.zeros(len(seqs)))
+        batch = Batch(
+            input_ids=seqs,
+            prompt_lens=[len(p) for p in prompt_ids],
+            old_logprobs=logprobs,
+            rewards=rewards,
+            advantages=group_advantages(rewards, args.n, bool(args.scale)),
+            correct=correct,
+            completion_lens=torch.zeros(len(seqs)),
+        )
         acc_ema = 0.9 * acc_ema + 0.1 * correct.mean().item() if step else correct.mean().item()
         coef = ent_coef(args, step, acc_ema)
         entropy = update(model, opt, sched, batch, args, step, coef)
-        history.append({"step": step + 1, "reward/mean": rewards.mean().item(),
-                        "reward/accuracy": correct.mean().item(), "train/entropy": entropy})
+        history.append(
+            {
+                "step": step + 1,
+                "reward/mean": rewards.mean().item(),
+                "reward/accuracy": correct.mean().item(),
+                "train/entropy": entropy,
+            }
+        )
         if (step + 1) % 50 == 0:
             history[-1]["greedy"] = greedy_accuracy(model, tok, task)
             print(f"step {step + 1} greedy {history[-1]['greedy']:.3f}", flush=True)
         if (step + 1) % 25 == 0:
             last = history[-25:]
             mean = {k: sum(h[k] for h in last) / len(last) for k in ("reward/accuracy", "reward/mean", "train/entropy")}
-            print(f"step {step + 1} acc {mean['reward/accuracy']:.3f} rew {mean['reward/mean']:.3f} "
-                  f"ent {mean['train/entropy']:.3f} coef {coef:.3f} ex {texts[0]!r} t={time.time() - t0:.0f}s", flush=True)
+            print(
+                f"step {step + 1} acc {mean['reward/accuracy']:.3f} rew {mean['reward/mean']:.3f} "
+                f"ent {mean['train/entropy']:.3f} coef {coef:.3f} ex {texts[0]!r} t={time.time() - t0:.0f}s",
+                flush=True,
+            )
     if args.save:
         model.save_pretrained(args.save)
         tok.save_pretrained(args.save)

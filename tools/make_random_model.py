@@ -26,8 +26,14 @@ from pathlib import Path
 MARKER = "random_model.json"
 
 
-def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: int = 0, dtype: str = "bfloat16",
-                      overrides: dict | None = None) -> Path:
+def make_random_model(
+    shape: str,
+    out: str | Path,
+    device: str = "cpu",
+    seed: int = 0,
+    dtype: str = "bfloat16",
+    overrides: dict | None = None,
+) -> Path:
     """The checkpoint of `shape` (a file under conf/bench_model/) with random weights at `out`;
     `overrides` replace entries of the shape (tests: the real vocabulary on a tiny-depth model)."""
     import torch
@@ -45,8 +51,9 @@ def make_random_model(shape: str, out: str | Path, device: str = "cpu", seed: in
                 return out
         except (OSError, ValueError):
             pass
-        raise FileExistsError(f"{out} exists and was not written by make_random_model with {marker}; "
-                              "give a new directory")
+        raise FileExistsError(
+            f"{out} exists and was not written by make_random_model with {marker}; give a new directory"
+        )
     conf = Path(__file__).resolve().parents[1] / "conf" / "bench_model" / f"{shape}.yaml"
     if not conf.exists():
         choices = sorted(p.stem for p in conf.parent.glob("*.yaml"))
@@ -77,8 +84,13 @@ if __name__ == "__main__":
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--dtype", default="bfloat16")
-    parser.add_argument("--set", action="append", default=[], metavar="KEY=INT",
-                        help="replace an entry of the shape, e.g. vocab_size=49152 (repeatable)")
+    parser.add_argument(
+        "--set",
+        action="append",
+        default=[],
+        metavar="KEY=INT",
+        help="replace an entry of the shape, e.g. vocab_size=49152 (repeatable)",
+    )
     args = parser.parse_args()
     overrides = {}
     for item in args.set:

@@ -25,7 +25,7 @@ def load(path: str):
 def smooth(values, k: int):
     out = []
     for i in range(len(values)):
-        window = values[max(0, i - k + 1):i + 1]
+        window = values[max(0, i - k + 1) : i + 1]
         out.append(sum(window) / len(window))
     return out
 
@@ -51,13 +51,25 @@ def main(argv=None) -> None:
         rows = [r for r in records if "reward/mean" in r]  # a step-0 record holds only the evaluation
         steps = [r["step"] for r in rows]
         label = args.label[i] if i < len(args.label) else str(run)
-        line, = ax.plot(steps, smooth([r["reward/mean"] for r in rows], args.smooth), label=f"{label}: reward")
-        ax.plot(steps, smooth([r["reward/accuracy"] for r in rows], args.smooth), linestyle=":",
-                color=line.get_color(), label=f"{label}: exact")
+        (line,) = ax.plot(steps, smooth([r["reward/mean"] for r in rows], args.smooth), label=f"{label}: reward")
+        ax.plot(
+            steps,
+            smooth([r["reward/accuracy"] for r in rows], args.smooth),
+            linestyle=":",
+            color=line.get_color(),
+            label=f"{label}: exact",
+        )
         evals = [r for r in records if r.get("eval/exact") is not None]
         if evals:
-            ax.plot([r["step"] for r in evals], [r["eval/exact"] for r in evals], marker="o", markersize=3,
-                    linestyle="--", color=line.get_color(), label=f"{label}: held-out exact (greedy)")
+            ax.plot(
+                [r["step"] for r in evals],
+                [r["eval/exact"] for r in evals],
+                marker="o",
+                markersize=3,
+                linestyle="--",
+                color=line.get_color(),
+                label=f"{label}: held-out exact (greedy)",
+            )
     ax.set_xlabel("step")
     ax.set_ylim(0, 1)
     ax.grid(alpha=0.3)

@@ -18,8 +18,22 @@ from typing import Dict, List, Optional
 
 import yaml
 
-COLUMNS = ["job", "fsdp", "offload", "lora", "status", "final_reward", "sync_total_s", "sync_gather_s",
-           "sync_load_s", "sync_gbps", "peak_mem_mb", "parity_max_diff", "step_s", "error"]
+COLUMNS = [
+    "job",
+    "fsdp",
+    "offload",
+    "lora",
+    "status",
+    "final_reward",
+    "sync_total_s",
+    "sync_gather_s",
+    "sync_load_s",
+    "sync_gbps",
+    "peak_mem_mb",
+    "parity_max_diff",
+    "step_s",
+    "error",
+]
 
 
 def _median(rows: List[dict], key: str) -> Optional[float]:
@@ -54,12 +68,16 @@ def read_job(job_dir: Path) -> Dict:
     peak = _max(steps, "sync/peak_mem_bytes")
     return {
         "job": job_dir.name,
-        "fsdp": cfg["fsdp"]["name"], "offload": cfg["offload"]["name"], "lora": cfg["lora"]["name"],
+        "fsdp": cfg["fsdp"]["name"],
+        "offload": cfg["offload"]["name"],
+        "lora": cfg["lora"]["name"],
         "status": status["status"],
         "final_reward": statistics.mean(r["reward/mean"] for r in last) if last else None,
         "rewards": [r["reward/mean"] for r in steps],
-        "sync_total_s": _median(steps, "sync/total_s"), "sync_gather_s": _median(steps, "sync/gather_s"),
-        "sync_load_s": _median(steps, "sync/load_s"), "sync_gbps": _median(steps, "sync/gbps"),
+        "sync_total_s": _median(steps, "sync/total_s"),
+        "sync_gather_s": _median(steps, "sync/gather_s"),
+        "sync_load_s": _median(steps, "sync/load_s"),
+        "sync_gbps": _median(steps, "sync/gbps"),
         "peak_mem_mb": peak / 2**20 if peak is not None else None,
         "parity_max_diff": _max(steps, "sync/parity_max_abs_diff"),
         "step_s": _median(steps, "time/step_s"),

@@ -69,8 +69,15 @@ import torch.distributed as dist
 from hydra.core.config_store import ConfigStore
 from omegaconf import DictConfig, OmegaConf
 
-from recipe.config import (FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, TrainConfig,
-                           UnsupportedError, validate)
+from recipe.config import (
+    FSDP_CHOICES,
+    LORA_CHOICES,
+    OFFLOAD_CHOICES,
+    ConfigError,
+    TrainConfig,
+    UnsupportedError,
+    validate,
+)
 from recipe.engine import Engine
 from recipe.settings import Settings, device_of
 from recipe.sync import WeightSync, WeightSyncError, trainer_names
@@ -148,16 +155,19 @@ def select_cells(cfg: DictConfig) -> List[Cell]:
         labels = {c.label: c for c in table}
         unknown = [w for w in wanted if w not in labels]
         if unknown:
-            raise ConfigError(f"bench.strategies has unknown entries {unknown}; choose 'all' or labels "
-                              f"fsdp/offload/lora such as {', '.join(list(labels)[:3])}, ...")
+            raise ConfigError(
+                f"bench.strategies has unknown entries {unknown}; choose 'all' or labels "
+                f"fsdp/offload/lora such as {', '.join(list(labels)[:3])}, ..."
+            )
         table = [labels[w] for w in wanted]
     for ref in cfg.bench.references:
         if ref not in REFERENCES:
             raise ConfigError(f"bench.references entry {ref!r} is not valid; choose from: {', '.join(REFERENCES)}")
     for off in cfg.bench.reference_offloads:
         if off not in OFFLOAD_CHOICES:
-            raise ConfigError(f"bench.reference_offloads entry {off!r} is not valid; choose from: "
-                              f"{', '.join(OFFLOAD_CHOICES)}")
+            raise ConfigError(
+                f"bench.reference_offloads entry {off!r} is not valid; choose from: {', '.join(OFFLOAD_CHOICES)}"
+            )
     # The naive reference mutates the model (model.to(device)) and may leave it broken: last.
     refs = sorted(cfg.bench.references, key=lambda r: r == "naive")
     return table + [Cell("fsdp2", off, "none", ref) for off in cfg.bench.reference_offloads for ref in refs]
@@ -225,8 +235,15 @@ def measure_limits(device: torch.device, nbytes: int, reps: int, bucket_bytes: i
     ag = gather_bw(n) if world > 1 else d2d
     ag_bucket = gather_bw(bucket) if world > 1 else d2d
     del host, dev_a, dev_b
-    return {"h2d_gbps": h2d, "d2d_gbps": d2d, "allgather_gbps": ag, "allgather_bucket_gbps": ag_bucket,
-            "probe_bytes": n * 2, "bucket_bytes": bucket * 2, "rank": rank}
+    return {
+        "h2d_gbps": h2d,
+        "d2d_gbps": d2d,
+        "allgather_gbps": ag,
+        "allgather_bucket_gbps": ag_bucket,
+        "probe_bytes": n * 2,
+        "bucket_bytes": bucket * 2,
+        "rank": rank,
+    }
 
 
 def nbytes_of(t: torch.Tensor) -> int:
@@ -375,9 +392,11 @@ def resolve_sink(cfg: DictConfig, device: torch.device) -> str:
     if sink == "auto":
         sink = "vllm" if engine_dir(cfg) else "copy"
     if sink == "vllm" and not engine_dir(cfg):
-        raise ConfigError("bench.sink=vllm needs a checkpoint for the engine: bench_model=tiny on CPU, or "
-                          "bench.engine_dir=<python -m tools.make_random_model <shape> <dir>> for a random shape; "
-                          "or use bench.sink=copy")
+        raise ConfigError(
+            "bench.sink=vllm needs a checkpoint for the engine: bench_model=tiny on CPU, or "
+            "bench.engine_dir=<python -m tools.make_random_model <shape> <dir>> for a random shape; "
+            "or use bench.sink=copy"
+        )
     return sink
 
 
@@ -386,8 +405,9 @@ def vllm_engine(cfg: DictConfig, ctx) -> Engine:
     consumes the stream, so the figure includes everything a training sync's load does."""
     from recipe.engine import EngineSpec, VllmEngine
 
-    return VllmEngine(EngineSpec.of(Settings.from_cfg(cfg)), ctx, engine_dir(cfg), load=cfg.sync.load,
-                      digest=cfg.sync.digest)
+    return VllmEngine(
+        EngineSpec.of(Settings.from_cfg(cfg)), ctx, engine_dir(cfg), load=cfg.sync.load, digest=cfg.sync.digest
+    )
 
 
 def engine_dir(cfg: DictConfig) -> str:
@@ -466,16 +486,24 @@ def profile_sync(sync: BenchSync, step: int, ctx, label: str, bench_cfg) -> Opti
     table_path, trace_path = profile_paths(bench_cfg, label)
     table_path.parent.mkdir(parents=True, exist_ok=True)
     gather = stats["sync/gather_s"]
-    header = (f"# {label}: one warm sync under torch.profiler, rank 0; {seconds:.4f} s wall, gather (inside "
-              f"next()) {gather:.4f} s, {stats['sync/bytes'] / 1e6:.1f} MB; sorted by {sort}\n")
+    header = (
+        f"# {label}: one warm sync under torch.profiler, rank 0; {seconds:.4f} s wall, gather (inside "
+        f"next()) {gather:.4f} s, {stats['sync/bytes'] / 1e6:.1f} MB; sorted by {sort}\n"
+    )
     table_path.write_text(header + events.table(sort_by=sort, row_limit=25) + "\n")
     if bench_cfg.profile_trace:
         prof.export_chrome_trace(str(trace_path))
-    ops = sorted((e for e in events if not e.key.startswith(("sync", "stream.next"))),
-                 key=lambda e: getattr(e, sort), reverse=True)[:5]
+    ops = sorted(
+        (e for e in events if not e.key.startswith(("sync", "stream.next"))),
+        key=lambda e: getattr(e, sort),
+        reverse=True,
+    )[:5]
     top = ", ".join(f"{e.key} {getattr(e, sort) / 1e3:.2f} ms" for e in ops)
-    print(f"profile {label}: {seconds:.4f} s (gather {gather:.4f} s); top self "
-          f"{'device' if cuda else 'CPU'} time: {top} -> {table_path}", flush=True)
+    print(
+        f"profile {label}: {seconds:.4f} s (gather {gather:.4f} s); top self "
+        f"{'device' if cuda else 'CPU'} time: {top} -> {table_path}",
+        flush=True,
+    )
     return str(table_path)
 
 
@@ -490,10 +518,19 @@ def _add_digest(row: Dict[str, Any], sync: WeightSync, step: int, device: torch.
         return
     finally:
         sync.digest = False
-    digest, move = _max_over_ranks([statistics.median(s["sync/digest_s"] for s in stats),
-                                    statistics.median(s["sync/gather_s"] + s["sync/load_s"] for s in stats)])
-    row.update(digest_s=digest, digest_move_s=move, digest_ratio=digest / move if move > 0 else None,
-               digested_tensors=stats[-1]["sync/verified_tensors"], digest_problems=[])
+    digest, move = _max_over_ranks(
+        [
+            statistics.median(s["sync/digest_s"] for s in stats),
+            statistics.median(s["sync/gather_s"] + s["sync/load_s"] for s in stats),
+        ]
+    )
+    row.update(
+        digest_s=digest,
+        digest_move_s=move,
+        digest_ratio=digest / move if move > 0 else None,
+        digested_tensors=stats[-1]["sync/verified_tensors"],
+        digest_problems=[],
+    )
 
 
 def _cell_sink(cell: Cell, ctx, dest, engine):
@@ -531,11 +568,21 @@ def _timings(row: Dict[str, Any], sink, cuda: bool) -> None:
     """Cold, median warm, gather and load seconds (slowest rank), bytes and peak of an `ok` row."""
     runs = row.pop("runs")
     warm = runs[1:]
-    cold, med, gather, load = _max_over_ranks([runs[0]["sync/total_s"]] + [
-        statistics.median(r[key] for r in warm) for key in ("sync/total_s", "sync/gather_s", "sync/load_s")])
+    cold, med, gather, load = _max_over_ranks(
+        [runs[0]["sync/total_s"]]
+        + [statistics.median(r[key] for r in warm) for key in ("sync/total_s", "sync/gather_s", "sync/load_s")]
+    )
     peak = int(_max_over_ranks([max(r["sync/peak_mem_bytes"] for r in runs)])[0]) if cuda else None
-    row.update(bytes=runs[0]["sync/bytes"], cold_s=cold, warm_s=med, warm_runs=len(warm), gather_s=gather, load_s=load,
-               peak_bytes=peak, missing=sink.missing()[:5] if isinstance(sink, CopySink) else [])
+    row.update(
+        bytes=runs[0]["sync/bytes"],
+        cold_s=cold,
+        warm_s=med,
+        warm_runs=len(warm),
+        gather_s=gather,
+        load_s=load,
+        peak_bytes=peak,
+        missing=sink.missing()[:5] if isinstance(sink, CopySink) else [],
+    )
 
 
 def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine, expected: List[str]) -> Dict[str, Any]:
@@ -545,16 +592,26 @@ def run_cell(cell: Cell, cfg: DictConfig, ctx, base, dest, engine, expected: Lis
     Full-weight rows on the copy sink are also checked: the destination is poisoned before the cold sync
     and must then equal the base weights bit for bit (merged rows too: peft starts B at zero, so
     W + BA = W); a mismatch makes the row `wrong`."""
-    row: Dict[str, Any] = {"label": cell.label, "fsdp": cell.fsdp, "offload": cell.offload, "lora": cell.lora,
-                           "strategy": cell.strategy, "status": "ok", "error": ""}
+    row: Dict[str, Any] = {
+        "label": cell.label,
+        "fsdp": cell.fsdp,
+        "offload": cell.offload,
+        "lora": cell.lora,
+        "strategy": cell.strategy,
+        "status": "ok",
+        "error": "",
+    }
     ccfg = cell_cfg(cfg, cell)
     try:
         validate(ccfg)
     except UnsupportedError as exc:
         return {**row, "status": "unsupported", "error": str(exc).split(". ")[0]}
     if cell.strategy == "trl_colocate" and (engine is None or ctx.device.type != "cuda"):
-        return {**row, "status": "unsupported", "error": "needs the vLLM sink on CUDA (vLLM's CPU backend "
-                                                          "repacks the parameters TRL's method writes)"}
+        return {
+            **row,
+            "status": "unsupported",
+            "error": "needs the vLLM sink on CUDA (vLLM's CPU backend repacks the parameters TRL's method writes)",
+        }
     sink = _cell_sink(cell, ctx, dest, engine)
     row["sink"] = "copy" if isinstance(sink, CopySink) else "vllm"
     model = None
@@ -598,8 +655,14 @@ def add_limits(row: Dict[str, Any], limits: Dict[str, float], world: int, bucket
     if row["status"] != "ok":
         return
     t_lim, t_ser = limit_times(row["bytes"], row["offload"] != "none", limits, world)
-    row.update(gbps=row["bytes"] / row["warm_s"] / GB, limit_s=t_lim, serial_s=t_ser,
-               limit_gbps=row["bytes"] / t_lim / GB, x_limit=t_lim / row["warm_s"], x_serial=t_ser / row["warm_s"])
+    row.update(
+        gbps=row["bytes"] / row["warm_s"] / GB,
+        limit_s=t_lim,
+        serial_s=t_ser,
+        limit_gbps=row["bytes"] / t_lim / GB,
+        x_limit=t_lim / row["warm_s"],
+        x_serial=t_ser / row["warm_s"],
+    )
     row["bound_bytes"] = row["unit_bytes"] + bucket_bytes
 
 
@@ -608,8 +671,13 @@ def add_limits(row: Dict[str, Any], limits: Dict[str, float], world: int, bucket
 
 def _check(target: str, value: Optional[float], threshold: float, higher_is_better: bool = True) -> Dict[str, Any]:
     met = None if value is None else (value >= threshold if higher_is_better else value <= threshold)
-    return {"target": target, "value": value, "threshold": threshold,
-            "op": ">=" if higher_is_better else "<=", "met": met}
+    return {
+        "target": target,
+        "value": value,
+        "threshold": threshold,
+        "op": ">=" if higher_is_better else "<=",
+        "met": met,
+    }
 
 
 def evaluate(rows: List[Dict[str, Any]], world: int) -> List[Dict[str, Any]]:
@@ -623,23 +691,48 @@ def evaluate(rows: List[Dict[str, Any]], world: int) -> List[Dict[str, Any]]:
         return None if a is None or b is None else a / b
 
     # gather + load within 0.8x of the limit for the same bytes: every full-weight and merged entry.
-    checks = [_check(f"{f}/{off}/{lora} x limit", get(f"{f}/{off}/{lora}", "x_limit"), 0.8)
-              for f, off, lora in itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES, ("none", "merged"))]
+    checks = [
+        _check(f"{f}/{off}/{lora} x limit", get(f"{f}/{off}/{lora}", "x_limit"), 0.8)
+        for f, off, lora in itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES, ("none", "merged"))
+    ]
     for off in OFFLOAD_CHOICES:  # faster than TRL's colocate sync of the same model, same process
-        checks.append(_check(f"speed-up of fsdp2/{off}/none over trl_colocate@fsdp2/{off}",
-                             ratio(get(f"trl_colocate@fsdp2/{off}", "warm_s"), get(f"fsdp2/{off}/none", "warm_s")), 1.0))
-    checks.append(_check("speed-up of fsdp2/cpu/none over dcp_full_cpu@fsdp2/cpu",
-                         ratio(get("dcp_full_cpu@fsdp2/cpu", "warm_s"), get("fsdp2/cpu/none", "warm_s")), 30))
+        checks.append(
+            _check(
+                f"speed-up of fsdp2/{off}/none over trl_colocate@fsdp2/{off}",
+                ratio(get(f"trl_colocate@fsdp2/{off}", "warm_s"), get(f"fsdp2/{off}/none", "warm_s")),
+                1.0,
+            )
+        )
+    checks.append(
+        _check(
+            "speed-up of fsdp2/cpu/none over dcp_full_cpu@fsdp2/cpu",
+            ratio(get("dcp_full_cpu@fsdp2/cpu", "warm_s"), get("fsdp2/cpu/none", "warm_s")),
+            30,
+        )
+    )
     for off in OFFLOAD_CHOICES:
-        checks.append(_check(f"time fsdp1/{off}/none / fsdp2/{off}/none",
-                             ratio(get(f"fsdp1/{off}/none", "warm_s"), get(f"fsdp2/{off}/none", "warm_s")), 1.2, False))
+        checks.append(
+            _check(
+                f"time fsdp1/{off}/none / fsdp2/{off}/none",
+                ratio(get(f"fsdp1/{off}/none", "warm_s"), get(f"fsdp2/{off}/none", "warm_s")),
+                1.2,
+                False,
+            )
+        )
     for f, off in itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES):
         full = f"{f}/{off}/none"
-        checks.append(_check(f"time {f}/{off}/merged / {full}",
-                             ratio(get(f"{f}/{off}/merged", "warm_s"), get(full, "warm_s")), 1.1, False))
+        checks.append(
+            _check(
+                f"time {f}/{off}/merged / {full}",
+                ratio(get(f"{f}/{off}/merged", "warm_s"), get(full, "warm_s")),
+                1.1,
+                False,
+            )
+        )
         # Proportional to bytes: the adapter's GB/s is at least half the full weights' GB/s.
-        checks.append(_check(f"GB/s {f}/{off}/adapter / {full}",
-                             ratio(get(f"{f}/{off}/adapter", "gbps"), get(full, "gbps")), 0.5))
+        checks.append(
+            _check(f"GB/s {f}/{off}/adapter / {full}", ratio(get(f"{f}/{off}/adapter", "gbps"), get(full, "gbps")), 0.5)
+        )
     ratios = [r["digest_ratio"] for r in ok.values() if r.get("digest_ratio") is not None]
     checks.append(_check("max digest / (gather + load)", max(ratios) if ratios else None, 0.10, False))
     peaks = [r["peak_bytes"] / r["bound_bytes"] for r in ok.values() if r.get("peak_bytes") is not None]
@@ -653,23 +746,27 @@ def _fmt(value: Any, spec: str) -> str:
 
 def format_table(rows: List[Dict[str, Any]], checks: List[Dict[str, Any]], meta: Dict[str, Any]) -> str:
     lim = meta["limits"]
-    lines = [f"sync_bench {meta['model']} world={meta['world_size']} device={meta['device_name']} "
-             f"sink={meta['sink']}  limits GB/s: h2d/rank {lim['h2d_gbps']:.1f}  d2d {lim['d2d_gbps']:.1f}  "
-             f"all-gather {lim['allgather_gbps']:.1f} (at one bucket {lim['allgather_bucket_gbps']:.1f})",
-             f"{'strategy':<30} {'status':<11} {'MB':>9} {'cold s':>8} {'warm s':>8} {'gather s':>8} {'load s':>8} {'GB/s':>7} "
-             f"{'lim GB/s':>8} {'x limit':>7} {'x serial':>8} {'peak MiB':>9} {'bound MiB':>9} "
-             f"{'digest s':>8} {'x move':>6}"]
+    lines = [
+        f"sync_bench {meta['model']} world={meta['world_size']} device={meta['device_name']} "
+        f"sink={meta['sink']}  limits GB/s: h2d/rank {lim['h2d_gbps']:.1f}  d2d {lim['d2d_gbps']:.1f}  "
+        f"all-gather {lim['allgather_gbps']:.1f} (at one bucket {lim['allgather_bucket_gbps']:.1f})",
+        f"{'strategy':<30} {'status':<11} {'MB':>9} {'cold s':>8} {'warm s':>8} {'gather s':>8} {'load s':>8} {'GB/s':>7} "
+        f"{'lim GB/s':>8} {'x limit':>7} {'x serial':>8} {'peak MiB':>9} {'bound MiB':>9} "
+        f"{'digest s':>8} {'x move':>6}",
+    ]
     for r in rows:
         if r["status"] != "ok":
             lines.append(f"{r['label']:<30} {r['status']:<11} {r['error']}")
             continue
         peak = None if r["peak_bytes"] is None else r["peak_bytes"] / MiB
-        lines.append(f"{r['label']:<30} {'ok':<11} {r['bytes'] / 1e6:>9.1f} {r['cold_s']:>8.4f} {r['warm_s']:>8.4f} "
-                     f"{_fmt(r.get('gather_s'), '8.4f')} {_fmt(r.get('load_s'), '8.4f')} "
-                     f"{r['gbps']:>7.2f} {r['limit_gbps']:>8.1f} {r['x_limit']:>7.3f} {r['x_serial']:>8.3f} "
-                     f"{_fmt(peak, '9.0f')} {r['bound_bytes'] / MiB:>9.0f} "
-                     f"{_fmt(r.get('digest_s'), '8.4f')} {_fmt(r.get('digest_ratio'), '6.3f')}"
-                     + (f"  missing {r['missing']}" if r.get("missing") else ""))
+        lines.append(
+            f"{r['label']:<30} {'ok':<11} {r['bytes'] / 1e6:>9.1f} {r['cold_s']:>8.4f} {r['warm_s']:>8.4f} "
+            f"{_fmt(r.get('gather_s'), '8.4f')} {_fmt(r.get('load_s'), '8.4f')} "
+            f"{r['gbps']:>7.2f} {r['limit_gbps']:>8.1f} {r['x_limit']:>7.3f} {r['x_serial']:>8.3f} "
+            f"{_fmt(peak, '9.0f')} {r['bound_bytes'] / MiB:>9.0f} "
+            f"{_fmt(r.get('digest_s'), '8.4f')} {_fmt(r.get('digest_ratio'), '6.3f')}"
+            + (f"  missing {r['missing']}" if r.get("missing") else "")
+        )
     lines.append("targets:")
     for c in checks:
         verdict = {True: "met", False: "MISSED", None: "not run"}[c["met"]]
@@ -699,15 +796,25 @@ def bench_rank(cfg: DictConfig, ctx) -> None:
     base = build_base(cfg, ctx.device)
     engine_dtype = torch_dtype(cfg.model.dtype)  # the engine's weights, in the engine's dtype; tied ones stay one
     converted: Dict[int, torch.Tensor] = {}
-    dest = {n: converted.setdefault(t.data_ptr(), t.to(ctx.device, engine_dtype, copy=True))
-            for n, t in base.state_dict().items()}
+    dest = {
+        n: converted.setdefault(t.data_ptr(), t.to(ctx.device, engine_dtype, copy=True))
+        for n, t in base.state_dict().items()
+    }
     engine = vllm_engine(cfg, ctx) if sink_name == "vllm" else None
     expected = trainer_names(base)  # what a full load must cover (no checkpoint to read them from)
-    meta = {"model": cfg.bench_model.name, "world_size": ctx.world_size, "device": ctx.device.type,
-            "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
-            "torch": torch.__version__, "sink": sink_name, "dtype": cfg.model.dtype, "limits": limits,
-            "bucket_mb": cfg.sync.bucket_mb, "warm_iters": cfg.bench.warm_iters,
-            "model_bytes": sum(nbytes_of(p) for p in base.parameters())}
+    meta = {
+        "model": cfg.bench_model.name,
+        "world_size": ctx.world_size,
+        "device": ctx.device.type,
+        "device_name": torch.cuda.get_device_name(ctx.device) if ctx.device.type == "cuda" else "cpu",
+        "torch": torch.__version__,
+        "sink": sink_name,
+        "dtype": cfg.model.dtype,
+        "limits": limits,
+        "bucket_mb": cfg.sync.bucket_mb,
+        "warm_iters": cfg.bench.warm_iters,
+        "model_bytes": sum(nbytes_of(p) for p in base.parameters()),
+    }
     rows: List[Dict[str, Any]] = []
     try:
         for cell in cells:

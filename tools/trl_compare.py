@@ -99,62 +99,119 @@ def trl_worker(spec_path: str, out_path: str) -> None:
     cuda = spec["device"] == "cuda"
     tokenizer = AutoTokenizer.from_pretrained(spec["model"])
     model = AutoModelForCausalLM.from_pretrained(spec["model"], dtype=torch.bfloat16 if cuda else torch.float32)
-    data = Dataset.from_dict({"prompt": [p["text"] for p in spec["prompts"]],
-                              "answer": [p["answer"] for p in spec["prompts"]]})
+    data = Dataset.from_dict(
+        {"prompt": [p["text"] for p in spec["prompts"]], "answer": [p["answer"] for p in spec["prompts"]]}
+    )
     steps = []
 
     def arithmetic_reward(prompts, completions, answer, **_):
         pairs = [(Prompt(text=p, answer=a), c) for p, c, a in zip(prompts, completions, answer)]
         rewards = [task.reward(p, c) for p, c in pairs]
         exact = [float(task.correct(p, c)) for p, c in pairs]
-        steps.append({"t": time.perf_counter(), "reward": sum(rewards) / len(rewards),
-                      "exact": sum(exact) / len(exact), "n": len(rewards)})
+        steps.append(
+            {
+                "t": time.perf_counter(),
+                "reward": sum(rewards) / len(rewards),
+                "exact": sum(exact) / len(exact),
+                "n": len(rewards),
+            }
+        )
         return rewards
 
     batch = len(spec["prompts"]) // spec["steps"] * spec["n"]  # completions per rollout batch
     args = GRPOConfig(
-        output_dir=spec["output_dir"], max_steps=spec["steps"] * spec["updates"],
-        per_device_train_batch_size=batch // spec["updates"], gradient_accumulation_steps=1,
-        steps_per_generation=spec["updates"], num_iterations=1, num_generations=spec["n"],
-        max_completion_length=spec["max_new_tokens"], temperature=1.0, top_p=1.0, top_k=0,
-        learning_rate=spec["lr"], lr_scheduler_type="constant_with_warmup", warmup_steps=spec["warmup_steps"],
-        weight_decay=0.0, max_grad_norm=1.0, beta=0.0, loss_type="dapo", scale_rewards=spec["scale_rewards"],
-        shuffle_dataset=False, use_cpu=not cuda, bf16=cuda, seed=0, report_to=[], save_strategy="no",
-        logging_steps=spec["updates"], disable_tqdm=True,
-        **(dict(use_vllm=True, vllm_mode="colocate", vllm_gpu_memory_utilization=spec["gpu_memory_utilization"],
-                vllm_max_model_length=spec["max_model_len"]) if cuda else {}),
+        output_dir=spec["output_dir"],
+        max_steps=spec["steps"] * spec["updates"],
+        per_device_train_batch_size=batch // spec["updates"],
+        gradient_accumulation_steps=1,
+        steps_per_generation=spec["updates"],
+        num_iterations=1,
+        num_generations=spec["n"],
+        max_completion_length=spec["max_new_tokens"],
+        temperature=1.0,
+        top_p=1.0,
+        top_k=0,
+        learning_rate=spec["lr"],
+        lr_scheduler_type="constant_with_warmup",
+        warmup_steps=spec["warmup_steps"],
+        weight_decay=0.0,
+        max_grad_norm=1.0,
+        beta=0.0,
+        loss_type="dapo",
+        scale_rewards=spec["scale_rewards"],
+        shuffle_dataset=False,
+        use_cpu=not cuda,
+        bf16=cuda,
+        seed=0,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=spec["updates"],
+        disable_tqdm=True,
+        **(
+            dict(
+                use_vllm=True,
+                vllm_mode="colocate",
+                vllm_gpu_memory_utilization=spec["gpu_memory_utilization"],
+                vllm_max_model_length=spec["max_model_len"],
+            )
+            if cuda
+            else {}
+        ),
     )
     peft_config = None
     if spec.get("lora"):  # the same adapters as ours (`--ours +lora=adapter`): rank, alpha, targets
         from peft import LoraConfig
 
         peft_config = LoraConfig(task_type="CAUSAL_LM", bias="none", **spec["lora"])
-    trainer = GRPOTrainer(model=model, reward_funcs=arithmetic_reward, args=args, train_dataset=data,
-                          processing_class=tokenizer, peft_config=peft_config)
+    trainer = GRPOTrainer(
+        model=model,
+        reward_funcs=arithmetic_reward,
+        args=args,
+        train_dataset=data,
+        processing_class=tokenizer,
+        peft_config=peft_config,
+    )
     t0 = time.perf_counter()
     trainer.train()
     train_s = time.perf_counter() - t0
     step_s = [b["t"] - a["t"] for a, b in zip([{"t": t0}] + steps[:-1], steps)]  # reward-to-reward
     import trl
 
-    Path(out_path).write_text(json.dumps({"version": trl.__version__, "train_s": train_s, "steps": steps, "step_s": step_s}))
+    Path(out_path).write_text(
+        json.dumps({"version": trl.__version__, "train_s": train_s, "steps": steps, "step_s": step_s})
+    )
 
 
 def run_trl(args, prompts, cfg) -> dict:
     from omegaconf import OmegaConf
 
     with tempfile.TemporaryDirectory(prefix="trl-compare-") as tmp:
-        spec = {"model": str(Path(cfg.model.path).resolve()), "prompts": prompts, "steps": args.steps,
-                "n": args.n, "max_new_tokens": args.max_new_tokens, "updates": args.updates, "lr": args.lr,
-                "warmup_steps": int(cfg.trainer.warmup_steps), "task_seed": int(cfg.task.seed),
-                "scale_rewards": "group" if cfg.algo.scale_by_std else "none",
-                "num_prompts": int(cfg.task.num_prompts), "task_params": OmegaConf.to_container(cfg.task.params, resolve=True),
-                "output_dir": str(Path(tmp) / "out"), "device": args.device,
-                "gpu_memory_utilization": float(cfg.rollout.gpu_memory_utilization),
-                "max_model_len": int(cfg.rollout.max_model_len),
-                "lora": None if cfg.lora.name == "none" else {
-                    "r": int(cfg.lora.rank), "lora_alpha": float(cfg.lora.alpha), "lora_dropout": float(cfg.lora.dropout),
-                    "target_modules": list(cfg.lora.target_modules)}}
+        spec = {
+            "model": str(Path(cfg.model.path).resolve()),
+            "prompts": prompts,
+            "steps": args.steps,
+            "n": args.n,
+            "max_new_tokens": args.max_new_tokens,
+            "updates": args.updates,
+            "lr": args.lr,
+            "warmup_steps": int(cfg.trainer.warmup_steps),
+            "task_seed": int(cfg.task.seed),
+            "scale_rewards": "group" if cfg.algo.scale_by_std else "none",
+            "num_prompts": int(cfg.task.num_prompts),
+            "task_params": OmegaConf.to_container(cfg.task.params, resolve=True),
+            "output_dir": str(Path(tmp) / "out"),
+            "device": args.device,
+            "gpu_memory_utilization": float(cfg.rollout.gpu_memory_utilization),
+            "max_model_len": int(cfg.rollout.max_model_len),
+            "lora": None
+            if cfg.lora.name == "none"
+            else {
+                "r": int(cfg.lora.rank),
+                "lora_alpha": float(cfg.lora.alpha),
+                "lora_dropout": float(cfg.lora.dropout),
+                "target_modules": list(cfg.lora.target_modules),
+            },
+        }
         spec_path, out_path = Path(tmp) / "spec.json", Path(tmp) / "result.json"
         spec_path.write_text(json.dumps(spec))
         path = os.pathsep.join(filter(None, [str(ROOT), os.environ.get("PYTHONPATH")]))
@@ -164,32 +221,54 @@ def run_trl(args, prompts, cfg) -> dict:
         log = Path(tmp) / "trl.log"  # TRL prints a dict per optimizer step; shown only on failure
         t0 = time.perf_counter()
         with open(log, "w") as f:
-            done = subprocess.run([args.trl_python, "-m", "tools.trl_compare", "--trl-worker", str(spec_path),
-                                   str(out_path)], cwd=ROOT, env=env, stdout=f, stderr=subprocess.STDOUT)
+            done = subprocess.run(
+                [args.trl_python, "-m", "tools.trl_compare", "--trl-worker", str(spec_path), str(out_path)],
+                cwd=ROOT,
+                env=env,
+                stdout=f,
+                stderr=subprocess.STDOUT,
+            )
         total = time.perf_counter() - t0
         if done.returncode:
             raise SystemExit(f"TRL run failed ({args.trl_python}):\n" + log.read_text()[-4000:])
         result = json.loads(out_path.read_text())
     rewards = [s["reward"] for s in result["steps"]]
     exact = [s["exact"] for s in result["steps"]]
-    return {"wall_s": result["train_s"], "total_s": total, "step_s": result["train_s"] / len(rewards),
-            "step_median_s": statistics.median(result["step_s"]),
-            "reward": first_last(rewards), "exact": first_last(exact), "steps": len(rewards),
-            "version": result["version"]}
+    return {
+        "wall_s": result["train_s"],
+        "total_s": total,
+        "step_s": result["train_s"] / len(rewards),
+        "step_median_s": statistics.median(result["step_s"]),
+        "reward": first_last(rewards),
+        "exact": first_last(exact),
+        "steps": len(rewards),
+        "version": result["version"],
+    }
 
 
 # ----------------------------------------------------------------------------- this recipe
 
 
 # Our per-step phase timings (metrics.jsonl keys), reported as medians over steps 2.. beside the table.
-PHASES = {"rollout/time_s": "rollout", "time/update_s": "update", "sync/total_s": "sync", "sync/gather_s": "gather",
-          "sync/load_s": "load", "sync/digest_s": "digest check", "sync/probe_s": "probe"}
+PHASES = {
+    "rollout/time_s": "rollout",
+    "time/update_s": "update",
+    "sync/total_s": "sync",
+    "sync/gather_s": "gather",
+    "sync/load_s": "load",
+    "sync/digest_s": "digest check",
+    "sync/probe_s": "probe",
+}
 
 
 # Our per-step throughput (metrics.jsonl keys), medians over steps 2.. as well.
-PERF = {"perf/generated_tokens_per_s": ("generated tok/s", "{:.0f}"), "perf/trained_tokens_per_s": ("trained tok/s", "{:.0f}"),
-        "perf/mfu": ("update MFU", "{:.1%}"), "perf/update_gpu_busy": ("update GPU busy", "{:.0%}"),
-        "memory/trainer_peak_gib": ("trainer peak GiB", "{:.1f}")}
+PERF = {
+    "perf/generated_tokens_per_s": ("generated tok/s", "{:.0f}"),
+    "perf/trained_tokens_per_s": ("trained tok/s", "{:.0f}"),
+    "perf/mfu": ("update MFU", "{:.1%}"),
+    "perf/update_gpu_busy": ("update GPU busy", "{:.0%}"),
+    "memory/trainer_peak_gib": ("trainer peak GiB", "{:.1f}"),
+}
 
 
 def run_ours(args, overrides) -> dict:
@@ -203,24 +282,40 @@ def run_ours(args, overrides) -> dict:
     records = [r for r in records if "time/step_s" in r]  # training steps (not the step-0 held-out eval)
     step_s = [r["time/step_s"] for r in records]
     later = records[1:] or records  # the first step also pays for warm-up
-    phases = {key: statistics.median(r[key] for r in later if key in r) for key in PHASES
-              if any(key in r for r in later)}
-    perf = {key: statistics.median(r[key] for r in later if r.get(key) is not None) for key in PERF
-            if any(r.get(key) is not None for r in later)}
-    return {"wall_s": sum(step_s), "total_s": total, "step_s": sum(step_s) / len(step_s),
-            "step_median_s": statistics.median(step_s), "phases_median_s": phases, "perf_median": perf,
-            "reward": first_last([r["reward/mean"] for r in records]),
-            "exact": first_last([r["reward/accuracy"] for r in records]), "steps": len(records),
-            "run_dir": str(run_dir)}
+    phases = {
+        key: statistics.median(r[key] for r in later if key in r) for key in PHASES if any(key in r for r in later)
+    }
+    perf = {
+        key: statistics.median(r[key] for r in later if r.get(key) is not None)
+        for key in PERF
+        if any(r.get(key) is not None for r in later)
+    }
+    return {
+        "wall_s": sum(step_s),
+        "total_s": total,
+        "step_s": sum(step_s) / len(step_s),
+        "step_median_s": statistics.median(step_s),
+        "phases_median_s": phases,
+        "perf_median": perf,
+        "reward": first_last([r["reward/mean"] for r in records]),
+        "exact": first_last([r["reward/accuracy"] for r in records]),
+        "steps": len(records),
+        "run_dir": str(run_dir),
+    }
 
 
 def table(rows, steps: int) -> str:
-    lines = [f"| | wall for {steps} steps (with start-up) | step: mean (median) | reward first 10 -> last 10 "
-             "| exact first 10 -> last 10 |", "|---|---|---|---|---|"]
+    lines = [
+        f"| | wall for {steps} steps (with start-up) | step: mean (median) | reward first 10 -> last 10 "
+        "| exact first 10 -> last 10 |",
+        "|---|---|---|---|---|",
+    ]
     for name, r in rows:
-        lines.append(f"| {name} | {r['wall_s']:.1f} s ({r['total_s']:.0f} s) | {r['step_s']:.3f} s ({r['step_median_s']:.3f} s) "
-                     f"| {r['reward'][0]:.3f} -> {r['reward'][1]:.3f} "
-                     f"| {100 * r['exact'][0]:.1f}% -> {100 * r['exact'][1]:.1f}% |")
+        lines.append(
+            f"| {name} | {r['wall_s']:.1f} s ({r['total_s']:.0f} s) | {r['step_s']:.3f} s ({r['step_median_s']:.3f} s) "
+            f"| {r['reward'][0]:.3f} -> {r['reward'][1]:.3f} "
+            f"| {100 * r['exact'][0]:.1f}% -> {100 * r['exact'][1]:.1f}% |"
+        )
     for name, r in rows:
         if r.get("phases_median_s"):
             parts = ", ".join(f"{PHASES[k]} {v:.4f}" for k, v in r["phases_median_s"].items())
@@ -239,16 +334,33 @@ def main(argv=None) -> None:
     p.add_argument("--max-new-tokens", type=int, default=8)
     p.add_argument("--updates", type=int, default=2, help="optimizer steps per rollout batch")
     p.add_argument("--lr", type=float, default=1e-3)
-    p.add_argument("--ours", action="append", default=[], metavar="OVERRIDE",
-                   help="extra Hydra override for this recipe's run (repeatable), e.g. trainer.world_size=2")
-    p.add_argument("--also", action="append", default=[], metavar="OVERRIDES",
-                   help="one more run of this recipe with these space-separated overrides on top (repeatable), "
-                        "e.g. --also rollout=hf --also 'sync.probe_every=0 sync.digest=false'")
+    p.add_argument(
+        "--ours",
+        action="append",
+        default=[],
+        metavar="OVERRIDE",
+        help="extra Hydra override for this recipe's run (repeatable), e.g. trainer.world_size=2",
+    )
+    p.add_argument(
+        "--also",
+        action="append",
+        default=[],
+        metavar="OVERRIDES",
+        help="one more run of this recipe with these space-separated overrides on top (repeatable), "
+        "e.g. --also rollout=hf --also 'sync.probe_every=0 sync.digest=false'",
+    )
     p.add_argument("--skip", choices=["trl", "ours"], action="append", default=[])
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda: both sides in bf16 on one GPU with vLLM (TRL in colocate mode)")
-    p.add_argument("--trl-python", default=os.environ.get("TRL_PYTHON"),
-                   help="the Python that runs TRL (default: /work/trl-venv/bin/python on cpu, this one on cuda)")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: both sides in bf16 on one GPU with vLLM (TRL in colocate mode)",
+    )
+    p.add_argument(
+        "--trl-python",
+        default=os.environ.get("TRL_PYTHON"),
+        help="the Python that runs TRL (default: /work/trl-venv/bin/python on cpu, this one on cuda)",
+    )
     p.add_argument("--out", help="also write the table (markdown) and the raw numbers (.json beside it) here")
     p.add_argument("--trl-worker", nargs=2, help=argparse.SUPPRESS)
     args = p.parse_args(argv)
@@ -269,10 +381,17 @@ def main(argv=None) -> None:
     if args.prompts % world:
         raise SystemExit(f"--prompts={args.prompts} must divide by trainer.world_size={world}")
     # no export: TRL saves nothing (save_strategy "no"), and the process-start-up column would count it
-    ours = ["trainer.export=none", f"trainer.steps={args.steps}", f"trainer.prompts_per_step={args.prompts // world}",
-            f"rollout.n={args.n}", f"rollout.max_new_tokens={args.max_new_tokens}",
-            f"trainer.updates_per_batch={args.updates}", f"trainer.lr={args.lr}",
-            *(["trainer.device=cuda", "model.dtype=bfloat16"] if args.device == "cuda" else []), *args.ours]
+    ours = [
+        "trainer.export=none",
+        f"trainer.steps={args.steps}",
+        f"trainer.prompts_per_step={args.prompts // world}",
+        f"rollout.n={args.n}",
+        f"rollout.max_new_tokens={args.max_new_tokens}",
+        f"trainer.updates_per_batch={args.updates}",
+        f"trainer.lr={args.lr}",
+        *(["trainer.device=cuda", "model.dtype=bfloat16"] if args.device == "cuda" else []),
+        *args.ours,
+    ]
     cfg = project_config(ours)
     ensure_model(cfg.model)
     rows = []

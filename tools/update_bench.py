@@ -37,15 +37,18 @@ def build(overrides, model: str, device: str = "cuda"):
     conf = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "conf")
     with initialize_config_dir(config_dir=conf, version_base="1.3"):
         where = ["model=tiny"] if model == "tiny" else ["model=local", f"model.path={model}"]
-        cfg = compose(config_name="train", overrides=[*where, f"trainer.device={device}", "trainer.world_size=1",
-                                                      "logger=none", *overrides])
+        cfg = compose(
+            config_name="train",
+            overrides=[*where, f"trainer.device={device}", "trainer.world_size=1", "logger=none", *overrides],
+        )
     os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(free_port()))
     ctx = init_process_group(device, int(cfg.trainer.timeout_s))
     with open_dict(cfg):
         cfg.run_dir = "/tmp/update_bench"
     settings = Settings.from_cfg(cfg)
-    settings = dataclasses.replace(settings, trainer=dataclasses.replace(
-        settings.trainer, micro_batch_tokens=micro_batch_tokens(settings)))  # as GRPOTrainer resolves it
+    settings = dataclasses.replace(
+        settings, trainer=dataclasses.replace(settings.trainer, micro_batch_tokens=micro_batch_tokens(settings))
+    )  # as GRPOTrainer resolves it
     # the update's own state, as GRPOTrainer.__init__ builds it, without the engine
     trainer = GRPOTrainer.__new__(GRPOTrainer)
     trainer.settings, trainer.ctx, trainer.step, trainer.reference = settings, ctx, 0, None
@@ -65,9 +68,15 @@ def synthetic_batch(seqs: int, prompt_len: int, new_tokens: int, vocab: int, see
     ids = [[rng.randrange(vocab) for _ in range(prompt_len + new_tokens)] for _ in range(seqs)]
     old = [[0.0] * new_tokens for _ in range(seqs)]  # replaced by the policy's own (main)
     gen = torch.Generator().manual_seed(seed)
-    return Batch(input_ids=ids, prompt_lens=[prompt_len] * seqs, old_logprobs=old,
-                 rewards=torch.zeros(seqs), advantages=torch.randn(seqs, generator=gen),
-                 correct=torch.zeros(seqs), completion_lens=torch.full((seqs,), float(new_tokens)))
+    return Batch(
+        input_ids=ids,
+        prompt_lens=[prompt_len] * seqs,
+        old_logprobs=old,
+        rewards=torch.zeros(seqs),
+        advantages=torch.randn(seqs, generator=gen),
+        correct=torch.zeros(seqs),
+        completion_lens=torch.full((seqs,), float(new_tokens)),
+    )
 
 
 def device_busy(events, wall_us: float):
@@ -108,8 +117,14 @@ def main(argv=None) -> None:
     # the engine's logprobs stand-in: the policy's own (an on-policy first mini-batch, ratio 1, as in a run)
     from recipe.update import behaviour_logprobs
 
-    batch.old_logprobs = behaviour_logprobs(trainer.policy, batch, [list(range(args.seqs))], trainer.settings.trainer,
-                                            trainer.settings.rollout.temperature, trainer.ctx.device)[0]
+    batch.old_logprobs = behaviour_logprobs(
+        trainer.policy,
+        batch,
+        [list(range(args.seqs))],
+        trainer.settings.trainer,
+        trainer.settings.rollout.temperature,
+        trainer.ctx.device,
+    )[0]
     bad = sum(not math.isfinite(lp) for row in batch.old_logprobs for lp in row)
     if bad:
         print(f"{bad} non-finite logprobs of the policy on the synthetic batch (the forward overflows)")
@@ -121,8 +136,12 @@ def main(argv=None) -> None:
     for step in range(args.steps):
         prof = None
         if args.profile and step == args.steps - 1:
-            prof = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU,
-                                                      *([torch.profiler.ProfilerActivity.CUDA] if cuda else [])])
+            prof = torch.profiler.profile(
+                activities=[
+                    torch.profiler.ProfilerActivity.CPU,
+                    *([torch.profiler.ProfilerActivity.CUDA] if cuda else []),
+                ]
+            )
             prof.__enter__()
         if cuda:
             torch.cuda.reset_peak_memory_stats()
@@ -134,14 +153,18 @@ def main(argv=None) -> None:
         wall = time.perf_counter() - t0
         trainer.step += 1
         peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
-        print(f"[{label}] step {step + 1}: update {wall:.3f} s, {tokens / wall:,.0f} trained tok/s, "
-              f"MFU {flops / wall / args.peak_tflops / 1e12:.1%}, peak {peak:.1f} GiB, loss {stats['train/loss']:.4f}",
-              flush=True)
+        print(
+            f"[{label}] step {step + 1}: update {wall:.3f} s, {tokens / wall:,.0f} trained tok/s, "
+            f"MFU {flops / wall / args.peak_tflops / 1e12:.1%}, peak {peak:.1f} GiB, loss {stats['train/loss']:.4f}",
+            flush=True,
+        )
         if prof is not None:
             prof.__exit__(None, None, None)
             share, count, per = device_busy(prof.events(), wall * 1e6)
-            print(f"[{label}] profiled step: device busy {share:.0%} of the wall (profiler overhead included), "
-                  f"{count} kernels and copies")
+            print(
+                f"[{label}] profiled step: device busy {share:.0%} of the wall (profiler overhead included), "
+                f"{count} kernels and copies"
+            )
             for name, us in sorted(per.items(), key=lambda kv: -kv[1])[:12]:
                 print(f"    {us / 1e6:8.3f} s  {name[:110]}")
             print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=12))

@@ -31,9 +31,24 @@ from recipe.engine.hf import HfCopyEngine, HfEngine
 from recipe.engine.layout import LayoutReport, alias_owners, compare_layout, streamed_shapes, weight_destinations
 from recipe.engine.vllm import VllmEngine, check_gpu_memory_split, lora_scaling
 
-__all__ = ["Engine", "EngineSpec", "Held", "Sample", "WeightIter", "HfEngine", "HfCopyEngine", "VllmEngine", "LayoutReport",
-           "alias_owners", "compare_layout", "streamed_shapes", "weight_destinations", "check_gpu_memory_split",
-           "lora_scaling", "build_engine"]
+__all__ = [
+    "Engine",
+    "EngineSpec",
+    "Held",
+    "Sample",
+    "WeightIter",
+    "HfEngine",
+    "HfCopyEngine",
+    "VllmEngine",
+    "LayoutReport",
+    "alias_owners",
+    "compare_layout",
+    "streamed_shapes",
+    "weight_destinations",
+    "check_gpu_memory_split",
+    "lora_scaling",
+    "build_engine",
+]
 
 
 def build_engine(spec: EngineSpec, ctx, model_dir: str, *, load: str, digest: bool) -> Engine:

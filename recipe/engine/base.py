@@ -21,6 +21,7 @@ class EngineSpec:
     """What an engine is built from: the rollout, model and LoRA slices, the resolved device ("cpu" or
     "cuda"), the sampling seed (`trainer.seed`; each rank adds its rank) and `logger.verbose`. The sync's
     settings are not here: the engine's load mode and digest come from its builder."""
+
     rollout: Any  # recipe.settings.Rollout
     model: Any  # recipe.settings.Model
     lora: Any  # recipe.settings.Lora
@@ -30,8 +31,14 @@ class EngineSpec:
 
     @classmethod
     def of(cls, settings: Settings) -> "EngineSpec":
-        return cls(settings.rollout, settings.model, settings.lora, settings.device, settings.trainer.seed,
-                   settings.logger.verbose)
+        return cls(
+            settings.rollout,
+            settings.model,
+            settings.lora,
+            settings.device,
+            settings.trainer.seed,
+            settings.logger.verbose,
+        )
 
 
 @dataclass
@@ -61,19 +68,36 @@ class Engine:
     lora_version: Optional[int] = None
     load_digest_seconds = 0.0  # digest time spent inside the last load_weights (vLLM CPU), else 0
 
-    def generate(self, prompt_token_ids: List[List[int]], n: int, max_new_tokens: int, temperature: float,
-                 top_p: float, seed: int) -> List[Sample]:
+    def generate(
+        self,
+        prompt_token_ids: List[List[int]],
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+    ) -> List[Sample]:
         raise NotImplementedError
 
-    def submit(self, prompt_token_ids: List[List[int]], n: int, max_new_tokens: int, temperature: float,
-               top_p: float, seed: int):
+    def submit(
+        self,
+        prompt_token_ids: List[List[int]],
+        n: int,
+        max_new_tokens: int,
+        temperature: float,
+        top_p: float,
+        seed: int,
+    ):
         """`generate` as a handle whose `.result()` returns the samples. Here they are generated at once. An
         engine that generates elsewhere returns at once and keeps order: a load called after a submit applies
         after that submit's generation, so the batch has the weights the engine held when it was submitted.
         The trainer wakes the engine before a submit and puts it to sleep after (a colocated engine frees the
         device for the update); an engine on devices of its own may take both as no-ops."""
-        return Finished(self.generate(prompt_token_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature,
-                                      top_p=top_p, seed=seed))
+        return Finished(
+            self.generate(
+                prompt_token_ids, n=n, max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, seed=seed
+            )
+        )
 
     def prompt_logprobs(self, token_id_lists: List[List[int]]) -> List[List[float]]:
         raise NotImplementedError

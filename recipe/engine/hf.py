@@ -37,8 +37,8 @@ class HfEngine(Engine):
         ids = torch.full((len(rows), width), self.pad_token_id, dtype=torch.long)
         mask = torch.zeros_like(ids)
         for i, r in enumerate(rows):
-            ids[i, width - len(r):] = torch.tensor(r)
-            mask[i, width - len(r):] = 1
+            ids[i, width - len(r) :] = torch.tensor(r)
+            mask[i, width - len(r) :] = 1
         torch.manual_seed(seed)
         out = self._generate(ids.to(self.device), mask.to(self.device), max_new_tokens, temperature, top_p)
         # logprobs of the distribution sampled from (after temperature / top-p), as the vLLM
@@ -54,10 +54,20 @@ class HfEngine(Engine):
         greedy = temperature == 0
         with ctx, only_given_sampling(module):
             return module.generate(
-                input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=not greedy,
-                temperature=None if greedy else temperature, top_p=None if greedy else top_p, top_k=None,
-                output_logits=True, output_scores=not greedy, return_dict_in_generate=True, eos_token_id=self.eos_token_id,
-                pad_token_id=self.pad_token_id, synced_gpus=synced)
+                input_ids=ids,
+                attention_mask=mask,
+                max_new_tokens=max_new_tokens,
+                do_sample=not greedy,
+                temperature=None if greedy else temperature,
+                top_p=None if greedy else top_p,
+                top_k=None,
+                output_logits=True,
+                output_scores=not greedy,
+                return_dict_in_generate=True,
+                eos_token_id=self.eos_token_id,
+                pad_token_id=self.pad_token_id,
+                synced_gpus=synced,
+            )
 
     def _sample(self, prompt: List[int], new: List[int], lps: List[float]) -> Sample:
         if self.eos_token_id in new:  # HF pads finished rows after EOS; cut there like vLLM
@@ -85,8 +95,11 @@ def only_given_sampling(module: nn.Module):
     """
     from transformers import GenerationConfig
 
-    saved = [(m, vars(m)["generation_config"]) for m in module.modules()
-             if isinstance(vars(m).get("generation_config"), GenerationConfig)]
+    saved = [
+        (m, vars(m)["generation_config"])
+        for m in module.modules()
+        if isinstance(vars(m).get("generation_config"), GenerationConfig)
+    ]
     try:
         for m, _ in saved:
             m.generation_config = GenerationConfig()
@@ -114,8 +127,9 @@ class HfCopyEngine(HfEngine):
         if spec.lora.name == "adapter":
             module = apply_lora(module, spec.lora, spec.model.master_dtype)
         module.eval().requires_grad_(False)
-        super().__init__(module, ctx.device, hf_cfg.eos_token_id,
-                         hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0)
+        super().__init__(
+            module, ctx.device, hf_cfg.eos_token_id, hf_cfg.pad_token_id if hf_cfg.pad_token_id is not None else 0
+        )
         params = dict(module.named_parameters())
         self._by_hf_name = {hf_name(n): p for n, p in params.items() if not is_lora_param(n)}
         self._by_adapter_name = {peft_name(n): p for n, p in params.items() if is_lora_param(n)}

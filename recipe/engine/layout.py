@@ -40,7 +40,9 @@ def streamed_shapes(model_dir: str) -> Dict[str, Tuple[int, ...]]:
 NO_PARAMETER = "no parameter of that name"
 
 
-def weight_destinations(model: nn.Module, shapes: Dict[str, Tuple[int, ...]]) -> Tuple[Dict[str, torch.Tensor], List[str]]:
+def weight_destinations(
+    model: nn.Module, shapes: Dict[str, Tuple[int, ...]]
+) -> Tuple[Dict[str, torch.Tensor], List[str]]:
     """Where each checkpoint tensor lives in the engine's model: a view of the parameter that holds it.
 
     Built once from the engine's model and the checkpoint's names and shapes, for a tensor-parallel
@@ -52,13 +54,15 @@ def weight_destinations(model: nn.Module, shapes: Dict[str, Tuple[int, ...]]) ->
     exactly is left out, with the reason, and the engine then loads through vLLM's reload instead.
     This is an assumption about vLLM's loaders: `compare_layout` checks it against what they wrote.
     """
-    dest, reasons = destinations(dict(model.named_parameters()), getattr(model, "packed_modules_mapping", {}) or {},
-                                 shapes)
+    dest, reasons = destinations(
+        dict(model.named_parameters()), getattr(model, "packed_modules_mapping", {}) or {}, shapes
+    )
     return dest, [f"{name}: {why}" for name, why in reasons.items()]
 
 
-def destinations(params: Dict[str, torch.Tensor], packed: Dict[str, List[str]],
-                 shapes: Dict[str, Tuple[int, ...]]) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
+def destinations(
+    params: Dict[str, torch.Tensor], packed: Dict[str, List[str]], shapes: Dict[str, Tuple[int, ...]]
+) -> Tuple[Dict[str, torch.Tensor], Dict[str, str]]:
     """`weight_destinations` over a {name: tensor} table of the engine's parameters; reasons by name."""
     dest: Dict[str, torch.Tensor] = {}
     reasons: Dict[str, str] = {}
@@ -76,7 +80,9 @@ def destinations(params: Dict[str, torch.Tensor], packed: Dict[str, List[str]],
                 reasons[name] = NO_PARAMETER
             elif tuple(target.shape) == tuple(shape):
                 dest[name] = target.data
-            elif target.shape[1:] == shape[1:] and target.shape[0] > shape[0] and ("embed" in name or "lm_head" in name):
+            elif (
+                target.shape[1:] == shape[1:] and target.shape[0] > shape[0] and ("embed" in name or "lm_head" in name)
+            ):
                 dest[name] = target.data.narrow(0, 0, shape[0])  # padded vocabulary rows stay as loaded
             else:
                 reasons[name] = f"shape {tuple(shape)} vs the engine's {tuple(target.shape)}"
@@ -90,7 +96,7 @@ def destinations(params: Dict[str, torch.Tensor], packed: Dict[str, List[str]],
         if sum(rows) != target.shape[0] or tuple(target.shape[1:]) != tuple(shape[1:]):
             reasons[name] = f"parts {rows} do not stack into the engine's {tuple(target.shape)}"
             continue
-        offset = sum(rows[:packed[fused].index(leaf)])
+        offset = sum(rows[: packed[fused].index(leaf)])
         dest[name] = target.data.narrow(0, offset, shape[0])
     return dest, reasons
 
@@ -126,8 +132,9 @@ class LayoutReport:
         return f"{len(wrong)} checkpoint tensors are not where the direct map puts them (e.g. {first}: {wrong[first]})"
 
 
-def compare_layout(held: Dict[str, torch.Tensor], packed: Dict[str, List[str]], shapes: Dict[str, Tuple[int, ...]],
-                   tensors: WeightIter) -> LayoutReport:
+def compare_layout(
+    held: Dict[str, torch.Tensor], packed: Dict[str, List[str]], shapes: Dict[str, Tuple[int, ...]], tensors: WeightIter
+) -> LayoutReport:
     """Each checkpoint tensor against what vLLM's own loader wrote for it (`held`: the engine's
     parameters right after that load, tied aliases left out), byte for byte, in the engine's dtype."""
     dest, reasons = destinations(held, packed, shapes)
@@ -139,8 +146,12 @@ def compare_layout(held: Dict[str, torch.Tensor], packed: Dict[str, List[str]], 
             report.same.append(name)
         elif reasons.get(name) == NO_PARAMETER:
             report.ignored.append(name)
-        elif own is not None and tensor.dim() == 2 and own.shape == tensor.t().shape and \
-                torch.equal(own, tensor.t().to(own.device, own.dtype)):
+        elif (
+            own is not None
+            and tensor.dim() == 2
+            and own.shape == tensor.t().shape
+            and torch.equal(own, tensor.t().to(own.device, own.dtype))
+        ):
             report.transposed.append(name)
         elif target is not None:
             report.rearranged[name] = "the engine holds other values where the map puts it"

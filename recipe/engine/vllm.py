@@ -12,10 +12,20 @@ import torch
 
 from recipe.engine.base import Engine, EngineSpec, Sample, WeightIter
 from recipe.engine.layout import LayoutReport, alias_owners, weight_destinations
-from recipe.engine.worker import (adapter_digests_in_worker, add_lora_in_worker, aliases_in_worker,
-                                  capture_seconds_in_worker, clear_captures_in_worker, copy_next_load_in_worker,
-                                  held_digests_in_worker, install_digest_hooks_in_worker, layout_in_worker,
-                                  packed_modules_in_worker, refresh_embedding_kernels, reload_in_worker)
+from recipe.engine.worker import (
+    adapter_digests_in_worker,
+    add_lora_in_worker,
+    aliases_in_worker,
+    capture_seconds_in_worker,
+    clear_captures_in_worker,
+    copy_next_load_in_worker,
+    held_digests_in_worker,
+    install_digest_hooks_in_worker,
+    layout_in_worker,
+    packed_modules_in_worker,
+    refresh_embedding_kernels,
+    reload_in_worker,
+)
 from recipe.names import PEFT_PREFIX, checkpoint_shapes, checkpoint_tensors
 
 log = logging.getLogger(__name__)
@@ -28,12 +38,17 @@ def _free_gb(device: torch.device) -> float:
 
 def vllm_kwargs(spec: EngineSpec, ctx, model_dir: str) -> dict:
     rollout = spec.rollout
-    kwargs = dict(model=model_dir, dtype=spec.model.dtype, max_model_len=rollout.max_model_len,
-                  seed=spec.seed + ctx.rank, enable_prefix_caching=True,
-                  # logprobs of the distribution actually sampled from (after temperature), which is
-                  # what the trainer's importance ratio divides by (recipe/model.py token_logprobs)
-                  logprobs_mode="processed_logprobs",
-                  use_tqdm_on_load=spec.verbose)
+    kwargs = dict(
+        model=model_dir,
+        dtype=spec.model.dtype,
+        max_model_len=rollout.max_model_len,
+        seed=spec.seed + ctx.rank,
+        enable_prefix_caching=True,
+        # logprobs of the distribution actually sampled from (after temperature), which is
+        # what the trainer's importance ratio divides by (recipe/model.py token_logprobs)
+        logprobs_mode="processed_logprobs",
+        use_tqdm_on_load=spec.verbose,
+    )
     if in_trainer_world():
         # One engine per rank beside torch.distributed, as TRL's colocate mode and verl start it: vLLM
         # joins the trainer's world (RANK / LOCAL_RANK / MASTER_* from the launcher) instead of making
@@ -73,11 +88,17 @@ def check_gpu_memory_split(rollout, device: torch.device) -> Dict[str, float]:
 
     free, total = torch.cuda.mem_get_info(device)
     want = rollout.gpu_memory_utilization * total
-    agree(None if free >= want else (
-        f"rollout.gpu_memory_utilization={rollout.gpu_memory_utilization} asks the engine for "
-        f"{want / 2**30:.1f} GiB of {device}'s {total / 2**30:.1f} GiB, but {free / 2**30:.1f} GiB is free after "
-        f"the trainer's model and optimizer. Lower it to at most {max(0.0, free / total - 0.02):.2f}, or move the "
-        f"trainer's weights off the GPU between phases (+offload=cpu or +offload=manual)."), ConfigError)
+    agree(
+        None
+        if free >= want
+        else (
+            f"rollout.gpu_memory_utilization={rollout.gpu_memory_utilization} asks the engine for "
+            f"{want / 2**30:.1f} GiB of {device}'s {total / 2**30:.1f} GiB, but {free / 2**30:.1f} GiB is free after "
+            f"the trainer's model and optimizer. Lower it to at most {max(0.0, free / total - 0.02):.2f}, or move the "
+            f"trainer's weights off the GPU between phases (+offload=cpu or +offload=manual)."
+        ),
+        ConfigError,
+    )
     return {"free_gb": free / 2**30, "total_gb": total / 2**30, "engine_gb": want / 2**30}
 
 
@@ -98,8 +119,11 @@ def lora_rank_slot(rank: int) -> int:
 # vLLM messages that every weight reload repeats and that say nothing wrong here: the rotary
 # embedding has no weights, the tied LM head is the embedding (re-processed in load_weights),
 # and the CPU worker cannot re-set its thread count. The parity probe checks what they concern.
-_HARMLESS = ("RotaryEmbedding: Failed to load weights", "ParallelLMHead: Failed to load weights",
-             "doesn't allow to use `torch.set_num_threads`")
+_HARMLESS = (
+    "RotaryEmbedding: Failed to load weights",
+    "ParallelLMHead: Failed to load weights",
+    "doesn't allow to use `torch.set_num_threads`",
+)
 
 
 class _DropHarmless(logging.Filter):
@@ -137,7 +161,9 @@ class VllmEngine(Engine):
         self.on_cpu = spec.device == "cpu"
         self.memory: Dict[str, float] = {}  # GPU memory free at start, after sleep and after wake (GiB)
         if not self.on_cpu:
-            self.memory["rollout/mem_free_before_engine_gb"] = check_gpu_memory_split(spec.rollout, ctx.device)["free_gb"]
+            self.memory["rollout/mem_free_before_engine_gb"] = check_gpu_memory_split(spec.rollout, ctx.device)[
+                "free_gb"
+            ]
         self.llm = LLM(**vllm_kwargs(spec, ctx, model_dir))
         _quiet_vllm_logs()  # again: building the engine imported more vLLM modules
         self._lora = None  # (LoRARequest, tensors, config) of the live adapter version
@@ -171,10 +197,14 @@ class VllmEngine(Engine):
             raise ConfigError(
                 f"sync.digest=true: vLLM's loader rearranges {len(report.rearranged)} tensors of {model_dir} in a way "
                 f"the digest cannot follow (e.g. {first}: {report.rearranged[first]}), so every sync would fail; set "
-                f"sync.digest=false (the logprob probe, sync.probe_every, still checks the engine)")
+                f"sync.digest=false (the logprob probe, sync.probe_every, still checks the engine)"
+            )
         if report.transposed:
-            log.info("sync.digest: vLLM holds %d tensors transposed (e.g. %s); the trainer digests them transposed",
-                     len(report.transposed), report.transposed[0])
+            log.info(
+                "sync.digest: vLLM holds %d tensors transposed (e.g. %s); the trainer digests them transposed",
+                len(report.transposed),
+                report.transposed[0],
+            )
         return report
 
     def weight_held_form(self) -> Optional[Callable[[str, torch.Tensor], torch.Tensor]]:
@@ -194,8 +224,10 @@ class VllmEngine(Engine):
         if mode == "reload" or (mode == "auto" and self.on_cpu):
             return None
         if self.on_cpu:
-            raise ConfigError("sync.load=direct needs CUDA: vLLM's CPU backend repacks its linear weights after "
-                              "every load, so they cannot be written in place; use sync.load=auto or reload")
+            raise ConfigError(
+                "sync.load=direct needs CUDA: vLLM's CPU backend repacks its linear weights after "
+                "every load, so they cannot be written in place; use sync.load=auto or reload"
+            )
         model = self.llm.apply_model(lambda m: m)[0]  # in-process: the engine's own module
         dest, _ = weight_destinations(model, checkpoint_shapes(model_dir))
         why = self.layout.why_not_direct()  # the map against vLLM's own loader, tensor by tensor
@@ -218,11 +250,19 @@ class VllmEngine(Engine):
         # the stride n between prompts.
         # detokenize=False: the caller decodes the token ids it needs (GRPOTrainer.decode); vLLM's
         # incremental detokenizer cost 13 ms of a 85 ms rollout (256 x 4 tokens, tiny model, CPU).
-        params = [SamplingParams(n=n, max_tokens=max_new_tokens, temperature=temperature, top_p=top_p,
-                                 seed=(seed * 100_003 + i * n) % 2**31, logprobs=0, detokenize=False)
-                  for i in range(len(prompt_token_ids))]
-        outs = self.llm.generate(_token_prompts(prompt_token_ids), params, lora_request=self._request(),
-                                 use_tqdm=False)
+        params = [
+            SamplingParams(
+                n=n,
+                max_tokens=max_new_tokens,
+                temperature=temperature,
+                top_p=top_p,
+                seed=(seed * 100_003 + i * n) % 2**31,
+                logprobs=0,
+                detokenize=False,
+            )
+            for i in range(len(prompt_token_ids))
+        ]
+        outs = self.llm.generate(_token_prompts(prompt_token_ids), params, lora_request=self._request(), use_tqdm=False)
         samples = []
         for out in outs:
             for c in out.outputs:
@@ -241,8 +281,10 @@ class VllmEngine(Engine):
             # a batch of prompts fails (CPU punica: "einsum(): subscript b has size 4 ... size 11")
             # on models whose LM head takes LoRA (Llama/SmolLM2). With one request the adapter
             # index broadcasts over that request's prompt tokens, which all share the adapter.
-            outs = [self.llm.generate(_token_prompts([ids]), params, lora_request=self._request(),
-                                      use_tqdm=False)[0] for ids in token_id_lists]
+            outs = [
+                self.llm.generate(_token_prompts([ids]), params, lora_request=self._request(), use_tqdm=False)[0]
+                for ids in token_id_lists
+            ]
         result = []
         for ids, out in zip(token_id_lists, outs):
             # entry i is the logprob of token i given tokens < i; entry 0 is None
@@ -276,8 +318,10 @@ class VllmEngine(Engine):
         for name, tensor in weights:
             dst = self._dest.get(name)
             if dst is None:
-                raise KeyError(f"sync.load=direct: the engine has no place for {name!r} (the checkpoint's tensors "
-                               f"are {len(self._dest)} names such as {next(iter(self._dest))!r})")
+                raise KeyError(
+                    f"sync.load=direct: the engine has no place for {name!r} (the checkpoint's tensors "
+                    f"are {len(self._dest)} names such as {next(iter(self._dest))!r})"
+                )
             dst.copy_(tensor, non_blocking=True)
 
     def load_adapter(self, tensors, adapter_config, version):
@@ -292,8 +336,11 @@ class VllmEngine(Engine):
         drop = self._lora[0].lora_int_id if self._lora is not None else None
         self.llm.collective_rpc(add_lora_in_worker, args=(lora_id, tensors, adapter_config, drop))
         # The path is never read: the id is already registered, so vLLM only activates it.
-        self._lora = (LoRARequest(f"policy-v{version}", lora_id, f"in-memory://policy-v{version}"), tensors,
-                      adapter_config)
+        self._lora = (
+            LoRARequest(f"policy-v{version}", lora_id, f"in-memory://policy-v{version}"),
+            tensors,
+            adapter_config,
+        )
         self.lora_version = version
         self.llm.reset_prefix_cache()
 

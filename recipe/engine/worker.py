@@ -16,8 +16,9 @@ from recipe.engine.layout import LayoutReport, base_layer_name, compare_layout
 from recipe.names import checkpoint_shapes, checkpoint_tensors
 
 
-def add_lora_in_worker(worker, lora_id: int, tensors: Dict[str, torch.Tensor], config: dict,
-                        drop_id: Optional[int]) -> int:
+def add_lora_in_worker(
+    worker, lora_id: int, tensors: Dict[str, torch.Tensor], config: dict, drop_id: Optional[int]
+) -> int:
     """Runs inside the vLLM worker (collective_rpc): build the adapter from tensors, register it.
 
     The same checks as vLLM's own path-based loader (`PEFTHelper.validate_legal`) run first.
@@ -28,8 +29,14 @@ def add_lora_in_worker(worker, lora_id: int, tensors: Dict[str, torch.Tensor], c
     manager = worker.model_runner.lora_manager
     helper = PEFTHelper.from_dict(dict(config, vllm_max_position_embeddings=manager.max_position_embeddings))
     helper.validate_legal(manager.lora_config)
-    lora = LoRAModel.from_lora_tensors(lora_model_id=lora_id, tensors=tensors, peft_helper=helper, device="cpu",
-                                       dtype=manager.lora_config.lora_dtype, model_vocab_size=manager.vocab_size)
+    lora = LoRAModel.from_lora_tensors(
+        lora_model_id=lora_id,
+        tensors=tensors,
+        peft_helper=helper,
+        device="cpu",
+        dtype=manager.lora_config.lora_dtype,
+        model_vocab_size=manager.vocab_size,
+    )
     adapters = manager._adapter_manager
     if drop_id is not None:
         adapters.remove_adapter(drop_id)  # the previous version: never generate with it again
@@ -87,7 +94,7 @@ def refresh_embedding_kernels(model: nn.Module) -> int:
 # processed after this load (a tied head never refreshed) has no digest and is reported.
 
 _CAPTURES = "_recipe_digest_captures"  # attribute on the vLLM model: {param name: (shape info, sums)}
-_HOOKED = "_recipe_digest_hooked"      # attribute on the vLLM model: names of hooked modules
+_HOOKED = "_recipe_digest_hooked"  # attribute on the vLLM model: names of hooked modules
 _CAPTURE_S = "_recipe_digest_capture_s"  # attribute on the vLLM model: [seconds spent capturing]
 _COPIES = "_recipe_loader_copies"  # attribute on the vLLM model: [{param name: copy} during a layout check, else None]
 
@@ -101,8 +108,9 @@ def _vllm_model(worker) -> nn.Module:
     return worker.model_runner.get_model()
 
 
-def _capturing(original: Callable, names: Dict[int, str], captures: dict, seconds: List[float],
-               copies: List[Optional[dict]]) -> Callable:
+def _capturing(
+    original: Callable, names: Dict[int, str], captures: dict, seconds: List[float], copies: List[Optional[dict]]
+) -> Callable:
     def process_weights_after_loading(layer, *args, **kwargs):
         prefix = names.get(id(layer))
         if prefix is not None:
@@ -126,13 +134,17 @@ def install_digest_hooks_in_worker(worker) -> int:
     captures: dict = {}
     seconds = [0.0]
     copies: List[Optional[dict]] = [None]
-    names = {id(m): _engine_name(n) for n, m in model.named_modules()
-             if hasattr(getattr(m, "quant_method", None), "process_weights_after_loading")}
+    names = {
+        id(m): _engine_name(n)
+        for n, m in model.named_modules()
+        if hasattr(getattr(m, "quant_method", None), "process_weights_after_loading")
+    }
     for module in model.modules():
         method = getattr(module, "quant_method", None)
         if id(module) in names and not getattr(method, "_recipe_digest_hook", False):
-            method.process_weights_after_loading = _capturing(method.process_weights_after_loading, names, captures,
-                                                              seconds, copies)
+            method.process_weights_after_loading = _capturing(
+                method.process_weights_after_loading, names, captures, seconds, copies
+            )
             method._recipe_digest_hook = True
     setattr(model, _CAPTURES, captures)
     setattr(model, _HOOKED, set(names.values()))

@@ -54,11 +54,37 @@ under HF names and skips the LoRA tensors.
 """
 
 from recipe.weights.lora import MergeRounding, measure_merge_rounding, merge_lora, merge_lora_rows
-from recipe.weights.table import (GATHERS, REFERENCES, StrategyNotFound, all_keys, compose, get_reference, get_strategy,
-                                  stream_base_weights, stream_transform, stream_weights)
+from recipe.weights.table import (
+    GATHERS,
+    REFERENCES,
+    StrategyNotFound,
+    all_keys,
+    compose,
+    get_reference,
+    get_strategy,
+    stream_base_weights,
+    stream_transform,
+    stream_weights,
+)
 from recipe.weights.transforms import TRANSFORMS, Transform
 from recipe.weights.units import StreamSpec
 
-__all__ = ["MergeRounding", "measure_merge_rounding", "merge_lora", "merge_lora_rows", "GATHERS", "REFERENCES",
-           "StrategyNotFound", "all_keys", "compose", "get_reference", "get_strategy", "StreamSpec",
-           "stream_base_weights", "stream_transform", "stream_weights", "TRANSFORMS", "Transform"]
+__all__ = [
+    "MergeRounding",
+    "measure_merge_rounding",
+    "merge_lora",
+    "merge_lora_rows",
+    "GATHERS",
+    "REFERENCES",
+    "StrategyNotFound",
+    "all_keys",
+    "compose",
+    "get_reference",
+    "get_strategy",
+    "StreamSpec",
+    "stream_base_weights",
+    "stream_transform",
+    "stream_weights",
+    "TRANSFORMS",
+    "Transform",
+]

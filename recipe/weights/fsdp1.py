@@ -24,8 +24,13 @@ def _fsdp1_families(model: nn.Module) -> List[Tuple[List[nn.Module], List[Member
     for unit, members in units:
         owner = unit
         if all(is_lora_param(name) for name, _, _ in members):
-            above = [u for u, _ in units if u is not unit and not all(is_lora_param(n) for n, _, _ in members_of[id(u)])
-                     and _inside(names[id(unit)], names[id(u)])]
+            above = [
+                u
+                for u, _ in units
+                if u is not unit
+                and not all(is_lora_param(n) for n, _, _ in members_of[id(u)])
+                and _inside(names[id(unit)], names[id(u)])
+            ]
             owner = max(above, key=lambda u: len(names[id(u)]), default=unit)
         family = families.setdefault(id(owner), ([], []))
         family[0].append(unit)

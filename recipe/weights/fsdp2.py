@@ -26,6 +26,7 @@ from recipe.weights.units import Group, Wire, cached_layout, fsdp_units, is_fsdp
 # full tensors out while the next pieces are packed and gathered. What is launched but not yet
 # consumed is bounded by the largest FSDP unit + one bucket, so that is also the peak extra memory.
 
+
 def _atom(name: str) -> str:
     """Tensors a transform needs together (a LoRA layer's base weight and its A and B) share a key."""
     for marker in (".base_layer.", ".lora_A.", ".lora_B."):
@@ -38,8 +39,9 @@ def _row_numel(p: torch.Tensor) -> int:
     return p.numel() // p.shape[0]
 
 
-def _plan_pieces(params: List[torch.Tensor], dtypes: List[torch.dtype], world: int,
-                 piece_bytes: int) -> List[List[int]]:
+def _plan_pieces(
+    params: List[torch.Tensor], dtypes: List[torch.dtype], world: int, piece_bytes: int
+) -> List[List[int]]:
     """Greedy packing of whole parameters (never split) into all-gather pieces of at most
     `piece_bytes` gathered bytes, one (wire) dtype per piece; a larger parameter is a piece of its own."""
     pieces: List[List[int]] = []
@@ -67,8 +69,15 @@ class _ShardGather:
     Each local shard is cast to its `wire` dtype as it is packed into the send buffer, so with
     float32 masters and a bf16 engine the all-gather and everything after it move bf16 bytes."""
 
-    def __init__(self, named: List[Tuple[str, torch.Tensor]], device: torch.device, piece_bytes: int,
-                 budget_bytes: int, wire: Wire, sources: Optional[Dict[str, "ShardSource"]] = None):
+    def __init__(
+        self,
+        named: List[Tuple[str, torch.Tensor]],
+        device: torch.device,
+        piece_bytes: int,
+        budget_bytes: int,
+        wire: Wire,
+        sources: Optional[Dict[str, "ShardSource"]] = None,
+    ):
         self.names = [n for n, _ in named]
         self.params = [p for _, p in named]
         self.dtypes = [wire(n, p) for n, p in named]
@@ -106,9 +115,9 @@ class _ShardGather:
                 # this rank's rows; fewer (or none) on the last ranks
                 local = (self.locals[i] if source is None else source()).reshape(-1)
                 if source is not None:  # computed now: copied now, so its memory goes back at once
-                    send[offset:offset + local.numel()].copy_(local)
+                    send[offset : offset + local.numel()].copy_(local)
                 elif local.numel():
-                    dsts.append(send[offset:offset + local.numel()])
+                    dsts.append(send[offset : offset + local.numel()])
                     srcs.append(local)
             # One foreach copy for the piece (one kernel per dtype pair on CUDA rather than one per
             # tensor); it casts (master -> wire dtype) as copy_ does; from the host it moves the
@@ -145,10 +154,11 @@ class _ShardGather:
         else:
             flat = torch.empty(self.world * sum(sizes), dtype=piece.recv.dtype, device=self.device)
             parts = list(torch.split(flat, [self.world * size for size in sizes]))
-            torch.split_with_sizes_copy(piece.recv, sizes, dim=1,
-                                        out=[part.view(self.world, size) for part, size in zip(parts, sizes)])
+            torch.split_with_sizes_copy(
+                piece.recv, sizes, dim=1, out=[part.view(self.world, size) for part, size in zip(parts, sizes)]
+            )
         # Padding rows (uneven shards) sit at the end of each tensor's rank-major rows: drop them.
-        return {i: part[:self.params[i].numel()].view(self.params[i].shape) for i, part in zip(piece.idx, parts)}
+        return {i: part[: self.params[i].numel()].view(self.params[i].shape) for i, part in zip(piece.idx, parts)}
 
     def __iter__(self) -> Iterator[Group]:
         left = collections.Counter(self.atoms)
@@ -197,8 +207,14 @@ def _local_is_full(named: List[Tuple[str, torch.Tensor]], device: torch.device) 
     return named[0][1].device_mesh.size() == 1 and all(p.to_local().device == device for _, p in named)
 
 
-def fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes: int, wire: Wire,
-                            select: Callable[[str], bool], merge_scale: Optional[float] = None) -> Iterator[Group]:
+def fsdp2_pipelined_groups(
+    model: nn.Module,
+    device: torch.device,
+    bucket_bytes: int,
+    wire: Wire,
+    select: Callable[[str], bool],
+    merge_scale: Optional[float] = None,
+) -> Iterator[Group]:
     """FSDP2, any offload: the local shards (device, pinned host or pageable host) are gathered
     in pieces of one bucket, in their `wire` dtype, overlapping copy-in, all-gather and the
     caller's use (see above). With `merge_scale`, LoRA layers are merged on the shards before the
@@ -233,9 +249,14 @@ def fsdp2_pipelined_groups(model: nn.Module, device: torch.device, bucket_bytes:
 ShardSource = Callable[[], torch.Tensor]  # this rank's rows of a tensor, computed when packed
 
 
-def _merge_on_shards(named: List[Tuple[str, torch.Tensor]], device: torch.device, bucket_bytes: int,
-                     budget: int, wire: Wire, scale: float) -> Tuple[List[Tuple[str, torch.Tensor]],
-                                                                    Dict[str, ShardSource]]:
+def _merge_on_shards(
+    named: List[Tuple[str, torch.Tensor]],
+    device: torch.device,
+    bucket_bytes: int,
+    budget: int,
+    wire: Wire,
+    scale: float,
+) -> Tuple[List[Tuple[str, torch.Tensor]], Dict[str, ShardSource]]:
     """(what to gather, sources): LoRA tensors dropped, each base weight renamed to its merged
     name (`stem.weight`, a plain weight to the transform) with a source computing its merged rows."""
     params = dict(named)
@@ -253,11 +274,14 @@ def _merge_on_shards(named: List[Tuple[str, torch.Tensor]], device: torch.device
             stem = name[: -len("base_layer.weight")]
             lora_b = params[f"{stem}lora_B.{ADAPTER}.weight"]
             if lora_b.to_local().shape[0] != param.to_local().shape[0]:
-                raise ValueError(f"{name}: base weight and LoRA B shards hold different rows "
-                                 f"({param.to_local().shape[0]} vs {lora_b.to_local().shape[0]})")
+                raise ValueError(
+                    f"{name}: base weight and LoRA B shards hold different rows "
+                    f"({param.to_local().shape[0]} vs {lora_b.to_local().shape[0]})"
+                )
             name = stem + "weight"
-            sources[name] = _merged_source(param, full_a.pop(f"{stem}lora_A.{ADAPTER}.weight"), lora_b, scale,
-                                           wire(name, param), device)
+            sources[name] = _merged_source(
+                param, full_a.pop(f"{stem}lora_A.{ADAPTER}.weight"), lora_b, scale, wire(name, param), device
+            )
         out.append((name, param))
     return out, sources
 
@@ -269,8 +293,9 @@ def _fsdp2_pipelined_groups_of(named, device, bucket_bytes, budget, wire) -> Ite
     return iter(_ShardGather(named, device, bucket_bytes, budget, wire))
 
 
-def _merged_source(weight, lora_a: torch.Tensor, lora_b, scale: float, dtype: torch.dtype,
-                   device: torch.device) -> ShardSource:
+def _merged_source(
+    weight, lora_a: torch.Tensor, lora_b, scale: float, dtype: torch.dtype, device: torch.device
+) -> ShardSource:
     from torch.distributed.tensor import Shard
 
     def rows() -> torch.Tensor:
@@ -284,7 +309,9 @@ def _merged_source(weight, lora_a: torch.Tensor, lora_b, scale: float, dtype: to
     per_rank = -(-weight.shape[0] // weight.device_mesh.size())
     first = min(weight.shape[0], weight.device_mesh.get_coordinate()[0] * per_rank)
     if tuple(weight.placements) != (Shard(0),) or weight.to_local().shape[0] != min(per_rank, weight.shape[0] - first):
-        raise ValueError(f"merged LoRA on the shards expects Shard(0) on a 1-D mesh, got {weight.placements} "
-                         f"with {weight.to_local().shape[0]} local rows of {weight.shape[0]}")
+        raise ValueError(
+            f"merged LoRA on the shards expects Shard(0) on a 1-D mesh, got {weight.placements} "
+            f"with {weight.to_local().shape[0]} local rows of {weight.shape[0]}"
+        )
 
     return rows

@@ -9,8 +9,9 @@ from typing import Iterator, List, Optional
 import torch
 
 
-def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-               dtype: torch.dtype) -> torch.Tensor:
+def merge_lora(
+    weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float, dtype: torch.dtype
+) -> torch.Tensor:
     """W + (B @ A) * scale in float32, into a new tensor, cast to `dtype` (peft's op order).
 
     Kept as written although it costs float32 temporaries of W's size: a bf16 `addmm` (W as the
@@ -19,8 +20,15 @@ def merge_lora(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor,
     return merge_lora_rows(weight, lora_a, lora_b, scale, dtype, 0, weight.shape[0])
 
 
-def merge_lora_rows(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float,
-                    dtype: torch.dtype, first: int, full_rows: int) -> torch.Tensor:
+def merge_lora_rows(
+    weight: torch.Tensor,
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    dtype: torch.dtype,
+    first: int,
+    full_rows: int,
+) -> torch.Tensor:
     """Rows first..first+len(weight) of `merge_lora` on the full tensors, bit for bit, from those
     rows of W and B and all of A. The product is taken at the full shape (B's other rows zero) and
     its rows cut out: a BLAS picks its kernel by shape, and a row block of another height can sum in
@@ -31,8 +39,8 @@ def merge_lora_rows(weight: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Te
         return torch.empty(weight.shape, dtype=dtype, device=weight.device)
     if rows != full_rows:
         b = b.new_zeros(full_rows, b.shape[1])
-        b[first:first + rows] = lora_b
-    update = (b @ lora_a.float())[first:first + rows].mul_(scale)
+        b[first : first + rows] = lora_b
+    update = (b @ lora_a.float())[first : first + rows].mul_(scale)
     observed = update.clone() if _ROUNDING and dtype != torch.float32 else None
     merged = update.add_(weight.float())
     if observed is not None:
@@ -52,10 +60,14 @@ class MergeRounding:
 
     def add(self, merged: torch.Tensor, update: torch.Tensor, dtype: torch.dtype) -> None:
         rounding = (merged.to(dtype).float() - merged).abs_()
-        sums = torch.stack([rounding.sum(), update.abs().sum(), torch.tensor(float(rounding.numel()),
-                                                                             device=rounding.device)]).double()
-        worst = rounding.max().double() if rounding.numel() else torch.zeros((), dtype=torch.float64,
-                                                                            device=rounding.device)
+        sums = torch.stack(
+            [rounding.sum(), update.abs().sum(), torch.tensor(float(rounding.numel()), device=rounding.device)]
+        ).double()
+        worst = (
+            rounding.max().double()
+            if rounding.numel()
+            else torch.zeros((), dtype=torch.float64, device=rounding.device)
+        )
         self.sums = sums if self.sums is None else self.sums + sums.to(self.sums.device)
         self.worst = worst if self.worst is None else torch.maximum(self.worst, worst.to(self.worst.device))
 

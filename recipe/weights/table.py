@@ -27,6 +27,7 @@ class StrategyNotFound(KeyError):
 
 # ----------------------------------------------------------------------------- keys and lookup
 
+
 def all_keys() -> List[Key]:
     """Every (fsdp, offload, lora) combination of the Hydra options."""
     return list(itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES, LORA_CHOICES))
@@ -78,6 +79,7 @@ GATHERS: Dict[Tuple[str, str], Gather] = {
 
 def compose(gather: Gather, transform: Transform) -> Strategy:
     """The strategy that runs `gather` with the transform's dtypes and selection, then the transform."""
+
     def strategy(model: nn.Module, spec: StreamSpec, device: torch.device) -> Iterator[Named]:
         groups = gather(model, spec, device, transform.wire(spec), transform.select, transform.merges)
         return transform.apply(groups, model, spec, device)
@@ -88,6 +90,7 @@ def compose(gather: Gather, transform: Transform) -> Strategy:
 
 # ----------------------------------------------------------------------------- references
 # For benchmarks and regression tests only; selected by sync.strategy, never as a fallback.
+
 
 def _full_tensor(t: torch.Tensor) -> torch.Tensor:
     from torch.distributed.tensor import DTensor
@@ -139,12 +142,14 @@ REFERENCES: Dict[str, Strategy] = {"naive": _naive, "dcp_full_cpu": _dcp_full_cp
 
 def get_reference(name: str) -> Strategy:
     if name not in REFERENCES:
-        raise StrategyNotFound(f"sync.strategy={name!r} is not a reference strategy; choose one of: "
-                               f"auto, {', '.join(sorted(REFERENCES))}")
+        raise StrategyNotFound(
+            f"sync.strategy={name!r} is not a reference strategy; choose one of: auto, {', '.join(sorted(REFERENCES))}"
+        )
     return REFERENCES[name]
 
 
 # ----------------------------------------------------------------------------- streams
+
 
 def stream_weights(model: nn.Module, spec: StreamSpec, device: torch.device | str) -> Iterator[Named]:
     """The weights the engine needs after an update (full, merged, or adapter tensors; see module doc)."""

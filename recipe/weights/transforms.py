@@ -21,6 +21,7 @@ from recipe.weights.units import Group, Named, StreamSpec, Wire, skipped_names
 # collective; merged LoRA's inputs in their own (master) dtype, because the merge is computed
 # in float32 from them and rounds once at the end.
 
+
 def engine_wire(spec: StreamSpec) -> Wire:
     dtype = torch_dtype(spec.dtype)
     return lambda name, param: dtype
@@ -37,9 +38,9 @@ def _merge_input(name: str) -> bool:
 
 # ----------------------------------------------------------------------------- transforms
 
+
 @torch.no_grad()  # gathers write into fresh buffers; the trained params keep no history
-def full_weights(groups: Iterable[Group], model: nn.Module, spec: StreamSpec,
-                  device: torch.device) -> Iterator[Named]:
+def full_weights(groups: Iterable[Group], model: nn.Module, spec: StreamSpec, device: torch.device) -> Iterator[Named]:
     """Base weights under HF names (LoRA tensors of a peft model are skipped)."""
     skipped, dtype = skipped_names(model), torch_dtype(spec.dtype)
     for group in groups:
@@ -51,8 +52,9 @@ def full_weights(groups: Iterable[Group], model: nn.Module, spec: StreamSpec,
 
 
 @torch.no_grad()  # gathers write into fresh buffers; the trained params keep no history
-def merged_weights(groups: Iterable[Group], model: nn.Module, spec: StreamSpec,
-                    device: torch.device) -> Iterator[Named]:
+def merged_weights(
+    groups: Iterable[Group], model: nn.Module, spec: StreamSpec, device: torch.device
+) -> Iterator[Named]:
     skipped, dtype = skipped_names(model), torch_dtype(spec.dtype)
     scale = spec.lora_scale
     for group in groups:
@@ -72,8 +74,9 @@ def merged_weights(groups: Iterable[Group], model: nn.Module, spec: StreamSpec,
 
 
 @torch.no_grad()  # gathers write into fresh buffers; the trained params keep no history
-def adapter_weights(groups: Iterable[Group], model: nn.Module, spec: StreamSpec,
-                     device: torch.device) -> Iterator[Named]:
+def adapter_weights(
+    groups: Iterable[Group], model: nn.Module, spec: StreamSpec, device: torch.device
+) -> Iterator[Named]:
     dtype = torch_dtype(spec.dtype)
     for group in groups:
         for raw in list(group):

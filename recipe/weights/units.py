@@ -24,6 +24,7 @@ Member = Tuple[str, nn.Module, str]  # (raw name, owning module, attribute)
 class StreamSpec:
     """What the table's gathers and transforms read, taken once from the settings (`StreamSpec.of`), so a
     strategy's signature says it reads these and nothing else of the run's config."""
+
     fsdp: str  # fsdp.name
     offload: str  # offload.name
     lora: str  # lora.name: the transform ("none", "merged", "adapter")
@@ -36,10 +37,15 @@ class StreamSpec:
     def of(cls, settings: "Settings") -> "StreamSpec":
         """The spec of a run's settings (or of anything with their groups, e.g. a composed config)."""
         lora = settings.lora
-        return cls(fsdp=settings.fsdp.name, offload=settings.offload.name, lora=lora.name,
-                   strategy=settings.sync.strategy, dtype=settings.model.dtype,
-                   lora_scale=lora.alpha / lora.rank if lora.rank else 0.0,
-                   bucket_bytes=settings.sync.bucket_mb * 2**20)
+        return cls(
+            fsdp=settings.fsdp.name,
+            offload=settings.offload.name,
+            lora=lora.name,
+            strategy=settings.sync.strategy,
+            dtype=settings.model.dtype,
+            lora_scale=lora.alpha / lora.rank if lora.rank else 0.0,
+            bucket_bytes=settings.sync.bucket_mb * 2**20,
+        )
 
     @property
     def combo(self) -> Tuple[str, str, str]:

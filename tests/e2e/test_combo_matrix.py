@@ -15,9 +15,23 @@ pytestmark = pytest.mark.slow
 
 def test_matrix_runs_resumes_and_reports(tiny_model_dir, tmp_path):
     out = tmp_path / "matrix.json"
-    cmd = [sys.executable, "-m", "tools.combo_matrix", "--combos", "fsdp2/manual/merged", "--steps", "2", "--resume",
-           "--out", str(out), "--root", str(tmp_path / "runs"), f"model.path={tiny_model_dir}", "trainer.device=cpu",
-           "debug=tiny"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.combo_matrix",
+        "--combos",
+        "fsdp2/manual/merged",
+        "--steps",
+        "2",
+        "--resume",
+        "--out",
+        str(out),
+        "--root",
+        str(tmp_path / "runs"),
+        f"model.path={tiny_model_dir}",
+        "trainer.device=cpu",
+        "debug=tiny",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = json.loads(out.read_text())["rows"]

@@ -16,9 +16,20 @@ def test_eval_before_every_n_steps_and_at_the_end(tiny_model_dir, tmp_path, back
 
     # operands to 99: the pool of 512 leaves thousands of questions for the held-out set; 5 prompts
     # split 3 + 2 over the ranks, so a count that is not all-reduced shows
-    cfg = compose([f"model.path={tiny_model_dir}", f"rollout={backend}", "trainer.steps=3", "trainer.prompts_per_step=2",
-                   "rollout.n=4", "rollout.max_new_tokens=4", "logger=none", "task.params.max_operand=99",
-                   "trainer.eval_every=2", "trainer.eval_prompts=5"])
+    cfg = compose(
+        [
+            f"model.path={tiny_model_dir}",
+            f"rollout={backend}",
+            "trainer.steps=3",
+            "trainer.prompts_per_step=2",
+            "rollout.n=4",
+            "rollout.max_new_tokens=4",
+            "logger=none",
+            "task.params.max_operand=99",
+            "trainer.eval_every=2",
+            "trainer.eval_prompts=5",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     train(cfg)
@@ -33,4 +44,7 @@ def test_eval_before_every_n_steps_and_at_the_end(tiny_model_dir, tmp_path, back
         assert r["eval/exact"] * 5 == pytest.approx(round(r["eval/exact"] * 5))  # a count over 5 prompts
     summary = json.loads((tmp_path / "summary.json").read_text())
     assert summary["steps"] == 3
-    assert (summary["eval/exact_first"], summary["eval/exact_last"]) == (evals[0]["eval/exact"], evals[-1]["eval/exact"])
+    assert (summary["eval/exact_first"], summary["eval/exact_last"]) == (
+        evals[0]["eval/exact"],
+        evals[-1]["eval/exact"],
+    )

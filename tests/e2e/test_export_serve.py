@@ -24,17 +24,31 @@ def _prompt_logprobs(llm, lora_request=None):
     from vllm.inputs import TokensPrompt
 
     params = SamplingParams(max_tokens=1, prompt_logprobs=0, temperature=0.0)
-    outs = llm.generate([TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, lora_request=lora_request,
-                        use_tqdm=False)
-    return [[next(iter(d.values())).logprob if len(d) == 1 else d[tok].logprob
-             for d, tok in zip(o.prompt_logprobs[1:], p[1:])] for o, p in zip(outs, PROMPTS)]
+    outs = llm.generate(
+        [TokensPrompt(prompt_token_ids=p) for p in PROMPTS], params, lora_request=lora_request, use_tqdm=False
+    )
+    return [
+        [
+            next(iter(d.values())).logprob if len(d) == 1 else d[tok].logprob
+            for d, tok in zip(o.prompt_logprobs[1:], p[1:])
+        ]
+        for o, p in zip(outs, PROMPTS)
+    ]
 
 
 def _llm(model, **kwargs):
     from vllm import LLM
 
-    return LLM(model=str(model), dtype="float32", enforce_eager=True, max_model_len=128, seed=0,
-               enable_chunked_prefill=False, enable_prefix_caching=False, **kwargs)
+    return LLM(
+        model=str(model),
+        dtype="float32",
+        enforce_eager=True,
+        max_model_len=128,
+        seed=0,
+        enable_chunked_prefill=False,
+        enable_prefix_caching=False,
+        **kwargs,
+    )
 
 
 @pytest.fixture(autouse=True)
@@ -62,9 +76,20 @@ def test_vllm_serves_the_export_and_the_adapter(tiny_model_dir, tmp_path):
     from recipe.model import sequence_logprobs
     from recipe.train import train
 
-    cfg = compose([f"model.path={tiny_model_dir}", "+lora=adapter", "rollout=hf", "trainer.world_size=1",
-                   "trainer.steps=1", "trainer.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=4",
-                   "logger=none", "trainer.lr=0.05"])
+    cfg = compose(
+        [
+            f"model.path={tiny_model_dir}",
+            "+lora=adapter",
+            "rollout=hf",
+            "trainer.world_size=1",
+            "trainer.steps=1",
+            "trainer.prompts_per_step=2",
+            "rollout.n=4",
+            "rollout.max_new_tokens=4",
+            "logger=none",
+            "trainer.lr=0.05",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     train(cfg)  # trainer.export=final (the default): export/step_1
@@ -72,8 +97,9 @@ def test_vllm_serves_the_export_and_the_adapter(tiny_model_dir, tmp_path):
     assert json.loads((out / "export.json").read_text())["step"] == 1
     merged = AutoModelForCausalLM.from_pretrained(out, dtype=torch.float32)
     want = sequence_logprobs(merged, PROMPTS, torch.device("cpu"))
-    base = sequence_logprobs(AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), PROMPTS,
-                             torch.device("cpu"))
+    base = sequence_logprobs(
+        AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32), PROMPTS, torch.device("cpu")
+    )
 
     def gap(a, b):
         return max(abs(x - y) for ra, rb in zip(a, b) for x, y in zip(ra, rb))

@@ -20,8 +20,16 @@ import torch
 
 from tests.helpers import REPO
 
-SMALL = ["rollout=hf", "trainer.device=cpu", "trainer.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=4",
-         "trainer.micro_batch_size=4", "sync.num_probe_prompts=2", "trainer.timeout_s=60"]
+SMALL = [
+    "rollout=hf",
+    "trainer.device=cpu",
+    "trainer.prompts_per_step=2",
+    "rollout.n=4",
+    "rollout.max_new_tokens=4",
+    "trainer.micro_batch_size=4",
+    "sync.num_probe_prompts=2",
+    "trainer.timeout_s=60",
+]
 STEPS = 8
 
 
@@ -87,10 +95,12 @@ def _checkpoint_tensors(path: Path, out: Path):
 def test_sigkill_of_a_rank_then_resume_matches_an_uninterrupted_run(tiny_model_dir, tmp_path):
     straight, broken = tmp_path / "straight", tmp_path / "broken"
     args = [f"trainer.steps={STEPS}", "trainer.checkpoint_every=1"]
-    subprocess.run(_cli(tiny_model_dir, straight, *args, "logger=none"), cwd=REPO, check=True, timeout=600,
-                   capture_output=True)
-    proc = subprocess.Popen(_cli(tiny_model_dir, broken, *args), cwd=REPO, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    subprocess.run(
+        _cli(tiny_model_dir, straight, *args, "logger=none"), cwd=REPO, check=True, timeout=600, capture_output=True
+    )
+    proc = subprocess.Popen(
+        _cli(tiny_model_dir, broken, *args), cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     try:
         _wait_for_records(broken, 3, proc)
         ranks = _children(proc.pid)
@@ -104,16 +114,23 @@ def test_sigkill_of_a_rank_then_resume_matches_an_uninterrupted_run(tiny_model_d
     before = [r["step"] for r in _records(broken)]
     assert before[-1] < STEPS, "the run finished before the kill; nothing was interrupted"
 
-    subprocess.run(_cli(tiny_model_dir, broken, *args, "trainer.resume=true"), cwd=REPO, check=True, timeout=600,
-                   capture_output=True)
+    subprocess.run(
+        _cli(tiny_model_dir, broken, *args, "trainer.resume=true"),
+        cwd=REPO,
+        check=True,
+        timeout=600,
+        capture_output=True,
+    )
     a, b = _records(straight), _records(broken)
     assert [r["step"] for r in b] == list(range(1, STEPS + 1))  # every step once, none lost or doubled
     for key in ("reward/mean", "train/loss", "train/grad_norm", "sync/weight_version", "sync/fingerprint"):
         assert [r[key] for r in b] == [r[key] for r in a], key
     summary_a, summary_b = (json.loads((d / "summary.json").read_text()) for d in (straight, broken))
     assert summary_b["steps"] == STEPS
-    assert (summary_b["reward/first10"], summary_b["reward/last10"]) == \
-        (summary_a["reward/first10"], summary_a["reward/last10"])
+    assert (summary_b["reward/first10"], summary_b["reward/last10"]) == (
+        summary_a["reward/first10"],
+        summary_a["reward/last10"],
+    )
     final_a = _checkpoint_tensors(straight / "checkpoints" / f"step_{STEPS}", tmp_path / "a.pt")
     final_b = _checkpoint_tensors(broken / "checkpoints" / f"step_{STEPS}", tmp_path / "b.pt")
     assert final_a.keys() == final_b.keys() and any("optim" in k for k in final_a)
@@ -134,8 +151,13 @@ def _ignore_sigint():
 def test_killing_the_launcher_leaves_no_orphan_ranks(tiny_model_dir, tmp_path):
     """Started the way a script starts a job in the background (`cmd &`) or nohup does: SIGINT
     ignored, which the ranks inherit, so torch's own parent-death signal (SIGINT) does nothing."""
-    proc = subprocess.Popen(_cli(tiny_model_dir, tmp_path / "run", "trainer.steps=100000", "logger=none"), cwd=REPO,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, preexec_fn=_ignore_sigint)
+    proc = subprocess.Popen(
+        _cli(tiny_model_dir, tmp_path / "run", "trainer.steps=100000", "logger=none"),
+        cwd=REPO,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        preexec_fn=_ignore_sigint,
+    )
     ranks = []
     try:
         _wait_for_records(tmp_path / "run", 1, proc)
@@ -172,8 +194,14 @@ def test_sigterm_stops_every_rank_says_how_to_resume_and_the_resume_completes(ti
     run, tmp = tmp_path / "run", tmp_path / "tmp"
     tmp.mkdir()
     env = {**os.environ, "TMPDIR": str(tmp)}
-    proc = subprocess.Popen(_cli(tiny_model_dir, run, "trainer.steps=3", "logger=none"), cwd=REPO, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        _cli(tiny_model_dir, run, "trainer.steps=3", "logger=none"),
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         _wait_for_records(run, 1, proc)
         ranks = _children(proc.pid)
@@ -201,8 +229,14 @@ def test_ctrl_c_stops_the_run_in_one_line(tiny_model_dir, tmp_path):
     """Ctrl-C in a terminal signals the whole process group, ranks included. Before: 10.6 s and 179 lines
     with 4 tracebacks."""
     run = tmp_path / "run"
-    proc = subprocess.Popen(_cli(tiny_model_dir, run, "trainer.steps=1000", "logger=none"), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    proc = subprocess.Popen(
+        _cli(tiny_model_dir, run, "trainer.steps=1000", "logger=none"),
+        cwd=REPO,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+    )
     try:
         _wait_for_records(run, 1, proc)
         ranks = _children(proc.pid)
@@ -230,8 +264,13 @@ def test_two_runs_of_one_config_on_one_machine_agree_bit_for_bit(tiny_model_dir,
     same records and the same model and optimizer tensors, bit for bit; each run names its machine."""
     runs = [tmp_path / "a", tmp_path / "b"]
     for run in runs:
-        subprocess.run(_cli(tiny_model_dir, run, "trainer.steps=2", "logger=none"), cwd=REPO, check=True, timeout=600,
-                       capture_output=True)
+        subprocess.run(
+            _cli(tiny_model_dir, run, "trainer.steps=2", "logger=none"),
+            cwd=REPO,
+            check=True,
+            timeout=600,
+            capture_output=True,
+        )
     a, b = (_records(run) for run in runs)
     assert [r["step"] for r in a] == [1, 2] and [_math(r) for r in a] == [_math(r) for r in b]
     assert a[0]["time/step_s"] != b[0]["time/step_s"] or a[1]["time/step_s"] != b[1]["time/step_s"]  # two runs

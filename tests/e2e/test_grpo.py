@@ -11,10 +11,21 @@ import torch
 from recipe.settings import Settings
 from tests.helpers import compose, run_world
 
-CPU_COMBOS = [(f, o, lora) for f in ("fsdp1", "fsdp2") for o in ("none", "manual", "cpu")
-              for lora in ("none", "merged", "adapter") if not (f == "fsdp1" and o == "cpu")]
-SMALL = ["trainer.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=4", "logger=none",
-         "trainer.micro_batch_size=4", "sync.num_probe_prompts=2"]
+CPU_COMBOS = [
+    (f, o, lora)
+    for f in ("fsdp1", "fsdp2")
+    for o in ("none", "manual", "cpu")
+    for lora in ("none", "merged", "adapter")
+    if not (f == "fsdp1" and o == "cpu")
+]
+SMALL = [
+    "trainer.prompts_per_step=2",
+    "rollout.n=4",
+    "rollout.max_new_tokens=4",
+    "logger=none",
+    "trainer.micro_batch_size=4",
+    "sync.num_probe_prompts=2",
+]
 
 
 def _cfg(model_dir, run_dir, combo=("fsdp2", "none", "none"), extra=()):
@@ -49,8 +60,11 @@ def _three_steps(rank, world, model_dir, root):
         before = _local_params(trainer.policy)
         trainer.run()
         after = _local_params(trainer.policy)
-        rows = [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()] \
-            if rank == 0 else []
+        rows = (
+            [json.loads(line) for line in (Path(cfg.run_dir) / "metrics.jsonl").read_text().splitlines()]
+            if rank == 0
+            else []
+        )
         trainer.close()
         changed = sum(not torch.equal(before[k], after[k]) for k in before)
         results[combo] = {"changed": changed, "n_params": len(before), "rows": rows}
@@ -79,18 +93,33 @@ def _final_state(rank, world, model_dir, run_dir, steps, resume, checkpoint_ever
     from recipe.grpo import GRPOTrainer
 
     ctx = DistContext(rank, world, rank, torch.device("cpu"))
-    cfg = _cfg(model_dir, run_dir, ("fsdp2", "none", "none"),
-               ["rollout=hf", f"trainer.steps={steps}", f"trainer.resume={str(resume).lower()}",
-                f"trainer.checkpoint_every={checkpoint_every}"])
+    cfg = _cfg(
+        model_dir,
+        run_dir,
+        ("fsdp2", "none", "none"),
+        [
+            "rollout=hf",
+            f"trainer.steps={steps}",
+            f"trainer.resume={str(resume).lower()}",
+            f"trainer.checkpoint_every={checkpoint_every}",
+        ],
+    )
     trainer = GRPOTrainer(Settings.from_cfg(cfg), ctx)
     trainer.maybe_resume()
     start = trainer.step
     trainer.run()
     trainer.export()  # as recipe.grpo.run does after the last step
-    state = {"start": start, "params": _local_params(trainer.policy),
-             "optim": {k: v.to_local().clone() if hasattr(v, "to_local") else v
-                       for s in trainer.optimizer.state.values() for k, v in s.items() if k == "exp_avg_sq"},
-             "step": trainer.step}
+    state = {
+        "start": start,
+        "params": _local_params(trainer.policy),
+        "optim": {
+            k: v.to_local().clone() if hasattr(v, "to_local") else v
+            for s in trainer.optimizer.state.values()
+            for k, v in s.items()
+            if k == "exp_avg_sq"
+        },
+        "step": trainer.step,
+    }
     trainer.close()
     return state
 
@@ -106,8 +135,9 @@ def test_resume_continues_from_saved_step_with_identical_state(tiny_model_dir, t
             assert torch.equal(value, resumed[rank]["params"][name]), f"rank {rank} {name} differs after resume"
     assert (tmp_path / "b" / "checkpoints" / "step_4").is_dir()
     # The resumed run exports the same bytes as the uninterrupted one (the manifest names its run).
-    straight_files, resumed_files = (json.loads((tmp_path / run / "export" / "step_4" / "export.json").read_text())["files"]
-                                     for run in ("a", "b"))
+    straight_files, resumed_files = (
+        json.loads((tmp_path / run / "export" / "step_4" / "export.json").read_text())["files"] for run in ("a", "b")
+    )
     assert straight_files == resumed_files and any(f.endswith(".safetensors") for f in straight_files)
 
 
@@ -120,8 +150,15 @@ def test_default_vllm_run_writes_sync_metrics(tiny_model_dir, tmp_path):
 
     # temperature != 1: the engine must report the logprobs of the distribution it sampled from,
     # the one the trainer's importance ratio divides by
-    cfg = compose([f"model.path={tiny_model_dir}", "trainer.steps=3", "trainer.prompts_per_step=2", "rollout.n=4",
-                   "rollout.temperature=0.7"])
+    cfg = compose(
+        [
+            f"model.path={tiny_model_dir}",
+            "trainer.steps=3",
+            "trainer.prompts_per_step=2",
+            "rollout.n=4",
+            "rollout.temperature=0.7",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     train(cfg)
@@ -146,8 +183,17 @@ def test_world_one_adapter_sync_leaves_the_trainer_weights_alone(tiny_model_dir,
 
     from recipe.train import train
 
-    cfg = compose([f"model.path={tiny_model_dir}", "+lora=adapter", "trainer.world_size=1", "trainer.steps=2",
-                   "trainer.prompts_per_step=2", "rollout.n=4", "logger=none"])
+    cfg = compose(
+        [
+            f"model.path={tiny_model_dir}",
+            "+lora=adapter",
+            "trainer.world_size=1",
+            "trainer.steps=2",
+            "trainer.prompts_per_step=2",
+            "rollout.n=4",
+            "logger=none",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     train(cfg)  # raises RankError(WeightSyncError) if the adapter sync corrupted the trainer
@@ -161,8 +207,17 @@ def test_profile_steps_writes_phase_times_and_operators(tiny_model_dir, tmp_path
     phase times per step and the operator table; the run's metrics are unaffected in form."""
     from recipe.train import train
 
-    cfg = _cfg(tiny_model_dir, tmp_path, extra=["trainer.world_size=1", "rollout=hf", "trainer.steps=4",
-                                                "trainer.profile_steps=2", "trainer.profile_trace=true"])
+    cfg = _cfg(
+        tiny_model_dir,
+        tmp_path,
+        extra=[
+            "trainer.world_size=1",
+            "rollout=hf",
+            "trainer.steps=4",
+            "trainer.profile_steps=2",
+            "trainer.profile_trace=true",
+        ],
+    )
     train(cfg)
     text = (tmp_path / "profile" / "steps.txt").read_text()
     assert text.startswith("# 2 steps (loop steps 2..3)"), text[:200]
@@ -173,4 +228,3 @@ def test_profile_steps_writes_phase_times_and_operators(tiny_model_dir, tmp_path
     assert json.loads((tmp_path / "profile" / "trace_rank0.json").read_text())["traceEvents"]
     rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]
-

@@ -32,8 +32,17 @@ def _sync_twice(ctx, model_dir: str, dtype: str) -> dict:
     from tests.e2e.test_rollout_sync import _train_step
     from tests.helpers import compose
 
-    cfg = compose([f"model.path={model_dir}", "fsdp=fsdp2", "+offload=none", "+lora=none", "trainer.device=cpu",
-                   f"model.dtype={dtype}", "rollout.max_model_len=128"])
+    cfg = compose(
+        [
+            f"model.path={model_dir}",
+            "fsdp=fsdp2",
+            "+offload=none",
+            "+lora=none",
+            "trainer.device=cpu",
+            f"model.dtype={dtype}",
+            "rollout.max_model_len=128",
+        ]
+    )
     engine = build_engine(engine_spec(cfg), ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     try:
         policy = build_policy(policy_of(cfg), ctx)
@@ -43,8 +52,15 @@ def _sync_twice(ctx, model_dir: str, dtype: str) -> dict:
         _train_step(policy, optimizer, sync.probe)
         second = sync.sync(1)
         layout = engine.layout
-        return {"direct_ok": layout.direct_ok, "why": layout.why_not_direct(), "transposed": layout.transposed,
-                "rearranged": layout.rearranged, "same": len(layout.same), "first": first, "second": second}
+        return {
+            "direct_ok": layout.direct_ok,
+            "why": layout.why_not_direct(),
+            "transposed": layout.transposed,
+            "rearranged": layout.rearranged,
+            "same": len(layout.same),
+            "first": first,
+            "second": second,
+        }
     finally:
         engine.close()
 
@@ -55,8 +71,11 @@ def _layouts(rank, world, qwen2_dir, gpt2_dir):
     from recipe.dist import DistContext
 
     ctx = DistContext(rank, world, rank, torch.device("cpu"))
-    return {"qwen2": _sync_twice(ctx, qwen2_dir, "float32"), "gpt2": _sync_twice(ctx, gpt2_dir, "float32"),
-            "gpt2_bf16": _sync_twice(ctx, gpt2_dir, "bfloat16")}
+    return {
+        "qwen2": _sync_twice(ctx, qwen2_dir, "float32"),
+        "gpt2": _sync_twice(ctx, gpt2_dir, "float32"),
+        "gpt2_bf16": _sync_twice(ctx, gpt2_dir, "bfloat16"),
+    }
 
 
 @pytest.fixture(scope="module")
@@ -86,8 +105,11 @@ def test_direct_map_is_refused_for_gpt2_and_the_sync_is_exact(layouts, which):
     r = layouts[which]
     assert not r["direct_ok"] and "transposed" in r["why"], r["why"]
     # every Conv1D weight of both layers, the square attention c_proj included
-    assert sorted(r["transposed"]) == sorted(f"transformer.h.{i}.{m}.weight" for i in range(2)
-                                             for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj"))
+    assert sorted(r["transposed"]) == sorted(
+        f"transformer.h.{i}.{m}.weight"
+        for i in range(2)
+        for m in ("attn.c_attn", "attn.c_proj", "mlp.c_fc", "mlp.c_proj")
+    )
     assert r["rearranged"] == {}
     _synced(r)
     assert r["second"]["sync/parity_mean_abs_diff"] <= (1e-3 if which == "gpt2" else 0.5)

@@ -43,9 +43,11 @@ def synced(tmp_path_factory):
     from tests import tiny_models
 
     root = tmp_path_factory.mktemp("models")
-    dirs = {"untied": tiny_models.llama(root / "untied"),
-            "tied_with_ignored_keys": tiny_models.llama(root / "tied", tied=True, edit=tiny_models.with_ignored_keys),
-            "bin_only": tiny_models.llama_bin(root / "bin")}
+    dirs = {
+        "untied": tiny_models.llama(root / "untied"),
+        "tied_with_ignored_keys": tiny_models.llama(root / "tied", tied=True, edit=tiny_models.with_ignored_keys),
+        "bin_only": tiny_models.llama_bin(root / "bin"),
+    }
     return run_world(_names, 1, dirs, timeout_s=1500)[0]
 
 

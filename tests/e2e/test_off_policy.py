@@ -18,10 +18,22 @@ import torch
 from tests.helpers import compose, run_world
 
 STEPS = 4
-SMALL = ["rollout=hf", "logger=none", "trainer.world_size=1", f"trainer.steps={STEPS}", "trainer.prompts_per_step=2",
-         "rollout.n=4", "rollout.max_new_tokens=4", "trainer.micro_batch_size=4", "sync.num_probe_prompts=2",
-         "trainer.device=cpu", "trainer.eval_every=2", "trainer.eval_prompts=2", "trainer.export=none",
-         "task.num_prompts=16"]
+SMALL = [
+    "rollout=hf",
+    "logger=none",
+    "trainer.world_size=1",
+    f"trainer.steps={STEPS}",
+    "trainer.prompts_per_step=2",
+    "rollout.n=4",
+    "rollout.max_new_tokens=4",
+    "trainer.micro_batch_size=4",
+    "sync.num_probe_prompts=2",
+    "trainer.device=cpu",
+    "trainer.eval_every=2",
+    "trainer.eval_prompts=2",
+    "trainer.export=none",
+    "task.num_prompts=16",
+]
 
 
 def _runs(rank, world, model_dir, root):
@@ -119,8 +131,16 @@ def _make_train(model_dir, run_dir, off):
 
     from recipe.train import train
 
-    cfg = compose([f"model.path={model_dir}", "experiment=default_tiny", f"trainer.steps={LEARN_STEPS}",
-                   "logger=none", "trainer.export=none", f"algo.off_policy_steps={off}"])
+    cfg = compose(
+        [
+            f"model.path={model_dir}",
+            "experiment=default_tiny",
+            f"trainer.steps={LEARN_STEPS}",
+            "logger=none",
+            "trainer.export=none",
+            f"algo.off_policy_steps={off}",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
     train(cfg)
@@ -141,5 +161,7 @@ def test_one_step_off_learns_make_train_as_on_policy_does(tiny_model_dir, tmp_pa
     assert all(0 < r["train/is_weight_mean"] <= 2 and r["train/is_capped_frac"] < 0.2 for r in off)
     assert mean(off, "train/is_capped_frac") < 0.02
     assert mean(off[-LEARN_WINDOW:]) > mean(off[:10]) + 0.25, "one step off did not learn"
-    assert mean(off[-LEARN_WINDOW:]) > mean(on[-LEARN_WINDOW:]) - LEARN_MARGIN, (mean(off[-LEARN_WINDOW:]),
-                                                                                 mean(on[-LEARN_WINDOW:]))
+    assert mean(off[-LEARN_WINDOW:]) > mean(on[-LEARN_WINDOW:]) - LEARN_MARGIN, (
+        mean(off[-LEARN_WINDOW:]),
+        mean(on[-LEARN_WINDOW:]),
+    )

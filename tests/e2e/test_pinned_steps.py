@@ -41,10 +41,24 @@ def _run(model_dir, run_dir, combo):
     from recipe.train import train
 
     fsdp, offload, lora = combo
-    cfg = compose([f"fsdp={fsdp}", f"+offload={offload}", f"+lora={lora}", f"model.path={model_dir}",
-                   "rollout=hf", "logger=none", "trainer.world_size=2", f"trainer.steps={STEPS}",
-                   "trainer.prompts_per_step=4", "rollout.n=8", "rollout.max_new_tokens=4",
-                   "trainer.micro_batch_size=4", "sync.num_probe_prompts=2", "trainer.device=cpu"])
+    cfg = compose(
+        [
+            f"fsdp={fsdp}",
+            f"+offload={offload}",
+            f"+lora={lora}",
+            f"model.path={model_dir}",
+            "rollout=hf",
+            "logger=none",
+            "trainer.world_size=2",
+            f"trainer.steps={STEPS}",
+            "trainer.prompts_per_step=4",
+            "rollout.n=8",
+            "rollout.max_new_tokens=4",
+            "trainer.micro_batch_size=4",
+            "sync.num_probe_prompts=2",
+            "trainer.device=cpu",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(run_dir)
     train(cfg)
@@ -77,9 +91,17 @@ def test_first_three_steps_reproduce_the_pinned_loss_and_reward(tiny_model_dir, 
     pinned = json.loads(PINS.read_text())
     problems = [p for name in got for p in _mismatches(name, got[name], pinned["steps"][name])]
     if problems:
-        stack = "" if pinned["stack"] == _stack() else (
-            f" Note: recorded with {pinned['stack']}, this run has {_stack()}: another stack may sum in another order.")
-        pytest.fail(f"the first {STEPS} steps moved from {PINS.name}:\n  " + "\n  ".join(problems) +
-                    f"\nIf the change is intended, re-record with {RECORD}=1 .venv/bin/python -m pytest "
-                    f"tests/e2e/test_pinned_steps.py and commit the JSON with the reason.{stack}")
+        stack = (
+            ""
+            if pinned["stack"] == _stack()
+            else (
+                f" Note: recorded with {pinned['stack']}, this run has {_stack()}: another stack may sum in another order."
+            )
+        )
+        pytest.fail(
+            f"the first {STEPS} steps moved from {PINS.name}:\n  "
+            + "\n  ".join(problems)
+            + f"\nIf the change is intended, re-record with {RECORD}=1 .venv/bin/python -m pytest "
+            f"tests/e2e/test_pinned_steps.py and commit the JSON with the reason.{stack}"
+        )
     assert set(got) == set(pinned["steps"]), (set(got), set(pinned["steps"]))

@@ -28,12 +28,36 @@ from tests.helpers import REPO, run_world
 
 FAULT_NAME = "model.layers.1.mlp.down_proj.weight"
 HOOK_ENV = "RECIPE_ENGINE_TEST_HOOK"
-RUN = ["trainer.device=cpu", "trainer.prompts_per_step=2", "rollout.n=4", "rollout.max_new_tokens=4",
-       "trainer.micro_batch_size=4", "sync.num_probe_prompts=2", "trainer.timeout_s=120", "trainer.steps=3",
-       "rollout.max_model_len=128", "logger=none", "trainer.export=none"]
+RUN = [
+    "trainer.device=cpu",
+    "trainer.prompts_per_step=2",
+    "rollout.n=4",
+    "rollout.max_new_tokens=4",
+    "trainer.micro_batch_size=4",
+    "sync.num_probe_prompts=2",
+    "trainer.timeout_s=120",
+    "trainer.steps=3",
+    "rollout.max_model_len=128",
+    "logger=none",
+    "trainer.export=none",
+]
 # Per-step metrics that are timings, throughputs or memory readings: they differ between any two runs.
-TIMED = ("time/", "perf/", "memory/", "sync/total_s", "sync/gather_s", "sync/load_s", "sync/digest_s", "sync/probe_s",
-         "sync/gbps", "sync/peak_mem_bytes", "rollout/time_s", "rollout/tokens_per_s", "eval/time_s", "update/time")
+TIMED = (
+    "time/",
+    "perf/",
+    "memory/",
+    "sync/total_s",
+    "sync/gather_s",
+    "sync/load_s",
+    "sync/digest_s",
+    "sync/probe_s",
+    "sync/gbps",
+    "sync/peak_mem_bytes",
+    "rollout/time_s",
+    "rollout/tokens_per_s",
+    "eval/time_s",
+    "update/time",
+)
 
 
 # ----------------------------------------------------------------------------- hooks run in the engine process
@@ -94,8 +118,17 @@ def _cfg(model_dir, *extra):
 
     from recipe.settings import Settings
 
-    return Settings.from_cfg(compose([f"model.path={model_dir}", "trainer.device=cpu", "rollout.max_model_len=128",
-                                      "rollout.placement=separate", *extra]))
+    return Settings.from_cfg(
+        compose(
+            [
+                f"model.path={model_dir}",
+                "trainer.device=cpu",
+                "rollout.max_model_len=128",
+                "rollout.placement=separate",
+                *extra,
+            ]
+        )
+    )
 
 
 def _cli(model_dir, run_dir, *extra):
@@ -103,8 +136,14 @@ def _cli(model_dir, run_dir, *extra):
 
 
 def _run(model_dir, run_dir, *extra, env=None):
-    return subprocess.run(_cli(model_dir, run_dir, *extra), cwd=REPO, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, **(env or {})})
+    return subprocess.run(
+        _cli(model_dir, run_dir, *extra),
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def _compared(run_dir: Path):
@@ -134,8 +173,13 @@ def test_separate_placement_matches_colocated_bit_for_bit(tiny_model_dir, tmp_pa
     weights), the two placements log the same steps bit for bit."""
     runs = {}
     for placement in ("colocated", "separate"):
-        result = _run(tiny_model_dir, tmp_path / placement, f"trainer.world_size={world}",
-                      f"rollout.placement={placement}", f"algo.off_policy_steps={off}")
+        result = _run(
+            tiny_model_dir,
+            tmp_path / placement,
+            f"trainer.world_size={world}",
+            f"rollout.placement={placement}",
+            f"algo.off_policy_steps={off}",
+        )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[placement] = _compared(tmp_path / placement)
     assert len(runs["separate"]) == 3
@@ -183,8 +227,9 @@ def _engine(model_dir, *extra):
     from recipe.remote import RemoteEngine
 
     cfg = _cfg(model_dir, "rollout=hf", *extra)
-    return RemoteEngine(cfg, DistContext(0, 1, 0, torch.device("cpu")), model_dir, load=cfg.sync.load,
-                        digest=cfg.sync.digest)
+    return RemoteEngine(
+        cfg, DistContext(0, 1, 0, torch.device("cpu")), model_dir, load=cfg.sync.load, digest=cfg.sync.digest
+    )
 
 
 def test_a_killed_engine_stops_the_caller_within_seconds(tiny_model_dir):
@@ -243,8 +288,14 @@ def test_an_engine_reporting_another_weight_version_stops_the_caller(tiny_model_
 @pytest.mark.slow
 def test_an_engine_process_that_exits_ends_the_run_at_world_2(tiny_model_dir, tmp_path):
     t0 = time.monotonic()
-    result = _run(tiny_model_dir, tmp_path / "run", "trainer.world_size=2", "rollout=hf", "rollout.placement=separate",
-                  env={HOOK_ENV: f"{__name__}:exit_on_second_generate_rank1"})
+    result = _run(
+        tiny_model_dir,
+        tmp_path / "run",
+        "trainer.world_size=2",
+        "rollout=hf",
+        "rollout.placement=separate",
+        env={HOOK_ENV: f"{__name__}:exit_on_second_generate_rank1"},
+    )
     assert result.returncode != 0
     text = result.stdout + result.stderr
     assert "rank 1's rollout engine" in text and "exited with code 3 during request 'generate'" in text, text[-3000:]
@@ -281,7 +332,7 @@ def _adapter_syncs(rank, world, model_dir):
 def test_adapter_sync_into_a_separate_vllm_engine_passes_the_digest_check(tiny_model_dir):
     """lora=adapter into vLLM in the engine process: the digest check needs vLLM's held form of the adapter
     (lora_B scaled in place), a closure made in the child and sent back with cloudpickle."""
-    (first, second, lora_version), = run_world(_adapter_syncs, 1, str(tiny_model_dir))
+    ((first, second, lora_version),) = run_world(_adapter_syncs, 1, str(tiny_model_dir))
     assert first["sync/verified_tensors"] > second["sync/verified_tensors"] > 0  # base + adapter, then the adapter
     assert second["sync/weight_version"] == lora_version == 2
     assert second["sync/parity_mean_abs_diff"] <= 1e-3

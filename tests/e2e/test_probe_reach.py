@@ -74,8 +74,19 @@ def _reach(rank, world, model_dir):
     off = [tok(p + OFF_COMPLETION, add_special_tokens=False).input_ids for p in OFF_PROBE]
     rows = []
     for dtype in ("float32", "bfloat16"):
-        cfg = compose([f"model.path={model_dir}", "fsdp=fsdp2", "+offload=none", "+lora=none", "trainer.device=cpu",
-                       f"model.dtype={dtype}", "rollout.max_model_len=128", "sync.probe_every=0", "sync.digest=false"])
+        cfg = compose(
+            [
+                f"model.path={model_dir}",
+                "fsdp=fsdp2",
+                "+offload=none",
+                "+lora=none",
+                "trainer.device=cpu",
+                f"model.dtype={dtype}",
+                "rollout.max_model_len=128",
+                "sync.probe_every=0",
+                "sync.digest=false",
+            ]
+        )
         engine = build_engine(engine_spec(cfg), ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
         try:
             policy = build_policy(policy_of(cfg), ctx)
@@ -94,8 +105,17 @@ def _reach(rank, world, model_dir):
                     sync.stream_fn = _stale_stream(old)
                     sync.sync(1)
                     stale = _gap(sync)
-                    rows.append({"dtype": dtype, "lr": lr, "trained_on": trained_on, "clean": clean,
-                                 "missed_update": missed, "stale_tensor": stale, "tolerance": sync.tolerance})
+                    rows.append(
+                        {
+                            "dtype": dtype,
+                            "lr": lr,
+                            "trained_on": trained_on,
+                            "clean": clean,
+                            "missed_update": missed,
+                            "stale_tensor": stale,
+                            "tolerance": sync.tolerance,
+                        }
+                    )
         finally:
             engine.close()
     return rows
@@ -104,11 +124,15 @@ def _reach(rank, world, model_dir):
 @pytest.fixture(scope="module")
 def reach(tiny_model_dir):
     rows = run_world(_reach, 1, str(tiny_model_dir), timeout_s=1500)[0]
-    print("\n| dtype | lr | trained on | clean mean / worst | missed update mean / worst | one stale tensor mean / worst |")
+    print(
+        "\n| dtype | lr | trained on | clean mean / worst | missed update mean / worst | one stale tensor mean / worst |"
+    )
     for r in rows:
         cell = lambda v: f"{v[0]:.3g} / {v[1]:.3g}"  # noqa: E731
-        print(f"| {r['dtype']} | {r['lr']:g} | {r['trained_on']} | {cell(r['clean'])} | {cell(r['missed_update'])} | "
-              f"{cell(r['stale_tensor'])} |")
+        print(
+            f"| {r['dtype']} | {r['lr']:g} | {r['trained_on']} | {cell(r['clean'])} | {cell(r['missed_update'])} | "
+            f"{cell(r['stale_tensor'])} |"
+        )
     return rows
 
 

@@ -41,21 +41,45 @@ from tests.helpers import engine_spec, policy_of, run_world
 
 pytestmark = pytest.mark.slow
 
-COMBOS = [c for c in itertools.product(("fsdp1", "fsdp2"), ("none", "manual", "cpu"), ("none", "merged", "adapter"))
-          if c[:2] != ("fsdp1", "cpu")]  # FSDP1 + CPU offload needs an accelerator (validate refuses it)
+COMBOS = [
+    c
+    for c in itertools.product(("fsdp1", "fsdp2"), ("none", "manual", "cpu"), ("none", "merged", "adapter"))
+    if c[:2] != ("fsdp1", "cpu")
+]  # FSDP1 + CPU offload needs an accelerator (validate refuses it)
 GEN_PROMPTS = ["12+7=", "3*4=", "20-9="]
-SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/digest_s", "sync/probe_s", "sync/bytes",
-             "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
-             "sync/verified_bytes", "sync/digest", "sync/parity_max_abs_diff", "sync/parity_mean_abs_diff",
-             "sync/fingerprint"}
+SYNC_KEYS = {
+    "sync/total_s",
+    "sync/gather_s",
+    "sync/load_s",
+    "sync/digest_s",
+    "sync/probe_s",
+    "sync/bytes",
+    "sync/gbps",
+    "sync/peak_mem_bytes",
+    "sync/strategy",
+    "sync/weight_version",
+    "sync/verified_tensors",
+    "sync/verified_bytes",
+    "sync/digest",
+    "sync/parity_max_abs_diff",
+    "sync/parity_mean_abs_diff",
+    "sync/fingerprint",
+}
 FAULT_NAME = "model.layers.1.mlp.down_proj.weight"
 SQUARE_NAME = "model.layers.1.self_attn.o_proj.weight"  # 128 x 128
 DTYPES = ("float32", "bfloat16")
 # Faults injected between the trainer's stream (which digests what it yields) and the engine, i.e.
 # the engine ends up holding something else than was streamed; each must be caught by the digest
 # check on both ranks, naming the tensor. "<kind>@0": injected on rank 0 only (the ranks agree).
-WEIGHT_FAULTS = {"skip": FAULT_NAME, "stale": FAULT_NAME, "wrong_name": FAULT_NAME, "ulp@0": FAULT_NAME,
-                 "scale": FAULT_NAME, "transpose": SQUARE_NAME, "head_not_refreshed": "lm_head.weight"}
+WEIGHT_FAULTS = {
+    "skip": FAULT_NAME,
+    "stale": FAULT_NAME,
+    "wrong_name": FAULT_NAME,
+    "ulp@0": FAULT_NAME,
+    "scale": FAULT_NAME,
+    "transpose": SQUARE_NAME,
+    "head_not_refreshed": "lm_head.weight",
+}
 ADAPTER_FAULTS = {"b_not_scaled": "lora_B.weight", "b_scaled_twice": "lora_B.weight"}
 NUM_CLEAN_SYNCS = 100
 
@@ -63,8 +87,17 @@ NUM_CLEAN_SYNCS = 100
 def _cfg(model_dir: str, fsdp="fsdp2", offload="none", lora="none", extra=()):
     from tests.helpers import compose
 
-    return compose([f"fsdp={fsdp}", f"+offload={offload}", f"+lora={lora}", f"model.path={model_dir}",
-                    "trainer.device=cpu", "rollout.max_model_len=128", *extra])
+    return compose(
+        [
+            f"fsdp={fsdp}",
+            f"+offload={offload}",
+            f"+lora={lora}",
+            f"model.path={model_dir}",
+            "trainer.device=cpu",
+            "rollout.max_model_len=128",
+            *extra,
+        ]
+    )
 
 
 def remembering_stream(stale: dict):
@@ -131,11 +164,17 @@ def _one_combo(combo, ctx, model_dir, engines, tok):
     after = engine.prompt_logprobs(sync.probe)
     ref = _reference(policy, cfg)
     hf = HfEngine(ref, ctx.device, tok.eos_token_id, tok.pad_token_id)
-    out = {"first": first, "second": second, "engine_greedy": _greedy(engine, gen_ids),
-           "hf_greedy": _greedy(hf, gen_ids), "engine_vs_ref": _max_gap(after, hf.prompt_logprobs(sync.probe)),
-           "moved": _max_gap(before, after), "tolerance": sync.tolerance}
+    out = {
+        "first": first,
+        "second": second,
+        "engine_greedy": _greedy(engine, gen_ids),
+        "hf_greedy": _greedy(hf, gen_ids),
+        "engine_vs_ref": _max_gap(after, hf.prompt_logprobs(sync.probe)),
+        "moved": _max_gap(before, after),
+        "tolerance": sync.tolerance,
+    }
     # backend hf: generate with the sharded policy itself; ranks get different prompt counts
-    rank_ids = gen_ids[:1 + 2 * (ctx.rank % 2)]
+    rank_ids = gen_ids[: 1 + 2 * (ctx.rank % 2)]
     out["hf_backend_greedy"] = _greedy(PolicyEngine(policy, ctx.device, tok.eos_token_id, tok.pad_token_id), rank_ids)
     out["hf_backend_ref"] = _greedy(hf, rank_ids)
     # backend hf (rollout=hf): the engine's own unsharded copy, loaded by name through the same sync
@@ -325,8 +364,13 @@ def _clean_syncs(ctx, model_dir, dtype, engine, tok, lora, count):
         digests.add(error["sync/digest"])
         digest_s += error["sync/digest_s"]
         move_s += error["sync/gather_s"] + error["sync/load_s"]
-    return {"flagged": flagged, "distinct_digests": len(digests), "seconds": time.perf_counter() - t0,
-            "digest_s": digest_s, "move_s": move_s}
+    return {
+        "flagged": flagged,
+        "distinct_digests": len(digests),
+        "seconds": time.perf_counter() - t0,
+        "digest_s": digest_s,
+        "move_s": move_s,
+    }
 
 
 def _error_of_stats(sync, step):
@@ -384,8 +428,10 @@ def _long_batch(engine):
 def _digest_checks(out, ctx, model_dir, dtype, engines, tok):
     out["faults"][dtype] = _faults(ctx, model_dir, dtype, engines["plain"], tok)
     out["adapter_faults"][dtype] = _adapter_faults(ctx, model_dir, dtype, engines["lora"], tok)
-    out["clean"][dtype] = {"none": _clean_syncs(ctx, model_dir, dtype, engines["plain"], tok, "none", NUM_CLEAN_SYNCS),
-                           "adapter": _clean_syncs(ctx, model_dir, dtype, engines["lora"], tok, "adapter", 20)}
+    out["clean"][dtype] = {
+        "none": _clean_syncs(ctx, model_dir, dtype, engines["plain"], tok, "none", NUM_CLEAN_SYNCS),
+        "adapter": _clean_syncs(ctx, model_dir, dtype, engines["lora"], tok, "adapter", 20),
+    }
 
 
 @contextlib.contextmanager
@@ -393,9 +439,14 @@ def _engines(ctx, model_dir, dtype):
     """One plain and one LoRA-enabled vLLM engine of `dtype` on this rank, closed after use."""
     from recipe.engine import build_engine
 
-    plain, lora = _cfg(model_dir, extra=[f"model.dtype={dtype}"]), _cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}"])
-    engines = {"plain": build_engine(engine_spec(plain), ctx, model_dir, load=plain.sync.load, digest=plain.sync.digest),
-               "lora": build_engine(engine_spec(lora), ctx, model_dir, load=lora.sync.load, digest=lora.sync.digest)}
+    plain, lora = (
+        _cfg(model_dir, extra=[f"model.dtype={dtype}"]),
+        _cfg(model_dir, lora="adapter", extra=[f"model.dtype={dtype}"]),
+    )
+    engines = {
+        "plain": build_engine(engine_spec(plain), ctx, model_dir, load=plain.sync.load, digest=plain.sync.digest),
+        "lora": build_engine(engine_spec(lora), ctx, model_dir, load=lora.sync.load, digest=lora.sync.digest),
+    }
     try:
         yield engines
     finally:
@@ -425,7 +476,9 @@ def test_engine_matches_trained_model(world, combo):
         assert r["second"]["sync/weight_version"] == r["first"]["sync/weight_version"] + 1
         assert r["second"]["sync/bytes"] > 0
         # every tensor was digest-checked, and the digest moved with the update
-        assert r["second"]["sync/verified_tensors"] > 0 and r["second"]["sync/verified_bytes"] == r["second"]["sync/bytes"]
+        assert (
+            r["second"]["sync/verified_tensors"] > 0 and r["second"]["sync/verified_bytes"] == r["second"]["sync/bytes"]
+        )
         assert r["second"]["sync/digest"] != r["first"]["sync/digest"]
         # the step changed the engine's weights, and they now equal the trained model's
         assert r["moved"] > r["tolerance"], f"rank {rank}: the engine did not change after the update"
@@ -529,8 +582,8 @@ def read_wandb_history(path: Path) -> list:
         if block - pos % block < 7:  # block trailer padding
             pos += block - pos % block
             continue
-        length, kind = int.from_bytes(data[pos + 4:pos + 6], "little"), data[pos + 6]
-        chunks.append(data[pos + 7:pos + 7 + length])
+        length, kind = int.from_bytes(data[pos + 4 : pos + 6], "little"), data[pos + 6]
+        chunks.append(data[pos + 7 : pos + 7 + length])
         pos += 7 + length
         if kind in (1, 4):  # FULL or LAST: a whole record is buffered
             record = pb.Record()
@@ -567,8 +620,19 @@ def test_short_run_wandb_file_holds_sync_metrics(tiny_model_dir, tmp_path):
     from recipe.train import train
     from tests.helpers import compose
 
-    cfg = compose([f"model.path={tiny_model_dir}", "fsdp=fsdp1", "+lora=adapter", "sync.probe_every=2", "trainer.steps=3",
-                   "trainer.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=4", "logger.mode=offline"])
+    cfg = compose(
+        [
+            f"model.path={tiny_model_dir}",
+            "fsdp=fsdp1",
+            "+lora=adapter",
+            "sync.probe_every=2",
+            "trainer.steps=3",
+            "trainer.prompts_per_step=2",
+            "rollout.n=2",
+            "rollout.max_new_tokens=4",
+            "logger.mode=offline",
+        ]
+    )
     with open_dict(cfg):
         cfg.run_dir = str(tmp_path)
     train(cfg)

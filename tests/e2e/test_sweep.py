@@ -14,17 +14,36 @@ from tests.helpers import REPO
 @pytest.mark.slow
 def test_sweep_of_all_18_combinations_and_report(tiny_model_dir, tmp_path):
     sweep_dir = tmp_path / "sweep"
-    cmd = [sys.executable, "-m", "recipe.train", "-m", "experiment=sweep",
-           "fsdp=fsdp1,fsdp2", "+offload=none,manual,cpu", "+lora=none,merged,adapter",
-           # as few steps as prove every job ran sync and verify; the HF engine keeps it quick
-           "rollout=hf", "trainer.steps=1", "trainer.prompts_per_step=2", "rollout.n=2", "rollout.max_new_tokens=4",
-           "sync.num_probe_prompts=2", f"model.path={tiny_model_dir}", f"hydra.sweep.dir={sweep_dir}"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "recipe.train",
+        "-m",
+        "experiment=sweep",
+        "fsdp=fsdp1,fsdp2",
+        "+offload=none,manual,cpu",
+        "+lora=none,merged,adapter",
+        # as few steps as prove every job ran sync and verify; the HF engine keeps it quick
+        "rollout=hf",
+        "trainer.steps=1",
+        "trainer.prompts_per_step=2",
+        "rollout.n=2",
+        "rollout.max_new_tokens=4",
+        "sync.num_probe_prompts=2",
+        f"model.path={tiny_model_dir}",
+        f"hydra.sweep.dir={sweep_dir}",
+    ]
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=1500)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
 
-    report = subprocess.run([sys.executable, "-m", "tools.sweep_report", str(sweep_dir)], cwd=REPO,
-                            capture_output=True, text=True, timeout=120)
+    report = subprocess.run(
+        [sys.executable, "-m", "tools.sweep_report", str(sweep_dir)],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert report.returncode == 0, report.stderr[-3000:]
     from tools.sweep_report import collect
 

@@ -21,8 +21,16 @@ REFERENCES = ("naive", "dcp_full_cpu", "dtensor_stream")
 
 
 def run_bench(tmp_path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tools.sync_bench", f"hydra.run.dir={tmp_path}/run", f"bench.out_dir={tmp_path}",
-           "bench.limit_mb=16", "bench.limit_reps=2", *overrides]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.sync_bench",
+        f"hydra.run.dir={tmp_path}/run",
+        f"bench.out_dir={tmp_path}",
+        "bench.limit_mb=16",
+        "bench.limit_reps=2",
+        *overrides,
+    ]
     env = {**os.environ, "GRPO_CACHE": os.environ.get("GRPO_CACHE", str(REPO / ".cache"))}
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=240)
     assert proc.returncode == 0, f"sync_bench failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
@@ -61,11 +69,19 @@ def test_every_cpu_strategy_is_reported_at_world_2(tiny_model_dir, tmp_path):
 
 
 def test_vllm_sink_loads_the_stream_into_the_engine(tiny_model_dir, tmp_path):
-    run_bench(tmp_path, "trainer.world_size=1", "bench.sink=vllm", "bench.warm_iters=1",
-              "bench.strategies=[fsdp2/cpu/merged,fsdp2/manual/adapter]", "bench.references=[]")
+    run_bench(
+        tmp_path,
+        "trainer.world_size=1",
+        "bench.sink=vllm",
+        "bench.warm_iters=1",
+        "bench.strategies=[fsdp2/cpu/merged,fsdp2/manual/adapter]",
+        "bench.references=[]",
+    )
     rows = json.loads((tmp_path / "sync_bench_tiny_w1.json").read_text())["rows"]
     assert [(r["label"], r["status"], r["sink"]) for r in rows] == [
-        ("fsdp2/cpu/merged", "ok", "vllm"), ("fsdp2/manual/adapter", "ok", "copy")]
+        ("fsdp2/cpu/merged", "ok", "vllm"),
+        ("fsdp2/manual/adapter", "ok", "copy"),
+    ]
     assert all(r["bytes"] > 0 for r in rows)
     # the digest cost: every engine tensor digest-checked (the tied head too), with its time and ratio
     assert rows[0]["digested_tensors"] == 17 and rows[0]["digest_problems"] == []
@@ -116,9 +132,16 @@ def test_copy_sink_digest_check_names_a_wrong_weight():
 
 
 def test_profile_writes_a_table_per_strategy(tiny_model_dir, tmp_path):
-    proc = run_bench(tmp_path, "trainer.world_size=2", "bench.sink=copy", "bench.warm_iters=1", "bench.profile=true",
-                     "bench.profile_trace=true", "bench.strategies=[fsdp2/none/merged,fsdp1/none/none]",
-                     "bench.references=[]")
+    proc = run_bench(
+        tmp_path,
+        "trainer.world_size=2",
+        "bench.sink=copy",
+        "bench.warm_iters=1",
+        "bench.profile=true",
+        "bench.profile_trace=true",
+        "bench.strategies=[fsdp2/none/merged,fsdp1/none/none]",
+        "bench.references=[]",
+    )
     rows = json.loads((tmp_path / "sync_bench_tiny_w2.json").read_text())["rows"]
     for row, stem in zip(rows, ("fsdp2_none_merged", "fsdp1_none_none")):
         table = tmp_path / "profile" / f"sync_bench_tiny_w2__{stem}.txt"

@@ -13,22 +13,40 @@ import pytest
 
 from recipe.settings import Settings
 
-from tests.e2e.test_rollout_sync import (ADAPTER_FAULTS, FAULT_NAME, SQUARE_NAME, _adapter_fault, _engine_fault,
-                                         _error_of, _train_step, remembering_stream)
+from tests.e2e.test_rollout_sync import (
+    ADAPTER_FAULTS,
+    FAULT_NAME,
+    SQUARE_NAME,
+    _adapter_fault,
+    _engine_fault,
+    _error_of,
+    _train_step,
+    remembering_stream,
+)
 from tests.helpers import engine_spec, policy_of, run_world
 
 pytestmark = pytest.mark.gpu
 
-GPU_FAULTS = {"skip": FAULT_NAME, "stale": FAULT_NAME, "ulp": FAULT_NAME, "scale": FAULT_NAME,
-              "transpose": SQUARE_NAME}
+GPU_FAULTS = {"skip": FAULT_NAME, "stale": FAULT_NAME, "ulp": FAULT_NAME, "scale": FAULT_NAME, "transpose": SQUARE_NAME}
 
 
 def _cfg(model_dir, lora):
     from tests.helpers import compose
 
-    return compose([f"model.path={model_dir}", "fsdp=fsdp2", "+offload=none", f"+lora={lora}", "trainer.device=cuda",
-                    "model.dtype=bfloat16", "rollout.max_model_len=128", "rollout.gpu_memory_utilization=0.2",
-                    "sync.probe_every=-1", "sync.probe_tolerance=0.5"])
+    return compose(
+        [
+            f"model.path={model_dir}",
+            "fsdp=fsdp2",
+            "+offload=none",
+            f"+lora={lora}",
+            "trainer.device=cuda",
+            "model.dtype=bfloat16",
+            "rollout.max_model_len=128",
+            "rollout.gpu_memory_utilization=0.2",
+            "sync.probe_every=-1",
+            "sync.probe_tolerance=0.5",
+        ]
+    )
 
 
 def _run(rank, world, model_dir, lora):

@@ -47,12 +47,31 @@ def _gaps(run_dir: Path) -> tuple:
 def test_every_combination_trains_in_bf16_over_float32_masters(tmp_path):
     _needs(2)
     model_dir = tmp_path / "qwen2_1p5b"
-    subprocess.run([sys.executable, "-m", "tools.make_random_model", "qwen2_1p5b", str(model_dir), "--device", "cuda"],
-                   cwd=REPO, check=True, timeout=600)
+    subprocess.run(
+        [sys.executable, "-m", "tools.make_random_model", "qwen2_1p5b", str(model_dir), "--device", "cuda"],
+        cwd=REPO,
+        check=True,
+        timeout=600,
+    )
     out, root = tmp_path / "matrix.json", tmp_path / "runs"
-    cmd = [sys.executable, "-m", "tools.combo_matrix", "--isolate", "--steps", "3", "--out", str(out), "--root",
-           str(root), "model=local", f"model.path={model_dir}", "model.master_dtype=float32", "trainer.device=cuda",
-           "trainer.world_size=2", "rollout.sleep=true"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "tools.combo_matrix",
+        "--isolate",
+        "--steps",
+        "3",
+        "--out",
+        str(out),
+        "--root",
+        str(root),
+        "model=local",
+        f"model.path={model_dir}",
+        "model.master_dtype=float32",
+        "trainer.device=cuda",
+        "trainer.world_size=2",
+        "rollout.sleep=true",
+    ]
     subprocess.run(cmd, cwd=REPO, check=True, timeout=3600)
     rows = json.loads(out.read_text())["rows"]
     assert len(rows) == 18

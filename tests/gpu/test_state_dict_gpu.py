@@ -13,7 +13,13 @@ import torch
 
 from recipe.weights import all_keys
 from tests.dist.test_state_dict import (
-    _train_step, assert_combo, check_stream, checkpoint_state, combo_cfg, reference, run_combos,
+    _train_step,
+    assert_combo,
+    check_stream,
+    checkpoint_state,
+    combo_cfg,
+    reference,
+    run_combos,
 )
 from tests.helpers import policy_of
 
@@ -78,8 +84,7 @@ def _run_all(model_dir, keys, extra_dtype=None):
     for cfg in cfgs:
         if extra_dtype:
             cfg.model.dtype = extra_dtype
-    ranks = run_world(run_combos, 2, [OmegaConf.to_yaml(c) for c in cfgs], "cuda", backend="nccl",
-                      timeout_s=300)
+    ranks = run_world(run_combos, 2, [OmegaConf.to_yaml(c) for c in cfgs], "cuda", backend="nccl", timeout_s=300)
     failures = []
     for cfg, r0, r1 in zip(cfgs, ranks[0], ranks[1]):
         for result in (r0, r1):
@@ -99,14 +104,28 @@ def test_all_18_combinations_fp32(tiny_model_dir):
 def test_bf16_combinations(tiny_model_dir):
     """bf16 engine dtype: merge in fp32 then cast, adapters kept in the base dtype."""
     _two_gpus()
-    keys = [("fsdp2", "cpu", "merged"), ("fsdp1", "cpu", "adapter"), ("fsdp2", "manual", "none"),
-            ("fsdp1", "manual", "merged"), ("fsdp2", "none", "adapter"), ("fsdp2", "none", "merged")]
+    keys = [
+        ("fsdp2", "cpu", "merged"),
+        ("fsdp1", "cpu", "adapter"),
+        ("fsdp2", "manual", "none"),
+        ("fsdp1", "manual", "merged"),
+        ("fsdp2", "none", "adapter"),
+        ("fsdp2", "none", "merged"),
+    ]
     _run_all(tiny_model_dir, keys, extra_dtype="bfloat16")
 
 
 # LoRA layer shapes (out, in) of the benchmarked models: q/o, k/v, gate/up, down of Qwen2 1.5B and 7B.
-BENCH_LORA_SHAPES = [(1536, 1536), (256, 1536), (8960, 1536), (1536, 8960),
-                     (3584, 3584), (512, 3584), (18944, 3584), (3584, 18944)]
+BENCH_LORA_SHAPES = [
+    (1536, 1536),
+    (256, 1536),
+    (8960, 1536),
+    (1536, 8960),
+    (3584, 3584),
+    (512, 3584),
+    (18944, 3584),
+    (3584, 18944),
+]
 
 
 def test_merged_rows_equal_rows_of_the_full_merge_on_cuda():
@@ -127,7 +146,7 @@ def test_merged_rows_equal_rows_of_the_full_merge_on_cuda():
             offset = 0
             for rows_w, rows_b in zip(torch.chunk(w, world), torch.chunk(b, world)):
                 part = merge_lora_rows(rows_w.clone(), a, rows_b.clone(), 2.0, torch.bfloat16, offset, out)
-                if not torch.equal(part, full[offset:offset + rows_w.shape[0]]):
+                if not torch.equal(part, full[offset : offset + rows_w.shape[0]]):
                     failures.append((out, inn, r, world, offset))
                 offset += rows_w.shape[0]
     assert not failures, f"row blocks differ from the full merge: {failures[:10]} ({len(failures)} in all)"

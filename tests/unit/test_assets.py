@@ -20,12 +20,12 @@ from tests.helpers import REPO, compose
 CPU = "trainer.device=cpu"
 
 
-
 def _start_checks(cfg):
     """What train() checks before anything is built: the config (validate) and the model directory."""
     settings = validate(cfg)
     check_model_path(settings.model)
     return settings
+
 
 def _user_model(path):
     path.mkdir(parents=True)
@@ -69,9 +69,21 @@ def test_user_model_path_from_the_cli_exits_with_the_message(tmp_path):
     """The issue's command, as a user types it: it exits non-zero at start and deletes nothing."""
     mine = tmp_path / "my_model"
     before = _user_model(mine)
-    out = subprocess.run([sys.executable, "-m", "recipe.train", f"model.path={mine}", "trainer.device=cpu",
-                          "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipe.train",
+            f"model.path={mine}",
+            "trainer.device=cpu",
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0 and "use model=local model.path=" in out.stderr, out.stderr[-2000:]
     assert _contents(mine) == before
     assert json.loads((tmp_path / "run" / "status.json").read_text())["status"] == "failed"
@@ -112,11 +124,14 @@ def test_empty_directory_and_older_copy_of_ours_are_built(tmp_path, tiny_model_d
     assert json.loads((old / "recipe_model.json").read_text())["version"] > 1  # rebuilt in place
 
 
-@pytest.mark.parametrize("remove,missing", [
-    (["model.safetensors"], "lacks: weights"),
-    (["tokenizer.json", "tokenizer_config.json"], "a tokenizer (tokenizer.json"),
-    (["config.json"], "lacks: config.json"),
-])
+@pytest.mark.parametrize(
+    "remove,missing",
+    [
+        (["model.safetensors"], "lacks: weights"),
+        (["tokenizer.json", "tokenizer_config.json"], "a tokenizer (tokenizer.json"),
+        (["config.json"], "lacks: config.json"),
+    ],
+)
 def test_model_directory_without_weights_or_tokenizer_is_refused(tmp_path, tiny_model_dir, remove, missing):
     local = tmp_path / "local"
     shutil.copytree(tiny_model_dir, local)
@@ -168,9 +183,22 @@ def test_a_file_as_a_local_model_path_is_named_as_a_file(tmp_path):
 def test_a_config_error_at_the_cli_is_one_line(tmp_path, tiny_model_dir):
     local = _local_copy(tmp_path, tiny_model_dir)
     (local / "config.json").write_text('{"model_type": "qwen2", ')
-    out = subprocess.run([sys.executable, "-m", "recipe.train", "model=local", f"model.path={local}", CPU,
-                          "logger=none", f"hydra.run.dir={tmp_path / 'run'}"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipe.train",
+            "model=local",
+            f"model.path={local}",
+            CPU,
+            "logger=none",
+            f"hydra.run.dir={tmp_path / 'run'}",
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0
     lines = [line for line in out.stderr.splitlines() if line.strip()]
     assert len(lines) == 1 and "config.json cannot be parsed" in lines[0], out.stderr[-3000:]

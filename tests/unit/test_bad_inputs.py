@@ -20,31 +20,36 @@ from omegaconf import OmegaConf, open_dict
 
 from recipe.config import RANGES, ConfigError, numeric_fields, validate
 from recipe.settings import Settings
-from recipe.preflight import (check_context_length, check_resume_config, check_run_dir, check_wandb,
-                              save_run_config)
+from recipe.preflight import check_context_length, check_resume_config, check_run_dir, check_wandb, save_run_config
 from tests.helpers import REPO, compose
 
 CPU = "trainer.device=cpu"
 
 
-@pytest.mark.parametrize("overrides,field,hint", [
-    (["rollout.temperature=0"], "rollout.temperature", "> 0"),
-    (["rollout.temperature=-0.5"], "rollout.temperature", "> 0"),
-    (["trainer.updates_per_batch=1000"], "trainer.updates_per_batch=1000", "samples per rank"),
-    (["trainer.prompts_per_step=2", "rollout.n=2", "trainer.updates_per_batch=5"], "trainer.updates_per_batch=5",
-     "= 4"),
-    (["rollout.max_model_len=4"], "rollout.max_model_len=4", "rollout.max_new_tokens=8"),
-    (["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints", ">= 0"),
-    (["trainer.micro_batch_size=0"], "trainer.micro_batch_size", "> 0"),
-    (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every", ">= 0"),
-    (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization", "(0, 1)"),
-    (["rollout.gpu_memory_utilization=0"], "rollout.gpu_memory_utilization", "got 0"),
-    (["rollout.kv_cache_gb=0"], "rollout.kv_cache_gb", "> 0"),
-    (["algo.entropy_tokens=-1"], "algo.entropy_tokens", ">= 0"),
-    (["algo.off_policy_steps=2"], "algo.off_policy_steps", "in [0, 1]"),
-    (["algo.is_cap=0.5"], "algo.is_cap", ">= 1"),
-    (["algo.off_policy_steps=1", "rollout.top_p=0.9"], "algo.off_policy_steps=1 with rollout.top_p=0.9", "top_p=1"),
-])
+@pytest.mark.parametrize(
+    "overrides,field,hint",
+    [
+        (["rollout.temperature=0"], "rollout.temperature", "> 0"),
+        (["rollout.temperature=-0.5"], "rollout.temperature", "> 0"),
+        (["trainer.updates_per_batch=1000"], "trainer.updates_per_batch=1000", "samples per rank"),
+        (
+            ["trainer.prompts_per_step=2", "rollout.n=2", "trainer.updates_per_batch=5"],
+            "trainer.updates_per_batch=5",
+            "= 4",
+        ),
+        (["rollout.max_model_len=4"], "rollout.max_model_len=4", "rollout.max_new_tokens=8"),
+        (["trainer.keep_checkpoints=-1"], "trainer.keep_checkpoints", ">= 0"),
+        (["trainer.micro_batch_size=0"], "trainer.micro_batch_size", "> 0"),
+        (["trainer.checkpoint_every=-1"], "trainer.checkpoint_every", ">= 0"),
+        (["rollout.gpu_memory_utilization=1.5"], "rollout.gpu_memory_utilization", "(0, 1)"),
+        (["rollout.gpu_memory_utilization=0"], "rollout.gpu_memory_utilization", "got 0"),
+        (["rollout.kv_cache_gb=0"], "rollout.kv_cache_gb", "> 0"),
+        (["algo.entropy_tokens=-1"], "algo.entropy_tokens", ">= 0"),
+        (["algo.off_policy_steps=2"], "algo.off_policy_steps", "in [0, 1]"),
+        (["algo.is_cap=0.5"], "algo.is_cap", ">= 1"),
+        (["algo.off_policy_steps=1", "rollout.top_p=0.9"], "algo.off_policy_steps=1 with rollout.top_p=0.9", "top_p=1"),
+    ],
+)
 def test_bad_values_are_refused_with_the_field(overrides, field, hint):
     with pytest.raises(ConfigError) as err:
         validate(compose(overrides + [CPU]))
@@ -99,20 +104,24 @@ def _outside(bound):
     return out
 
 
-@pytest.mark.parametrize("key,value", [(k, v) for k, kind in NUMERIC for v in _outside(RANGES[k])
-                                       if kind is float or float(v).is_integer()])
+@pytest.mark.parametrize(
+    "key,value", [(k, v) for k, kind in NUMERIC for v in _outside(RANGES[k]) if kind is float or float(v).is_integer()]
+)
 def test_every_numeric_field_refuses_values_outside_its_range(key, value):
     msg = _refused(key, value)
     assert msg.startswith(key) and str(RANGES[key]) in msg, msg
 
 
-@pytest.mark.parametrize("key,value,hint", [
-    ("rollout.n", 16385, "VLLM_MAX_N_SEQUENCES"),
-    ("trainer.seed", 2**32 - 1, "trainer.seed <= 4294967294"),  # rank 1's engine would take 2**32
-    ("lora.dropout", 2.0, "[0, 1)"),
-    ("trainer.seed", -1, "[0, 4294967295]"),
-    ("sync.probe_tolerance", -0.1, ">= 0"),
-])
+@pytest.mark.parametrize(
+    "key,value,hint",
+    [
+        ("rollout.n", 16385, "VLLM_MAX_N_SEQUENCES"),
+        ("trainer.seed", 2**32 - 1, "trainer.seed <= 4294967294"),  # rank 1's engine would take 2**32
+        ("lora.dropout", 2.0, "[0, 1)"),
+        ("trainer.seed", -1, "[0, 4294967295]"),
+        ("sync.probe_tolerance", -0.1, ">= 0"),
+    ],
+)
 def test_limits_of_the_engine_and_the_model_are_checked_at_start(key, value, hint):
     """Fields that used to fail late inside a rank with a library's message (a negative seed: numpy's
     127-line trace; a LoRA dropout of 2; more samples than vLLM takes) or at the first probe."""
@@ -179,8 +188,13 @@ def test_unwritable_run_directory_from_the_cli(tmp_path):
     """From the command line Hydra makes the run directory first, and fails naming it."""
     (tmp_path / "file").write_text("x")
     target = tmp_path / "file" / "run"
-    out = subprocess.run([sys.executable, "-m", "recipe.train", f"hydra.run.dir={target}", "logger=none"],
-                         cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [sys.executable, "-m", "recipe.train", f"hydra.run.dir={target}", "logger=none"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert out.returncode != 0 and f"Not a directory: '{target}'" in out.stderr, out.stderr[-2000:]
 
 
@@ -197,16 +211,31 @@ def test_resume_with_a_config_that_changes_the_math_is_refused(tmp_path):
     saved = _run_cfg(tmp_path)
     (tmp_path / "run").mkdir()
     save_run_config(saved, tmp_path / "run" / "config.yaml")
-    ok = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=99", "trainer.checkpoint_every=5",
-                             "trainer.keep_checkpoints=0", "logger=none", "trainer.export=every_checkpoint"])
+    ok = _run_cfg(
+        tmp_path,
+        [
+            "trainer.resume=true",
+            "trainer.steps=99",
+            "trainer.checkpoint_every=5",
+            "trainer.keep_checkpoints=0",
+            "logger=none",
+            "trainer.export=every_checkpoint",
+        ],
+    )
     check_resume_config(ok)  # steps, checkpointing, exports and logging may change
-    bad = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.lr=0.5", "rollout.temperature=0.7",
-                              "trainer.world_size=1", "+lora=merged"])
+    bad = _run_cfg(
+        tmp_path,
+        ["trainer.resume=true", "trainer.lr=0.5", "rollout.temperature=0.7", "trainer.world_size=1", "+lora=merged"],
+    )
     with pytest.raises(ConfigError) as err:
         check_resume_config(bad)
     msg = str(err.value)
-    for field in ("trainer.lr: 0.001 -> 0.5", "rollout.temperature: 1.0 -> 0.7", "trainer.world_size: 2 -> 1",
-                  "lora.name: 'none' -> 'merged'"):
+    for field in (
+        "trainer.lr: 0.001 -> 0.5",
+        "rollout.temperature: 1.0 -> 0.7",
+        "trainer.world_size: 2 -> 1",
+        "lora.name: 'none' -> 'merged'",
+    ):
         assert field in msg, msg
 
 
@@ -235,8 +264,9 @@ def _saved_run(tmp_path, steps_logged, checkpoint=None, overrides=()):
     run = tmp_path / "run"
     run.mkdir()
     save_run_config(cfg, run / "config.yaml")
-    (run / "metrics.jsonl").write_text("".join(json.dumps({"step": s, "reward/mean": 0.5}) + "\n"
-                                               for s in steps_logged))
+    (run / "metrics.jsonl").write_text(
+        "".join(json.dumps({"step": s, "reward/mean": 0.5}) + "\n" for s in steps_logged)
+    )
     if checkpoint is not None:
         (run / "checkpoints" / f"step_{checkpoint}").mkdir(parents=True)
     return run
@@ -247,7 +277,7 @@ def test_resume_with_a_cut_or_unreadable_config_yaml_is_refused(tmp_path):
     run = _saved_run(tmp_path, range(1, 9), checkpoint=8)
     text = (run / "config.yaml").read_text()
     resume = _run_cfg(tmp_path, ["trainer.resume=true", "trainer.steps=8"])
-    for damaged in (text[:len(text) // 2], text[:-len("# end of config.yaml\n")], "model: [unclosed\n"):
+    for damaged in (text[: len(text) // 2], text[: -len("# end of config.yaml\n")], "model: [unclosed\n"):
         (run / "config.yaml").write_text(damaged)
         with pytest.raises(ConfigError, match="config.yaml (is damaged|cannot be parsed)") as err:
             check_resume_config(resume)
@@ -284,7 +314,9 @@ def test_resume_with_fewer_steps_than_done_is_refused(tmp_path):
 def test_a_run_stopped_before_its_first_checkpoint_restarts_in_place(tmp_path, capsys):
     """Before: neither resumable ("no checkpoint") nor reusable ("continue it with trainer.resume=true")."""
     _saved_run(tmp_path, [1, 2])
-    with pytest.raises(ConfigError, match="no checkpoint yet: restart it in place from step 0 with trainer.resume=true"):
+    with pytest.raises(
+        ConfigError, match="no checkpoint yet: restart it in place from step 0 with trainer.resume=true"
+    ):
         check_run_dir(tmp_path / "run", resume=False)
     check_resume_config(_run_cfg(tmp_path, ["trainer.resume=true"]))
     out = capsys.readouterr().out
@@ -351,11 +383,14 @@ def test_the_engine_runs_in_process_whatever_the_environment_says(tmp_path, monk
     assert capsys.readouterr().out == ""  # already 0: nothing to say
 
 
-@pytest.mark.parametrize("overrides,field,hint", [
-    (["rollout.placement=remote"], "rollout.placement='remote'", "colocated, separate"),
-    (["rollout.num_engines=3", "trainer.world_size=2"], "rollout.num_engines=3", "choose one of: null, 2"),
-    (["rollout.num_engines=0"], "rollout.num_engines", "> 0"),
-])
+@pytest.mark.parametrize(
+    "overrides,field,hint",
+    [
+        (["rollout.placement=remote"], "rollout.placement='remote'", "colocated, separate"),
+        (["rollout.num_engines=3", "trainer.world_size=2"], "rollout.num_engines=3", "choose one of: null, 2"),
+        (["rollout.num_engines=0"], "rollout.num_engines", "> 0"),
+    ],
+)
 def test_placement_values_are_refused_with_the_field(overrides, field, hint):
     """rollout.placement=separate runs one engine process per trainer rank; other layouts are refused at start."""
     with pytest.raises(ConfigError) as err:
@@ -370,8 +405,12 @@ def test_placement_devices_must_not_overlap_the_trainers(monkeypatch):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     base = ["trainer.device=cuda", "trainer.world_size=2", "rollout.placement=separate"]
-    for devices, hint in (("[1,2]", "overlaps the trainer's devices [0, 1]"), ("[2]", "gives 1 devices for 2 engines"),
-                          ("[2,2]", "names a device twice"), ("[2,4]", "4 CUDA devices are visible")):
+    for devices, hint in (
+        ("[1,2]", "overlaps the trainer's devices [0, 1]"),
+        ("[2]", "gives 1 devices for 2 engines"),
+        ("[2,2]", "names a device twice"),
+        ("[2,4]", "4 CUDA devices are visible"),
+    ):
         with pytest.raises(ConfigError) as err:
             validate(compose([*base, f"rollout.devices={devices}"]))
         assert "rollout.devices" in str(err.value) and hint in str(err.value), str(err.value)

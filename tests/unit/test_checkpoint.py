@@ -55,8 +55,12 @@ def _snapshot(model, optimizer):
 
 
 def _equal(a, b):
-    return a[0].keys() == b[0].keys() and all(torch.equal(a[0][k], b[0][k]) for k in a[0]) and \
-        a[1].keys() == b[1].keys() and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+    return (
+        a[0].keys() == b[0].keys()
+        and all(torch.equal(a[0][k], b[0][k]) for k in a[0])
+        and a[1].keys() == b[1].keys()
+        and all(torch.equal(a[1][k], b[1][k]) for k in a[1])
+    )
 
 
 def _saved_step(tmp_path, ctx, step=1):
@@ -100,8 +104,9 @@ def test_planted_rank_file_is_refused_without_running_it(tmp_path, ctx):
     assert not ran.exists()
 
 
-@pytest.mark.parametrize("damage", ["truncate rank0.pt", "truncate shard", "flip a byte in shard",
-                                    "truncate .metadata", "delete shard"])
+@pytest.mark.parametrize(
+    "damage", ["truncate rank0.pt", "truncate shard", "flip a byte in shard", "truncate .metadata", "delete shard"]
+)
 def test_truncated_or_corrupted_checkpoint_names_the_file(tmp_path, ctx, damage):
     _saved_step(tmp_path, ctx)
     path = tmp_path / "ckpt" / "step_1"
@@ -213,14 +218,22 @@ KILL_SCRIPT = textwrap.dedent("""
 
 
 @pytest.mark.slow  # a killed subprocess per case
-@pytest.mark.parametrize("step,where,left", [
-    (2, "writing", ["step_1", "step_2.tmp"]),
-    (1, "publishing", ["step_1.old", "step_1.tmp"]),  # saving step 1 again, killed between the renames
-])
+@pytest.mark.parametrize(
+    "step,where,left",
+    [
+        (2, "writing", ["step_1", "step_2.tmp"]),
+        (1, "publishing", ["step_1.old", "step_1.tmp"]),  # saving step 1 again, killed between the renames
+    ],
+)
 def test_kill_during_a_save_leaves_the_previous_checkpoint_loadable(tmp_path, ctx, step, where, left):
     root = tmp_path / "ckpt"
-    out = subprocess.run([sys.executable, "-c", KILL_SCRIPT, str(root), str(step), where], cwd=REPO,
-                         capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-c", KILL_SCRIPT, str(root), str(step), where],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == -signal.SIGKILL, out.stderr[-2000:]
     assert sorted(p.name for p in root.iterdir()) == left
     model, optimizer, scheduler = _objects()
@@ -242,11 +255,13 @@ def test_files_and_renames_reach_the_disk_before_older_checkpoints_are_pruned(tm
     save(tmp_path / "ckpt", model, optimizer, scheduler, 1, ctx, keep=1)
     events = []
     real_fsync, real_rename, real_rmtree = os.fsync, os.rename, checkpoint.shutil.rmtree
-    monkeypatch.setattr(os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))),
-                                                 real_fsync(fd))[1])
+    monkeypatch.setattr(
+        os, "fsync", lambda fd: (events.append(("fsync", os.readlink(f"/proc/self/fd/{fd}"))), real_fsync(fd))[1]
+    )
     monkeypatch.setattr(os, "rename", lambda a, b: (events.append(("rename", str(a), str(b))), real_rename(a, b))[1])
-    monkeypatch.setattr(checkpoint.shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))),
-                                                                          real_rmtree(p, *a, **k))[1])
+    monkeypatch.setattr(
+        checkpoint.shutil, "rmtree", lambda p, *a, **k: (events.append(("rmtree", str(p))), real_rmtree(p, *a, **k))[1]
+    )
     _train(model, optimizer, scheduler)
     save(tmp_path / "ckpt", model, optimizer, scheduler, 2, ctx, keep=1)
     root, tmp, final = tmp_path / "ckpt", tmp_path / "ckpt" / "step_2.tmp", tmp_path / "ckpt" / "step_2"

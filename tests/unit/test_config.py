@@ -15,13 +15,19 @@ import yaml
 from hydra.errors import ConfigCompositionException, MissingConfigException
 
 from recipe.assets import check_model_path
-from recipe.config import (FSDP_CHOICES, LORA_CHOICES, OFFLOAD_CHOICES, ConfigError, UnsupportedError,
-                           refuse_renamed, validate)
+from recipe.config import (
+    FSDP_CHOICES,
+    LORA_CHOICES,
+    OFFLOAD_CHOICES,
+    ConfigError,
+    UnsupportedError,
+    refuse_renamed,
+    validate,
+)
 from tests.helpers import CONF_DIR, REPO, compose
 
 CPU = "trainer.device=cpu"  # validate() as on a CPU-only machine, wherever the test runs
 COMBOS = list(itertools.product(FSDP_CHOICES, OFFLOAD_CHOICES, LORA_CHOICES))
-
 
 
 def _start_checks(cfg):
@@ -29,6 +35,7 @@ def _start_checks(cfg):
     settings = validate(cfg)
     check_model_path(settings.model)
     return settings
+
 
 def test_choices_match_the_option_files():
     for group, choices in [("fsdp", FSDP_CHOICES), ("offload", OFFLOAD_CHOICES), ("lora", LORA_CHOICES)]:
@@ -56,10 +63,13 @@ def test_absent_offload_and_lora_mean_none():
     assert (cfg.fsdp.name, cfg.offload.name, cfg.lora.name) == ("fsdp2", "none", "none")
 
 
-@pytest.mark.parametrize("override,group,options", [
-    ("fsdp=fsdp3", "fsdp/fsdp3", ["fsdp1", "fsdp2"]),
-    ("+offload=gpu", "offload/gpu", ["cpu", "manual", "none"]),
-])
+@pytest.mark.parametrize(
+    "override,group,options",
+    [
+        ("fsdp=fsdp3", "fsdp/fsdp3", ["fsdp1", "fsdp2"]),
+        ("+offload=gpu", "offload/gpu", ["cpu", "manual", "none"]),
+    ],
+)
 def test_unknown_option_lists_the_available_ones(override, group, options):
     with pytest.raises(MissingConfigException) as err:
         compose([override])
@@ -70,25 +80,32 @@ def test_unknown_option_lists_the_available_ones(override, group, options):
     assert listed == options  # exactly the option files: no schema node offered as a choice
 
 
-@pytest.mark.parametrize("overrides,field,choices", [
-    (["trainer.lr=-1"], "trainer.lr", "> 0"),
-    (["trainer.steps=0"], "trainer.steps", "> 0"),
-    (["trainer.profile_steps=-1"], "trainer.profile_steps", ">= 0"),
-    (["trainer.export=always"], "trainer.export", "final, every_checkpoint, none"),
-    (["trainer.profile_steps=2", "trainer.steps=1"], "trainer.profile_steps=2", "trainer.steps >= 2"),
-    (["model=local"], "model.path", "model.path=/path/to/hf_checkpoint"),
-    (["model=local", "model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt'", "model=tiny"),
-    (["sync.probe_every=-3"], "sync.probe_every must be >= -1", "0 = off, 1 = every sync, N = the 1st and every N-th"),
-    (["+sync.verify=every"], "sync.verify was renamed: use sync.probe_every", "0 = off, 1 = every sync"),
-    (["rollout.n=1"], "rollout.n", ">= 2"),
-    (["rollout.top_p=1.5"], "rollout.top_p", "(0, 1]"),
-    (["trainer.device=tpu"], "trainer.device='tpu'", "auto, cpu, cuda"),
-    (["model.dtype=fp8"], "model.dtype='fp8'", "float32, bfloat16, float16"),
-    (["+lora=merged", "lora.target_modules=[]"], "lora.target_modules", "at least one"),
-    (["sync.strategy=naive", "+lora=adapter"], "sync.strategy='naive'", "lora=none"),
-    (["+trainer.stepz=3"], "trainer.stepz is not a config key", "steps"),
-    (["offload.pin_memory=true", CPU], "offload.pin_memory=true", "auto or false"),
-])
+@pytest.mark.parametrize(
+    "overrides,field,choices",
+    [
+        (["trainer.lr=-1"], "trainer.lr", "> 0"),
+        (["trainer.steps=0"], "trainer.steps", "> 0"),
+        (["trainer.profile_steps=-1"], "trainer.profile_steps", ">= 0"),
+        (["trainer.export=always"], "trainer.export", "final, every_checkpoint, none"),
+        (["trainer.profile_steps=2", "trainer.steps=1"], "trainer.profile_steps=2", "trainer.steps >= 2"),
+        (["model=local"], "model.path", "model.path=/path/to/hf_checkpoint"),
+        (["model=local", "model.path=/nonexistent/ckpt"], "model.path='/nonexistent/ckpt'", "model=tiny"),
+        (
+            ["sync.probe_every=-3"],
+            "sync.probe_every must be >= -1",
+            "0 = off, 1 = every sync, N = the 1st and every N-th",
+        ),
+        (["+sync.verify=every"], "sync.verify was renamed: use sync.probe_every", "0 = off, 1 = every sync"),
+        (["rollout.n=1"], "rollout.n", ">= 2"),
+        (["rollout.top_p=1.5"], "rollout.top_p", "(0, 1]"),
+        (["trainer.device=tpu"], "trainer.device='tpu'", "auto, cpu, cuda"),
+        (["model.dtype=fp8"], "model.dtype='fp8'", "float32, bfloat16, float16"),
+        (["+lora=merged", "lora.target_modules=[]"], "lora.target_modules", "at least one"),
+        (["sync.strategy=naive", "+lora=adapter"], "sync.strategy='naive'", "lora=none"),
+        (["+trainer.stepz=3"], "trainer.stepz is not a config key", "steps"),
+        (["offload.pin_memory=true", CPU], "offload.pin_memory=true", "auto or false"),
+    ],
+)
 def test_bad_values_name_the_field(overrides, field, choices):
     with pytest.raises(ConfigError) as err:
         _start_checks(compose(overrides))
@@ -96,25 +113,42 @@ def test_bad_values_name_the_field(overrides, field, choices):
 
 
 def test_good_values_pass():
-    for overrides in (["sync.probe_every=3"], ["sync.probe_every=-1"], ["sync.probe_every=0"], ["trainer.lr=1e-5"],
-                      ["model=local", "model.path=."]):
+    for overrides in (
+        ["sync.probe_every=3"],
+        ["sync.probe_every=-1"],
+        ["sync.probe_every=0"],
+        ["trainer.lr=1e-5"],
+        ["model=local", "model.path=."],
+    ):
         _start_checks(compose(overrides + [CPU]))
 
 
-@pytest.mark.parametrize("old,new", [("sync.verify=every", "sync.probe_every"),
-                                     ("sync.tolerance=0.1", "sync.probe_tolerance")])
+@pytest.mark.parametrize(
+    "old,new", [("sync.verify=every", "sync.probe_every"), ("sync.tolerance=0.1", "sync.probe_tolerance")]
+)
 def test_renamed_key_on_the_command_line_is_refused_naming_the_new_one(old, new):
     """Hydra's schema would say only "Key 'verify' not in 'SyncConfig'"; the entry names the new key in one line."""
-    out = subprocess.run([sys.executable, "-m", "recipe.train", "--cfg", "job", old], cwd=REPO, capture_output=True,
-                         text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "recipe.train", "--cfg", "job", old],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 1
-    assert out.stderr.strip().splitlines() == [f"error: {old.split('=')[0]} was renamed: use {new}" +
-                                               (" (an int: 0 = off, 1 = every sync, N = the 1st and every N-th, "
-                                                "-1 = the first only)" if new == "sync.probe_every" else "")]
+    assert out.stderr.strip().splitlines() == [
+        f"error: {old.split('=')[0]} was renamed: use {new}"
+        + (
+            " (an int: 0 = off, 1 = every sync, N = the 1st and every N-th, -1 = the first only)"
+            if new == "sync.probe_every"
+            else ""
+        )
+    ]
 
 
-@pytest.mark.parametrize("overrides", [["-m", "fsdp=fsdp1", "sync.verify=every,off"], ["+sync.tolerance=0.1"],
-                                       ["~sync.verify"]])
+@pytest.mark.parametrize(
+    "overrides", [["-m", "fsdp=fsdp1", "sync.verify=every,off"], ["+sync.tolerance=0.1"], ["~sync.verify"]]
+)
 def test_renamed_keys_are_refused_in_every_override_form(overrides):
     with pytest.raises(ConfigError, match=r"sync\.(verify|tolerance) was renamed: use sync\.probe_"):
         refuse_renamed(overrides)
@@ -182,13 +216,30 @@ def test_every_group_option_composes(group, option, tmp_path):
 def test_default_config_top_level_keys():
     """A snapshot: adding or removing a top-level section is a deliberate change made here too."""
     cfg = compose([])
-    assert sorted(cfg.keys()) == ["algo", "cache_dir", "fsdp", "logger", "lora", "model", "offload", "rollout",
-                                  "run_dir", "sync", "task", "trainer"]
+    assert sorted(cfg.keys()) == [
+        "algo",
+        "cache_dir",
+        "fsdp",
+        "logger",
+        "lora",
+        "model",
+        "offload",
+        "rollout",
+        "run_dir",
+        "sync",
+        "task",
+        "trainer",
+    ]
 
 
 def test_cli_prints_the_composed_config():
-    out = subprocess.run([sys.executable, "-m", "recipe.train", "--cfg", "job", "+offload=cpu", "+lora=merged"],
-                         cwd=REPO, capture_output=True, text=True, timeout=120)
+    out = subprocess.run(
+        [sys.executable, "-m", "recipe.train", "--cfg", "job", "+offload=cpu", "+lora=merged"],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert out.returncode == 0, out.stderr
     printed = yaml.safe_load(out.stdout)
     assert (printed["fsdp"]["name"], printed["offload"]["name"], printed["lora"]["name"]) == ("fsdp2", "cpu", "merged")
@@ -204,10 +255,14 @@ def test_pin_memory_from_the_command_line():
     def offload(overrides):
         return Settings.from_cfg(compose(overrides)).offload
 
-    assert (offload(["offload.pin_memory=false", CPU]).pin_memory, offload(["offload.pin_memory=false", CPU]).pin) \
-        == (False, False)
-    assert (offload(["offload.pin_memory=auto", CPU]).pin_memory, offload(["offload.pin_memory=auto", CPU]).pin) \
-        == (None, False)
+    assert (offload(["offload.pin_memory=false", CPU]).pin_memory, offload(["offload.pin_memory=false", CPU]).pin) == (
+        False,
+        False,
+    )
+    assert (offload(["offload.pin_memory=auto", CPU]).pin_memory, offload(["offload.pin_memory=auto", CPU]).pin) == (
+        None,
+        False,
+    )
     assert offload(["offload.pin_memory=auto", "trainer.device=cuda"]).pin is True  # auto pins on CUDA
     on = offload(["offload.pin_memory=true", "trainer.device=cuda"])
     assert (on.pin_memory, on.pin) == (True, True)
@@ -223,10 +278,16 @@ def test_fsdp1_lora_at_world_one_is_refused_with_the_reason(tiny_model_dir):
     validate(compose(["fsdp=fsdp1", "+lora=merged", "trainer.world_size=2", f"model.path={tiny_model_dir}"]))
 
 
-@pytest.mark.parametrize("overrides,message", [
-    (["model.master_dtype=fp8"], "model.master_dtype='fp8' is not valid; choose one of: float32, bfloat16, float16"),
-    (["model.dtype=bfloat16", "model.master_dtype=float16"], "is not valid; choose one of: float32, bfloat16"),
-])
+@pytest.mark.parametrize(
+    "overrides,message",
+    [
+        (
+            ["model.master_dtype=fp8"],
+            "model.master_dtype='fp8' is not valid; choose one of: float32, bfloat16, float16",
+        ),
+        (["model.dtype=bfloat16", "model.master_dtype=float16"], "is not valid; choose one of: float32, bfloat16"),
+    ],
+)
 def test_master_dtype_is_float32_or_the_compute_dtype(overrides, message):
     with pytest.raises(ConfigError, match=re.escape(message)):
         validate(compose(overrides + [CPU]))

@@ -67,8 +67,9 @@ def test_cancelling_ulp_patterns_are_caught(dtype, along):
     for at in (1, 30, 61):
         bumped = w.clone()
         bits = bumped.view(BITS[dtype])
-        cells = ([(at - 1, 5), (at, 5), (at + 1, 5)] if along == "rows"
-                 else [(at, 5), (at, 5 + lanes), (at, 5 + 2 * lanes)])
+        cells = (
+            [(at - 1, 5), (at, 5), (at + 1, 5)] if along == "rows" else [(at, 5), (at, 5 + lanes), (at, 5 + 2 * lanes)]
+        )
         for (r, c), d in zip(cells, (1, -2, 1)):
             bits[r, c] += d
         assert _caught(w, bumped), (at, cells)
@@ -103,9 +104,9 @@ def test_random_single_and_multi_element_corruptions_are_all_caught(dtype):
         elif kind == 1:
             flat[where] += torch.where(torch.rand(k, generator=g) < 0.5, 1, -1).to(width)
         elif kind == 2:
-            flat[where] = torch.randint(-2**(nbits - 1), 2**(nbits - 1), (k,), generator=g).to(width)
+            flat[where] = torch.randint(-(2 ** (nbits - 1)), 2 ** (nbits - 1), (k,), generator=g).to(width)
         elif kind == 3:
-            flat[where] ^= torch.tensor(-2**(nbits - 1), dtype=width)  # the sign bit
+            flat[where] ^= torch.tensor(-(2 ** (nbits - 1)), dtype=width)  # the sign bit
         else:
             where = torch.randperm(flat.numel(), generator=g)[:2]
             flat[where] = flat[where.flip(0)]

@@ -26,8 +26,7 @@ from tests.helpers import compose
 def small_fs(tmp_path):
     where = tmp_path / "fs"
     where.mkdir()
-    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], capture_output=True,
-                         text=True)
+    out = subprocess.run(["mount", "-t", "tmpfs", "-o", "size=8m", "tmpfs", str(where)], capture_output=True, text=True)
     if out.returncode != 0:
         pytest.skip(f"cannot mount a small filesystem here: {out.stderr.strip()}")
     try:

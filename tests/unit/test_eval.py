@@ -60,16 +60,26 @@ def test_rank_shares_cover_the_held_out_set_once(world, count):
 
 def test_no_held_out_prompts_when_eval_is_off():
     cfg = OmegaConf.create({"trainer": {"eval_every": 0, "eval_prompts": 5}})
-    assert held_out_share(Arithmetic(seed=0, max_operand=1, num_prompts=64), cfg.trainer,
-                          SimpleNamespace(rank=0, world_size=1)) == []  # not even drawn: this task has none
+    assert (
+        held_out_share(
+            Arithmetic(seed=0, max_operand=1, num_prompts=64), cfg.trainer, SimpleNamespace(rank=0, world_size=1)
+        )
+        == []
+    )  # not even drawn: this task has none
 
 
-@pytest.mark.parametrize("overrides,field,rule", [
-    (["trainer.eval_every=-1"], "trainer.eval_every", ">= 0"),
-    (["trainer.eval_every=5", "trainer.eval_prompts=0"], "trainer.eval_prompts", "> 0"),
-    (["trainer.eval_every=5", "trainer.eval_prompts=1", "trainer.world_size=2"], "trainer.eval_prompts=1",
-     "at least one per rank"),
-])
+@pytest.mark.parametrize(
+    "overrides,field,rule",
+    [
+        (["trainer.eval_every=-1"], "trainer.eval_every", ">= 0"),
+        (["trainer.eval_every=5", "trainer.eval_prompts=0"], "trainer.eval_prompts", "> 0"),
+        (
+            ["trainer.eval_every=5", "trainer.eval_prompts=1", "trainer.world_size=2"],
+            "trainer.eval_prompts=1",
+            "at least one per rank",
+        ),
+    ],
+)
 def test_bad_eval_settings_name_the_field(overrides, field, rule):
     with pytest.raises(ConfigError) as err:
         validate(compose(overrides + [CPU]))
@@ -86,9 +96,12 @@ def _step(step, reward, **extra):
 
 
 def test_summary_reports_the_first_and_last_evaluation():
-    history = [{"step": 0, "eval/exact": 0.1, "eval/reward": 0.2}, _step(1, 0.3),
-               _step(2, 0.4, **{"eval/exact": 0.25, "eval/reward": 0.5}), _step(3, 0.5, **{"eval/exact": 0.5,
-                                                                                              "eval/reward": 0.75})]
+    history = [
+        {"step": 0, "eval/exact": 0.1, "eval/reward": 0.2},
+        _step(1, 0.3),
+        _step(2, 0.4, **{"eval/exact": 0.25, "eval/reward": 0.5}),
+        _step(3, 0.5, **{"eval/exact": 0.5, "eval/reward": 0.75}),
+    ]
     out = summarize(history)
     assert out["steps"] == 3 and out["reward/first10"] == pytest.approx(0.4)
     assert (out["eval/exact_first"], out["eval/exact_last"]) == (0.1, 0.5)

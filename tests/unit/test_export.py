@@ -64,10 +64,19 @@ def test_full_disk_during_export_says_so_and_leaves_nothing_partial(ctx, policy,
 def test_safetensors_full_disk_text_is_recognised(tmp_path):
     from safetensors import SafetensorError
 
-    assert write_error(SafetensorError("Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
-                                       "message: \"No space left on device\" })"), tmp_path) == \
-        f"no space left on device: {tmp_path}"
-    assert write_error(PermissionError(errno.EACCES, "Permission denied"), tmp_path).startswith(f"cannot write {tmp_path}")
+    assert (
+        write_error(
+            SafetensorError(
+                "Error while serializing: IoError(Os { code: 28, kind: StorageFull, "
+                'message: "No space left on device" })'
+            ),
+            tmp_path,
+        )
+        == f"no space left on device: {tmp_path}"
+    )
+    assert write_error(PermissionError(errno.EACCES, "Permission denied"), tmp_path).startswith(
+        f"cannot write {tmp_path}"
+    )
 
 
 def test_export_into_a_directory_that_is_not_an_export_of_the_run_is_refused(ctx, policy, tmp_path):
@@ -89,8 +98,11 @@ def test_export_into_a_directory_that_is_not_an_export_of_the_run_is_refused(ctx
 def test_export_tool_names_what_a_directory_lacks(tmp_path):
     from tools.export import NotACheckpoint, locate
 
-    with pytest.raises(NotACheckpoint, match=r"neither a run directory \(no checkpoints/ folder\) nor a checkpoint "
-                                             r"\(no .metadata, no rank0.pt\)"):
+    with pytest.raises(
+        NotACheckpoint,
+        match=r"neither a run directory \(no checkpoints/ folder\) nor a checkpoint "
+        r"\(no .metadata, no rank0.pt\)",
+    ):
         locate(tmp_path)
     (tmp_path / "checkpoints").mkdir()
     with pytest.raises(NotACheckpoint, match="holds no complete checkpoint"):

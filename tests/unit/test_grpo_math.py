@@ -71,15 +71,22 @@ def test_kl_k3_is_zero_at_reference_and_positive_elsewhere():
     logp = torch.log(torch.tensor([[0.5, 0.5]]))
     mask = torch.ones(1, 2, dtype=torch.bool)
     _, same = clipped_surrogate(logp, logp, torch.zeros(1), mask, 0.2, "token_mean", ref_logp=logp, kl_coef=0.1)
-    _, diff = clipped_surrogate(logp, logp, torch.zeros(1), mask, 0.2, "token_mean",
-                                   ref_logp=torch.log(torch.tensor([[0.9, 0.1]])), kl_coef=0.1)
+    _, diff = clipped_surrogate(
+        logp, logp, torch.zeros(1), mask, 0.2, "token_mean", ref_logp=torch.log(torch.tensor([[0.9, 0.1]])), kl_coef=0.1
+    )
     assert same["kl"] == 0 and diff["kl"] > 0
 
 
 def test_micro_batch_aligns_engine_logprobs_with_predicting_positions():
-    batch = Batch(input_ids=[[5, 6, 7, 8, 9], [5, 6, 7]], prompt_lens=[3, 2],
-                  old_logprobs=[[-0.1, -0.2], [-0.3]], rewards=torch.zeros(2), advantages=torch.tensor([1.0, -1.0]),
-                  correct=torch.zeros(2), completion_lens=torch.tensor([2.0, 1.0]))
+    batch = Batch(
+        input_ids=[[5, 6, 7, 8, 9], [5, 6, 7]],
+        prompt_lens=[3, 2],
+        old_logprobs=[[-0.1, -0.2], [-0.3]],
+        rewards=torch.zeros(2),
+        advantages=torch.tensor([1.0, -1.0]),
+        correct=torch.zeros(2),
+        completion_lens=torch.tensor([2.0, 1.0]),
+    )
     t = micro_batch_tensors(batch, [0, 1], "cpu")
     assert t["input_ids"].tolist() == [[5, 6, 7, 8, 9], [5, 6, 7, 0, 0]]
     assert t["attention_mask"].tolist() == [[1, 1, 1, 1, 1], [1, 1, 1, 0, 0]]
@@ -97,8 +104,15 @@ def test_micro_batch_tensors_match_a_row_by_row_build():
         ids.append([rng.randint(1, 50) for _ in range(plen + clen)])
         plens.append(plen)
         lps.append([-rng.random() for _ in range(clen)])
-    batch = Batch(input_ids=ids, prompt_lens=plens, old_logprobs=lps, rewards=torch.zeros(9),
-                  advantages=torch.randn(9), correct=torch.zeros(9), completion_lens=torch.zeros(9))
+    batch = Batch(
+        input_ids=ids,
+        prompt_lens=plens,
+        old_logprobs=lps,
+        rewards=torch.zeros(9),
+        advantages=torch.randn(9),
+        correct=torch.zeros(9),
+        completion_lens=torch.zeros(9),
+    )
     idx = [4, 0, 7, 2]
     t = micro_batch_tensors(batch, idx, "cpu")
     width = max(len(ids[i]) for i in idx)
@@ -106,7 +120,7 @@ def test_micro_batch_tensors_match_a_row_by_row_build():
         assert t["input_ids"][row].tolist() == ids[i] + [0] * (width - len(ids[i]))
         assert t["attention_mask"][row].tolist() == [1] * len(ids[i]) + [0] * (width - len(ids[i]))
         expect = torch.zeros(width - 1)
-        expect[plens[i] - 1:plens[i] - 1 + len(lps[i])] = torch.tensor(lps[i])
+        expect[plens[i] - 1 : plens[i] - 1 + len(lps[i])] = torch.tensor(lps[i])
         assert torch.equal(t["old_logp"][row], expect)
         assert t["mask"][row].nonzero().flatten().tolist() == list(range(plens[i] - 1, plens[i] - 1 + len(lps[i])))
     assert torch.equal(t["adv"], batch.advantages[idx])
@@ -114,9 +128,15 @@ def test_micro_batch_tensors_match_a_row_by_row_build():
 
 def test_micro_batches_cap_sequences_and_padded_tokens():
     lens = [4, 4, 10, 3, 3, 3, 30]
-    batch = Batch(input_ids=[[1] * n for n in lens], prompt_lens=[1] * 7, old_logprobs=[[0.0]] * 7,
-                  rewards=torch.zeros(7), advantages=torch.zeros(7), correct=torch.zeros(7),
-                  completion_lens=torch.zeros(7))
+    batch = Batch(
+        input_ids=[[1] * n for n in lens],
+        prompt_lens=[1] * 7,
+        old_logprobs=[[0.0]] * 7,
+        rewards=torch.zeros(7),
+        advantages=torch.zeros(7),
+        correct=torch.zeros(7),
+        completion_lens=torch.zeros(7),
+    )
     order = list(range(7))
     assert micro_batches(batch, order, 3, 0) == [[0, 1, 2], [3, 4, 5], [6]]  # sequences only
     # 20 padded tokens: [4, 4] (8), then 10 would make 3 x 10 = 30; [10] + 3 -> 2 x 10 = 20; ...
@@ -148,8 +168,9 @@ def test_entropy_bonus_covers_only_the_first_entropy_tokens():
     logp, adv = torch.zeros(1, 5), torch.zeros(1)
     base, _ = clipped_surrogate(logp, logp, adv, mask, 0.2, "token_mean")
     for first, covered in ((0, 15.0), (1, 1.0), (2, 3.0), (4, 15.0), (9, 15.0)):
-        loss, stats = clipped_surrogate(logp, logp, adv, mask, 0.2, "token_mean", entropy=ent, entropy_coef=0.5,
-                                        entropy_tokens=first)
+        loss, stats = clipped_surrogate(
+            logp, logp, adv, mask, 0.2, "token_mean", entropy=ent, entropy_coef=0.5, entropy_tokens=first
+        )
         assert loss.item() == pytest.approx(base.item() - 0.5 * covered)
         assert stats["entropy"] == pytest.approx(15.0)  # logged over every completion token either way
     assert torch.equal(bonus_mask(mask.float(), 2), torch.tensor([[0.0, 1.0, 1.0, 0.0, 0.0]]))
@@ -172,9 +193,15 @@ def test_logprobs_and_advantages_are_float32_from_bf16_inputs():
 
 
 def test_local_count_is_this_ranks_tokens_or_sequences():
-    batch = Batch(input_ids=[[1, 2, 3], [1, 2, 3, 4, 5], [1, 2]], prompt_lens=[1, 1, 1],
-                  old_logprobs=[[-1.0, -1.0], [-1.0] * 4, [-1.0]], rewards=torch.zeros(3), advantages=torch.zeros(3),
-                  correct=torch.zeros(3), completion_lens=torch.tensor([2.0, 4.0, 1.0]))
+    batch = Batch(
+        input_ids=[[1, 2, 3], [1, 2, 3, 4, 5], [1, 2]],
+        prompt_lens=[1, 1, 1],
+        old_logprobs=[[-1.0, -1.0], [-1.0] * 4, [-1.0]],
+        rewards=torch.zeros(3),
+        advantages=torch.zeros(3),
+        correct=torch.zeros(3),
+        completion_lens=torch.tensor([2.0, 4.0, 1.0]),
+    )
     assert local_count(batch, [0, 1], "token_mean") == 6
     assert local_count(batch, [0, 1], "seq_mean") == 2
 
@@ -192,8 +219,9 @@ def test_kl_is_clamped_as_verl_clamps_it_and_its_gradient_stays_finite():
     assert kl[0, 1].item() == 0.0
     assert kl[0, 2].item() == pytest.approx((torch.exp(log_r) - log_r - 1).item())  # inside: k3 unchanged
     mask = torch.ones(1, 4, dtype=torch.bool)
-    loss, stats = clipped_surrogate(logp, logp.detach(), torch.zeros(1), mask, 0.2, "token_mean",
-                                    ref_logp=ref, kl_coef=0.5)
+    loss, stats = clipped_surrogate(
+        logp, logp.detach(), torch.zeros(1), mask, 0.2, "token_mean", ref_logp=ref, kl_coef=0.5
+    )
     loss.backward()
     assert math.isfinite(loss.item()) and torch.isfinite(logp.grad).all()
     assert stats["kl"] == pytest.approx(20.0 + kl[0, 2].item())
@@ -216,11 +244,20 @@ class _TinyLM(torch.nn.Module):
 def _loop_cfg(**algo):
     from omegaconf import OmegaConf
 
-    return OmegaConf.create({
-        "algo": {"clip_eps": 0.2, "loss_agg": "token_mean", "kl_coef": 0.0, "entropy_coef": 0.0, "entropy_tokens": 0,
-                 **algo},
-        "rollout": {"temperature": 1.0, "top_p": 1.0},
-        "trainer": {"micro_batch_size": 2, "micro_batch_tokens": 0}})
+    return OmegaConf.create(
+        {
+            "algo": {
+                "clip_eps": 0.2,
+                "loss_agg": "token_mean",
+                "kl_coef": 0.0,
+                "entropy_coef": 0.0,
+                "entropy_tokens": 0,
+                **algo,
+            },
+            "rollout": {"temperature": 1.0, "top_p": 1.0},
+            "trainer": {"micro_batch_size": 2, "micro_batch_tokens": 0},
+        }
+    )
 
 
 def _update_args(cfg):
@@ -231,9 +268,15 @@ def _update_args(cfg):
 def _loop_batch():
     g = torch.Generator().manual_seed(3)
     lens = [2, 3, 1, 4, 2]
-    return Batch(input_ids=[torch.randint(0, 11, (3 + n,), generator=g).tolist() for n in lens], prompt_lens=[3] * 5,
-                 old_logprobs=[[-2.0] * n for n in lens], rewards=torch.zeros(5), advantages=torch.randn(5, generator=g),
-                 correct=torch.zeros(5), completion_lens=torch.tensor(lens, dtype=torch.float))
+    return Batch(
+        input_ids=[torch.randint(0, 11, (3 + n,), generator=g).tolist() for n in lens],
+        prompt_lens=[3] * 5,
+        old_logprobs=[[-2.0] * n for n in lens],
+        rewards=torch.zeros(5),
+        advantages=torch.randn(5, generator=g),
+        correct=torch.zeros(5),
+        completion_lens=torch.tensor(lens, dtype=torch.float),
+    )
 
 
 def test_entropy_is_not_computed_when_its_coefficient_is_zero(monkeypatch):
@@ -243,8 +286,9 @@ def test_entropy_is_not_computed_when_its_coefficient_is_zero(monkeypatch):
 
     calls = []  # one per micro-batch whose blocks computed the entropy
     real = model.chunked_logprobs
-    monkeypatch.setattr(model, "chunked_logprobs",
-                        lambda *a, **k: (calls.append(1) if k.get("entropy") else None) or real(*a, **k))
+    monkeypatch.setattr(
+        model, "chunked_logprobs", lambda *a, **k: (calls.append(1) if k.get("entropy") else None) or real(*a, **k)
+    )
     monkeypatch.setattr(update, "global_count", lambda local: max(local, 1.0))  # one process, no group
     batch, policy = _loop_batch(), _TinyLM()
     stats = update.backward_mini_batch(policy, batch, range(5), *_update_args(_loop_cfg()), "cpu", 1)
@@ -263,9 +307,13 @@ def test_a_placeholder_micro_batch_adds_exactly_nothing(monkeypatch):
     results = []
     for extra in (0, 2):
         own = update.agreed_micro_batches
-        monkeypatch.setattr(update, "agreed_micro_batches", lambda b, m, c, own=own, extra=extra: own(b, m, c) + [[]] * extra)
+        monkeypatch.setattr(
+            update, "agreed_micro_batches", lambda b, m, c, own=own, extra=extra: own(b, m, c) + [[]] * extra
+        )
         policy = _TinyLM()
-        stats = update.backward_mini_batch(policy, _loop_batch(), range(5), *_update_args(cfg), "cpu", 1, reference=_TinyLM())
+        stats = update.backward_mini_batch(
+            policy, _loop_batch(), range(5), *_update_args(cfg), "cpu", 1, reference=_TinyLM()
+        )
         results.append((stats, {n: p.grad.clone() for n, p in policy.named_parameters()}))
         monkeypatch.setattr(update, "agreed_micro_batches", own)
     (plain, g_plain), (padded, g_padded) = results
@@ -292,7 +340,9 @@ def test_old_logprobs_are_recomputed_only_when_sampling_truncates():
     assert truncated_sampling(cfg.rollout) is None
     cfg = OmegaConf.merge(cfg, {"rollout": {"top_p": 0.5}})
     assert truncated_sampling(cfg.rollout) == "rollout.top_p=0.5"
-    assert behaviour_note(cfg.rollout).startswith("rollout.top_p=0.5: ") and "recomputed by the trainer" in behaviour_note(cfg.rollout)
+    assert behaviour_note(cfg.rollout).startswith(
+        "rollout.top_p=0.5: "
+    ) and "recomputed by the trainer" in behaviour_note(cfg.rollout)
 
 
 def test_start_line_states_the_global_batch():
@@ -302,8 +352,9 @@ def test_start_line_states_the_global_batch():
     from recipe.grpo import batch_note
 
     cfg = OmegaConf.merge(_loop_cfg(), {"trainer": {"prompts_per_step": 3}, "rollout": {"n": 4}})
-    assert batch_note(cfg.trainer, cfg.rollout, 2) == ("batch per step: 3 prompts per rank x 2 ranks x 4 samples (rollout.n) = "
-                                  "24 completions (6 prompts)")
+    assert batch_note(cfg.trainer, cfg.rollout, 2) == (
+        "batch per step: 3 prompts per rank x 2 ranks x 4 samples (rollout.n) = 24 completions (6 prompts)"
+    )
 
 
 def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(monkeypatch):
@@ -324,6 +375,7 @@ def test_recomputed_old_logprobs_make_the_first_ratio_exactly_one(monkeypatch):
 
 # --- off-policy (algo.off_policy_steps=1): decoupled PPO with a truncated importance weight
 
+
 def _off_policy_batch():
     """Four tokens of two sequences: pi_theta, pi_prox (recomputed), pi_behav (the engine's, stale)."""
     logp = [[math.log(0.7), math.log(0.3)], [math.log(0.5), math.log(0.15)]]
@@ -337,9 +389,16 @@ def test_off_policy_loss_and_gradient_by_hand():
     eps, cap = 0.2, 2.0
     lp = torch.tensor(logp, dtype=torch.float64, requires_grad=True)
     mask = torch.ones(2, 2, dtype=torch.bool)
-    loss, stats = clipped_surrogate(lp, torch.tensor(prox, dtype=torch.float64), torch.tensor(adv, dtype=torch.float64),
-                                    mask, eps, "token_mean", behav_logp=torch.tensor(behav, dtype=torch.float64),
-                                    is_cap=cap)
+    loss, stats = clipped_surrogate(
+        lp,
+        torch.tensor(prox, dtype=torch.float64),
+        torch.tensor(adv, dtype=torch.float64),
+        mask,
+        eps,
+        "token_mean",
+        behav_logp=torch.tensor(behav, dtype=torch.float64),
+        is_cap=cap,
+    )
     loss.backward()
     want_loss, want_grad, weights, capped = 0.0, [[0.0, 0.0], [0.0, 0.0]], [], 0
     for i in range(2):
@@ -393,8 +452,9 @@ def test_on_policy_loss_is_the_off_policy_loss_at_pi_behav_equal_pi_prox(loss_ag
     for behav in (None, old.clone()):
         logp = logp0.clone().requires_grad_()
         entropy = ent.abs().clone().requires_grad_()
-        loss, stats = clipped_surrogate(logp, old, adv, mask, 0.2, loss_agg, ref, 0.1, entropy, 0.05, 2,
-                                        behav_logp=behav, is_cap=2.0)
+        loss, stats = clipped_surrogate(
+            logp, old, adv, mask, 0.2, loss_agg, ref, 0.1, entropy, 0.05, 2, behav_logp=behav, is_cap=2.0
+        )
         loss.backward()
         losses.append(loss.detach())
         grads.append((logp.grad, entropy.grad))

@@ -35,8 +35,9 @@ def test_hf_engine_ignores_the_checkpoints_generation_config(tiny_model_dir, tmp
     from tests.helpers import compose, engine_spec
 
     model_dir = _checkpoint_with_penalties(tiny_model_dir, tmp_path)
-    cfg = compose([f"model.path={model_dir}", "model.builder=none", "rollout=hf", "trainer.device=cpu",
-                   "rollout.temperature=0.7"])
+    cfg = compose(
+        [f"model.path={model_dir}", "model.builder=none", "rollout=hf", "trainer.device=cpu", "rollout.temperature=0.7"]
+    )
     engine = HfCopyEngine(engine_spec(cfg), DistContext(0, 1, 0, torch.device("cpu")), str(model_dir))
     assert engine.module.generation_config.repetition_penalty == 3.0  # the checkpoint's setting is loaded ...
     prompts = [[5, 6, 7, 5, 6, 7], [9, 9, 9, 9]]
@@ -47,7 +48,7 @@ def test_hf_engine_ignores_the_checkpoints_generation_config(tiny_model_dir, tmp
     with torch.no_grad():
         for s in samples:
             ids = torch.tensor([s.prompt_token_ids + s.token_ids])
-            lp = token_logprobs(trainer(input_ids=ids).logits, ids, 0.7)[0, len(s.prompt_token_ids) - 1:]
+            lp = token_logprobs(trainer(input_ids=ids).logits, ids, 0.7)[0, len(s.prompt_token_ids) - 1 :]
             worst = max(worst, (lp - torch.tensor(s.logprobs)).abs().max().item())
     print(f"max |engine - trainer| logprob: {worst:.2e}")
     assert worst <= GAP_TOL, f"the engine sampled from another distribution than rollout.* (gap {worst:.3f})"

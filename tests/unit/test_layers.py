@@ -30,7 +30,10 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("placement", ("recipe.remote",)),
     ("engine, weights", ("recipe.engine", "recipe.weights")),
     ("model", ("recipe.model", "recipe.names")),
-    ("support", ("recipe.dist", "recipe.tasks", "recipe.metrics", "recipe.progress", "recipe.profiling", "recipe.batch")),
+    (
+        "support",
+        ("recipe.dist", "recipe.tasks", "recipe.metrics", "recipe.progress", "recipe.profiling", "recipe.batch"),
+    ),
     ("config", ("recipe.config",)),
     ("settings", ("recipe.settings",)),
     ("leaves", ("recipe.digest", "recipe.builtin_models", "recipe.logprobs", "recipe.files", "recipe.loss")),
@@ -38,20 +41,58 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
 
 # What each recipe module may import (other recipe modules). tools/ may import any recipe module.
 ALLOWED: Dict[str, Set[str]] = {
-    "recipe.train": {"recipe.config", "recipe.grpo", "recipe.assets", "recipe.dist", "recipe.preflight",
-                     "recipe.progress", "recipe.files", "recipe.settings"},
-    "recipe.grpo": {"recipe.dist", "recipe.metrics", "recipe.model", "recipe.engine", "recipe.sync", "recipe.tasks",
-                    "recipe.checkpoint", "recipe.progress", "recipe.profiling", "recipe.export", "recipe.logprobs",
-                    "recipe.files", "recipe.settings", "recipe.remote", "recipe.batch", "recipe.loss", "recipe.update"},
+    "recipe.train": {
+        "recipe.config",
+        "recipe.grpo",
+        "recipe.assets",
+        "recipe.dist",
+        "recipe.preflight",
+        "recipe.progress",
+        "recipe.files",
+        "recipe.settings",
+    },
+    "recipe.grpo": {
+        "recipe.dist",
+        "recipe.metrics",
+        "recipe.model",
+        "recipe.engine",
+        "recipe.sync",
+        "recipe.tasks",
+        "recipe.checkpoint",
+        "recipe.progress",
+        "recipe.profiling",
+        "recipe.export",
+        "recipe.logprobs",
+        "recipe.files",
+        "recipe.settings",
+        "recipe.remote",
+        "recipe.batch",
+        "recipe.loss",
+        "recipe.update",
+    },
     "recipe.checkpoint": {"recipe.dist", "recipe.model", "recipe.names", "recipe.files"},
     "recipe.export": {"recipe.dist", "recipe.model", "recipe.weights", "recipe.files", "recipe.settings"},
     "recipe.update": {"recipe.batch", "recipe.loss", "recipe.model", "recipe.settings"},
     "recipe.preflight": {"recipe.config", "recipe.tasks", "recipe.files", "recipe.metrics", "recipe.settings"},
     "recipe.assets": {"recipe.config", "recipe.builtin_models", "recipe.settings"},
-    "recipe.sync": {"recipe.weights", "recipe.model", "recipe.names", "recipe.digest", "recipe.config", "recipe.dist",
-                    "recipe.settings"},
+    "recipe.sync": {
+        "recipe.weights",
+        "recipe.model",
+        "recipe.names",
+        "recipe.digest",
+        "recipe.config",
+        "recipe.dist",
+        "recipe.settings",
+    },
     "recipe.remote": {"recipe.engine", "recipe.dist", "recipe.settings"},
-    "recipe.engine": {"recipe.config", "recipe.model", "recipe.names", "recipe.digest", "recipe.dist", "recipe.settings"},
+    "recipe.engine": {
+        "recipe.config",
+        "recipe.model",
+        "recipe.names",
+        "recipe.digest",
+        "recipe.dist",
+        "recipe.settings",
+    },
     "recipe.weights": {"recipe.config", "recipe.model", "recipe.names", "recipe.settings"},
     "recipe.model": {"recipe.config", "recipe.logprobs", "recipe.settings"},
     "recipe.names": set(),
@@ -134,7 +175,7 @@ def absolute(module: str, node: ast.ImportFrom) -> str:
         return node.module
     files = module_files()
     package = module if module in files and files[module].name == "__init__.py" else module.rsplit(".", 1)[0]
-    base = package.split(".")[:len(package.split(".")) - (node.level - 1)]
+    base = package.split(".")[: len(package.split(".")) - (node.level - 1)]
     return ".".join(base + ([node.module] if node.module else []))
 
 
@@ -182,15 +223,22 @@ def violations(module: str, source: str) -> List[str]:
         if module.startswith("recipe.") and target.startswith("tools"):
             problems.append(f"{where}: recipe never imports tools")
         elif module.startswith("recipe.") and not permitted(module, target):
-            problems.append(f"{where}: not in ALLOWED[{module!r}] (layer {LAYERS[layer_of(module)][0]!r} -> "
-                            f"{LAYERS[layer_of(target)][0]!r})")
+            problems.append(
+                f"{where}: not in ALLOWED[{module!r}] (layer {LAYERS[layer_of(module)][0]!r} -> "
+                f"{LAYERS[layer_of(target)][0]!r})"
+            )
         elif module.startswith("tools.") and target.startswith("tools."):
             problems.append(f"{where}: a tool imports recipe modules only")
         problems += [f"{where}: private name {n}" for n in names if n.startswith("_") and not n.startswith("__")]
     aliases = module_aliases(source, module)
     for node in ast.walk(ast.parse(source)):
-        if (isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id in aliases
-                and node.attr.startswith("_") and not node.attr.startswith("__")):
+        if (
+            isinstance(node, ast.Attribute)
+            and isinstance(node.value, ast.Name)
+            and node.value.id in aliases
+            and node.attr.startswith("_")
+            and not node.attr.startswith("__")
+        ):
             problems.append(f"{module}:{node.lineno} uses private {aliases[node.value.id]}.{node.attr}")
     return problems
 
@@ -210,28 +258,34 @@ def test_imports_follow_the_layers(module):
     assert violations(module, module_files()[module].read_text()) == []
 
 
-@pytest.mark.parametrize("module, source, expected", [
-    ("recipe.engine.vllm", "def f():\n    from recipe.sync import WeightSync\n", "not in ALLOWED"),
-    ("recipe.engine.hf", "from recipe.weights import stream_weights\n", "not in ALLOWED"),
-    ("recipe.weights.fsdp2", "from recipe.weights.units import _hf_config\n", "private name _hf_config"),
-    ("recipe.weights.table", "from recipe.engine import build_engine\n", "not in ALLOWED"),
-    ("recipe.engine.vllm", "from recipe.engine.worker import _vllm_model\n", "private name _vllm_model"),
-    ("recipe.model", "import recipe.grpo\n", "not in ALLOWED"),
-    ("recipe.loss", "from recipe.settings import Algo\n", "not in ALLOWED"),
-    ("recipe.batch", "from recipe.update import backward_mini_batch\n", "not in ALLOWED"),
-    ("recipe.update", "from recipe.grpo import GRPOTrainer\n", "not in ALLOWED"),
-    ("recipe.assets", "from tools.make_tiny_model import main\n", "recipe never imports tools"),
-    ("tools.sync_bench", "from recipe.model import _shard_fsdp1\n", "private name _shard_fsdp1"),
-    ("tools.sync_bench", "from recipe import model as policy\npolicy._shard_fsdp2(1)\n",
-     "uses private recipe.model._shard_fsdp2"),
-    # relative imports, and modules inside a subpackage (placed by their package: recipe.model.parts)
-    ("recipe.engine.vllm", "from ..sync import WeightSync\n", "recipe.sync: not in ALLOWED"),
-    ("recipe.engine.vllm", "from .. import grpo\n", "recipe.grpo: not in ALLOWED"),
-    ("recipe.model.parts", "from recipe.sync import WeightSync\n", "recipe.sync: not in ALLOWED"),
-    ("recipe.model.parts", "from ..grpo import run\n", "recipe.grpo: not in ALLOWED"),
-    ("recipe.model.parts", "from tools import sync_bench\n", "recipe never imports tools"),
-    ("tools.bench.sinks", "from recipe.model import _shard_fsdp1\n", "private name _shard_fsdp1"),
-])
+@pytest.mark.parametrize(
+    "module, source, expected",
+    [
+        ("recipe.engine.vllm", "def f():\n    from recipe.sync import WeightSync\n", "not in ALLOWED"),
+        ("recipe.engine.hf", "from recipe.weights import stream_weights\n", "not in ALLOWED"),
+        ("recipe.weights.fsdp2", "from recipe.weights.units import _hf_config\n", "private name _hf_config"),
+        ("recipe.weights.table", "from recipe.engine import build_engine\n", "not in ALLOWED"),
+        ("recipe.engine.vllm", "from recipe.engine.worker import _vllm_model\n", "private name _vllm_model"),
+        ("recipe.model", "import recipe.grpo\n", "not in ALLOWED"),
+        ("recipe.loss", "from recipe.settings import Algo\n", "not in ALLOWED"),
+        ("recipe.batch", "from recipe.update import backward_mini_batch\n", "not in ALLOWED"),
+        ("recipe.update", "from recipe.grpo import GRPOTrainer\n", "not in ALLOWED"),
+        ("recipe.assets", "from tools.make_tiny_model import main\n", "recipe never imports tools"),
+        ("tools.sync_bench", "from recipe.model import _shard_fsdp1\n", "private name _shard_fsdp1"),
+        (
+            "tools.sync_bench",
+            "from recipe import model as policy\npolicy._shard_fsdp2(1)\n",
+            "uses private recipe.model._shard_fsdp2",
+        ),
+        # relative imports, and modules inside a subpackage (placed by their package: recipe.model.parts)
+        ("recipe.engine.vllm", "from ..sync import WeightSync\n", "recipe.sync: not in ALLOWED"),
+        ("recipe.engine.vllm", "from .. import grpo\n", "recipe.grpo: not in ALLOWED"),
+        ("recipe.model.parts", "from recipe.sync import WeightSync\n", "recipe.sync: not in ALLOWED"),
+        ("recipe.model.parts", "from ..grpo import run\n", "recipe.grpo: not in ALLOWED"),
+        ("recipe.model.parts", "from tools import sync_bench\n", "recipe never imports tools"),
+        ("tools.bench.sinks", "from recipe.model import _shard_fsdp1\n", "private name _shard_fsdp1"),
+    ],
+)
 def test_a_wrong_arrow_is_caught(module, source, expected):
     found = violations(module, source)
     assert any(expected in v for v in found), found
@@ -239,7 +293,9 @@ def test_a_wrong_arrow_is_caught(module, source, expected):
 
 def test_the_loss_math_imports_torch_only():
     """recipe/loss.py is the objective as functions of tensors: no project module, nothing but torch."""
-    found = {target.split(".")[0] for _, target, _, _ in imports(module_files()["recipe.loss"].read_text(), "recipe.loss")}
+    found = {
+        target.split(".")[0] for _, target, _, _ in imports(module_files()["recipe.loss"].read_text(), "recipe.loss")
+    }
     assert found <= {"__future__", "math", "torch"}, found
 
 

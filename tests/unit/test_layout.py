@@ -12,15 +12,24 @@ PACKED = {"qkv_proj": ["q_proj", "k_proj", "v_proj"]}
 
 def _checkpoint():
     g = torch.Generator().manual_seed(0)
-    shapes = {"l.q_proj.weight": (4, 4), "l.k_proj.weight": (2, 4), "l.v_proj.weight": (2, 4), "l.o_proj.weight": (4, 4),
-              "l.norm.weight": (4,), "l.rotary_emb.inv_freq": (2,)}
+    shapes = {
+        "l.q_proj.weight": (4, 4),
+        "l.k_proj.weight": (2, 4),
+        "l.v_proj.weight": (2, 4),
+        "l.o_proj.weight": (4, 4),
+        "l.norm.weight": (4,),
+        "l.rotary_emb.inv_freq": (2,),
+    }
     return {n: torch.randn(s, generator=g) for n, s in shapes.items()}
 
 
 def _loaded(ckpt, **override):
     """The engine's parameters as a loader that follows the map would leave them (fused qkv, no buffers)."""
-    held = {"l.qkv_proj.weight": torch.cat([ckpt[f"l.{x}_proj.weight"] for x in "qkv"]),
-            "l.o_proj.weight": ckpt["l.o_proj.weight"].clone(), "l.norm.weight": ckpt["l.norm.weight"].clone()}
+    held = {
+        "l.qkv_proj.weight": torch.cat([ckpt[f"l.{x}_proj.weight"] for x in "qkv"]),
+        "l.o_proj.weight": ckpt["l.o_proj.weight"].clone(),
+        "l.norm.weight": ckpt["l.norm.weight"].clone(),
+    }
     held.update(override)
     return held
 
@@ -68,4 +77,5 @@ def test_a_tied_alias_stands_for_the_name_the_checkpoint_holds():
     assert owners == {"lm_head.weight": "transformer.wte.weight", "lm_head.weight2": "model.embed.weight2"}
     # both saved (a head copy beside a tied embedding): the model's first name is the owner
     assert alias_owners(groups[:1], {"transformer.wte.weight", "lm_head.weight"}) == {
-        "lm_head.weight": "transformer.wte.weight"}
+        "lm_head.weight": "transformer.wte.weight"
+    }

@@ -25,8 +25,9 @@ def plain(logits, ids, temperature=1.0):
 def blocked(x, ids, temperature, weight=None, rows=7):
     """chunked_logprobs over [B, T, *] rows in blocks of `rows`, shaped like `plain`'s results."""
     b, t = ids.shape
-    logp, ent = chunked_logprobs(x.reshape(b * t, x.shape[-1]), shifted_targets(ids), temperature,
-                                 weight=weight, rows=rows)
+    logp, ent = chunked_logprobs(
+        x.reshape(b * t, x.shape[-1]), shifted_targets(ids), temperature, weight=weight, rows=rows
+    )
     return logp.view(b, t)[:, :-1], ent.view(b, t)[:, :-1]
 
 
@@ -36,7 +37,9 @@ def _grads(fn, leaves, seed=1):
         leaf.grad = None
     logp, ent = fn()
     g = torch.Generator().manual_seed(seed)
-    (logp * torch.randn(logp.shape, generator=g)).sum().add((ent * torch.randn(ent.shape, generator=g)).sum()).backward()
+    (logp * torch.randn(logp.shape, generator=g)).sum().add(
+        (ent * torch.randn(ent.shape, generator=g)).sum()
+    ).backward()
     return logp.detach(), ent.detach(), [leaf.grad.clone() for leaf in leaves]
 
 
@@ -89,7 +92,7 @@ def test_fused_bfloat16_within_rounding():
     got = _grads(lambda: blocked(hidden, ids, 1.0, weight=weight, rows=16), [hidden, weight])
     gaps = [_rel(ref[0], got[0]), _rel(ref[1], got[1]), _rel(ref[2][0], got[2][0]), _rel(ref[2][1], got[2][1])]
     print(f"bf16, blocks of 16: relative gaps logp, entropy, d hidden, d weight: {gaps}")
-    assert max(gaps) <= 2 ** -7, gaps
+    assert max(gaps) <= 2**-7, gaps
 
 
 def test_entropy_without_gradient_is_not_recomputed():
@@ -113,8 +116,15 @@ def test_block_size_follows_the_vocabulary():
 def _tiny(vocab=VOCAB, model_type="qwen2"):
     from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
-    kwargs = dict(vocab_size=vocab, hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-                  num_attention_heads=2, num_key_value_heads=1, tie_word_embeddings=True)
+    kwargs = dict(
+        vocab_size=vocab,
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     if model_type == "llama":
         return LlamaForCausalLM(LlamaConfig(**kwargs))
@@ -185,6 +195,8 @@ def test_backward_at_a_real_vocabulary_stays_within_one_logits_tensor():
 
     run()  # warm: allocator, the weight's gradient
     extra = peak_rss_above_start(run)[1]
-    print(f"fused, blocks of {chunk_rows(vocab)}: peak {extra / 2**20:.0f} MiB above the start, "
-          f"one float32 logits tensor {logits_bytes / 2**20:.0f} MiB")
+    print(
+        f"fused, blocks of {chunk_rows(vocab)}: peak {extra / 2**20:.0f} MiB above the start, "
+        f"one float32 logits tensor {logits_bytes / 2**20:.0f} MiB"
+    )
     assert extra < logits_bytes

@@ -1,6 +1,6 @@
 """The tiny model is reproducible from its seed, and its char-level tokenizer round-trips.
 
-    .venv/bin/python -m pytest tests/unit/test_make_tiny_model.py
+.venv/bin/python -m pytest tests/unit/test_make_tiny_model.py
 """
 
 import torch
@@ -65,8 +65,9 @@ def test_random_model_shape_overrides(tmp_path):
         make_random_model("qwen2_0p5b", tmp_path / "a", overrides={"vocab_sise": 4096})
     out = tmp_path / "b"
     out.mkdir()
-    (out / MARKER).write_text(json.dumps({"shape": "qwen2_0p5b", "seed": 0, "dtype": "bfloat16",
-                                          "overrides": {"vocab_size": 4096}}))
+    (out / MARKER).write_text(
+        json.dumps({"shape": "qwen2_0p5b", "seed": 0, "dtype": "bfloat16", "overrides": {"vocab_size": 4096}})
+    )
     with pytest.raises(FileExistsError):
         make_random_model("qwen2_0p5b", out, overrides={"vocab_size": 8192})
     assert make_random_model("qwen2_0p5b", out, overrides={"vocab_size": 4096}) == out.resolve()  # ours, as asked

@@ -16,8 +16,11 @@ from tests.helpers import engine_spec, policy_of, run_world
 
 def _layer(seed=0, rows=256, cols=128, rank=8, b_scale=1e-4):
     g = torch.Generator().manual_seed(seed)
-    return (torch.randn(rows, cols, generator=g) * 0.05, torch.randn(rank, cols, generator=g) * 0.05,
-            torch.randn(rows, rank, generator=g) * b_scale)
+    return (
+        torch.randn(rows, cols, generator=g) * 0.05,
+        torch.randn(rank, cols, generator=g) * 0.05,
+        torch.randn(rows, rank, generator=g) * b_scale,
+    )
 
 
 def test_rounding_is_measured_against_the_update_without_changing_the_merge():
@@ -52,8 +55,18 @@ def _merged_bf16_sync(rank, world, model_dir):
     from tests.helpers import compose
     from transformers import AutoTokenizer
 
-    cfg = compose([f"model.path={model_dir}", "fsdp=fsdp2", "+offload=none", "+lora=merged", "trainer.device=cpu",
-                   "model.dtype=bfloat16", "rollout=hf", "rollout.max_model_len=128"])
+    cfg = compose(
+        [
+            f"model.path={model_dir}",
+            "fsdp=fsdp2",
+            "+offload=none",
+            "+lora=merged",
+            "trainer.device=cpu",
+            "model.dtype=bfloat16",
+            "rollout=hf",
+            "rollout.max_model_len=128",
+        ]
+    )
     ctx = DistContext(rank, world, rank, torch.device("cpu"))
     lines = []
     handler = logging.Handler()

@@ -59,10 +59,14 @@ def test_throughput_and_mfu():
     assert peak_flops("cpu") is None
     assert train_flops_per_token(1_000, 1_000) == 6_000  # full fine-tune: 6 x parameters
     assert train_flops_per_token(1_000, 10) == 4_020  # LoRA: the frozen base has no weight gradient
-    perf = throughput(generated=4_096, trained=10_000, rollout_s=2.0, update_s=0.5, flops_per_token=6e9,
-                      devices=2, peak=1e15)
-    assert perf == {"perf/generated_tokens_per_s": 2_048, "perf/trained_tokens_per_s": 20_000,
-                    "perf/mfu": 10_000 * 6e9 / 0.5 / 2e15}
+    perf = throughput(
+        generated=4_096, trained=10_000, rollout_s=2.0, update_s=0.5, flops_per_token=6e9, devices=2, peak=1e15
+    )
+    assert perf == {
+        "perf/generated_tokens_per_s": 2_048,
+        "perf/trained_tokens_per_s": 20_000,
+        "perf/mfu": 10_000 * 6e9 / 0.5 / 2e15,
+    }
     assert "perf/mfu" not in throughput(1, 1, 1.0, 1.0, 6.0, 1, None)  # CPU: no peak, no MFU
 
 

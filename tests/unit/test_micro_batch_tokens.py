@@ -19,8 +19,11 @@ SHAPES = {  # conf/bench_model/*.yaml
 def _cfg(tokens, device="cpu", path="unused", backend="vllm", share=0.3, placement="colocated"):
     """The settings `micro_batch_tokens` reads (device resolved, as `Settings.device` is)."""
     return types.SimpleNamespace(
-        device=device, trainer=types.SimpleNamespace(micro_batch_tokens=tokens), model=types.SimpleNamespace(path=path),
-        rollout=types.SimpleNamespace(backend=backend, gpu_memory_utilization=share, placement=placement))
+        device=device,
+        trainer=types.SimpleNamespace(micro_batch_tokens=tokens),
+        model=types.SimpleNamespace(path=path),
+        rollout=types.SimpleNamespace(backend=backend, gpu_memory_utilization=share, placement=placement),
+    )
 
 
 def _checkpoint(tmp_path, shape):
@@ -39,10 +42,13 @@ def test_null_on_cpu_is_the_former_default():
     assert micro_batch_tokens(_cfg(None)) == 4096
 
 
-@pytest.mark.parametrize("shape,share,expected", [("q15", 0.3, 8192), ("q7", 0.3, 4096), ("q15", 0.1, 16384),
-                                                       ("q15", 0.6, 4096)])
+@pytest.mark.parametrize(
+    "shape,share,expected", [("q15", 0.3, 8192), ("q7", 0.3, 4096), ("q15", 0.1, 16384), ("q15", 0.6, 4096)]
+)
 def test_null_on_cuda_scales_with_the_shape_and_the_engine_share(tmp_path, monkeypatch, shape, share, expected):
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=H200_BYTES))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=H200_BYTES)
+    )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     auto_micro_batch_tokens.cache_clear()
     assert micro_batch_tokens(_cfg(None, device="cuda", path=_checkpoint(tmp_path, shape), share=share)) == expected
@@ -52,7 +58,9 @@ def test_null_on_cuda_scales_with_the_shape_and_the_engine_share(tmp_path, monke
 def test_null_on_cuda_beside_a_separate_engine_counts_no_engine_share(tmp_path, monkeypatch):
     """rollout.placement=separate: the engine is on devices of its own, so the trainer's device keeps its whole
     activation share (as rollout=hf does)."""
-    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=H200_BYTES))
+    monkeypatch.setattr(
+        torch.cuda, "get_device_properties", lambda device: types.SimpleNamespace(total_memory=H200_BYTES)
+    )
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
     auto_micro_batch_tokens.cache_clear()
     path = _checkpoint(tmp_path, "q15")

@@ -29,8 +29,24 @@ def wheel(tmp_path_factory):
     shutil.copy(REPO / "pyproject.toml", src)
     for package in ("recipe", "tools"):
         shutil.copytree(REPO / package, src / package, ignore=shutil.ignore_patterns("__pycache__"))
-    done = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "--no-index", "-w", str(root / "out"), str(src)], capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "--no-index",
+            "-w",
+            str(root / "out"),
+            str(src),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     (path,) = (root / "out").glob("*.whl")
     return zipfile.ZipFile(path)
@@ -45,13 +61,21 @@ def test_nothing_installed_imports_tools(wheel):
     for name in wheel.namelist():
         if name.endswith(".py"):
             for node in ast.walk(ast.parse(wheel.read(name))):
-                found = ([a.name for a in node.names] if isinstance(node, ast.Import)
-                         else [node.module or ""] if isinstance(node, ast.ImportFrom) and not node.level else [])
-                assert not any(m == "tools" or m.startswith("tools.") for m in found), f"{name}:{node.lineno} imports tools"
+                found = (
+                    [a.name for a in node.names]
+                    if isinstance(node, ast.Import)
+                    else [node.module or ""]
+                    if isinstance(node, ast.ImportFrom) and not node.level
+                    else []
+                )
+                assert not any(m == "tools" or m.startswith("tools.") for m in found), (
+                    f"{name}:{node.lineno} imports tools"
+                )
 
 
 def test_a_tool_runs_from_the_repository_root():
     """Not installed, a tool still runs as `python -m tools.x` from the checkout's root."""
-    done = subprocess.run([sys.executable, "-m", "tools.sweep_report", "--help"], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-m", "tools.sweep_report", "--help"], cwd=REPO, capture_output=True, text=True, timeout=120
+    )
     assert done.returncode == 0 and "usage: sweep_report.py" in done.stdout, done.stderr[-2000:]

@@ -41,8 +41,12 @@ def test_a_resumed_run_skips_its_own_first_step(tmp_path):
 def _event(name, device, start, end, annotation=False):
     from torch.autograd import DeviceType
 
-    return SimpleNamespace(name=name, device_type=DeviceType.CUDA if device else DeviceType.CPU,
-                           time_range=SimpleNamespace(start=start, end=end), is_user_annotation=annotation)
+    return SimpleNamespace(
+        name=name,
+        device_type=DeviceType.CUDA if device else DeviceType.CPU,
+        time_range=SimpleNamespace(start=start, end=end),
+        is_user_annotation=annotation,
+    )
 
 
 def test_cuda_phases_read_their_host_time_and_the_device_time_inside():
@@ -52,11 +56,14 @@ def test_cuda_phases_read_their_host_time_and_the_device_time_inside():
     from recipe.profiling import phase_times
 
     events = [
-        _event("update", False, 0, 1_000_000), _event("update", True, 10, 900_000, annotation=True),
-        _event("sync", False, 1_000_000, 1_200_000), _event("sync", True, 1_000_010, 1_150_000, annotation=True),
+        _event("update", False, 0, 1_000_000),
+        _event("update", True, 10, 900_000, annotation=True),
+        _event("sync", False, 1_000_000, 1_200_000),
+        _event("sync", True, 1_000_010, 1_150_000, annotation=True),
         _event("update", False, 2_000_000, 3_000_000),
         _event("aten::mm", False, 100, 200),  # a host op: neither a phase nor device time
-        _event("gemm_kernel", True, 500, 300_500), _event("gemm_kernel", True, 2_100_000, 2_500_000),
+        _event("gemm_kernel", True, 500, 300_500),
+        _event("gemm_kernel", True, 2_100_000, 2_500_000),
         _event("backward_kernel", True, 600_000, 700_000),  # launched from autograd's thread: by time
         _event("nccl_kernel", True, 1_050_000, 1_100_000),
         _event("late_kernel", True, 1_500_000, 1_600_000),  # between phases: nobody's
@@ -71,14 +78,22 @@ def test_cuda_profile_table_has_nonzero_phases(tmp_path):
     """The written table on a CUDA run (a stand-in profile whose events are as above)."""
     profiler = _profiler(tmp_path, 0)
     profiler.ctx.device = torch.device("cuda")
-    events = [_event("update", False, 0, 500_000), _event("update", True, 0, 400_000, annotation=True),
-              _event("k", True, 10, 250_010)]
+    events = [
+        _event("update", False, 0, 500_000),
+        _event("update", True, 0, 400_000, annotation=True),
+        _event("k", True, 10, 250_010),
+    ]
+
     class Averages(list):  # key_averages(): one entry per (name, device type), the device twin last
         def table(self, **_):
             return "(table)"
 
-    averages = Averages([SimpleNamespace(key="update", cpu_time_total=500_000, device_type=events[0].device_type),
-                         SimpleNamespace(key="update", cpu_time_total=0, device_type=events[1].device_type)])
+    averages = Averages(
+        [
+            SimpleNamespace(key="update", cpu_time_total=500_000, device_type=events[0].device_type),
+            SimpleNamespace(key="update", cpu_time_total=0, device_type=events[1].device_type),
+        ]
+    )
     prof = SimpleNamespace(events=lambda: events, key_averages=lambda: averages)
     lines = profiler._write(prof, profiled=1, wall=0.6).read_text().splitlines()
     assert lines[1] == "# phase wall seconds per step: update 0.5000"

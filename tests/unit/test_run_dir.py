@@ -22,8 +22,11 @@ CPU = "trainer.device=cpu"
 
 
 def _snapshot(path):
-    return {str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None)
-            for p in sorted(path.rglob("*")) if p.name != LOCK}
+    return {
+        str(p.relative_to(path)): (p.read_bytes() if p.is_file() else None)
+        for p in sorted(path.rglob("*"))
+        if p.name != LOCK
+    }
 
 
 def _finished_run(tmp_path, tiny_model_dir):
@@ -46,15 +49,32 @@ def _finished_run(tmp_path, tiny_model_dir):
 
 
 def _cli(run, model_dir, *extra):
-    return subprocess.run([sys.executable, "-m", "recipe.train", f"model.path={model_dir}", CPU, "logger=none",
-                           "trainer.steps=2", f"hydra.run.dir={run}", *extra],
-                          cwd=REPO, capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recipe.train",
+            f"model.path={model_dir}",
+            CPU,
+            "logger=none",
+            "trainer.steps=2",
+            f"hydra.run.dir={run}",
+            *extra,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
-@pytest.mark.parametrize("extra,refusal", [
-    ((), "already holds a run"),
-    (("trainer.resume=true", "trainer.lr=0.5"), "changes the run's math"),
-])
+@pytest.mark.parametrize(
+    "extra,refusal",
+    [
+        ((), "already holds a run"),
+        (("trainer.resume=true", "trainer.lr=0.5"), "changes the run's math"),
+    ],
+)
 def test_a_refused_start_writes_nothing_into_the_run_it_was_refused_for(tmp_path, tiny_model_dir, extra, refusal):
     """Before: both refusals overwrote the run's status.json ("ok" -> "failed") and its .hydra/*.yaml."""
     run = _finished_run(tmp_path, tiny_model_dir)
@@ -87,10 +107,13 @@ def test_a_second_run_into_a_directory_in_use_is_refused(tmp_path, tiny_model_di
 
 
 def test_the_lock_goes_with_its_holder_however_it_ends(tmp_path):
-    code = ("import sys, time; from recipe.preflight import RunDir; RunDir(sys.argv[1]).claim(resume=False); "
-            "print('held', flush=True); time.sleep(600)")
-    holder = subprocess.Popen([sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE,
-                              text=True)
+    code = (
+        "import sys, time; from recipe.preflight import RunDir; RunDir(sys.argv[1]).claim(resume=False); "
+        "print('held', flush=True); time.sleep(600)"
+    )
+    holder = subprocess.Popen(
+        [sys.executable, "-c", code, str(tmp_path / "run")], cwd=REPO, stdout=subprocess.PIPE, text=True
+    )
     try:
         assert holder.stdout.readline().strip() == "held"
         with pytest.raises(RunDirBusy):

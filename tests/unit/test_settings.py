@@ -25,8 +25,11 @@ def test_slices_are_typed_and_frozen():
 
 
 def test_derived_values_are_resolved_once():
-    s = Settings.from_cfg(compose(["model.dtype=bfloat16", "model.master_dtype=float32", CPU, "+lora=merged",
-                                   "fsdp=fsdp1", "+offload=manual"]))
+    s = Settings.from_cfg(
+        compose(
+            ["model.dtype=bfloat16", "model.master_dtype=float32", CPU, "+lora=merged", "fsdp=fsdp1", "+offload=manual"]
+        )
+    )
     assert s.device == "cpu" and s.world_size == s.trainer.world_size
     assert s.sync.tolerance == default_tolerance("bfloat16", "cpu")  # probe_tolerance null: the dtype's default
     assert s.combo == ("fsdp1", "manual", "merged") and s.strategy_name == "fsdp1/manual/merged"

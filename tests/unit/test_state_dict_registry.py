@@ -1,6 +1,6 @@
 """The dispatch table and the name mapping, without processes.
 
-    .venv/bin/python -m pytest tests/unit/test_state_dict_registry.py -q
+.venv/bin/python -m pytest tests/unit/test_state_dict_registry.py -q
 """
 
 from __future__ import annotations
@@ -20,8 +20,9 @@ def test_every_combination_has_a_strategy():
     assert len(expected) == 18
     assert set(sd.all_keys()) == expected
     for key in expected:
-        assert sd.get_strategy(key).__name__ == (f"{sd.GATHERS[key[:2]].__name__.lstrip('_')}+"
-                                                  f"{sd.TRANSFORMS[key[2]].apply.__name__}")
+        assert sd.get_strategy(key).__name__ == (
+            f"{sd.GATHERS[key[:2]].__name__.lstrip('_')}+{sd.TRANSFORMS[key[2]].apply.__name__}"
+        )
     # That no two entries behave alike is test_table_is_one_gather_per_fsdp_offload_and_one_transform_per_lora's.
 
 
@@ -48,29 +49,44 @@ def test_sync_strategy_choices_are_auto_and_the_reference_strategies():
         assert callable(sd.get_reference(name))
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
-    ("model.embed_tokens.weight", "model.embed_tokens.weight"),
-    ("lm_head.weight", "lm_head.weight"),
-    ("base_model.model.model.layers.1.mlp.down_proj.base_layer.weight", "model.layers.1.mlp.down_proj.weight"),
-    ("base_model.model.model.layers.1.self_attn.q_proj.base_layer.bias", "model.layers.1.self_attn.q_proj.bias"),
-    ("base_model.model.model.norm.weight", "model.norm.weight"),
-    ("_fsdp_wrapped_module.model.layers.0._fsdp_wrapped_module.mlp.up_proj.weight", "model.layers.0.mlp.up_proj.weight"),
-    ("_fsdp_wrapped_module.base_model.model.model.layers.0._fsdp_wrapped_module.self_attn.v_proj.base_layer.weight",
-     "model.layers.0.self_attn.v_proj.weight"),
-    ("model.layers.3._checkpoint_wrapped_module.self_attn.o_proj.weight", "model.layers.3.self_attn.o_proj.weight"),
-    ("_orig_mod.model.norm.weight", "model.norm.weight"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        ("model.layers.0.self_attn.q_proj.weight", "model.layers.0.self_attn.q_proj.weight"),
+        ("model.embed_tokens.weight", "model.embed_tokens.weight"),
+        ("lm_head.weight", "lm_head.weight"),
+        ("base_model.model.model.layers.1.mlp.down_proj.base_layer.weight", "model.layers.1.mlp.down_proj.weight"),
+        ("base_model.model.model.layers.1.self_attn.q_proj.base_layer.bias", "model.layers.1.self_attn.q_proj.bias"),
+        ("base_model.model.model.norm.weight", "model.norm.weight"),
+        (
+            "_fsdp_wrapped_module.model.layers.0._fsdp_wrapped_module.mlp.up_proj.weight",
+            "model.layers.0.mlp.up_proj.weight",
+        ),
+        (
+            "_fsdp_wrapped_module.base_model.model.model.layers.0._fsdp_wrapped_module.self_attn.v_proj.base_layer.weight",
+            "model.layers.0.self_attn.v_proj.weight",
+        ),
+        ("model.layers.3._checkpoint_wrapped_module.self_attn.o_proj.weight", "model.layers.3.self_attn.o_proj.weight"),
+        ("_orig_mod.model.norm.weight", "model.norm.weight"),
+    ],
+)
 def test_hf_name(raw, expected):
     assert names.hf_name(raw) == expected
 
 
-@pytest.mark.parametrize("raw, expected", [
-    ("base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
-     "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"),
-    ("_fsdp_wrapped_module.base_model.model.model.layers.1._fsdp_wrapped_module.mlp.gate_proj.lora_B.default.weight",
-     "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight"),
-])
+@pytest.mark.parametrize(
+    "raw, expected",
+    [
+        (
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight",
+            "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight",
+        ),
+        (
+            "_fsdp_wrapped_module.base_model.model.model.layers.1._fsdp_wrapped_module.mlp.gate_proj.lora_B.default.weight",
+            "base_model.model.model.layers.1.mlp.gate_proj.lora_B.weight",
+        ),
+    ],
+)
 def test_peft_name(raw, expected):
     assert names.peft_name(raw) == expected
 
@@ -132,8 +148,9 @@ def test_merged_rows_equal_rows_of_the_full_merge():
     one-column product, in another order.)"""
     g = torch.Generator().manual_seed(0)
     checked = 0
-    for out, inn, r, dtype in itertools.product([2, 3, 7, 33, 96, 257], [1, 16, 33, 896], [1, 8, 16, 64],
-                                                [torch.float32, torch.bfloat16]):
+    for out, inn, r, dtype in itertools.product(
+        [2, 3, 7, 33, 96, 257], [1, 16, 33, 896], [1, 8, 16, 64], [torch.float32, torch.bfloat16]
+    ):
         w = torch.randn(out, inn, generator=g).to(dtype)
         a, b = torch.randn(r, inn, generator=g).to(dtype), torch.randn(out, r, generator=g).to(dtype)
         full = sd.merge_lora(w, a, b, 2.5, torch.bfloat16)
@@ -141,7 +158,7 @@ def test_merged_rows_equal_rows_of_the_full_merge():
             offset = 0
             for rows_w, rows_b in zip(torch.chunk(w, world), torch.chunk(b, world)):
                 part = sd.merge_lora_rows(rows_w.clone(), a, rows_b.clone(), 2.5, torch.bfloat16, offset, out)
-                assert torch.equal(part, full[offset:offset + rows_w.shape[0]]), (out, inn, r, dtype, world, offset)
+                assert torch.equal(part, full[offset : offset + rows_w.shape[0]]), (out, inn, r, dtype, world, offset)
                 offset += rows_w.shape[0]
                 checked += 1
     assert checked > 500
@@ -163,11 +180,19 @@ def test_composed_entry_passes_the_transforms_dtype_and_selection_to_its_gather(
     seen = {}
 
     def gather(model, spec, device, wire, select, merge):
-        seen.update(wire=wire("x.lora_A.default.weight", torch.zeros(1)), lora=select("x.lora_A.default.weight"),
-                    base=select("x.base_layer.weight"), merge=merge)
+        seen.update(
+            wire=wire("x.lora_A.default.weight", torch.zeros(1)),
+            lora=select("x.lora_A.default.weight"),
+            base=select("x.base_layer.weight"),
+            merge=merge,
+        )
         yield {"m.q_proj.lora_A.default.weight": torch.ones(2, 2), "m.q_proj.base_layer.weight": torch.ones(2, 2)}
 
     out = list(sd.compose(gather, sd.TRANSFORMS["adapter"])(None, sd.StreamSpec.of(cfg), torch.device("cpu")))
-    assert seen == {"wire": torch.bfloat16, "lora": True, "base": False,  # adapter syncs gather LoRA shards only
-                    "merge": False}
+    assert seen == {
+        "wire": torch.bfloat16,
+        "lora": True,
+        "base": False,  # adapter syncs gather LoRA shards only
+        "merge": False,
+    }
     assert [(n, t.dtype) for n, t in out] == [("m.q_proj.lora_A.weight", torch.bfloat16)]

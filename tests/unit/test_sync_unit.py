@@ -1,6 +1,6 @@
 """WeightSync's contract with a fake engine and a plain (unsharded) model: no vLLM, no processes.
 
-    .venv/bin/python -m pytest tests/unit/test_sync_unit.py -q
+.venv/bin/python -m pytest tests/unit/test_sync_unit.py -q
 """
 
 from __future__ import annotations
@@ -22,10 +22,24 @@ from tests.doubles import HookedSync
 from recipe.settings import DEFAULT_TOLERANCE, Settings, default_tolerance
 from recipe.sync import WeightSyncError, compare_digests, mean_gap, name_problems, worst_token
 
-SYNC_KEYS = {"sync/total_s", "sync/gather_s", "sync/load_s", "sync/digest_s", "sync/probe_s", "sync/bytes",
-             "sync/gbps", "sync/peak_mem_bytes", "sync/strategy", "sync/weight_version", "sync/verified_tensors",
-             "sync/verified_bytes", "sync/digest", "sync/parity_max_abs_diff", "sync/parity_mean_abs_diff",
-             "sync/fingerprint"}
+SYNC_KEYS = {
+    "sync/total_s",
+    "sync/gather_s",
+    "sync/load_s",
+    "sync/digest_s",
+    "sync/probe_s",
+    "sync/bytes",
+    "sync/gbps",
+    "sync/peak_mem_bytes",
+    "sync/strategy",
+    "sync/weight_version",
+    "sync/verified_tensors",
+    "sync/verified_bytes",
+    "sync/digest",
+    "sync/parity_max_abs_diff",
+    "sync/parity_mean_abs_diff",
+    "sync/fingerprint",
+}
 
 
 class FakeEngine(HfCopyEngine):
@@ -66,12 +80,15 @@ def setup(tiny_model_dir, request):
     from recipe.model import torch_dtype
     from tests.helpers import compose
 
-    cfg = compose([f"model.path={tiny_model_dir}", "trainer.device=cpu", "sync.probe_every=2",
-                   f"model.dtype={request.param}"])
+    cfg = compose(
+        [f"model.path={tiny_model_dir}", "trainer.device=cpu", "sync.probe_every=2", f"model.dtype={request.param}"]
+    )
     trainer = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch_dtype(request.param))
     ctx = SimpleNamespace(rank=0, world_size=1, device=torch.device("cpu"))
     engine = FakeEngine(cfg, ctx, str(tiny_model_dir))
-    sync = HookedSync(Settings.from_cfg(cfg), ctx, trainer, engine, AutoTokenizer.from_pretrained(tiny_model_dir), stream_fn=_stream)
+    sync = HookedSync(
+        Settings.from_cfg(cfg), ctx, trainer, engine, AutoTokenizer.from_pretrained(tiny_model_dir), stream_fn=_stream
+    )
     return sync, trainer, engine
 
 
@@ -154,8 +171,12 @@ def test_empty_stream_raises(setup):
 
 def test_probe_schedule(setup):
     sync, _, _ = setup
-    for every, expected in [(1, [True] * 4), (-1, [True, False, False, False]), (0, [False] * 4),
-                            (3, [True, False, False, True])]:
+    for every, expected in [
+        (1, [True] * 4),
+        (-1, [True, False, False, False]),
+        (0, [False] * 4),
+        (3, [True, False, False, True]),
+    ]:
         sync.settings = replace(sync.settings, sync=replace(sync.settings.sync, probe_every=every))  # frozen
         got = []
         for n in range(1, 5):
@@ -185,8 +206,9 @@ def test_probe_verdict_is_the_mean_gap():
 
 
 def test_weight_stream_counts_releases_and_digests():
-    stream = WeightStream(((name, torch.arange(n, dtype=torch.float32)) for name, n in [("a", 4), ("b", 8)]),
-                          digest=True)
+    stream = WeightStream(
+        ((name, torch.arange(n, dtype=torch.float32)) for name, n in [("a", 4), ("b", 8)]), digest=True
+    )
     names = []
     for name, tensor in stream:
         names.append(name)
@@ -218,8 +240,10 @@ def test_stream_digests_of_large_and_small_tensors_keep_their_names():
     """Large tensors are digested as they stream and fetched in one host copy (`digest.to_host`),
     small ones batched at the end: each name still gets its own tensor's digest."""
     g = torch.Generator().manual_seed(5)
-    named = [(f"t{i}", torch.randn(*shape, generator=g)) for i, shape in
-             enumerate([(300, 256), (4,), (512, 200), (7, 3), (300, 256), (5,)])]  # 300 KB, 400 KB: large
+    named = [
+        (f"t{i}", torch.randn(*shape, generator=g))
+        for i, shape in enumerate([(300, 256), (4,), (512, 200), (7, 3), (300, 256), (5,)])
+    ]  # 300 KB, 400 KB: large
     stream = WeightStream(iter(named), digest=True)
     list(stream)
     assert stream.digests() == {name: digest(t) for name, t in named}
@@ -229,8 +253,11 @@ def test_stream_digests_of_large_and_small_tensors_keep_their_names():
 def test_batched_digests_equal_one_by_one():
     """`digests` stacks small tensors of one shape; the numbers are those of `digest` on each."""
     g = torch.Generator().manual_seed(3)
-    tensors = ([torch.randn(8, 64, generator=g).bfloat16() for _ in range(5)] + [torch.randn(7, generator=g)] * 3
-               + [torch.randn(1024, 1024, generator=g), torch.randn(3, 5, generator=g).t()])
+    tensors = (
+        [torch.randn(8, 64, generator=g).bfloat16() for _ in range(5)]
+        + [torch.randn(7, generator=g)] * 3
+        + [torch.randn(1024, 1024, generator=g), torch.randn(3, 5, generator=g).t()]
+    )
     assert digests(tensors) == [digest(t) for t in tensors]
     assert len(set(digests(tensors[:5]))) == 5
 
@@ -255,12 +282,15 @@ def test_digest_catches_small_and_positional_changes(dtype):
 def test_compare_digests_maps_fused_and_tied_names():
     g = torch.Generator().manual_seed(2)
     q, k, v, emb = (torch.randn(*s, generator=g) for s in [(8, 4), (4, 4), (4, 4), (10, 4)])
-    streamed = dict(zip(["l.q_proj.weight", "l.k_proj.weight", "l.v_proj.weight", "embed_tokens.weight"],
-                        digests([q, k, v, emb])))
+    streamed = dict(
+        zip(["l.q_proj.weight", "l.k_proj.weight", "l.v_proj.weight", "embed_tokens.weight"], digests([q, k, v, emb]))
+    )
     padded = torch.cat([emb, torch.zeros(6, 4)])  # vocab padded with zero rows
-    held = {"l.qkv_proj.weight": (("l.q_proj.weight", "l.k_proj.weight", "l.v_proj.weight"), digest(torch.cat([q, k, v]))),
-            "embed_tokens.weight": (("embed_tokens.weight",), digest(padded)),
-            "lm_head.weight": (("embed_tokens.weight",), digest(emb))}
+    held = {
+        "l.qkv_proj.weight": (("l.q_proj.weight", "l.k_proj.weight", "l.v_proj.weight"), digest(torch.cat([q, k, v]))),
+        "embed_tokens.weight": (("embed_tokens.weight",), digest(padded)),
+        "lm_head.weight": (("embed_tokens.weight",), digest(emb)),
+    }
     assert compare_digests(held, streamed) == ([], 3)
     swapped = dict(held, **{"l.qkv_proj.weight": (held["l.qkv_proj.weight"][0], digest(torch.cat([k, q, v])))})
     problems, _ = compare_digests(swapped, streamed)
@@ -275,8 +305,11 @@ def test_compare_digests_maps_fused_and_tied_names():
 
 def test_name_problems():
     assert name_problems(["a", "b"], ["a", "b"]) == []
-    assert name_problems(["a", "b"], ["a", "c", "c"]) == ["not streamed: ['b']", "streamed under unexpected names: ['c']",
-                                                          "streamed more than once: ['c']"]
+    assert name_problems(["a", "b"], ["a", "c", "c"]) == [
+        "not streamed: ['b']",
+        "streamed under unexpected names: ['c']",
+        "streamed more than once: ['c']",
+    ]
 
 
 def test_metrics_logger_rank0_writes_jsonl_rank1_noop(tmp_path, tiny_model_dir):
@@ -300,13 +333,21 @@ def test_base_layer_name_follows_the_engines_fused_lora_layers():
 
     packed = {"qkv_proj": ["q_proj", "k_proj", "v_proj"], "gate_up_proj": ["gate_proj", "up_proj"]}
     wrapped = {"model.layers.0.self_attn.qkv_proj", "model.layers.0.mlp.down_proj"}
-    assert base_layer_name("model.layers.0.self_attn.k_proj.bias", wrapped, packed) == \
-        "model.layers.0.self_attn.k_proj.base_layer.bias"
-    assert base_layer_name("model.layers.0.mlp.down_proj.weight", wrapped, packed) == \
-        "model.layers.0.mlp.down_proj.base_layer.weight"
+    assert (
+        base_layer_name("model.layers.0.self_attn.k_proj.bias", wrapped, packed)
+        == "model.layers.0.self_attn.k_proj.base_layer.bias"
+    )
+    assert (
+        base_layer_name("model.layers.0.mlp.down_proj.weight", wrapped, packed)
+        == "model.layers.0.mlp.down_proj.base_layer.weight"
+    )
     # not wrapped: unchanged (layer 1, the MLP's gate_up, norms, the embedding)
-    for name in ("model.layers.1.self_attn.q_proj.weight", "model.layers.0.mlp.gate_proj.weight",
-                 "model.layers.0.input_layernorm.weight", "model.embed_tokens.weight"):
+    for name in (
+        "model.layers.1.self_attn.q_proj.weight",
+        "model.layers.0.mlp.gate_proj.weight",
+        "model.layers.0.input_layernorm.weight",
+        "model.embed_tokens.weight",
+    ):
         assert base_layer_name(name, wrapped, packed) == name
 
 
@@ -341,11 +382,18 @@ def _engine_like(vocab_rows: int = 10):
 
 def _hf_like(vocab: int = 8):
     g = torch.Generator().manual_seed(0)
-    shapes = {"model.embed_tokens.weight": (vocab, 4), "model.layers.0.self_attn.q_proj.weight": (4, 4),
-              "model.layers.0.self_attn.k_proj.weight": (2, 4), "model.layers.0.self_attn.v_proj.weight": (2, 4),
-              "model.layers.0.self_attn.q_proj.bias": (4,), "model.layers.0.self_attn.k_proj.bias": (2,),
-              "model.layers.0.self_attn.v_proj.bias": (2,), "model.layers.0.mlp.gate_proj.weight": (6, 4),
-              "model.layers.0.mlp.up_proj.weight": (6, 4), "model.layers.0.mlp.down_proj.weight": (4, 6)}
+    shapes = {
+        "model.embed_tokens.weight": (vocab, 4),
+        "model.layers.0.self_attn.q_proj.weight": (4, 4),
+        "model.layers.0.self_attn.k_proj.weight": (2, 4),
+        "model.layers.0.self_attn.v_proj.weight": (2, 4),
+        "model.layers.0.self_attn.q_proj.bias": (4,),
+        "model.layers.0.self_attn.k_proj.bias": (2,),
+        "model.layers.0.self_attn.v_proj.bias": (2,),
+        "model.layers.0.mlp.gate_proj.weight": (6, 4),
+        "model.layers.0.mlp.up_proj.weight": (6, 4),
+        "model.layers.0.mlp.down_proj.weight": (4, 6),
+    }
     return {n: torch.randn(s, generator=g) for n, s in shapes.items()}
 
 
@@ -362,8 +410,9 @@ def test_direct_destinations_place_every_tensor_where_the_fused_layout_has_it():
     # The fused parameters hold the parts stacked in packed order, bit for bit.
     assert torch.equal(attn.qkv_proj.weight, torch.cat([hf[p + f"self_attn.{x}_proj.weight"] for x in "qkv"]))
     assert torch.equal(attn.qkv_proj.bias, torch.cat([hf[p + f"self_attn.{x}_proj.bias"] for x in "qkv"]))
-    assert torch.equal(mlp.gate_up_proj.base_layer.weight,
-                       torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]]))
+    assert torch.equal(
+        mlp.gate_up_proj.base_layer.weight, torch.cat([hf[p + "mlp.gate_proj.weight"], hf[p + "mlp.up_proj.weight"]])
+    )
     assert torch.equal(mlp.down_proj.weight, hf[p + "mlp.down_proj.weight"])
     # Padded vocabulary: the real rows are written, the padding rows are left alone.
     emb = engine.model.embed_tokens.weight
@@ -406,11 +455,13 @@ def test_sync_without_checkpoint_or_tokenizer_checks_the_given_names(tiny_model_
     stats = sync.sync(1)
     assert engine.calls == ["wake", "load", "digests"]  # no probe
     assert stats["sync/verified_tensors"] == len(names) + 1
-    sync = HookedSync(Settings.from_cfg(cfg), ctx, trainer, engine, None, expected=names + ["extra.weight"],
-                      stream_fn=_stream)
+    sync = HookedSync(
+        Settings.from_cfg(cfg), ctx, trainer, engine, None, expected=names + ["extra.weight"], stream_fn=_stream
+    )
     with pytest.raises(WeightSyncError, match=r"not streamed: \['extra.weight'\]"):
         sync.sync(1)
-    probing = Settings.from_cfg(compose([f"model.path={tmp_path / 'absent'}", "trainer.device=cpu",
-                                         "sync.probe_every=2"]))
+    probing = Settings.from_cfg(
+        compose([f"model.path={tmp_path / 'absent'}", "trainer.device=cpu", "sync.probe_every=2"])
+    )
     with pytest.raises(ValueError, match="sync.probe_every=2 needs a tokenizer"):
         HookedSync(probing, ctx, trainer, engine, None, expected=names, stream_fn=_stream)

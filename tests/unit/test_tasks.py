@@ -1,14 +1,22 @@
 """Tasks: seeded prompt sets, reward bounds and ordering, answer parsing, build_task errors.
 
-    .venv/bin/python -m pytest tests/unit/test_tasks.py
+.venv/bin/python -m pytest tests/unit/test_tasks.py
 """
 
 import random
 
 import pytest
 from recipe.config import ConfigError
-from recipe.tasks import (Arithmetic, Prompt, Task, WordProblems, build_task, leading_match, parse_leading_int,
-                          parse_last_int)
+from recipe.tasks import (
+    Arithmetic,
+    Prompt,
+    Task,
+    WordProblems,
+    build_task,
+    leading_match,
+    parse_leading_int,
+    parse_last_int,
+)
 from tests.helpers import typed
 
 
@@ -58,14 +66,19 @@ def test_arithmetic_reward_bounds_and_ordering():
 
 def test_arithmetic_digit_credit_rewards_the_first_digit_of_a_two_digit_answer():
     p = Prompt(text="9+5=", answer="14")
-    by_value, by_digits, mixed = Arithmetic(seed=0, digit_credit=0.0), Arithmetic(seed=0, digit_credit=1.0), \
-        Arithmetic(seed=0)  # the default: 0.5
+    by_value, by_digits, mixed = (
+        Arithmetic(seed=0, digit_credit=0.0),
+        Arithmetic(seed=0, digit_credit=1.0),
+        Arithmetic(seed=0),
+    )  # the default: 0.5
     # by value alone, "9" (5 away) beats "1" (13 away): the path to "14" starts downhill
     assert by_value.reward(p, "9") > by_value.reward(p, "1")
     assert by_digits.reward(p, "1") == pytest.approx(0.1 + 0.2 + 0.3 * 0.5)  # half the answer's digits
     assert by_digits.reward(p, "1") > by_digits.reward(p, "9")
-    gap = {name: t.reward(p, "9") - t.reward(p, "1") for name, t in
-           (("value", by_value), ("mixed", mixed), ("digits", by_digits))}
+    gap = {
+        name: t.reward(p, "9") - t.reward(p, "1")
+        for name, t in (("value", by_value), ("mixed", mixed), ("digits", by_digits))
+    }
     assert gap["value"] > gap["mixed"] > gap["digits"]  # the valley before "14" is shallower, then gone
     assert by_digits.reward(p, "15") == pytest.approx(by_digits.reward(p, "19"))  # one leading digit each
     assert mixed.reward(p, "15") > mixed.reward(p, "19")  # and the value still counts
@@ -163,8 +176,9 @@ class Echo(Task):
 
 
 def test_user_task_by_dotted_path():
-    task = build_task(typed(["task.target=tests.unit.test_tasks.Echo", "~task.params.max_operand",
-                               "+task.params.word=yo"]).task)
+    task = build_task(
+        typed(["task.target=tests.unit.test_tasks.Echo", "~task.params.max_operand", "+task.params.word=yo"]).task
+    )
     assert isinstance(task, Echo) and task.word == "yo"
     p = task.batch(0, 1)[0]
     assert p.text.startswith("say yo") and task.correct(p, "yo") and not task.correct(p, "no")
