@@ -312,3 +312,13 @@ def test_docs_table_is_this_table():
     for module, (layer, targets) in rows.items():
         assert targets == ALLOWED[module], module
         assert layer == LAYERS[layer_of(module)][0], module
+
+
+MAX_MODULE_LINES = 600  # docs/ARCHITECTURE.md: a module that grows past this is split along its seams
+
+
+def test_no_module_in_recipe_is_over_600_lines():
+    sizes = {str(p.relative_to(ROOT)): len(p.read_text().splitlines()) for p in (ROOT / "recipe").rglob("*.py")}
+    assert len(sizes) > 20  # the walk reached the packages
+    over = {p: n for p, n in sizes.items() if n > MAX_MODULE_LINES}
+    assert not over, f"modules over {MAX_MODULE_LINES} lines: {over}"
