@@ -225,6 +225,14 @@ def test_sigterm_stops_every_rank_says_how_to_resume_and_the_resume_completes(ti
 
 
 @pytest.mark.slow
+def _as_from_a_terminal():
+    """A shell starts a command with SIGINT at its default and no signal blocked; the pytest process may
+    have changed both for its children (libraries it loaded, earlier tests), and a child that inherits an
+    ignored SIGINT keeps it ignored (recipe.dist.stop_on_signals, as under nohup)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+    signal.pthread_sigmask(signal.SIG_SETMASK, [])
+
+
 def test_ctrl_c_stops_the_run_in_one_line(tiny_model_dir, tmp_path):
     """Ctrl-C in a terminal signals the whole process group, ranks included. Before: 10.6 s and 179 lines
     with 4 tracebacks."""
@@ -236,12 +244,24 @@ def test_ctrl_c_stops_the_run_in_one_line(tiny_model_dir, tmp_path):
         stderr=subprocess.PIPE,
         text=True,
         start_new_session=True,
+        preexec_fn=_as_from_a_terminal,
     )
     try:
         _wait_for_records(run, 1, proc)
         ranks = _children(proc.pid)
         os.killpg(proc.pid, signal.SIGINT)
-        _, err = proc.communicate(timeout=60)
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:  # say where it stands: who is alive, and the launcher's signal masks
+            ps = subprocess.run(
+                ["ps", "-o", "pid,ppid,stat,wchan:24,etime,args", "-g", str(proc.pid)], capture_output=True, text=True
+            ).stdout
+            status = Path(f"/proc/{proc.pid}/status").read_text().splitlines()
+            masks = [line for line in status if line.startswith(("SigBlk", "SigIgn", "SigCgt", "SigPnd", "ShdPnd"))]
+            raise AssertionError(
+                f"the run did not stop within 60 s of SIGINT; ranks {ranks} alive: {[_alive(p) for p in ranks]}\n"
+                f"{ps}\nlauncher: {masks}"
+            ) from None
     finally:
         proc.kill()
     assert proc.returncode == 128 + signal.SIGINT, err[-3000:]
