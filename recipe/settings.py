@@ -347,11 +347,6 @@ class Settings:
             self.trainer.weight_decay,
         )
 
-    @property
-    def strategy_name(self) -> str:
-        """The table entry's name ("fsdp2/none/merged"), or the reference strategy's name."""
-        return "/".join(self.combo) if self.sync.strategy == "auto" else self.sync.strategy
-
     def slices(self) -> Tuple[Any, ...]:
         return (
             self.model,

@@ -305,7 +305,7 @@ class WeightSync:
         }
 
     def strategy_name(self) -> str:
-        return self.settings.strategy_name
+        return self.spec.name
 
     # -- gather + load
     def update_stream(self) -> Iterator[Tuple[str, torch.Tensor]]:

@@ -10,6 +10,7 @@ import re
 import pytest
 
 from recipe.settings import Settings, default_tolerance
+from recipe.weights.units import StreamSpec
 from tests.helpers import REPO, compose
 
 CPU = "trainer.device=cpu"
@@ -32,9 +33,9 @@ def test_derived_values_are_resolved_once():
     )
     assert s.device == "cpu" and s.world_size == s.trainer.world_size
     assert s.sync.tolerance == default_tolerance("bfloat16", "cpu")  # probe_tolerance null: the dtype's default
-    assert s.combo == ("fsdp1", "manual", "merged") and s.strategy_name == "fsdp1/manual/merged"
+    assert s.combo == ("fsdp1", "manual", "merged") and StreamSpec.of(s).name == "fsdp1/manual/merged"
     given = Settings.from_cfg(compose(["sync.probe_tolerance=0.25", "sync.strategy=naive", CPU]))
-    assert given.sync.tolerance == 0.25 and given.strategy_name == "naive"
+    assert given.sync.tolerance == 0.25 and StreamSpec.of(given).name == "naive"
 
 
 def test_world_size_is_torchruns_when_it_started_the_process(monkeypatch):
