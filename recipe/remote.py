@@ -54,7 +54,6 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from omegaconf import OmegaConf
 
 from recipe.dist import DistContext, free_port
 from recipe.engine import Engine, EngineSpec, Sample, build_engine
@@ -91,7 +90,15 @@ def place_engine(settings: Settings, ctx: DistContext, model_dir: str, *, load: 
     """The rank's engine where `rollout.placement` puts it: in this process, or in one of its own. `load`
     and `digest` are the sync's settings (`sync.load`, `sync.digest`), handed on to the engine."""
     if settings.rollout.placement == "separate":
-        return RemoteEngine(settings, ctx, model_dir, load=load, digest=digest)
+        return RemoteEngine(
+            EngineSpec.of(settings),
+            ctx,
+            model_dir,
+            load=load,
+            digest=digest,
+            timeout_s=settings.trainer.timeout_s,
+            bucket_bytes=int(settings.sync.bucket_mb * 2**20),
+        )
     return build_engine(EngineSpec.of(settings), ctx, model_dir, load=load, digest=digest)
 
 
@@ -99,7 +106,7 @@ def place_engine(settings: Settings, ctx: DistContext, model_dir: str, *, load: 
 class ChildSpec:
     """What the engine process needs to build the engine and join the pair group."""
 
-    cfg_yaml: str  # the run's composed config (Settings.source), typed again in the child
+    engine: EngineSpec  # frozen dataclasses of settings slices: they pickle
     load: str
     digest: bool
     rank: int
@@ -149,12 +156,23 @@ class RemoteEngine(Engine):
 
     shares_policy = False
 
-    def __init__(self, settings: Settings, ctx: DistContext, model_dir: str, *, load: str, digest: bool):
-        self.backend = settings.rollout.backend
+    def __init__(
+        self,
+        spec: EngineSpec,
+        ctx: DistContext,
+        model_dir: str,
+        *,
+        load: str,
+        digest: bool,
+        timeout_s: float,
+        bucket_bytes: int,
+    ):
+        """`timeout_s` bounds every request (`trainer.timeout_s`); weights cross in buckets of `bucket_bytes`."""
+        self.backend = spec.rollout.backend
         self.name = f"rank {ctx.rank}'s rollout engine"
         self.device = ctx.device
-        self.timeout_s = float(settings.trainer.timeout_s)
-        self.bucket_bytes = max(ALIGN, settings.sync.bucket_mb * 2**20)
+        self.timeout_s = float(timeout_s)
+        self.bucket_bytes = max(ALIGN, bucket_bytes)
         self.loads_sent = 0  # the weight version every later reply must carry
         self._ids = itertools.count()
         self._replies: Dict[int, Tuple[bool, Any, int]] = {}
@@ -166,9 +184,9 @@ class RemoteEngine(Engine):
         self._store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=timeout, wait_for_workers=False)
         spawn = mp.get_context("spawn")
         self._conn, child_end = spawn.Pipe()
-        device = engine_device(settings.rollout.devices, settings.device, settings.world_size, ctx.rank)
-        spec = ChildSpec(
-            OmegaConf.to_yaml(OmegaConf.create(settings.source)),
+        device = engine_device(spec.rollout.devices, spec.device, ctx.world_size, ctx.rank)
+        child = ChildSpec(
+            spec,
             load,
             digest,
             ctx.rank,
@@ -179,7 +197,7 @@ class RemoteEngine(Engine):
             device,
             os.environ.get(TEST_HOOK_ENV),
         )
-        self.process = spawn.Process(target=serve, args=(spec, child_end, os.getpid()), name=f"engine-rank{ctx.rank}")
+        self.process = spawn.Process(target=serve, args=(child, child_end, os.getpid()), name=f"engine-rank{ctx.rank}")
         self.process.start()
         child_end.close()
         threading.Thread(target=self._read, daemon=True, name=f"engine-replies-{ctx.rank}").start()
@@ -472,10 +490,9 @@ class EngineServer:
         self.reply(0, True)
         self.group = pair_group(store, 1, self.device, timeout)
         try:
-            settings = Settings.from_cfg(OmegaConf.create(self.spec.cfg_yaml))
             ctx = DistContext(self.spec.rank, self.spec.world_size, 0, self.device)  # seed = trainer.seed + rank
             self.engine = build_engine(
-                EngineSpec.of(settings), ctx, self.spec.model_dir, load=self.spec.load, digest=self.spec.digest
+                self.spec.engine, ctx, self.spec.model_dir, load=self.spec.load, digest=self.spec.digest
             )
             if self.spec.hook:
                 module, _, function = self.spec.hook.partition(":")

@@ -195,12 +195,12 @@ def _digest_fault(rank, world, model_dir):
 
     from recipe.dist import DistContext
     from recipe.model import build_policy
-    from recipe.remote import RemoteEngine
+    from recipe.remote import place_engine
     from recipe.sync import WeightSync, WeightSyncError
 
     cfg = _cfg(model_dir, "rollout=hf")
     ctx = DistContext(rank, world, rank, torch.device("cpu"))
-    engine = RemoteEngine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+    engine = place_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     try:
         sync = WeightSync(cfg, ctx, build_policy(cfg.policy, ctx), engine, AutoTokenizer.from_pretrained(model_dir))
         try:
@@ -224,10 +224,10 @@ def _engine(model_dir, *extra):
     import torch
 
     from recipe.dist import DistContext
-    from recipe.remote import RemoteEngine
+    from recipe.remote import place_engine
 
     cfg = _cfg(model_dir, "rollout=hf", *extra)
-    return RemoteEngine(
+    return place_engine(
         cfg, DistContext(0, 1, 0, torch.device("cpu")), model_dir, load=cfg.sync.load, digest=cfg.sync.digest
     )
 
@@ -308,12 +308,12 @@ def _adapter_syncs(rank, world, model_dir):
 
     from recipe.dist import DistContext
     from recipe.model import build_policy
-    from recipe.remote import RemoteEngine
+    from recipe.remote import place_engine
     from recipe.sync import WeightSync
 
     cfg = _cfg(model_dir, "+lora=adapter")
     ctx = DistContext(rank, world, rank, torch.device("cpu"))
-    engine = RemoteEngine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+    engine = place_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
     try:
         policy = build_policy(cfg.policy, ctx)
         sync = WeightSync(cfg, ctx, policy, engine, AutoTokenizer.from_pretrained(model_dir))
