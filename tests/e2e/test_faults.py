@@ -224,15 +224,17 @@ def test_sigterm_stops_every_rank_says_how_to_resume_and_the_resume_completes(ti
     assert json.loads((run / "status.json").read_text())["status"] == "ok"
 
 
-@pytest.mark.slow
 def _as_from_a_terminal():
-    """A shell starts a command with SIGINT at its default and no signal blocked; the pytest process may
-    have changed both for its children (libraries it loaded, earlier tests), and a child that inherits an
-    ignored SIGINT keeps it ignored (recipe.dist.stop_on_signals, as under nohup)."""
+    """An interactive shell starts a command with SIGINT at its default and no signal blocked. The pytest
+    process need not have them: a suite started as a background job of a non-interactive shell
+    (`make test &`, nohup, some CI runners) runs with SIGINT ignored, its children inherit that, and a
+    run that inherits an ignored SIGINT keeps it ignored (recipe.dist.stop_on_signals, as under nohup),
+    so without this the Ctrl-C below did nothing (seen in two suite runs started that way)."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
     signal.pthread_sigmask(signal.SIG_SETMASK, [])
 
 
+@pytest.mark.slow
 def test_ctrl_c_stops_the_run_in_one_line(tiny_model_dir, tmp_path):
     """Ctrl-C in a terminal signals the whole process group, ranks included. Before: 10.6 s and 179 lines
     with 4 tracebacks."""
