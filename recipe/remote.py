@@ -14,14 +14,20 @@ load_adapter, weight_digests, adapter_digests, the held forms, memory_stats, clo
 are no-ops: the engine's memory is not the trainer's.
 
 Transport. Requests and replies are pickled over a pipe (replies with cloudpickle: a held form is a
-closure); weights go across a torch process group of two (trainer rank = 0, its engine = 1) made
-from a TCPStore of its own, NOT the trainer's default group: gloo on CPU, NCCL on CUDA. torch's own
-group rather than vLLM's StatelessProcessGroup/PyNcclCommunicator: it is the same code for
-rollout=hf (no vLLM), for gloo on CPU (what the tests run) and for NCCL, and needs no vLLM internals
-(the NCCL path is untested here: no GPU). The stream goes in the order the dispatch table yields it,
-in buckets of `sync.bucket_mb`: names, shapes and dtypes over the pipe, the bytes over the group.
-The child hands the engine's load an iterator that receives the next bucket only when the load asks
-for it, so it holds at most one bucket beyond the engine's weights.
+closure). The stream goes in the order the dispatch table yields it, in buckets of `sync.bucket_mb`:
+names, shapes and dtypes over the pipe, the bytes as `rollout.transport` says (recipe/transport.py).
+`group`: across a torch process group of two (trainer rank = 0, its engine = 1) made from a TCPStore
+of its own, NOT the trainer's default group: gloo on CPU, NCCL on CUDA; torch's own group rather than
+vLLM's StatelessProcessGroup/PyNcclCommunicator: the same code for rollout=hf (no vLLM), for gloo on
+CPU (what the tests run) and for NCCL, and no vLLM internals. `ipc`: the staging buffer itself over
+the pipe (shared memory on CPU, a CUDA IPC handle on CUDA), the only form for trainer and engine on
+one GPU (NCCL cannot pair two processes on one device); the child copies the bucket into a fresh
+buffer and acknowledges (a reply keyed ("ack", n)), and the trainer refills its staging buffer only
+after that acknowledgement, which it awaits like any reply (a dead, hung or failed child is named).
+`auto`: ipc where the engine's CUDA device is one of the trainer's, else group. Untested here (no
+GPU): the NCCL path and the CUDA IPC path. The child hands the engine's load an iterator that
+receives the next bucket only when the load asks for it, so it holds at most one bucket beyond the
+engine's weights.
 
 The exact check is WeightSync's, unchanged: the trainer digests what it streams (before it crosses),
 the child digests what the engine holds after the load (`Digest` is a plain dataclass and pickles),
