@@ -119,6 +119,16 @@ class Receiver:
             self.pending = self.next_bucket()
 
     def next_bucket(self) -> Iterator[Tuple[str, torch.Tensor]]:
+        try:
+            return self._bucket()
+        except Exception:
+            if self.group is None and not self.ended:
+                # ipc: a bucket not rebuilt or not copied is never acknowledged, so the trainer sends nothing
+                # more; it stops at the load's failed reply (its traceback), which a drain must not delay
+                self.ended = True
+            raise
+
+    def _bucket(self) -> Iterator[Tuple[str, torch.Tensor]]:
         kind, metas, payload = self.conn.recv()
         if kind == "end":
             self.ended = True

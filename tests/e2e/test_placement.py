@@ -113,6 +113,21 @@ def slow_copy(server):
     transport.fresh_copy = slow
 
 
+def failing_copy(server):
+    """The engine cannot copy the second bucket that crossed by ipc (a shared buffer it cannot read)."""
+    from recipe import transport
+
+    copy, calls = transport.fresh_copy, []
+
+    def failing(shared):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected: the shared bucket cannot be read")
+        return copy(shared)
+
+    transport.fresh_copy = failing
+
+
 def exit_on_second_generate_rank1(server):
     """Rank 1's engine process exits (code 3) when asked for its second batch."""
     if server.spec.rank != 1:
@@ -276,6 +291,35 @@ def test_ipc_trainer_refills_staging_only_after_the_engine_copied_the_bucket(tin
     ((verified, buckets),) = run_world(_ipc_sync, 1, str(tiny_model_dir))
     assert buckets >= 8, buckets  # the staging buffer was refilled many times
     assert verified > 0
+
+
+def test_ipc_a_bucket_the_engine_cannot_copy_stops_the_load_at_once_with_its_traceback(tiny_model_dir, monkeypatch):
+    """The bucket is never acknowledged: the trainer must stop at the load's failed reply, not wait out
+    trainer.timeout_s for the acknowledgement (nor the child for a bucket that will not come)."""
+    import torch
+
+    from recipe.dist import DistContext
+    from recipe.engine import EngineSpec
+    from recipe.names import checkpoint_tensors
+    from recipe.remote import EngineError, RemoteEngine
+
+    monkeypatch.setenv(HOOK_ENV, f"{__name__}:failing_copy")
+    cfg = _cfg(tiny_model_dir, "rollout=hf", "rollout.transport=ipc")
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    engine = RemoteEngine(
+        EngineSpec.of(cfg), ctx, tiny_model_dir, load="auto", digest=True, timeout_s=30, bucket_bytes=100 * 2**10
+    )
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EngineError) as err:
+            engine.load_weights(checkpoint_tensors(tiny_model_dir))
+        took = time.monotonic() - t0
+    finally:
+        engine.close()
+    assert "rank 0's rollout engine" in str(err.value) and "request 'load_weights'" in str(err.value)
+    assert "injected: the shared bucket cannot be read" in str(err.value), str(err.value)
+    assert engine.buckets_sent == 2
+    assert took < 15, took  # not the timeout (30 s)
 
 
 def _engine(model_dir, *extra):
