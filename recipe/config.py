@@ -101,10 +101,15 @@ class RolloutConfig:
     # runs in a process of its own (recipe/remote.py), on `devices` under CUDA; weights go across a
     # process group of two (gloo on CPU, NCCL on CUDA) with the same digest check.
     placement: str = "colocated"
+    # How weights reach a separate engine (recipe/transport.py): "group" (the process group above), "ipc"
+    # (the bucket over the pipe: shared memory on CPU, a CUDA IPC handle on CUDA; the form for trainer and
+    # engine on one GPU), "auto" (ipc where the engine's device is one of the trainer's, else group).
+    transport: str = "auto"
     # Engine processes in all; null = one per trainer rank, the only layout supported for now.
     num_engines: Optional[int] = None
     # CUDA device ids of the engines with placement=separate, rank r's engine on devices[r]; empty = the
-    # devices after the trainer's (world_size + r). Ignored on CPU; never one of the trainer's devices.
+    # devices after the trainer's (world_size + r). Ignored on CPU; one of the trainer's devices only with
+    # transport ipc or auto (NCCL cannot pair two processes on one device).
     devices: List[int] = field(default_factory=list)
 
 
@@ -483,11 +488,18 @@ def _rollout_and_batch(trainer: Trainer, rollout: Rollout, algo: Algo) -> None:
 
 
 def _placement(rollout: Rollout, device: str, world: int) -> None:
-    """One engine per trainer rank; with placement=separate on CUDA, on devices the trainer does not use."""
+    """One engine per trainer rank; with placement=separate on CUDA, on devices of its own, or on the trainer's
+    with transport ipc (NCCL cannot pair two processes on one device)."""
     if rollout.num_engines is not None and rollout.num_engines != world:
         raise ConfigError(
             f"rollout.num_engines={rollout.num_engines} is not valid with {world} trainer ranks: "
             f"every rank samples its own prompts from an engine of its own; choose one of: null, {world}"
+        )
+    if rollout.transport == "ipc" and rollout.placement != "separate":
+        raise ConfigError(
+            f"rollout.transport=ipc is how weights reach an engine in a process of its own, but "
+            f"rollout.placement={rollout.placement}; choose rollout.placement=separate, or rollout.transport "
+            f"one of: auto, group"
         )
     devices = list(rollout.devices)
     if rollout.placement != "separate" or device != "cuda":
@@ -502,10 +514,11 @@ def _placement(rollout: Rollout, device: str, world: int) -> None:
             f"trainer rank (rank r's engine takes rollout.devices[r])"
         )
     shared = sorted(trainer & set(devices))
-    if shared:
+    if shared and rollout.transport == "group":
         raise ConfigError(
-            f"rollout.devices={devices} overlaps the trainer's devices {sorted(trainer)} (cuda:{shared[0]}); "
-            f"with rollout.placement=separate choose devices outside them, or rollout.placement=colocated"
+            f"rollout.devices={devices} overlaps the trainer's devices {sorted(trainer)} (cuda:{shared[0]}) "
+            f"with rollout.transport=group: NCCL cannot pair two processes on one device; use "
+            f"rollout.transport=ipc (or auto), or choose devices outside them"
         )
     if len(set(devices)) != len(devices):
         raise ConfigError(f"rollout.devices={devices} names a device twice; give each engine a device of its own")
@@ -513,7 +526,8 @@ def _placement(rollout: Rollout, device: str, world: int) -> None:
     if max(devices) >= visible:
         raise ConfigError(
             f"rollout.devices={devices} needs device {max(devices)} but {visible} CUDA devices are "
-            f"visible; rollout.placement=separate needs {2 * world} (trainer + engines)"
+            f"visible; give devices below {visible} (rollout.devices=[0] with rollout.transport=ipc shares "
+            f"the trainer's one GPU)"
         )
 
 

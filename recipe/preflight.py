@@ -67,6 +67,7 @@ RESUMABLE = (
     "trainer.profile_trace",
     "trainer.export",
     "rollout.placement",
+    "rollout.transport",
     "rollout.num_engines",
     "rollout.devices",
 )

@@ -14,14 +14,20 @@ load_adapter, weight_digests, adapter_digests, the held forms, memory_stats, clo
 are no-ops: the engine's memory is not the trainer's.
 
 Transport. Requests and replies are pickled over a pipe (replies with cloudpickle: a held form is a
-closure); weights go across a torch process group of two (trainer rank = 0, its engine = 1) made
-from a TCPStore of its own, NOT the trainer's default group: gloo on CPU, NCCL on CUDA. torch's own
-group rather than vLLM's StatelessProcessGroup/PyNcclCommunicator: it is the same code for
-rollout=hf (no vLLM), for gloo on CPU (what the tests run) and for NCCL, and needs no vLLM internals
-(the NCCL path is untested here: no GPU). The stream goes in the order the dispatch table yields it,
-in buckets of `sync.bucket_mb`: names, shapes and dtypes over the pipe, the bytes over the group.
-The child hands the engine's load an iterator that receives the next bucket only when the load asks
-for it, so it holds at most one bucket beyond the engine's weights.
+closure). The stream goes in the order the dispatch table yields it, in buckets of `sync.bucket_mb`:
+names, shapes and dtypes over the pipe, the bytes as `rollout.transport` says (recipe/transport.py).
+`group`: across a torch process group of two (trainer rank = 0, its engine = 1) made from a TCPStore
+of its own, NOT the trainer's default group: gloo on CPU, NCCL on CUDA; torch's own group rather than
+vLLM's StatelessProcessGroup/PyNcclCommunicator: the same code for rollout=hf (no vLLM), for gloo on
+CPU (what the tests run) and for NCCL, and no vLLM internals. `ipc`: the staging buffer itself over
+the pipe (shared memory on CPU, a CUDA IPC handle on CUDA), the only form for trainer and engine on
+one GPU (NCCL cannot pair two processes on one device); the child copies the bucket into a fresh
+buffer and acknowledges (a reply keyed ("ack", n)), and the trainer refills its staging buffer only
+after that acknowledgement, which it awaits like any reply (a dead, hung or failed child is named).
+`auto`: ipc where the engine's CUDA device is one of the trainer's, else group. Untested here (no
+GPU): the NCCL path and the CUDA IPC path. The child hands the engine's load an iterator that
+receives the next bucket only when the load asks for it, so it holds at most one bucket beyond the
+engine's weights.
 
 The exact check is WeightSync's, unchanged: the trainer digests what it streams (before it crosses),
 the child digests what the engine holds after the load (`Digest` is a plain dataclass and pickles),
@@ -49,7 +55,7 @@ import threading
 import time
 import traceback
 from dataclasses import dataclass
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 import torch.distributed as dist
@@ -58,6 +64,7 @@ import torch.multiprocessing as mp
 from recipe.dist import DistContext, free_port
 from recipe.engine import Engine, EngineSpec, Sample, build_engine
 from recipe.settings import Settings
+from recipe.transport import ALIGN, Receiver, aligned, as_bytes, choose_transport, dtype_name, pair_group, share
 
 # Building the engine is not a request: vLLM's start (profiling, KV cache, on CUDA graphs) can take
 # minutes on a slow machine. A child that dies while starting is still reported at once.
@@ -65,7 +72,6 @@ STARTUP_S = 900.0
 POLL_S = 0.2
 # A dead child's pipe closes at once; this long without that, a child that is not alive counts as dead.
 EXIT_GRACE_S = 2.0
-ALIGN = 64  # bytes: each tensor of a bucket starts at a multiple (a view of any dtype is then aligned)
 # Tests only: "module:function", called in the engine process with its EngineServer before it serves
 # (to inject a fault where the engine lives). Unset in every real run.
 TEST_HOOK_ENV = "RECIPE_ENGINE_TEST_HOOK"
@@ -113,19 +119,10 @@ class ChildSpec:
     world_size: int
     model_dir: str
     port: int
+    transport: str  # "group" or "ipc" (recipe/transport.py)
     timeout_s: float
     cuda_visible: Optional[str]  # CUDA: the one device the engine sees (as cuda:0); None on CPU
     hook: Optional[str]
-
-
-def pair_group(store, rank: int, device: torch.device, timeout: datetime.timedelta):
-    """A process group of two (trainer = 0, engine = 1) outside torch's default group."""
-    prefix = dist.PrefixStore("weights", store)
-    if device.type == "cuda":
-        options = dist.ProcessGroupNCCL.Options()
-        options._timeout = timeout
-        return dist.ProcessGroupNCCL(prefix, rank, 2, options)
-    return dist.ProcessGroupGloo(prefix, rank, 2, timeout)
 
 
 def engine_device(devices: Tuple[int, ...], device: str, world: int, rank: int) -> Optional[str]:
@@ -175,6 +172,7 @@ class RemoteEngine(Engine):
         self.bucket_bytes = max(ALIGN, bucket_bytes)
         self.loads_sent = 0  # the weight version every later reply must carry
         self._ids = itertools.count()
+        self.buckets_sent = 0
         self._replies: Dict[int, Tuple[bool, Any, int]] = {}
         self._cond = threading.Condition()
         self._closed_pipe = False
@@ -185,6 +183,9 @@ class RemoteEngine(Engine):
         spawn = mp.get_context("spawn")
         self._conn, child_end = spawn.Pipe()
         device = engine_device(spec.rollout.devices, spec.device, ctx.world_size, ctx.rank)
+        self.transport = choose_transport(
+            spec.rollout.transport, ctx.device, spec.rollout.devices, ctx.world_size, ctx.rank
+        )
         child = ChildSpec(
             spec,
             load,
@@ -193,6 +194,7 @@ class RemoteEngine(Engine):
             ctx.world_size,
             str(model_dir),
             port,
+            self.transport,
             self.timeout_s,
             device,
             os.environ.get(TEST_HOOK_ENV),
@@ -203,7 +205,7 @@ class RemoteEngine(Engine):
         threading.Thread(target=self._read, daemon=True, name=f"engine-replies-{ctx.rank}").start()
         try:
             self._await(next(self._ids), "start (join the weight group)", STARTUP_S)
-            self.group = pair_group(self._store, 0, ctx.device, timeout)
+            self.group = pair_group(self._store, 0, ctx.device, timeout) if self.transport == "group" else None
             self._await(next(self._ids), "start (build the engine)", STARTUP_S)
         except BaseException:
             self.close()
@@ -285,7 +287,7 @@ class RemoteEngine(Engine):
         self.loads_sent += 1
         ended = False
         try:
-            self._stream(weights, what)
+            self._stream(weights, what, request)
             self._conn.send(("end", None, 0))
             ended = True
         except EngineError:
@@ -303,29 +305,39 @@ class RemoteEngine(Engine):
         except EngineError:
             pass
 
-    def _stream(self, weights, what: str) -> None:
+    def _stream(self, weights, what: str, request: int) -> None:
         """Buckets of about `bucket_bytes`: a tensor is copied into the staging buffer as it is yielded (a
-        stream may reuse its buffers); a tensor larger than a bucket goes alone, without the copy."""
+        stream may reuse its buffers); a tensor larger than a bucket goes alone, without the copy (with ipc
+        on CPU, copied: sharing a storage moves it to shared memory, and the tensor is the trainer's)."""
         staging = torch.empty(self.bucket_bytes, dtype=torch.uint8, device=self.device)
         metas: List[Tuple[str, Tuple[int, ...], str, int]] = []
         used = 0
         for name, tensor in weights:
             t = tensor.detach()
             size = t.numel() * t.element_size()
-            if metas and _aligned(used) + size > self.bucket_bytes:
-                self._send_bucket(metas, staging[:used], what)
+            if metas and aligned(used) + size > self.bucket_bytes:
+                self._send_bucket(metas, staging[:used], what, request)
                 metas, used = [], 0
             if size > self.bucket_bytes:
-                self._send_bucket([(name, tuple(t.shape), _dtype_name(t), 0)], _bytes(t.contiguous()), what)
+                alone = as_bytes(t.contiguous())
+                if self.group is None and alone.device.type == "cpu":
+                    alone = alone.clone()
+                self._send_bucket([(name, tuple(t.shape), dtype_name(t), 0)], alone, what, request)
                 continue
-            used = _aligned(used)
-            staging[used : used + size].copy_(_bytes(t.contiguous()))
-            metas.append((name, tuple(t.shape), _dtype_name(t), used))
+            used = aligned(used)
+            staging[used : used + size].copy_(as_bytes(t.contiguous()))
+            metas.append((name, tuple(t.shape), dtype_name(t), used))
             used += size
         if metas:
-            self._send_bucket(metas, staging[:used], what)
+            self._send_bucket(metas, staging[:used], what, request)
 
-    def _send_bucket(self, metas, data: torch.Tensor, what: str) -> None:
+    def _send_bucket(self, metas, data: torch.Tensor, what: str, request: int) -> None:
+        self.buckets_sent += 1
+        if self.group is None:  # ipc: `data` is refilled only once the child has its own copy
+            key = ("ack", self.buckets_sent)
+            self._pipe_send(("bucket", metas, (key, share(data))), what)
+            self._await(key, what, self.timeout_s, unless=request)
+            return
         self._pipe_send(("bucket", metas, data.numel()), what)
         try:
             self.group.send([data], 1, 0).wait()
@@ -363,15 +375,16 @@ class RemoteEngine(Engine):
                 self._replies[request] = (ok, value, version)
                 self._cond.notify_all()
 
-    def _await(self, request: int, what: str, limit: float, with_version: bool = False):
-        """The reply to `request`: its value (with the child's weight version), or EngineError."""
+    def _await(self, request, what: str, limit: float, with_version: bool = False, unless: Optional[int] = None):
+        """The reply to `request`: its value (with the child's weight version), or EngineError; the reply to
+        `unless` instead when it comes first (a load that failed before acknowledging a bucket)."""
         if self._failure is not None:
             raise self._failure
         deadline = time.monotonic() + limit
         dead_since = None
         late = False
         with self._cond:
-            while request not in self._replies:
+            while request not in self._replies and unless not in self._replies:
                 now = time.monotonic()
                 if self._closed_pipe or (dead_since is not None and now - dead_since > EXIT_GRACE_S):
                     break
@@ -382,6 +395,10 @@ class RemoteEngine(Engine):
                     dead_since = now
                 self._cond.wait(min(POLL_S, max(0.0, deadline - now)))
             reply = self._replies.pop(request, None)
+            if reply is None and unless in self._replies:
+                reply = self._replies.pop(unless)
+                if reply[0]:
+                    reply = (False, "it ended the load without taking the last bucket sent", reply[2])
         if reply is None and late:
             bound = f"trainer.timeout_s={limit:g} s" if limit == self.timeout_s else f"{limit:g} s"
             raise self._fault(what, f"did not answer within {bound} (it was killed)", kill=True)
@@ -419,18 +436,6 @@ class RemoteEngine(Engine):
     def _fail(self, text: str) -> EngineError:
         self._failure = EngineError(text)
         return self._failure
-
-
-def _aligned(offset: int) -> int:
-    return -(-offset // ALIGN) * ALIGN
-
-
-def _bytes(t: torch.Tensor) -> torch.Tensor:
-    return t.reshape(-1).view(torch.uint8)
-
-
-def _dtype_name(t: torch.Tensor) -> str:
-    return str(t.dtype).removeprefix("torch.")
 
 
 # ----------------------------------------------------------------------------- the engine process
@@ -488,7 +493,7 @@ class EngineServer:
             torch.cuda.set_device(self.device)
         store = dist.TCPStore("127.0.0.1", self.spec.port, 2, False, timeout=timeout)
         self.reply(0, True)
-        self.group = pair_group(store, 1, self.device, timeout)
+        self.group = pair_group(store, 1, self.device, timeout) if self.spec.transport == "group" else None
         try:
             ctx = DistContext(self.spec.rank, self.spec.world_size, 0, self.device)  # seed = trainer.seed + rank
             self.engine = build_engine(
@@ -520,7 +525,7 @@ class EngineServer:
     def handle(self, what: str, args: tuple):
         engine = self.engine
         if what in ("load_weights", "load_adapter"):
-            stream = Receiver(self.conn, self.group, self.device)
+            stream = Receiver(self.conn, self.group, self.device, ack=lambda key: self.reply(key, True))
             try:
                 if what == "load_weights":
                     engine.load_weights(stream)
@@ -546,56 +551,3 @@ class EngineServer:
         ):
             return getattr(engine, what)(*args)
         raise ValueError(f"unknown request {what!r}")
-
-
-class Receiver:
-    """The weight stream on the engine's side: (name, tensor) views of one bucket at a time, received
-    when the engine's load asks for the next tensor (not a generator: it can be drained after a load
-    that stopped early or was closed)."""
-
-    def __init__(self, conn, group, device: torch.device):
-        self.conn, self.group, self.device = conn, group, device
-        self.pending: Iterator[Tuple[str, torch.Tensor]] = iter(())
-        self.ended = False
-        self.aborted = False
-
-    def __iter__(self) -> "Receiver":
-        return self
-
-    def __next__(self) -> Tuple[str, torch.Tensor]:
-        while True:
-            item = next(self.pending, None)
-            if item is not None:
-                return item
-            if self.ended:
-                raise StopIteration
-            self.pending = self._next_bucket()
-
-    def _next_bucket(self) -> Iterator[Tuple[str, torch.Tensor]]:
-        kind, metas, size = self.conn.recv()
-        if kind == "end":
-            self.ended = True
-            if metas == "abort":
-                self.aborted = True
-                raise RuntimeError("the trainer's weight stream failed before its end")
-            return iter(())
-        data = torch.empty(size, dtype=torch.uint8, device=self.device)  # fresh: earlier views stay valid
-        self.group.recv([data], 0, 0).wait()
-        out = []
-        for name, shape, dtype, offset in metas:
-            dt = getattr(torch, dtype)
-            numel = 1
-            for d in shape:
-                numel *= d
-            nbytes = numel * torch.empty((), dtype=dt).element_size()
-            out.append((name, data[offset : offset + nbytes].view(dt).reshape(shape)))
-        return iter(out)
-
-    def drain(self) -> None:
-        while not self.ended:
-            self.pending = iter(())
-            try:
-                self._next_bucket()
-            except RuntimeError:
-                if not self.aborted:
-                    raise

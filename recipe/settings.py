@@ -27,6 +27,7 @@ DEVICE_CHOICES = ("auto", "cpu", "cuda")
 DTYPE_CHOICES = ("float32", "bfloat16", "float16")
 ROLLOUT_CHOICES = ("vllm", "hf")
 PLACEMENT_CHOICES = ("colocated", "separate")
+TRANSPORT_CHOICES = ("auto", "group", "ipc")  # how weights reach a separate engine (recipe/transport.py)
 LOGGER_CHOICES = ("wandb", "none")
 LOGGER_MODES = ("offline", "online", "disabled")
 LOSS_AGG_CHOICES = ("token_mean", "seq_mean")
@@ -178,12 +179,14 @@ class Rollout:
     max_model_len: int
     enforce_eager: bool
     placement: str
+    transport: str
     num_engines: Optional[int]
     devices: Tuple[int, ...]
 
     def check(self) -> None:
         choose("rollout.backend", self.backend, ROLLOUT_CHOICES)
         choose("rollout.placement", self.placement, PLACEMENT_CHOICES)
+        choose("rollout.transport", self.transport, TRANSPORT_CHOICES)
         if self.backend == "vllm" and self.kv_cache_gb <= 0:
             raise ConfigError(f"rollout.kv_cache_gb must be > 0 for rollout=vllm, got {self.kv_cache_gb}")
         if self.max_model_len <= self.max_new_tokens:

@@ -2,11 +2,15 @@
 
 - on-policy, separate placement gives the same samples, rewards, losses and digests as colocated,
   bit for bit, over 3 steps of a real run (vLLM in the child), at world 1 and 2; one step off-policy too
-  (world 1), where the child generates the next batch during the update;
+  (world 1), where the child generates the next batch during the update; at world 1 with
+  rollout.transport=ipc too;
 - lora=adapter into vLLM in the engine process passes the digest check (vLLM's held form of the
   adapter, a closure, comes back from the child with cloudpickle);
 - the digest check across the process boundary catches a corruption injected in the engine process
-  (one element one ulp off on rank 0's engine: both ranks raise, naming rank 0 and the tensor);
+  (one element one ulp off on rank 0's engine: both ranks raise, naming rank 0 and the tensor), with the
+  weights over the process group and over the pipe (rollout.transport=ipc: shared memory on CPU);
+- with ipc the trainer refills its staging buffer only once the engine has copied the bucket (an engine
+  slow to copy still loads what was sent, over many small buckets);
 - a killed engine, a hung one (SIGSTOP) and one that reports another weight version stop the caller
   within seconds with an error naming the engine and the request; close() reaps the child;
 - in a run at world 2, an engine process that exits mid-run ends the whole run, naming it.
@@ -95,6 +99,35 @@ def version_ahead(server):
     server.engine.generate = counted
 
 
+def slow_copy(server):
+    """The engine takes 0.2 s before it copies each bucket that crossed by ipc (a trainer that refilled its
+    staging buffer without waiting for the acknowledgement would have overwritten the bucket by then)."""
+    from recipe import transport
+
+    copy = transport.fresh_copy
+
+    def slow(shared):
+        time.sleep(0.2)
+        return copy(shared)
+
+    transport.fresh_copy = slow
+
+
+def failing_copy(server):
+    """The engine cannot copy the second bucket that crossed by ipc (a shared buffer it cannot read)."""
+    from recipe import transport
+
+    copy, calls = transport.fresh_copy, []
+
+    def failing(shared):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("injected: the shared bucket cannot be read")
+        return copy(shared)
+
+    transport.fresh_copy = failing
+
+
 def exit_on_second_generate_rank1(server):
     """Rank 1's engine process exits (code 3) when asked for its second batch."""
     if server.spec.rank != 1:
@@ -166,11 +199,12 @@ def _generate(engine):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("world,off", [(1, 0), (2, 0), (1, 1)])
-def test_separate_placement_matches_colocated_bit_for_bit(tiny_model_dir, tmp_path, world, off):
+@pytest.mark.parametrize("world,off,transport", [(1, 0, "auto"), (2, 0, "auto"), (1, 1, "auto"), (1, 0, "ipc")])
+def test_separate_placement_matches_colocated_bit_for_bit(tiny_model_dir, tmp_path, world, off, transport):
     """On-policy, and one step off-policy (algo.off_policy_steps=1: the child generates batch k + 1 while the
     trainer updates on batch k, where the colocated engine generates it before the update, from the same
-    weights), the two placements log the same steps bit for bit."""
+    weights), the two placements log the same steps bit for bit; the weights over the process group (auto
+    on CPU) or over the pipe (ipc)."""
     runs = {}
     for placement in ("colocated", "separate"):
         result = _run(
@@ -179,6 +213,7 @@ def test_separate_placement_matches_colocated_bit_for_bit(tiny_model_dir, tmp_pa
             f"trainer.world_size={world}",
             f"rollout.placement={placement}",
             f"algo.off_policy_steps={off}",
+            *([f"rollout.transport={transport}"] if placement == "separate" else []),
         )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[placement] = _compared(tmp_path / placement)
@@ -189,7 +224,7 @@ def test_separate_placement_matches_colocated_bit_for_bit(tiny_model_dir, tmp_pa
     assert all(r["sync/verified_tensors"] > 0 for r in runs["separate"])
 
 
-def _digest_fault(rank, world, model_dir):
+def _digest_fault(rank, world, model_dir, transport):
     import torch
     from transformers import AutoTokenizer
 
@@ -198,9 +233,10 @@ def _digest_fault(rank, world, model_dir):
     from recipe.remote import place_engine
     from recipe.sync import WeightSync, WeightSyncError
 
-    cfg = _cfg(model_dir, "rollout=hf")
+    cfg = _cfg(model_dir, "rollout=hf", f"rollout.transport={transport}")
     ctx = DistContext(rank, world, rank, torch.device("cpu"))
     engine = place_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+    assert engine.transport == ("ipc" if transport == "ipc" else "group")
     try:
         sync = WeightSync(cfg, ctx, build_policy(cfg.policy, ctx), engine, AutoTokenizer.from_pretrained(model_dir))
         try:
@@ -212,12 +248,78 @@ def _digest_fault(rank, world, model_dir):
         engine.close()
 
 
-def test_digest_check_across_processes_catches_a_corruption_in_the_engine(tiny_model_dir, monkeypatch):
+@pytest.mark.parametrize("transport", ["auto", "ipc"])
+def test_digest_check_across_processes_catches_a_corruption_in_the_engine(tiny_model_dir, monkeypatch, transport):
     monkeypatch.setenv(HOOK_ENV, f"{__name__}:corrupt_rank0")
-    for message in run_world(_digest_fault, 2, str(tiny_model_dir)):
+    for message in run_world(_digest_fault, 2, str(tiny_model_dir), transport):
         assert message is not None, "the corrupted load passed the digest check"
         assert "digest check" in message and FAULT_NAME in message, message
         assert "rank 0:" in message and "rank 1:" not in message, message
+
+
+def _ipc_sync(rank, world, model_dir):
+    import torch
+    from transformers import AutoTokenizer
+
+    from recipe.dist import DistContext
+    from recipe.engine import EngineSpec
+    from recipe.model import build_policy
+    from recipe.remote import RemoteEngine
+    from recipe.sync import WeightSync
+
+    cfg = _cfg(model_dir, "rollout=hf", "rollout.transport=ipc")
+    ctx = DistContext(rank, world, rank, torch.device("cpu"))
+    # 100 KiB buckets: the tiny model's small tensors share a bucket, its MLP matrices (128 KiB) go alone
+    engine = RemoteEngine(
+        EngineSpec.of(cfg), ctx, model_dir, load=cfg.sync.load, digest=True, timeout_s=60, bucket_bytes=100 * 2**10
+    )
+    try:
+        policy = build_policy(cfg.policy, ctx)
+        with torch.no_grad():  # weights the engine does not hold yet: a bucket left unread would show
+            for param in policy.parameters():
+                param.add_(torch.randn_like(param) * 0.01)
+        metrics = WeightSync(cfg, ctx, policy, engine, AutoTokenizer.from_pretrained(model_dir)).sync(0)
+        return metrics["sync/verified_tensors"], engine.buckets_sent
+    finally:
+        engine.close()
+
+
+def test_ipc_trainer_refills_staging_only_after_the_engine_copied_the_bucket(tiny_model_dir, monkeypatch):
+    """rollout.transport=ipc shares the trainer's staging buffer with the engine process; an engine slow to
+    copy a bucket still loads exactly what was streamed (the digest check of every tensor passes)."""
+    monkeypatch.setenv(HOOK_ENV, f"{__name__}:slow_copy")
+    ((verified, buckets),) = run_world(_ipc_sync, 1, str(tiny_model_dir))
+    assert buckets >= 8, buckets  # the staging buffer was refilled many times
+    assert verified > 0
+
+
+def test_ipc_a_bucket_the_engine_cannot_copy_stops_the_load_at_once_with_its_traceback(tiny_model_dir, monkeypatch):
+    """The bucket is never acknowledged: the trainer must stop at the load's failed reply, not wait out
+    trainer.timeout_s for the acknowledgement (nor the child for a bucket that will not come)."""
+    import torch
+
+    from recipe.dist import DistContext
+    from recipe.engine import EngineSpec
+    from recipe.names import checkpoint_tensors
+    from recipe.remote import EngineError, RemoteEngine
+
+    monkeypatch.setenv(HOOK_ENV, f"{__name__}:failing_copy")
+    cfg = _cfg(tiny_model_dir, "rollout=hf", "rollout.transport=ipc")
+    ctx = DistContext(0, 1, 0, torch.device("cpu"))
+    engine = RemoteEngine(
+        EngineSpec.of(cfg), ctx, tiny_model_dir, load="auto", digest=True, timeout_s=30, bucket_bytes=100 * 2**10
+    )
+    try:
+        t0 = time.monotonic()
+        with pytest.raises(EngineError) as err:
+            engine.load_weights(checkpoint_tensors(tiny_model_dir))
+        took = time.monotonic() - t0
+    finally:
+        engine.close()
+    assert "rank 0's rollout engine" in str(err.value) and "request 'load_weights'" in str(err.value)
+    assert "injected: the shared bucket cannot be read" in str(err.value), str(err.value)
+    assert engine.buckets_sent == 2
+    assert took < 15, took  # not the timeout (30 s)
 
 
 def _engine(model_dir, *extra):

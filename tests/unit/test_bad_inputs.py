@@ -389,6 +389,8 @@ def test_the_engine_runs_in_process_whatever_the_environment_says(tmp_path, monk
         (["rollout.placement=remote"], "rollout.placement='remote'", "colocated, separate"),
         (["rollout.num_engines=3", "trainer.world_size=2"], "rollout.num_engines=3", "choose one of: null, 2"),
         (["rollout.num_engines=0"], "rollout.num_engines", "> 0"),
+        (["rollout.transport=shm", "rollout.placement=separate"], "rollout.transport='shm'", "auto, group, ipc"),
+        (["rollout.transport=ipc"], "rollout.transport=ipc", "choose rollout.placement=separate"),
     ],
 )
 def test_placement_values_are_refused_with_the_field(overrides, field, hint):
@@ -399,20 +401,46 @@ def test_placement_values_are_refused_with_the_field(overrides, field, hint):
 
 
 def test_placement_devices_must_not_overlap_the_trainers(monkeypatch):
-    """On CUDA the engines' devices are checked against the trainer's (rank r trains on cuda:r)."""
+    """On CUDA the engines' devices are checked against the trainer's (rank r trains on cuda:r): a device of
+    both only with rollout.transport ipc or auto (NCCL cannot pair two processes on one device)."""
     import torch
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
     base = ["trainer.device=cuda", "trainer.world_size=2", "rollout.placement=separate"]
-    for devices, hint in (
-        ("[1,2]", "overlaps the trainer's devices [0, 1]"),
-        ("[2]", "gives 1 devices for 2 engines"),
-        ("[2,2]", "names a device twice"),
-        ("[2,4]", "4 CUDA devices are visible"),
+    group = "rollout.transport=group"
+    for devices, extra, hint in (
+        ("[1,2]", group, "overlaps the trainer's devices [0, 1] (cuda:1) with rollout.transport=group"),
+        ("[0,1]", group, "NCCL cannot pair two processes on one device; use rollout.transport=ipc"),
+        ("[2]", "rollout.transport=auto", "gives 1 devices for 2 engines"),
+        ("[2,2]", "rollout.transport=auto", "names a device twice"),
+        ("[1,1]", "rollout.transport=ipc", "names a device twice"),
+        ("[2,4]", "rollout.transport=auto", "4 CUDA devices are visible"),
     ):
         with pytest.raises(ConfigError) as err:
-            validate(compose([*base, f"rollout.devices={devices}"]))
+            validate(compose([*base, f"rollout.devices={devices}", extra]))
         assert "rollout.devices" in str(err.value) and hint in str(err.value), str(err.value)
     validate(compose([*base, "rollout.devices=[2,3]"]))
+    validate(compose([*base, "rollout.devices=[2,3]", group]))
     validate(compose([*base]))  # empty: devices 2 and 3
+    validate(compose([*base, "rollout.devices=[1,0]"]))  # auto: ipc on the trainer's devices
+    validate(compose([*base, "rollout.devices=[0,1]", "rollout.transport=ipc"]))
+
+
+def test_placement_separate_on_one_gpu_needs_the_engine_on_the_trainers_device(monkeypatch):
+    """One CUDA device: the engine process shares it (rollout.devices=[0], transport ipc or auto); the default
+    device (cuda:1) is refused with that way out, and transport=group with the reason."""
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    base = ["trainer.device=cuda", "trainer.world_size=1", "rollout.placement=separate"]
+    with pytest.raises(ConfigError) as err:
+        validate(compose(base))
+    assert "rollout.devices=[1] needs device 1 but 1 CUDA devices" in str(err.value), str(err.value)
+    assert "rollout.devices=[0] with rollout.transport=ipc" in str(err.value), str(err.value)
+    with pytest.raises(ConfigError) as err:
+        validate(compose([*base, "rollout.devices=[0]", "rollout.transport=group"]))
+    assert "NCCL cannot pair two processes on one device" in str(err.value), str(err.value)
+    validate(compose([*base, "rollout.devices=[0]"]))
+    validate(compose([*base, "rollout.devices=[0]", "rollout.transport=ipc"]))

@@ -32,7 +32,15 @@ LAYERS: List[Tuple[str, Tuple[str, ...]]] = [
     ("model", ("recipe.model", "recipe.names")),
     (
         "support",
-        ("recipe.dist", "recipe.tasks", "recipe.metrics", "recipe.progress", "recipe.profiling", "recipe.batch"),
+        (
+            "recipe.dist",
+            "recipe.tasks",
+            "recipe.metrics",
+            "recipe.progress",
+            "recipe.profiling",
+            "recipe.batch",
+            "recipe.transport",
+        ),
     ),
     ("config", ("recipe.config",)),
     ("settings", ("recipe.settings",)),
@@ -84,7 +92,7 @@ ALLOWED: Dict[str, Set[str]] = {
         "recipe.dist",
         "recipe.settings",
     },
-    "recipe.remote": {"recipe.engine", "recipe.dist", "recipe.settings"},
+    "recipe.remote": {"recipe.engine", "recipe.dist", "recipe.settings", "recipe.transport"},
     "recipe.engine": {
         "recipe.config",
         "recipe.model",
@@ -102,6 +110,7 @@ ALLOWED: Dict[str, Set[str]] = {
     "recipe.progress": set(),
     "recipe.profiling": {"recipe.settings"},
     "recipe.batch": {"recipe.settings"},
+    "recipe.transport": set(),
     "recipe.config": {"recipe.builtin_models", "recipe.settings"},
     "recipe.settings": set(),
     "recipe.digest": set(),
