@@ -1,7 +1,8 @@
 """rollout.placement=separate (recipe/remote.py): the engine in a process of its own, on CPU.
 
 - on-policy, separate placement gives the same samples, rewards, losses and digests as colocated,
-  bit for bit, over 3 steps of a real run (vLLM in the child), at world 1 and 2; one step off-policy too
+  bit for bit, over 3 steps of a real run (vLLM in the child), at world 1 and 2 (and at 2 under torchrun,
+  whose ranks start their engine processes as the launcher's do); one step off-policy too
   (world 1), where the child generates the next batch during the update; at world 1 with
   rollout.transport=ipc too;
 - lora=adapter into vLLM in the engine process passes the digest check (vLLM's held form of the
@@ -217,6 +218,17 @@ def test_separate_placement_matches_colocated_bit_for_bit(tiny_model_dir, tmp_pa
         )
         assert result.returncode == 0, result.stderr[-3000:]
         runs[placement] = _compared(tmp_path / placement)
+    if world == 2:  # the ranks started by torchrun, not by the launcher: each still starts its engine process
+        torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2"]
+        result = subprocess.run(
+            [*torchrun, *_cli(tiny_model_dir, tmp_path / "torchrun", "rollout.placement=separate")[1:]],
+            cwd=REPO,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert result.returncode == 0, result.stderr[-3000:]
+        assert _compared(tmp_path / "torchrun") == runs["colocated"]
     assert len(runs["separate"]) == 3
     assert runs["separate"] == runs["colocated"]
     assert [r["rollout/staleness"] for r in runs["separate"]] == ([0, 1, 1] if off else [0, 0, 0])
