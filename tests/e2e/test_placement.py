@@ -450,3 +450,44 @@ def test_adapter_sync_into_a_separate_vllm_engine_passes_the_digest_check(tiny_m
     assert first["sync/verified_tensors"] > second["sync/verified_tensors"] > 0  # base + adapter, then the adapter
     assert second["sync/weight_version"] == lora_version == 2
     assert second["sync/parity_mean_abs_diff"] <= 1e-3
+
+
+def _sync_other_model(rank, world, model_dir, transport):
+    """An engine process (vLLM) for another architecture: the first sync, one optimizer step, a second sync."""
+    import torch
+    from transformers import AutoTokenizer
+
+    from recipe.dist import DistContext
+    from recipe.model import build_optimizer, build_policy
+    from recipe.remote import place_engine
+    from recipe.sync import WeightSync
+    from tests.e2e.test_rollout_sync import _train_step
+
+    cfg = _cfg(model_dir, "fsdp=fsdp2", f"rollout.transport={transport}")
+    ctx = DistContext(rank, world, rank, torch.device("cpu"))
+    engine = place_engine(cfg, ctx, model_dir, load=cfg.sync.load, digest=cfg.sync.digest)
+    try:
+        policy = build_policy(cfg.policy, ctx)
+        optimizer = build_optimizer(policy, cfg.policy)
+        sync = WeightSync(cfg, ctx, policy, engine, AutoTokenizer.from_pretrained(model_dir))
+        first = sync.sync(0)
+        _train_step(policy, optimizer, sync.probe)
+        return first, sync.sync(1)
+    finally:
+        engine.close()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("model,transport", [("llama", "ipc"), ("gpt2", "group")])
+def test_other_architectures_sync_exactly_into_an_engine_process(tmp_path, model, transport):
+    """An untied Llama (over the pipe) and GPT-2, whose Conv1D weights vLLM transposes on load (over the process
+    group): the layout the engine process found comes back to the trainer's digest, and both syncs pass it."""
+    from tests import tiny_models
+
+    model_dir = tiny_models.llama(tmp_path / model) if model == "llama" else tiny_models.gpt2(tmp_path / model)
+    (result,) = run_world(_sync_other_model, 1, model_dir, transport, timeout_s=600)
+    first, second = result
+    for stats in (first, second):
+        assert stats["sync/verified_tensors"] > 0 and stats["sync/verified_bytes"] == stats["sync/bytes"]
+    assert second["sync/digest"] != first["sync/digest"]
+    assert second["sync/parity_mean_abs_diff"] <= 1e-3
