@@ -64,7 +64,17 @@ import torch.multiprocessing as mp
 from recipe.dist import DistContext, free_port
 from recipe.engine import Engine, EngineSpec, Sample, build_engine
 from recipe.settings import Settings
-from recipe.transport import ALIGN, Receiver, aligned, as_bytes, choose_transport, dtype_name, pair_group, share
+from recipe.transport import (
+    ALIGN,
+    Receiver,
+    aligned,
+    as_bytes,
+    choose_transport,
+    dtype_name,
+    engine_index,
+    pair_group,
+    share,
+)
 
 # Building the engine is not a request: vLLM's start (profiling, KV cache, on CUDA graphs) can take
 # minutes on a slow machine. A child that dies while starting is still reported at once.
@@ -125,12 +135,11 @@ class ChildSpec:
     hook: Optional[str]
 
 
-def engine_device(devices: Tuple[int, ...], device: str, world: int, rank: int) -> Optional[str]:
-    """CUDA_VISIBLE_DEVICES for rank `rank`'s engine (`rollout.devices`[rank], else world + rank) when `device`
-    is "cuda", else None."""
+def engine_device(index: int, device: str) -> Optional[str]:
+    """CUDA_VISIBLE_DEVICES for the engine on CUDA device `index` (`engine_index`) when `device` is "cuda",
+    else None."""
     if device != "cuda" or not torch.cuda.is_available():
         return None
-    index = list(devices)[rank] if len(devices) else world + rank
     visible = os.environ.get("CUDA_VISIBLE_DEVICES")
     return visible.split(",")[index] if visible else str(index)
 
@@ -182,10 +191,9 @@ class RemoteEngine(Engine):
         self._store = dist.TCPStore("127.0.0.1", port, 2, True, timeout=timeout, wait_for_workers=False)
         spawn = mp.get_context("spawn")
         self._conn, child_end = spawn.Pipe()
-        device = engine_device(spec.rollout.devices, spec.device, ctx.world_size, ctx.rank)
-        self.transport = choose_transport(
-            spec.rollout.transport, ctx.device, spec.rollout.devices, ctx.world_size, ctx.rank
-        )
+        index = engine_index(spec.rollout.devices, ctx.world_size, ctx.rank)
+        device = engine_device(index, spec.device)
+        self.transport = choose_transport(spec.rollout.transport, ctx.device, index, ctx.world_size)
         child = ChildSpec(
             spec,
             load,

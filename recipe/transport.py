@@ -30,14 +30,19 @@ from torch.multiprocessing import reductions  # importing torch.multiprocessing 
 ALIGN = 64  # bytes: each tensor of a bucket starts at a multiple (a view of any dtype is then aligned)
 
 
-def choose_transport(transport: str, device: torch.device, devices: Sequence[int], world: int, rank: int) -> str:
-    """`group` or `ipc` for rank `rank`'s engine: `transport` unless "auto"; auto is ipc where the engine's
-    CUDA device (`devices[rank]`, else world + rank) is one of the trainer's (cuda:0 .. world - 1)."""
+def engine_index(devices: Sequence[int], world: int, rank: int) -> int:
+    """The CUDA device index of rank `rank`'s engine: `rollout.devices`[rank], else world + rank (the devices
+    after the trainer's cuda:0 .. world - 1)."""
+    return list(devices)[rank] if len(devices) else world + rank
+
+
+def choose_transport(transport: str, device: torch.device, index: int, world: int) -> str:
+    """`group` or `ipc` for an engine on CUDA device `index` (`engine_index`): `transport` unless "auto";
+    auto is ipc where that device is one of the trainer's (cuda:0 .. world - 1)."""
     if transport != "auto":
         return transport
     if device.type != "cuda":
         return "group"
-    index = list(devices)[rank] if len(devices) else world + rank
     return "ipc" if index < world else "group"
 
 

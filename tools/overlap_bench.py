@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import statistics
 import subprocess
 import sys
@@ -70,7 +69,7 @@ def run_mode(mode: str, overrides: List[str], steps: int, out: Path) -> List[dic
     ]
     print(f"[{mode}] {' '.join(command[2:])}", flush=True)
     t0 = time.perf_counter()
-    subprocess.run(command, cwd=REPO, check=True, env=os.environ.copy())
+    subprocess.run(command, cwd=REPO, check=True)
     print(f"[{mode}] {time.perf_counter() - t0:.1f} s", flush=True)
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
